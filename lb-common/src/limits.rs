@@ -1,0 +1,17 @@
+//! Compile-time maxima. Map sizes are set by the controller at load time (`max_entries`), up to
+//! these limits; the eBPF object declares them with these defaults.
+
+/// Maximum number of services (service ids are `0..MAX_SERVICES`).
+pub const MAX_SERVICES: u32 = 64;
+/// Maximum number of backends over all services (backend ids are `0..MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Default number of slots per Maglev table (a prime, as the Maglev paper requires).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Largest accepted ring size: MAX_SERVICES × this must fit the ring array's `u32` index.
+pub const MAX_RING_SIZE: u32 = 1_048_573;
+/// Default size of the connection table.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Number of egress interfaces usable for XDP_REDIRECT.
+pub const MAX_TX_PORTS: u32 = 64;
+/// IPv6 extension headers walked before giving up on finding TCP/UDP.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;

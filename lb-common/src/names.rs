@@ -1,0 +1,52 @@
+//! Names of the program, its maps and its load-time globals. Both sides use these constants;
+//! the kernel cuts map names at 15 bytes, so every name here is at most 15 bytes long.
+
+/// The XDP program.
+pub const PROGRAM: &str = "lb_xdp";
+
+/// Services: [`crate::ServiceKey`] → [`crate::ServiceValue`] (hash).
+pub const SERVICES: &str = "LB_SERVICES";
+/// Addresses that are a VIP of at least one service: [`crate::VipKey`] → `u32` count (hash).
+/// Only consulted on rare paths (fragments, truncated L4) to decide PASS vs DROP.
+pub const VIPS: &str = "LB_VIPS";
+/// Maglev lookup tables, one flat array: `service_id * ring_size + slot` → backend id.
+pub const RING: &str = "LB_RING";
+/// Backends by global backend id: `u32` → [`crate::Backend`] (array).
+pub const BACKENDS: &str = "LB_BACKENDS";
+/// Connection table: [`crate::FlowKey`] → [`crate::FlowValue`] (LRU hash, shared by all CPUs).
+pub const FLOWS: &str = "LB_FLOWS";
+/// Egress interfaces for backends behind another interface (devmap, XDP_REDIRECT).
+pub const TX_PORTS: &str = "LB_TX_PORTS";
+/// Global counters by [`crate::stats::Stat`] index (per-CPU array of `u64`).
+pub const STATS: &str = "LB_STATS";
+/// Per-service counters by service id (per-CPU array of [`crate::Counters`]).
+pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+/// Per-backend counters by backend id (per-CPU array of [`crate::Counters`]).
+pub const BACKEND_STATS: &str = "LB_BE_STATS";
+
+/// Load-time global (`u32`): slots per Maglev table (a prime).
+pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
+
+/// Every map name, for tests and diagnostics.
+pub const ALL_MAPS: [&str; 9] = [
+    SERVICES,
+    VIPS,
+    RING,
+    BACKENDS,
+    FLOWS,
+    TX_PORTS,
+    STATS,
+    SERVICE_STATS,
+    BACKEND_STATS,
+];
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL_MAPS.len() {
+        assert!(
+            ALL_MAPS[i].len() <= 15,
+            "kernel map names are at most 15 bytes"
+        );
+        i += 1;
+    }
+};

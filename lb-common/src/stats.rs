@@ -1,0 +1,69 @@
+//! Global counters of the data plane: one per verdict and one per reason.
+//!
+//! Each is a slot of the per-CPU array [`crate::names::STATS`]; the controller sums the CPUs.
+
+macro_rules! stats {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)*) => {
+        /// Index into the global counter array.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Stat {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Stat {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Stat] = &[$(Stat::$variant,)*];
+
+            /// Stable, snake_case name (used in `lb` output and metrics).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Verdict XDP_TX (forwarded out of the ingress interface).
+    VerdictTx = "verdict_tx",
+    /// Verdict XDP_REDIRECT (forwarded out of another interface).
+    VerdictRedirect = "verdict_redirect",
+    /// Verdict XDP_PASS (handed to the kernel stack unchanged).
+    VerdictPass = "verdict_pass",
+    /// Verdict XDP_DROP.
+    VerdictDrop = "verdict_drop",
+    /// Verdict XDP_ABORTED (a bug: should stay 0).
+    VerdictAborted = "verdict_aborted",
+    /// PASS: not IPv4/IPv6 (ARP, LLDP, ...).
+    PassNotIp = "pass_not_ip",
+    /// PASS: IP but not TCP/UDP (ICMP, ...).
+    PassNotTcpUdp = "pass_not_tcp_udp",
+    /// PASS: TCP/UDP not addressed to a service.
+    PassNoService = "pass_no_service",
+    /// PASS: malformed or truncated frame not addressed to a VIP (bad version, bad IHL,
+    /// truncated header, more IPv6 extension headers than we walk).
+    PassMalformed = "pass_malformed",
+    /// PASS: fragment not addressed to a VIP.
+    PassFragment = "pass_fragment",
+    /// DROP: service has no usable backend.
+    DropNoBackend = "drop_no_backend",
+    /// DROP: IP fragment addressed to a VIP (no L4 ports to balance on).
+    DropFragment = "drop_fragment",
+    /// DROP: malformed or truncated TCP/UDP header addressed to a VIP.
+    DropMalformed = "drop_malformed",
+    /// DROP: redirect to an egress interface failed (devmap slot empty).
+    DropTxPort = "drop_tx_port",
+    /// New flow: backend chosen and recorded in the connection table.
+    FlowNew = "flow_new",
+    /// Known flow: backend taken from the connection table.
+    FlowHit = "flow_hit",
+    /// Known flow whose backend was removed or marked down: chosen again.
+    FlowRescheduled = "flow_rescheduled",
+    /// Connection table insert failed (forwarded anyway; next packet chooses again).
+    FlowInsertFailed = "flow_insert_failed",
+}
+
+/// Number of global counters (size of the [`crate::names::STATS`] array).
+pub const STATS_LEN: u32 = Stat::ALL.len() as u32;

@@ -1,0 +1,213 @@
+//! Map keys and values. See the crate docs for the layout rules.
+
+use core::mem::size_of;
+
+/// `FlowKey::family`/`ServiceKey::family`/`VipKey::family` for IPv4.
+pub const FAMILY_V4: u8 = 4;
+/// `...::family` for IPv6.
+pub const FAMILY_V6: u8 = 6;
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// A connection's 5-tuple, as seen from the client (client → VIP).
+///
+/// IPv4 addresses occupy the first 4 bytes of the 16-byte fields; the rest is zero.
+/// Addresses and ports are in network order (copied from the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Network order.
+    pub src_port: [u8; 2],
+    /// Network order.
+    pub dst_port: [u8; 2],
+    pub protocol: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The key as five little-endian 64-bit words (the input of [`crate::hash::flow_hash`]).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        let s = &self.src_addr;
+        let d = &self.dst_addr;
+        [
+            u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
+            u64::from_le_bytes([s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]]),
+            u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]),
+            u64::from_le_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]),
+            u64::from_le_bytes([
+                self.src_port[0],
+                self.src_port[1],
+                self.dst_port[0],
+                self.dst_port[1],
+                self.protocol,
+                self.family,
+                0,
+                0,
+            ]),
+        ]
+    }
+}
+
+/// A service: VIP, port (0 = every port) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// IPv4 in the first 4 bytes, rest zero.
+    pub vip: [u8; 16],
+    /// Network order; `[0, 0]` matches every port of the VIP and protocol.
+    pub port: [u8; 2],
+    pub protocol: u8,
+    pub family: u8,
+}
+
+/// Scheduler of a service ([`ServiceValue::scheduler`]). Only Maglev exists in the data plane
+/// today; later schedulers get their own numbers.
+pub const SCHED_MAGLEV: u32 = 0;
+
+/// What the data plane knows of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Service id: index into the ring array and the per-service counters.
+    pub id: u32,
+    /// `SCHED_*`.
+    pub scheduler: u32,
+    /// Reserved for flags (0).
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// Key of the VIP set: any address that is the VIP of some service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Ring slot value meaning "no backend" (empty service, or every weight 0).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// [`Backend::flags`]: the backend may receive traffic (exists and is not down).
+pub const BACKEND_F_ACTIVE: u32 = 1;
+/// [`Backend::flags`]: forward with XDP_REDIRECT through `TX_PORTS[tx_port]` instead of XDP_TX.
+pub const BACKEND_F_REDIRECT: u32 = 2;
+
+/// A backend (real server), by global backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Destination MAC written into forwarded frames.
+    pub mac: [u8; 6],
+    /// Source MAC written into forwarded frames (the egress interface's MAC).
+    pub src_mac: [u8; 6],
+    /// `BACKEND_F_*`.
+    pub flags: u32,
+    /// Bumped by the controller each time this id is (re)assigned or taken down, so flows
+    /// recorded for an earlier holder of the id are never sent to a later one.
+    pub generation: u32,
+    /// Devmap slot when [`BACKEND_F_REDIRECT`] is set.
+    pub tx_port: u32,
+}
+
+/// Connection table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Backend id.
+    pub backend: u32,
+    /// [`Backend::generation`] when the flow was recorded.
+    pub generation: u32,
+}
+
+/// Per-service and per-backend counters (one per CPU; the controller sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    /// Whole frames, Ethernet header included.
+    pub bytes: u64,
+    /// Flows that chose this service/backend (new and rescheduled).
+    pub new_flows: u64,
+}
+
+impl Counters {
+    /// Adds `other` field by field (summing CPUs).
+    pub fn add(&mut self, other: &Counters) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+    }
+}
+
+// Layout: no implicit padding anywhere (sizes are the sums of the fields).
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<Counters>() == 24);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: `#[repr(C)]`, only integers and byte arrays, no implicit padding
+            // (sizes asserted above), every bit pattern valid.
+            unsafe impl aya::Pod for $t {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Zeroable for $t {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(
+        FlowKey,
+        ServiceKey,
+        ServiceValue,
+        VipKey,
+        Backend,
+        FlowValue,
+        Counters
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::offset_of;
+
+    use super::*;
+
+    #[test]
+    fn field_offsets_match_the_kernel_side() {
+        assert_eq!(offset_of!(FlowKey, dst_addr), 16);
+        assert_eq!(offset_of!(FlowKey, src_port), 32);
+        assert_eq!(offset_of!(FlowKey, dst_port), 34);
+        assert_eq!(offset_of!(FlowKey, protocol), 36);
+        assert_eq!(offset_of!(FlowKey, family), 37);
+        assert_eq!(offset_of!(ServiceKey, port), 16);
+        assert_eq!(offset_of!(ServiceKey, family), 19);
+        assert_eq!(offset_of!(Backend, src_mac), 6);
+        assert_eq!(offset_of!(Backend, flags), 12);
+        assert_eq!(offset_of!(Backend, tx_port), 20);
+        assert_eq!(offset_of!(Counters, new_flows), 16);
+    }
+
+    #[test]
+    fn alignment_is_small() {
+        assert_eq!(core::mem::align_of::<FlowKey>(), 1);
+        assert_eq!(core::mem::align_of::<ServiceKey>(), 1);
+        assert_eq!(core::mem::align_of::<Backend>(), 4);
+    }
+}

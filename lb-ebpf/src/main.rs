@@ -1,0 +1,151 @@
+//! `lb_xdp`: the XDP data plane of the DSR load balancer.
+//!
+//! The packet path, top to bottom: parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP) →
+//! service lookup → connection table → (new flow: Maglev slot) → MAC rewrite → XDP_TX or
+//! XDP_REDIRECT. Everything not for a service is passed to the kernel untouched. Every verdict
+//! and every pass/drop reason is counted (see `lb_common::stats::Stat`).
+#![no_std]
+#![no_main]
+
+mod bounds;
+mod maps;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{
+    BACKEND_F_REDIRECT, Backend, FlowKey, PROTO_TCP, ServiceKey, ServiceValue, VipKey, stats::Stat,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{LB_SERVICES, LB_TX_PORTS, LB_VIPS},
+    parse::Parsed,
+    stats::{count, count_backend, count_service},
+};
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let action = process(&ctx);
+    count(match action {
+        xdp_action::XDP_TX => Stat::VerdictTx,
+        xdp_action::XDP_REDIRECT => Stat::VerdictRedirect,
+        xdp_action::XDP_PASS => Stat::VerdictPass,
+        xdp_action::XDP_DROP => Stat::VerdictDrop,
+        _ => Stat::VerdictAborted,
+    });
+    action
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> u32 {
+    let mut key = FlowKey::default();
+    match parse::parse(ctx, &mut key) {
+        Parsed::Flow => {}
+        Parsed::NotIp => return pass(Stat::PassNotIp),
+        Parsed::NotTcpUdp => return pass(Stat::PassNotTcpUdp),
+        Parsed::Malformed => return pass(Stat::PassMalformed),
+        Parsed::MalformedL4 => {
+            return if is_vip(&key) {
+                drop(Stat::DropMalformed)
+            } else {
+                pass(Stat::PassMalformed)
+            };
+        }
+        Parsed::Fragment => {
+            return if is_vip(&key) {
+                drop(Stat::DropFragment)
+            } else {
+                pass(Stat::PassFragment)
+            };
+        }
+    }
+
+    let Some(svc) = lookup_service(&key) else {
+        return pass(Stat::PassNoService);
+    };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    count_service(svc.id, frame_len);
+
+    let Some((backend_id, backend)) = select::backend_for_flow(&key, svc) else {
+        return drop(Stat::DropNoBackend);
+    };
+    count_backend(backend_id, frame_len);
+
+    rewrite_macs(ctx, backend);
+    if backend.flags & BACKEND_F_REDIRECT != 0 {
+        match LB_TX_PORTS.redirect(backend.tx_port, xdp_action::XDP_DROP as u64) {
+            Ok(action) => action,
+            Err(_) => drop(Stat::DropTxPort),
+        }
+    } else {
+        xdp_action::XDP_TX
+    }
+}
+
+/// Exact (VIP, port, protocol) first, then the VIP's all-ports service (port 0).
+#[inline(always)]
+fn lookup_service(key: &FlowKey) -> Option<&'static ServiceValue> {
+    let mut skey = ServiceKey {
+        vip: key.dst_addr,
+        port: key.dst_port,
+        protocol: key.protocol,
+        family: key.family,
+    };
+    // SAFETY: services are only replaced whole by the controller; a value read during an
+    // update is either the old or the new one (both valid).
+    if let Some(v) = unsafe { LB_SERVICES.get(skey) } {
+        return Some(v);
+    }
+    skey.port = [0, 0];
+    // SAFETY: as above.
+    unsafe { LB_SERVICES.get(skey) }
+}
+
+#[inline(always)]
+fn is_vip(key: &FlowKey) -> bool {
+    let vkey = VipKey {
+        addr: key.dst_addr,
+        family: key.family,
+        _pad: [0; 3],
+    };
+    LB_VIPS.get_ptr(vkey).is_some()
+}
+
+/// Destination MAC := backend's MAC, source MAC := egress interface's MAC. Nothing else changes.
+#[inline(always)]
+fn rewrite_macs(ctx: &XdpContext, backend: &Backend) {
+    // The Ethernet header was bounds-checked by the parser; check again for the verifier.
+    if let Some(eth) = bounds::ptr_at_mut::<EthHdr>(ctx, 0) {
+        // SAFETY: `ptr_at_mut` checked that the header lies inside the packet.
+        unsafe {
+            (*eth).dst_addr = backend.mac;
+            (*eth).src_addr = backend.src_mac;
+        }
+    }
+}
+
+#[inline(always)]
+fn pass(reason: Stat) -> u32 {
+    count(reason);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn drop(reason: Stat) -> u32 {
+    count(reason);
+    xdp_action::XDP_DROP
+}
+
+const _: () = assert!(PROTO_TCP == 6);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,57 @@
+//! The maps. Sizes given here are defaults; the controller sets the real ones at load time.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey,
+    limits::{
+        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
+    },
+    stats::STATS_LEN,
+};
+
+/// Slots per Maglev table (a prime), set by the controller at load time.
+#[unsafe(no_mangle)]
+pub static LB_RING_SIZE: Global<u32> = Global::new(DEFAULT_RING_SIZE);
+
+/// (VIP, port, protocol) → service.
+#[map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// VIP addresses (any port/protocol), for fragment and malformed-L4 decisions.
+#[map]
+pub static LB_VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Maglev tables of all services, flat: `service_id * ring_size + slot` → backend id.
+#[map]
+pub static LB_RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * DEFAULT_RING_SIZE, 0);
+
+/// Backend id → backend.
+#[map]
+pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Connection table: one LRU hash shared by all CPUs (a flow keeps its backend even when the
+/// NIC's RSS or generic mode moves it to another CPU; see README "Connection table").
+#[map]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Egress interfaces for backends behind another interface.
+#[map]
+pub static LB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
+
+/// Global counters (per CPU).
+#[map]
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Per-service counters (per CPU).
+#[map]
+pub static LB_SVC_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-backend counters (per CPU).
+#[map]
+pub static LB_BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -1,0 +1,193 @@
+//! Header parsing: Ethernet, one optional 802.1Q tag, IPv4 (any valid IHL), IPv6 (with up to
+//! `MAX_IPV6_EXT_HEADERS` extension headers), TCP and UDP → the flow key.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, limits::MAX_IPV6_EXT_HEADERS,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+use crate::bounds::ptr_at;
+
+// EtherTypes as the u16 read from the wire on a little-endian machine.
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+
+// IPv6 extension headers.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+
+/// Largest L4 offset we accept (keeps offsets visibly bounded for the verifier).
+const MAX_L4_OFFSET: usize = 512;
+
+/// What the parser found. The flow key is filled as far as parsing got: for `Fragment` and
+/// `MalformedL4` the addresses, protocol and family are set (enough to ask "is it a VIP?").
+pub enum Parsed {
+    /// A complete TCP/UDP 5-tuple.
+    Flow,
+    /// Not IPv4/IPv6.
+    NotIp,
+    /// IP, but neither TCP nor UDP.
+    NotTcpUdp,
+    /// Broken before the destination address was known.
+    Malformed,
+    /// Broken after the destination address was known (truncated/bad L3 length, truncated L4,
+    /// too many IPv6 extension headers).
+    MalformedL4,
+    /// An IPv4 or IPv6 fragment.
+    Fragment,
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, key: &mut FlowKey) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: bounds-checked by `ptr_at`.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut off = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        let Some(vlan) = ptr_at::<VlanHdr>(ctx, off) else {
+            return Parsed::Malformed;
+        };
+        // SAFETY: bounds-checked by `ptr_at`.
+        ether_type = unsafe { (*vlan).ether_type };
+        off += VlanHdr::LEN;
+    }
+    let frame_len = ctx.data_end() - ctx.data();
+    let l4_off = if ether_type == ETH_P_IP {
+        match parse_ipv4(ctx, off, frame_len, key) {
+            Ok(l4) => l4,
+            Err(p) => return p,
+        }
+    } else if ether_type == ETH_P_IPV6 {
+        match parse_ipv6(ctx, off, frame_len, key) {
+            Ok(l4) => l4,
+            Err(p) => return p,
+        }
+    } else {
+        return Parsed::NotIp;
+    };
+    parse_ports(ctx, l4_off, key)
+}
+
+/// Returns the L4 offset.
+#[inline(always)]
+fn parse_ipv4(
+    ctx: &XdpContext,
+    off: usize,
+    frame_len: usize,
+    key: &mut FlowKey,
+) -> Result<usize, Parsed> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, off).ok_or(Parsed::Malformed)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Parsed::Malformed);
+    }
+    key.family = FAMILY_V4;
+    key.protocol = ip.proto;
+    key.src_addr[..4].copy_from_slice(&ip.src_addr);
+    key.dst_addr[..4].copy_from_slice(&ip.dst_addr);
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if ihl < Ipv4Hdr::LEN || tot_len < ihl || off + tot_len > frame_len {
+        return Err(Parsed::MalformedL4);
+    }
+    // MF flag or a non-zero fragment offset.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(Parsed::Fragment);
+    }
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        return Err(Parsed::NotTcpUdp);
+    }
+    Ok(off + ihl)
+}
+
+/// Returns the L4 offset.
+#[inline(always)]
+fn parse_ipv6(
+    ctx: &XdpContext,
+    off: usize,
+    frame_len: usize,
+    key: &mut FlowKey,
+) -> Result<usize, Parsed> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, off).ok_or(Parsed::Malformed)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Parsed::Malformed);
+    }
+    key.family = FAMILY_V6;
+    key.src_addr = ip.src_addr;
+    key.dst_addr = ip.dst_addr;
+    let mut next = ip.next_hdr;
+    key.protocol = next;
+    let mut off = off + Ipv6Hdr::LEN;
+    if off + u16::from_be_bytes(ip.payload_len) as usize > frame_len {
+        return Err(Parsed::MalformedL4);
+    }
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if next == PROTO_TCP || next == PROTO_UDP {
+            break;
+        }
+        let cur = next;
+        let len = match cur {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => {
+                let h = ptr_at::<[u8; 2]>(ctx, off).ok_or(Parsed::MalformedL4)?;
+                // SAFETY: bounds-checked by `ptr_at`.
+                let h = unsafe { *h };
+                next = h[0];
+                if cur == IPV6_AH {
+                    (h[1] as usize + 2) * 4
+                } else {
+                    (h[1] as usize + 1) * 8
+                }
+            }
+            IPV6_FRAGMENT => return Err(Parsed::Fragment),
+            _ => return Err(Parsed::NotTcpUdp),
+        };
+        key.protocol = next;
+        off += len;
+        if off > MAX_L4_OFFSET {
+            return Err(Parsed::MalformedL4);
+        }
+    }
+    match next {
+        PROTO_TCP | PROTO_UDP => Ok(off),
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => Err(Parsed::MalformedL4),
+        IPV6_FRAGMENT => Err(Parsed::Fragment),
+        _ => Err(Parsed::NotTcpUdp),
+    }
+}
+
+#[inline(always)]
+fn parse_ports(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
+    if off > MAX_L4_OFFSET {
+        return Parsed::MalformedL4;
+    }
+    // A complete TCP (20 bytes) or UDP (8 bytes) header must be present; ports come first in both.
+    let ports = if key.protocol == PROTO_TCP {
+        ptr_at::<TcpHdr>(ctx, off).map(|p| p.cast::<[u8; 4]>())
+    } else {
+        ptr_at::<UdpHdr>(ctx, off).map(|p| p.cast::<[u8; 4]>())
+    };
+    let Some(ports) = ports else {
+        return Parsed::MalformedL4;
+    };
+    // SAFETY: bounds-checked by `ptr_at` (the whole header, of which these are the first bytes).
+    let p = unsafe { *ports };
+    key.src_port = [p[0], p[1]];
+    key.dst_port = [p[2], p[3]];
+    Parsed::Flow
+}

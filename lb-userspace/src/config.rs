@@ -1,0 +1,752 @@
+//! The TOML configuration: parsing and full validation into a [`Config`].
+//!
+//! Validation is complete before anything touches the kernel: a bad file gives one precise
+//! [`ConfigError`] (file, service, field, why) and changes nothing.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use lb_common::limits::{
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
+};
+use serde::Deserialize;
+
+/// A configuration error: where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {location}{why}")]
+pub struct ConfigError {
+    pub file: String,
+    /// `service "web": backend "10.0.0.1": mac: ` or `dataplane.interface: `, may be empty.
+    pub location: String,
+    pub why: String,
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic (skb) mode if the driver refuses.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Scheduler of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Scheduler {
+    #[default]
+    Maglev,
+}
+
+/// A MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not a MAC address (expected six hex bytes like 02:00:00:00:00:21)")
+        };
+        let mut mac = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for b in &mut mac {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub dataplane: Dataplane,
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataplane {
+    pub interface: String,
+    pub xdp_mode: XdpMode,
+    pub flow_table_size: u32,
+    pub ring_size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    /// 0 = every port.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub mac: Mac,
+    pub weight: u16,
+    /// Egress interface when it is not the one the program is attached to (XDP_REDIRECT).
+    pub interface: Option<String>,
+}
+
+// ---- raw TOML shape -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    dataplane: Option<RawDataplane>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    interface: Option<String>,
+    #[serde(default)]
+    xdp_mode: XdpMode,
+    flow_table_size: Option<i64>,
+    ring_size: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    vip: Option<String>,
+    port: Option<i64>,
+    protocol: Option<Protocol>,
+    scheduler: Option<String>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<String>,
+    mac: Option<String>,
+    weight: Option<i64>,
+    interface: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            location: String::new(),
+            why: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.clone(),
+            location: String::new(),
+            why: e.to_string().trim_end().to_owned(),
+        })?;
+        Validator { file }.config(raw)
+    }
+}
+
+struct Validator {
+    file: String,
+}
+
+impl Validator {
+    fn err(&self, location: impl Into<String>, why: impl Into<String>) -> ConfigError {
+        let mut location = location.into();
+        if !location.is_empty() {
+            location.push_str(": ");
+        }
+        ConfigError {
+            file: self.file.clone(),
+            location,
+            why: why.into(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let dp = raw.dataplane.ok_or_else(|| {
+            self.err(
+                "",
+                "missing [dataplane] section (it needs at least `interface`)",
+            )
+        })?;
+        let dataplane = self.dataplane(dp)?;
+        if raw.service.len() > MAX_SERVICES as usize {
+            return Err(self.err(
+                "service",
+                format!(
+                    "{} services; at most {MAX_SERVICES} are supported",
+                    raw.service.len()
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        let mut services = Vec::with_capacity(raw.service.len());
+        let mut total_backends = 0usize;
+        for (i, rs) in raw.service.into_iter().enumerate() {
+            let s = self.service(i, rs, &dataplane)?;
+            let loc = format!("service \"{}\"", s.name);
+            if !names.insert(s.name.clone()) {
+                return Err(self.err(format!("{loc}: name"), "duplicate service name"));
+            }
+            if !keys.insert((s.vip, s.port, s.protocol)) {
+                return Err(self.err(
+                    loc,
+                    format!(
+                        "another service already has vip {} port {} protocol {}",
+                        s.vip, s.port, s.protocol
+                    ),
+                ));
+            }
+            total_backends += s.backends.len();
+            services.push(s);
+        }
+        if total_backends > MAX_BACKENDS as usize {
+            return Err(self.err(
+                "service",
+                format!("{total_backends} backends in all; at most {MAX_BACKENDS} are supported"),
+            ));
+        }
+        Ok(Config {
+            dataplane,
+            services,
+        })
+    }
+
+    fn dataplane(&self, dp: RawDataplane) -> Result<Dataplane, ConfigError> {
+        let interface = dp.interface.ok_or_else(|| {
+            self.err(
+                "dataplane.interface",
+                "required (the interface to attach lb_xdp to)",
+            )
+        })?;
+        check_ifname(&interface).map_err(|why| self.err("dataplane.interface", why))?;
+        let flow_table_size = match dp.flow_table_size {
+            None => DEFAULT_FLOW_TABLE_SIZE,
+            Some(n) if (1024..=(1 << 28)).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(self.err(
+                    "dataplane.flow_table_size",
+                    format!("{n} is out of range 1024..=268435456"),
+                ));
+            }
+        };
+        let ring_size = match dp.ring_size {
+            None => DEFAULT_RING_SIZE,
+            Some(n) if !(7..=MAX_RING_SIZE as i64).contains(&n) => {
+                return Err(self.err(
+                    "dataplane.ring_size",
+                    format!("{n} is out of range 7..={MAX_RING_SIZE}"),
+                ));
+            }
+            Some(n) if !is_prime(n as u64) => {
+                return Err(self.err(
+                    "dataplane.ring_size",
+                    format!("{n} is not a prime (Maglev needs a prime table size, e.g. 65537)"),
+                ));
+            }
+            Some(n) => n as u32,
+        };
+        Ok(Dataplane {
+            interface,
+            xdp_mode: dp.xdp_mode,
+            flow_table_size,
+            ring_size,
+        })
+    }
+
+    fn service(
+        &self,
+        index: usize,
+        rs: RawService,
+        dp: &Dataplane,
+    ) -> Result<Service, ConfigError> {
+        let name = rs
+            .name
+            .ok_or_else(|| self.err(format!("service #{}", index + 1), "name: required"))?;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.err(
+                format!("service #{}: name", index + 1),
+                format!("`{name}` must be 1..=64 characters of [A-Za-z0-9._-]"),
+            ));
+        }
+        let loc = format!("service \"{name}\"");
+        let vip_s = rs
+            .vip
+            .ok_or_else(|| self.err(format!("{loc}: vip"), "required"))?;
+        let vip: IpAddr = vip_s.parse().map_err(|_| {
+            self.err(
+                format!("{loc}: vip"),
+                format!("`{vip_s}` is not an IPv4 or IPv6 address"),
+            )
+        })?;
+        if vip.is_unspecified() || vip.is_multicast() || vip.is_loopback() {
+            return Err(self.err(
+                format!("{loc}: vip"),
+                format!("{vip} cannot be a VIP (unspecified, multicast or loopback)"),
+            ));
+        }
+        let port = match rs.port {
+            None => return Err(self.err(format!("{loc}: port"), "required (0 = every port)")),
+            Some(p) if (0..=65535).contains(&p) => p as u16,
+            Some(p) => {
+                return Err(self.err(
+                    format!("{loc}: port"),
+                    format!("{p} is out of range 0..=65535"),
+                ));
+            }
+        };
+        let protocol = rs
+            .protocol
+            .ok_or_else(|| self.err(format!("{loc}: protocol"), "required (tcp or udp)"))?;
+        let scheduler = match rs.scheduler.as_deref() {
+            None | Some("maglev") => Scheduler::Maglev,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{loc}: scheduler"),
+                    format!("`{other}` is not supported (supported: maglev)"),
+                ));
+            }
+        };
+        let mut addrs = HashSet::new();
+        let mut backends = Vec::with_capacity(rs.backend.len());
+        for (j, rb) in rs.backend.into_iter().enumerate() {
+            let b = self.backend(&loc, j, rb, dp)?;
+            if !addrs.insert(b.address) {
+                return Err(self.err(
+                    format!("{loc}: backend \"{}\": address", b.address),
+                    "duplicate backend address in this service",
+                ));
+            }
+            backends.push(b);
+        }
+        if backends.len() as u64 > dp.ring_size as u64 / 10 {
+            return Err(self.err(
+                format!("{loc}: backend"),
+                format!(
+                    "{} backends for a ring of {} slots; Maglev needs ring_size ≥ 10 × backends (raise dataplane.ring_size)",
+                    backends.len(),
+                    dp.ring_size
+                ),
+            ));
+        }
+        Ok(Service {
+            name,
+            vip,
+            port,
+            protocol,
+            scheduler,
+            backends,
+        })
+    }
+
+    fn backend(
+        &self,
+        svc_loc: &str,
+        index: usize,
+        rb: RawBackend,
+        dp: &Dataplane,
+    ) -> Result<Backend, ConfigError> {
+        let addr_s = rb.address.ok_or_else(|| {
+            self.err(
+                format!("{svc_loc}: backend #{}: address", index + 1),
+                "required",
+            )
+        })?;
+        let address: IpAddr = addr_s.parse().map_err(|_| {
+            self.err(
+                format!("{svc_loc}: backend #{}: address", index + 1),
+                format!("`{addr_s}` is not an IPv4 or IPv6 address"),
+            )
+        })?;
+        let loc = format!("{svc_loc}: backend \"{address}\"");
+        let mac_s = rb.mac.ok_or_else(|| {
+            self.err(
+                format!("{loc}: mac"),
+                "required (automatic neighbour resolution is not implemented yet)",
+            )
+        })?;
+        let mac: Mac = mac_s
+            .parse()
+            .map_err(|why: String| self.err(format!("{loc}: mac"), why))?;
+        if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
+            return Err(self.err(
+                format!("{loc}: mac"),
+                format!("{mac} is not a unicast MAC address"),
+            ));
+        }
+        let weight = match rb.weight {
+            None => 100,
+            Some(w) if (0..=65535).contains(&w) => w as u16,
+            Some(w) => {
+                return Err(self.err(
+                    format!("{loc}: weight"),
+                    format!("{w} is out of range 0..=65535"),
+                ));
+            }
+        };
+        let interface = match rb.interface {
+            Some(i) if i == dp.interface => None,
+            Some(i) => {
+                check_ifname(&i).map_err(|why| self.err(format!("{loc}: interface"), why))?;
+                Some(i)
+            }
+            None => None,
+        };
+        Ok(Backend {
+            address,
+            mac,
+            weight,
+            interface,
+        })
+    }
+}
+
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' '])
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!(
+            "`{name}` is not a valid interface name (1..=15 characters, no '/' or space)"
+        ));
+    }
+    Ok(())
+}
+
+/// Deterministic primality test (trial division; ring sizes are small).
+pub fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Default config path shown in help texts.
+pub fn default_path() -> PathBuf {
+    PathBuf::from("/etc/lb/lb.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dataplane]
+interface = "eth0"
+xdp_mode = "native"
+flow_table_size = 65536
+ring_size = 65537
+
+[[service]]
+name = "web"
+vip = "10.99.0.100"
+port = 80
+protocol = "tcp"
+scheduler = "maglev"
+
+[[service.backend]]
+address = "10.99.0.21"
+mac = "02:00:00:00:00:21"
+weight = 100
+
+[[service.backend]]
+address = "10.99.0.22"
+mac = "02:00:00:00:00:22"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("lb.toml"))
+    }
+
+    /// Replaces `from` by `to` in the good config and returns the error message.
+    fn err_of(from: &str, to: &str) -> String {
+        assert!(GOOD.contains(from), "test bug: {from:?} not in GOOD");
+        parse(&GOOD.replacen(from, to, 1))
+            .expect_err("must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_all_fields() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.dataplane.interface, "eth0");
+        assert_eq!(c.dataplane.xdp_mode, XdpMode::Native);
+        assert_eq!(c.dataplane.flow_table_size, 65536);
+        assert_eq!(c.dataplane.ring_size, 65537);
+        let s = &c.services[0];
+        assert_eq!(
+            (s.name.as_str(), s.port, s.protocol),
+            ("web", 80, Protocol::Tcp)
+        );
+        assert_eq!(s.vip, "10.99.0.100".parse::<IpAddr>().unwrap());
+        assert_eq!(s.backends[0].mac, Mac([2, 0, 0, 0, 0, 0x21]));
+        assert_eq!(s.backends[1].weight, 100, "default weight");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("[dataplane]\ninterface = \"eth0\"\n").unwrap();
+        assert_eq!(c.dataplane.xdp_mode, XdpMode::Auto);
+        assert_eq!(c.dataplane.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!(c.dataplane.ring_size, DEFAULT_RING_SIZE);
+        assert!(c.services.is_empty());
+    }
+
+    #[test]
+    fn ipv6_vip_and_all_ports() {
+        let c = parse(
+            &GOOD
+                .replace("10.99.0.100", "fd00:99::100")
+                .replace("port = 80", "port = 0"),
+        )
+        .unwrap();
+        assert!(c.services[0].vip.is_ipv6());
+        assert_eq!(c.services[0].port, 0);
+    }
+
+    #[test]
+    fn errors_name_file_service_field_and_reason() {
+        let cases = [
+            (
+                "interface = \"eth0\"\n",
+                "",
+                "lb.toml: dataplane.interface: required",
+            ),
+            (
+                "xdp_mode = \"native\"",
+                "xdp_mode = \"turbo\"",
+                "unknown variant `turbo`",
+            ),
+            (
+                "ring_size = 65537",
+                "ring_size = 65536",
+                "lb.toml: dataplane.ring_size: 65536 is not a prime",
+            ),
+            (
+                "ring_size = 65537",
+                "ring_size = 5",
+                "dataplane.ring_size: 5 is out of range",
+            ),
+            (
+                "flow_table_size = 65536",
+                "flow_table_size = 10",
+                "dataplane.flow_table_size: 10 is out of range",
+            ),
+            (
+                "vip = \"10.99.0.100\"",
+                "vip = \"10.99.0.300\"",
+                "service \"web\": vip: `10.99.0.300` is not an IPv4 or IPv6 address",
+            ),
+            (
+                "vip = \"10.99.0.100\"",
+                "vip = \"224.0.0.1\"",
+                "service \"web\": vip: 224.0.0.1 cannot be a VIP",
+            ),
+            (
+                "port = 80",
+                "port = 70000",
+                "service \"web\": port: 70000 is out of range 0..=65535",
+            ),
+            (
+                "protocol = \"tcp\"",
+                "protocol = \"sctp\"",
+                "unknown variant `sctp`",
+            ),
+            (
+                "scheduler = \"maglev\"",
+                "scheduler = \"rr\"",
+                "service \"web\": scheduler: `rr` is not supported",
+            ),
+            (
+                "mac = \"02:00:00:00:00:21\"",
+                "mac = \"02:00:00:00:21\"",
+                "service \"web\": backend \"10.99.0.21\": mac: `02:00:00:00:21` is not a MAC address",
+            ),
+            (
+                "mac = \"02:00:00:00:00:21\"",
+                "mac = \"01:00:5e:00:00:01\"",
+                "backend \"10.99.0.21\": mac: 01:00:5e:00:00:01 is not a unicast MAC",
+            ),
+            (
+                "weight = 100",
+                "weight = 65536",
+                "service \"web\": backend \"10.99.0.21\": weight: 65536 is out of range 0..=65535",
+            ),
+            ("weight = 100", "weight = -1", "weight: -1 is out of range"),
+            (
+                "address = \"10.99.0.22\"",
+                "address = \"10.99.0.21\"",
+                "service \"web\": backend \"10.99.0.21\": address: duplicate backend address",
+            ),
+            (
+                "address = \"10.99.0.21\"",
+                "address = \"backend1\"",
+                "service \"web\": backend #1: address: `backend1` is not an IPv4 or IPv6 address",
+            ),
+            (
+                "name = \"web\"",
+                "name = \"web app\"",
+                "service #1: name: `web app` must be",
+            ),
+            (
+                "weight = 100",
+                "weight = 100\ncolour = \"red\"",
+                "unknown field `colour`",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let got = err_of(from, to);
+            assert!(
+                got.contains(want),
+                "replacing {from:?} by {to:?}:\n got: {got}\nwant: …{want}…"
+            );
+            assert!(got.starts_with("lb.toml: "), "no file name in: {got}");
+        }
+    }
+
+    #[test]
+    fn missing_mac_is_explained() {
+        let got = err_of("mac = \"02:00:00:00:00:21\"\n", "");
+        assert!(
+            got.contains("backend \"10.99.0.21\": mac: required"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_keys_are_rejected() {
+        let second = r#"
+[[service]]
+name = "web"
+vip = "10.99.0.101"
+port = 80
+protocol = "tcp"
+"#;
+        let got = parse(&format!("{GOOD}{second}")).unwrap_err().to_string();
+        assert!(
+            got.contains("service \"web\": name: duplicate service name"),
+            "{got}"
+        );
+        let third = second
+            .replace("\"web\"", "\"web2\"")
+            .replace("10.99.0.101", "10.99.0.100");
+        let got = parse(&format!("{GOOD}{third}")).unwrap_err().to_string();
+        assert!(
+            got.contains(
+                "service \"web2\": another service already has vip 10.99.0.100 port 80 protocol tcp"
+            ),
+            "{got}"
+        );
+        // Same VIP and port, other protocol: fine.
+        let udp = third.replace("\"tcp\"", "\"udp\"");
+        parse(&format!("{GOOD}{udp}")).unwrap();
+    }
+
+    #[test]
+    fn ring_must_be_much_larger_than_backend_count() {
+        let text = GOOD.replace("ring_size = 65537", "ring_size = 13");
+        let got = parse(&text).unwrap_err().to_string();
+        assert!(got.contains("ring_size ≥ 10 × backends"), "{got}");
+    }
+
+    #[test]
+    fn mac_parse_and_display_round_trip() {
+        let m: Mac = "02:AB:cd:00:00:21".parse().unwrap();
+        assert_eq!(m.to_string(), "02:ab:cd:00:00:21");
+        assert!("02:ab:cd:00:00:21:00".parse::<Mac>().is_err());
+        assert!("02:ab:cd:00:00:2".parse::<Mac>().is_err());
+        assert!("zz:ab:cd:00:00:21".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65537) && is_prime(7) && is_prime(251) && is_prime(1_048_573));
+        assert!(!is_prime(65536) && !is_prime(1) && !is_prime(9));
+    }
+}

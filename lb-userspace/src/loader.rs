@@ -1,0 +1,317 @@
+//! Loads `lb_xdp`, writes the desired state into its maps, attaches it, reads its counters.
+
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMap, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    Backend, Counters, ServiceKey, ServiceValue, VipKey,
+    limits::MAX_SERVICES,
+    names,
+    stats::{STATS_LEN, Stat},
+};
+
+use crate::{config::XdpMode, state::DesiredState, stats::Snapshot};
+
+/// Loader errors. Program load errors carry the verifier log.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(
+        "this lb binary was built without its eBPF object (bpf-linker was missing at build \
+         time): run scripts/bootstrap.sh, then rebuild with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Object(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error(
+        "attaching {} to {interface} in {mode} mode: {source}{hint}",
+        names::PROGRAM
+    )]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        hint: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("devmap LB_TX_PORTS: {0}")]
+    TxPort(#[source] Box<aya::maps::xdp::XdpMapError>),
+}
+
+type Result<T> = std::result::Result<T, LoaderError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> LoaderError {
+    move |source| LoaderError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    link: Option<(XdpLinkId, String)>,
+}
+
+/// How the program got attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        })
+    }
+}
+
+impl Dataplane {
+    /// Loads the embedded object with the given table sizes (not attached yet).
+    pub fn load(ring_size: u32, flow_table_size: u32) -> Result<Dataplane> {
+        Dataplane::load_object(crate::EBPF_OBJECT, ring_size, flow_table_size)
+    }
+
+    /// Loads `object` (tests pass the embedded one too; kept separate for clarity).
+    pub fn load_object(object: &[u8], ring_size: u32, flow_table_size: u32) -> Result<Dataplane> {
+        if object.is_empty() {
+            return Err(LoaderError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_RING_SIZE, &ring_size, true)
+            .map_max_entries(names::RING, MAX_SERVICES * ring_size)
+            .map_max_entries(names::FLOWS, flow_table_size)
+            .load(object)
+            .map_err(|e| LoaderError::Object(Box::new(e)))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or(LoaderError::MissingMap {
+                name: names::PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| LoaderError::Program {
+                name: names::PROGRAM,
+                source: Box::new(source),
+            })?;
+        prog.load().map_err(|source| LoaderError::Program {
+            name: names::PROGRAM,
+            source: Box::new(source),
+        })?;
+        Ok(Dataplane { ebpf, link: None })
+    }
+
+    /// The program, for attaching and BPF_PROG_TEST_RUN.
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(names::PROGRAM)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    /// Attaches to `interface`. `Auto` tries native first and falls back to generic.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AttachedMode> {
+        let attempt = |dp: &mut Dataplane, m: AyaXdpMode| dp.program().attach(interface, m);
+        let (id, attached) = match mode {
+            XdpMode::Native => attempt(self, AyaXdpMode::Driver)
+                .map(|id| (id, AttachedMode::Native))
+                .map_err(|source| LoaderError::Attach {
+                    interface: interface.to_owned(),
+                    mode: "native",
+                    hint: " (the driver may lack native XDP: try xdp_mode = \"generic\" or \"auto\")",
+                    source: Box::new(source),
+                })?,
+            XdpMode::Generic => attempt(self, AyaXdpMode::Skb)
+                .map(|id| (id, AttachedMode::Generic))
+                .map_err(|source| LoaderError::Attach {
+                    interface: interface.to_owned(),
+                    mode: "generic",
+                    hint: " (is another XDP program attached? `ip link show dev <if>`)",
+                    source: Box::new(source),
+                })?,
+            XdpMode::Auto => match attempt(self, AyaXdpMode::Driver) {
+                Ok(id) => (id, AttachedMode::Native),
+                Err(e) => {
+                    log::warn!(
+                        "native XDP attach to {interface} failed ({e}); falling back to generic (skb) mode"
+                    );
+                    attempt(self, AyaXdpMode::Skb)
+                        .map(|id| (id, AttachedMode::Generic))
+                        .map_err(|source| LoaderError::Attach {
+                            interface: interface.to_owned(),
+                            mode: "generic (after native failed)",
+                            hint: " (is another XDP program attached? `ip link show dev <if>`)",
+                            source: Box::new(source),
+                        })?
+                }
+            },
+        };
+        self.link = Some((id, interface.to_owned()));
+        Ok(attached)
+    }
+
+    /// Detaches from the interface (also happens when the `Dataplane` is dropped).
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some((id, _)) = self.link.take() {
+            self.program()
+                .detach(id)
+                .map_err(|source| LoaderError::Program {
+                    name: names::PROGRAM,
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(LoaderError::MissingMap { name })
+    }
+
+    /// Writes `desired` into empty maps. Order: backends, rings, then services and VIPs, so a
+    /// service never becomes visible before what it points at.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<()> {
+        {
+            let mut ports: DevMap<&mut MapData> =
+                DevMap::try_from(self.map(names::TX_PORTS)?).map_err(map_err(names::TX_PORTS))?;
+            for (slot, ifindex) in &desired.tx_ports {
+                ports
+                    .set(*slot, *ifindex, None, 0)
+                    .map_err(|e| LoaderError::TxPort(Box::new(e)))?;
+            }
+        }
+        {
+            let mut backends: Array<&mut MapData, Backend> =
+                Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+            for (id, b) in &desired.backends {
+                backends.set(*id, b, 0).map_err(map_err(names::BACKENDS))?;
+            }
+        }
+        {
+            let ring_size = desired.ring_size;
+            let mut ring: Array<&mut MapData, u32> =
+                Array::try_from(self.map(names::RING)?).map_err(map_err(names::RING))?;
+            for s in &desired.services {
+                let base = s.value.id * ring_size;
+                for (slot, backend) in s.ring.iter().enumerate() {
+                    ring.set(base + slot as u32, backend, 0)
+                        .map_err(map_err(names::RING))?;
+                }
+            }
+        }
+        {
+            let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+                HashMap::try_from(self.map(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+            for s in &desired.services {
+                services
+                    .insert(s.key, s.value, 0)
+                    .map_err(map_err(names::SERVICES))?;
+            }
+        }
+        {
+            let mut vips: HashMap<&mut MapData, VipKey, u32> =
+                HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+            for (k, n) in &desired.vips {
+                vips.insert(k, n, 0).map_err(map_err(names::VIPS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one backend entry (tests use it to mark a backend down or change a MAC).
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        backends
+            .set(id, backend, 0)
+            .map_err(map_err(names::BACKENDS))
+    }
+
+    /// Rewrites one service's Maglev table in place.
+    pub fn set_ring(&mut self, service_id: u32, ring_size: u32, ring: &[u32]) -> Result<()> {
+        let mut map: Array<&mut MapData, u32> =
+            Array::try_from(self.map(names::RING)?).map_err(map_err(names::RING))?;
+        for (slot, backend) in ring.iter().enumerate() {
+            map.set(service_id * ring_size + slot as u32, backend, 0)
+                .map_err(map_err(names::RING))?;
+        }
+        Ok(())
+    }
+
+    /// Number of entries in the connection table.
+    pub fn flow_count(&mut self) -> Result<usize> {
+        let flows: HashMap<&mut MapData, lb_common::FlowKey, lb_common::FlowValue> =
+            HashMap::try_from(self.map(names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+        Ok(flows.keys().filter(|k| k.is_ok()).count())
+    }
+
+    /// The connection table entry of `key`, if any.
+    pub fn flow(&mut self, key: &lb_common::FlowKey) -> Result<Option<lb_common::FlowValue>> {
+        let flows: HashMap<&mut MapData, lb_common::FlowKey, lb_common::FlowValue> =
+            HashMap::try_from(self.map(names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+        match flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::FLOWS)(e)),
+        }
+    }
+
+    /// Reads every counter, summed over CPUs.
+    pub fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        {
+            let stats: PerCpuArray<&mut MapData, u64> =
+                PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
+            for (i, stat) in Stat::ALL.iter().enumerate().take(STATS_LEN as usize) {
+                let v = stats.get(&(i as u32), 0).map_err(map_err(names::STATS))?;
+                snap.global.push((*stat, v.iter().sum()));
+            }
+        }
+        let read = |dp: &mut Dataplane, name: &'static str, ids: &mut dyn Iterator<Item = u32>| {
+            let map: PerCpuArray<&mut MapData, Counters> =
+                PerCpuArray::try_from(dp.map(name)?).map_err(map_err(name))?;
+            let mut out = BTreeMap::new();
+            for id in ids {
+                let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+                let mut sum = Counters::default();
+                for c in per_cpu.iter() {
+                    sum.add(c);
+                }
+                out.insert(id, sum);
+            }
+            Ok::<_, LoaderError>(out)
+        };
+        snap.services = read(
+            self,
+            names::SERVICE_STATS,
+            &mut desired.services.iter().map(|s| s.value.id),
+        )?;
+        snap.backends = read(
+            self,
+            names::BACKEND_STATS,
+            &mut desired.backends.keys().copied(),
+        )?;
+        Ok(snap)
+    }
+}

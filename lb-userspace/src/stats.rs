@@ -1,0 +1,24 @@
+//! A snapshot of the data plane's counters, summed over CPUs.
+
+use std::collections::BTreeMap;
+
+use lb_common::{Counters, stats::Stat};
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Global counters by [`Stat`].
+    pub global: Vec<(Stat, u64)>,
+    /// Service id → counters.
+    pub services: BTreeMap<u32, Counters>,
+    /// Backend id → counters.
+    pub backends: BTreeMap<u32, Counters>,
+}
+
+impl Snapshot {
+    pub fn get(&self, stat: Stat) -> u64 {
+        self.global
+            .iter()
+            .find(|(s, _)| *s == stat)
+            .map_or(0, |(_, v)| *v)
+    }
+}

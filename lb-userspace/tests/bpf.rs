@@ -1,0 +1,548 @@
+//! Tier 2: the real `lb_xdp` object, loaded into the kernel, fed packets through
+//! BPF_PROG_TEST_RUN. Each case reads like a fixture: description, input built with etherparse,
+//! expected verdict, expected output bytes.
+//!
+//! Needs root and the embedded eBPF object: run by `cargo xtask test` (they are `#[ignore]`d so
+//! a plain `cargo test` as a normal user stays green).
+
+mod support;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header,
+    Ipv6RawExtHeader, PacketBuilder, TcpHeader, UdpHeader,
+};
+use lb_common::{BACKEND_F_ACTIVE, NO_BACKEND, stats::Stat};
+use support::*;
+
+// ---- forwarding -------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn ipv4_tcp_to_vip_is_tx_with_only_macs_changed() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = tcp4(C1, 40000, VIP4, 80);
+    f.expect_forward("IPv4 TCP SYN to web4", &pkt, &key, "web4");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn ipv4_udp_to_vip_is_tx_with_only_macs_changed() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = udp4(C1, 5353, VIP4, 53);
+    f.expect_forward("IPv4 UDP to dns4", &pkt, &key, "dns4");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn ipv6_tcp_and_udp_to_vip_are_tx_with_only_macs_changed() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = tcp6(C6, 40000, VIP6, 80);
+    f.expect_forward("IPv6 TCP to web6", &pkt, &key, "web6");
+    let (pkt, key) = udp6(C6, 40001, VIP6, 53);
+    f.expect_forward("IPv6 UDP to dns6", &pkt, &key, "dns6");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn vlan_tagged_frame_is_forwarded_with_tag_intact() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = tcp4_vlan(C1, 40000, VIP4, 80, 42);
+    f.expect_forward("802.1Q VID 42, IPv4 TCP to web4", &pkt, &key, "web4");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn ipv4_with_options_is_forwarded() {
+    let mut f = Fixture::new(CONFIG);
+    for opts in [4usize, 12, 40] {
+        let (pkt, key) = tcp4_with_options(C1, 40000, VIP4, 80, opts);
+        f.expect_forward(
+            &format!("IPv4 with {opts} bytes of options"),
+            &pkt,
+            &key,
+            "web4",
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn ipv6_extension_headers_up_to_four_are_walked() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = tcp6_with_ext(C6, 40000, VIP6, 80, 2);
+    f.expect_forward(
+        "IPv6 hop-by-hop + destination options, TCP",
+        &pkt,
+        &key,
+        "web6",
+    );
+    let (pkt, key) = tcp6_with_ext(C6, 40000, VIP6, 80, 4);
+    f.expect_forward("IPv6 four extension headers, TCP", &pkt, &key, "web6");
+    let (pkt, _) = tcp6_with_ext(C6, 40000, VIP6, 80, 5);
+    f.expect_unchanged("IPv6 five extension headers to a VIP", &pkt, XDP_DROP);
+    f.assert_stat(Stat::DropMalformed, 1);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn all_ports_service_matches_every_port_of_its_protocol() {
+    let mut f = Fixture::new(CONFIG);
+    for port in [1u16, 80, 8443, 65535] {
+        let (pkt, key) = tcp4(C1, 40000, VIP_ANY, port);
+        f.expect_forward(
+            &format!("TCP port {port} to the all-ports VIP"),
+            &pkt,
+            &key,
+            "anyport",
+        );
+    }
+    let (pkt, _) = udp4(C1, 40000, VIP_ANY, 53);
+    f.expect_unchanged("UDP to the all-ports TCP VIP", &pkt, XDP_PASS);
+    // An exact service wins over port 0 on the same VIP: web4 is 10.99.0.100:80, nothing else.
+    let (pkt, _) = tcp4(C1, 40000, VIP4, 81);
+    f.expect_unchanged("TCP to a VIP port without a service", &pkt, XDP_PASS);
+    f.assert_stat(Stat::PassNoService, 2);
+}
+
+// ---- connection table -------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn same_flow_same_backend_over_many_packets() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = tcp4(C1, 41000, VIP4, 80);
+    let first = f.expect_forward("first packet", &pkt, &key, "web4");
+    for i in 0..200 {
+        let (v, out) = f.run(&pkt);
+        assert_eq!(v, XDP_TX, "packet {i}");
+        assert_eq!(
+            &out[0..6],
+            &f.backend_mac(first),
+            "packet {i} changed backend"
+        );
+    }
+    f.assert_stat(Stat::FlowNew, 1);
+    f.assert_stat(Stat::FlowHit, 200);
+    assert_eq!(f.dp.flow(&key).unwrap().unwrap().backend, first);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn table_change_keeps_existing_flows() {
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    // Establish 50 flows, remember their backends.
+    let flows: Vec<_> = (0..50).map(|i| tcp4(C1, 42000 + 2 * i, VIP4, 80)).collect();
+    let before: Vec<u32> = flows
+        .iter()
+        .map(|(p, k)| f.expect_forward("establish", p, k, "web4"))
+        .collect();
+    // Point every slot at the first backend: a new Maglev table.
+    let target = svc.backends[0];
+    let ring = vec![target; f.desired.ring_size as usize];
+    f.dp.set_ring(svc.value.id, f.desired.ring_size, &ring)
+        .unwrap();
+    for ((p, _), b) in flows.iter().zip(&before) {
+        let (v, out) = f.run(p);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            &out[0..6],
+            &f.backend_mac(*b),
+            "an established flow moved after a table change"
+        );
+    }
+    assert!(
+        before.iter().any(|b| *b != target),
+        "test needs flows on both backends"
+    );
+    // A new flow follows the new table.
+    let (p, _) = tcp4(C2, 50000, VIP4, 80);
+    let (v, out) = f.run(&p);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(&out[0..6], &f.backend_mac(target));
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn flow_of_a_removed_backend_is_rescheduled() {
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    // Find a flow on backend 0 of web4.
+    let (pkt, key) = (0..100)
+        .map(|i| tcp4(C1, 43000 + 2 * i, VIP4, 80))
+        .find(|(_, k)| f.predict(k, "web4") == svc.backends[0])
+        .expect("some flow hashes to backend 0");
+    f.expect_forward("establish", &pkt, &key, "web4");
+    // Backend 0 goes down: the controller clears its active flag and rebuilds the table.
+    let mut b = f.desired.backends[&svc.backends[0]];
+    b.flags &= !BACKEND_F_ACTIVE;
+    b.generation += 1;
+    f.dp.set_backend(svc.backends[0], &b).unwrap();
+    let ring = vec![svc.backends[1]; f.desired.ring_size as usize];
+    f.dp.set_ring(svc.value.id, f.desired.ring_size, &ring)
+        .unwrap();
+    let (v, out) = f.run(&pkt);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        &out[0..6],
+        &f.backend_mac(svc.backends[1]),
+        "flow not moved off the down backend"
+    );
+    f.assert_stat(Stat::FlowRescheduled, 1);
+    assert_eq!(f.dp.flow(&key).unwrap().unwrap().backend, svc.backends[1]);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn reused_backend_id_does_not_inherit_old_flows() {
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    let (pkt, key) = (0..100)
+        .map(|i| tcp4(C1, 44000 + 2 * i, VIP4, 80))
+        .find(|(_, k)| f.predict(k, "web4") == svc.backends[0])
+        .unwrap();
+    f.expect_forward("establish", &pkt, &key, "web4");
+    // Same id, new generation (the id was handed to another backend): the flow must be chosen
+    // again through the table, which now points at backend 1.
+    let mut b = f.desired.backends[&svc.backends[0]];
+    b.generation += 1;
+    b.mac = [0x02, 0, 0, 0, 0, 0x99];
+    f.dp.set_backend(svc.backends[0], &b).unwrap();
+    let ring = vec![svc.backends[1]; f.desired.ring_size as usize];
+    f.dp.set_ring(svc.value.id, f.desired.ring_size, &ring)
+        .unwrap();
+    let (_, out) = f.run(&pkt);
+    assert_eq!(&out[0..6], &f.backend_mac(svc.backends[1]));
+}
+
+// ---- pass-through -----------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn non_vip_arp_and_icmp_pass_unchanged() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, _) = tcp4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
+    f.expect_unchanged("TCP to the LB's own address", &pkt, XDP_PASS);
+    let (pkt, _) = tcp6(C6, 40000, "fd00:99::1".parse().unwrap(), 22);
+    f.expect_unchanged("IPv6 TCP to a non-VIP", &pkt, XDP_PASS);
+    f.expect_unchanged("ARP request for the VIP", &arp_request(C1, VIP4), XDP_PASS);
+    f.expect_unchanged("ICMP echo to the VIP", &icmp4_echo(C1, VIP4), XDP_PASS);
+    f.expect_unchanged("ICMPv6 echo to the VIP", &icmp6_echo(C6, VIP6), XDP_PASS);
+    f.assert_stat(Stat::PassNoService, 2);
+    f.assert_stat(Stat::PassNotIp, 1);
+    f.assert_stat(Stat::PassNotTcpUdp, 2);
+    f.assert_stat(Stat::VerdictPass, 5);
+    f.assert_stat(Stat::VerdictTx, 0);
+}
+
+// ---- drops ------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn no_usable_backend_drops() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, _) = tcp4(C1, 40000, VIP_EMPTY, 80);
+    f.expect_unchanged("service whose only backend has weight 0", &pkt, XDP_DROP);
+    assert!(f.service("empty").ring.iter().all(|b| *b == NO_BACKEND));
+    // All backends of web4 down (flag cleared) while the table still names them.
+    let svc = f.service("web4");
+    for id in &svc.backends {
+        let mut b = f.desired.backends[id];
+        b.flags = 0;
+        f.dp.set_backend(*id, &b).unwrap();
+    }
+    let (pkt, _) = tcp4(C1, 40000, VIP4, 80);
+    f.expect_unchanged("service whose backends are all down", &pkt, XDP_DROP);
+    f.assert_stat(Stat::DropNoBackend, 2);
+    f.assert_stat(Stat::VerdictDrop, 2);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn fragments_to_a_vip_drop_and_others_pass() {
+    let mut f = Fixture::new(CONFIG);
+    f.expect_unchanged(
+        "IPv4 first fragment (MF) to VIP",
+        &ipv4_fragment(C1, VIP4, true, 0),
+        XDP_DROP,
+    );
+    f.expect_unchanged(
+        "IPv4 later fragment to VIP",
+        &ipv4_fragment(C1, VIP4, false, 185),
+        XDP_DROP,
+    );
+    f.expect_unchanged("IPv6 fragment to VIP", &ipv6_fragment(C6, VIP6), XDP_DROP);
+    f.expect_unchanged(
+        "IPv4 fragment to a non-VIP",
+        &ipv4_fragment(C1, Ipv4Addr::new(10, 99, 0, 1), true, 0),
+        XDP_PASS,
+    );
+    f.assert_stat(Stat::DropFragment, 3);
+    f.assert_stat(Stat::PassFragment, 1);
+}
+
+// ---- malformed --------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn truncated_at_every_length_never_forwards() {
+    let mut f = Fixture::new(CONFIG);
+    let (tcp, _) = tcp4(C1, 40000, VIP4, 80);
+    let (vlan, _) = tcp4_vlan(C1, 40000, VIP4, 80, 7);
+    let (tcp6, _) = tcp6(C6, 40000, VIP6, 80);
+    let (udp, _) = udp4(C1, 40000, VIP4, 53);
+    for (name, pkt) in [
+        ("IPv4 TCP", tcp),
+        ("VLAN IPv4 TCP", vlan),
+        ("IPv6 TCP", tcp6),
+        ("IPv4 UDP", udp),
+    ] {
+        // BPF_PROG_TEST_RUN needs at least an Ethernet header.
+        for len in 14..pkt.len() {
+            let cut = &pkt[..len];
+            let (v, out) = f.run(cut);
+            assert_eq!(out, cut, "{name} cut at {len}: frame modified");
+            assert!(
+                v == XDP_PASS || v == XDP_DROP,
+                "{name} cut at {len}: verdict {v}"
+            );
+        }
+    }
+    // Every cut is counted as malformed (pass before the VIP is known, drop after).
+    let s = f.snapshot();
+    assert_eq!(s.get(Stat::VerdictTx), 0);
+    assert_eq!(
+        s.get(Stat::PassMalformed) + s.get(Stat::DropMalformed),
+        s.get(Stat::VerdictPass) + s.get(Stat::VerdictDrop)
+    );
+    assert!(s.get(Stat::DropMalformed) > 0 && s.get(Stat::PassMalformed) > 0);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn bad_ihl_and_bad_version_are_not_forwarded() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, _) = tcp4(C1, 40000, VIP4, 80);
+    for ihl in [0u8, 1, 4] {
+        let mut p = pkt.clone();
+        p[14] = 0x40 | ihl;
+        f.expect_unchanged(&format!("IPv4 IHL {ihl} to VIP"), &p, XDP_DROP);
+    }
+    // IHL larger than the packet's header room.
+    let mut p = pkt.clone();
+    p[14] = 0x4f;
+    f.expect_unchanged("IPv4 IHL 15 without options", &p, XDP_DROP);
+    f.assert_stat(Stat::DropMalformed, 4);
+    for version in [0u8, 5, 6, 15] {
+        let mut p = pkt.clone();
+        p[14] = (version << 4) | 5;
+        f.expect_unchanged(&format!("version {version} in an IPv4 frame"), &p, XDP_PASS);
+    }
+    let (pkt6, _) = tcp6(C6, 40000, VIP6, 80);
+    let mut p = pkt6.clone();
+    p[14] = 0x40;
+    f.expect_unchanged("version 4 in an IPv6 frame", &p, XDP_PASS);
+    f.assert_stat(Stat::PassMalformed, 5);
+    // tot_len larger than the frame.
+    let mut p = pkt.clone();
+    p[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    f.expect_unchanged("IPv4 total length past the frame", &p, XDP_DROP);
+}
+
+// ---- counters and distribution ----------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn counters_move_as_expected() {
+    let mut f = Fixture::new(CONFIG);
+    let (pkt, key) = tcp4(C1, 45000, VIP4, 80);
+    let b = f.predict(&key, "web4");
+    for _ in 0..3 {
+        f.run(&pkt);
+    }
+    let (other, _) = tcp4(C1, 45000, Ipv4Addr::new(192, 0, 2, 1), 80);
+    f.run(&other);
+    let s = f.snapshot();
+    let svc = f.service("web4").value.id;
+    assert_eq!(s.services[&svc].packets, 3);
+    assert_eq!(s.services[&svc].bytes, 3 * pkt.len() as u64);
+    assert_eq!(s.services[&svc].new_flows, 1);
+    assert_eq!(s.backends[&b].packets, 3);
+    assert_eq!(s.backends[&b].bytes, 3 * pkt.len() as u64);
+    assert_eq!(s.backends[&b].new_flows, 1);
+    assert_eq!(s.get(Stat::VerdictTx), 3);
+    assert_eq!(s.get(Stat::VerdictPass), 1);
+    assert_eq!(s.get(Stat::FlowNew), 1);
+    assert_eq!(s.get(Stat::FlowHit), 2);
+    assert_eq!(s.get(Stat::VerdictAborted), 0);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn distribution_of_20000_random_flows_follows_weights() {
+    let mut f = Fixture::new(WEIGHTED);
+    let svc = f.service("w");
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let n = 20_000;
+    for _ in 0..n {
+        let r = next();
+        let src = Ipv4Addr::new(10, 77, (r >> 8) as u8, r as u8);
+        let sport = 1024 + ((r >> 16) as u16 % 60000);
+        let (pkt, _) = tcp4(src, sport, VIP4, 80);
+        let (v, _) = f.run(&pkt);
+        assert_eq!(v, XDP_TX);
+    }
+    let s = f.snapshot();
+    let weights = [1.0, 2.0, 3.0];
+    let total: f64 = weights.iter().sum();
+    let flows: u64 = svc.backends.iter().map(|b| s.backends[b].new_flows).sum();
+    for (b, w) in svc.backends.iter().zip(weights) {
+        let share = s.backends[b].new_flows as f64 / flows as f64;
+        let want = w / total;
+        println!("backend {b}: {:.4} of flows, weight share {want:.4}", share);
+        assert!(
+            (share - want).abs() < 0.02,
+            "backend {b}: share {share:.4}, want {want:.4} ± 0.02"
+        );
+    }
+    assert!(
+        flows as f64 > 0.99 * n as f64,
+        "{flows} distinct flows of {n}"
+    );
+}
+
+// ---- helpers used above -------------------------------------------------------------------------
+
+fn arp_request(src: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: [0xff; 6],
+        ether_type: EtherType::ARP,
+    }
+    .write(&mut out)
+    .unwrap();
+    // ARP payload (etherparse 0.16 has no ARP builder): htype 1, ptype IPv4, hlen 6, plen 4, op 1.
+    out.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&target.octets());
+    out
+}
+
+fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4_echo_request(1, 1);
+    write(b, &[0u8; 32])
+}
+
+fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .icmpv6_echo_request(1, 1);
+    write(b, &[0u8; 32])
+}
+
+fn ipv4_fragment(src: Ipv4Addr, dst: Ipv4Addr, more: bool, offset_units: u16) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(28, 64, IpNumber::UDP, src.octets(), dst.octets()).unwrap();
+    ip.more_fragments = more;
+    ip.fragment_offset = offset_units.try_into().unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    eth(EtherType::IPV4).write(&mut out).unwrap();
+    ip.write(&mut out).unwrap();
+    UdpHeader {
+        source_port: 5000,
+        destination_port: 53,
+        length: 28,
+        checksum: 0,
+    }
+    .write(&mut out)
+    .unwrap();
+    out.extend_from_slice(&[0xab; 20]);
+    out
+}
+
+fn ipv6_fragment(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut out = Vec::new();
+    eth(EtherType::IPV6).write(&mut out).unwrap();
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: 8 + 8 + 16,
+        next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+        hop_limit: 64,
+        source: src.octets(),
+        destination: dst.octets(),
+    }
+    .write(&mut out)
+    .unwrap();
+    Ipv6FragmentHeader::new(IpNumber::UDP, 0.try_into().unwrap(), true, 7)
+        .write(&mut out)
+        .unwrap();
+    UdpHeader {
+        source_port: 5000,
+        destination_port: 53,
+        length: 24,
+        checksum: 0,
+    }
+    .write(&mut out)
+    .unwrap();
+    out.extend_from_slice(&[0xcd; 16]);
+    out
+}
+
+/// IPv6 with `n` extension headers (hop-by-hop first, then destination options) before TCP.
+fn tcp6_with_ext(
+    src: Ipv6Addr,
+    sport: u16,
+    dst: Ipv6Addr,
+    dport: u16,
+    n: usize,
+) -> (Vec<u8>, lb_common::FlowKey) {
+    let tcp = TcpHeader::new(sport, dport, 1, 64240);
+    let mut exts = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n {
+            IpNumber::TCP
+        } else {
+            IpNumber::IPV6_DESTINATION_OPTIONS
+        };
+        // 6 bytes of PadN option → 8-byte header
+        Ipv6RawExtHeader::new_raw(next, &[1, 4, 0, 0, 0, 0])
+            .unwrap()
+            .write(&mut exts)
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    eth(EtherType::IPV6).write(&mut out).unwrap();
+    let first = if n == 0 {
+        IpNumber::TCP
+    } else {
+        IpNumber::IPV6_HEADER_HOP_BY_HOP
+    };
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: (exts.len() + tcp.header_len()) as u16,
+        next_header: first,
+        hop_limit: 64,
+        source: src.octets(),
+        destination: dst.octets(),
+    }
+    .write(&mut out)
+    .unwrap();
+    out.extend_from_slice(&exts);
+    tcp.write(&mut out).unwrap();
+    (out, key6(src, sport, dst, dport, 6))
+}

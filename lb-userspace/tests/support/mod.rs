@@ -1,0 +1,381 @@
+//! Shared fixture code for the BPF_PROG_TEST_RUN tests and benchmarks.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder,
+    PacketBuilderStep, SingleVlanHeader, TcpHeader,
+};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, hash::flow_hash, stats::Stat};
+use lb_userspace::{
+    config::{Config, Mac},
+    iface::Interfaces,
+    loader::Dataplane,
+    state::{DesiredService, DesiredState},
+    stats::Snapshot,
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xc1];
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+pub const VIP_ANY: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
+pub const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 201);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
+pub const C1: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 11);
+pub const C2: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 12);
+pub const C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x11);
+
+/// The services every test starts from.
+pub const CONFIG: &str = r#"
+[dataplane]
+interface = "lbtest0"
+
+[[service]]
+name = "web4"
+vip = "10.99.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.99.0.21"
+mac = "02:00:00:00:00:21"
+[[service.backend]]
+address = "10.99.0.22"
+mac = "02:00:00:00:00:22"
+
+[[service]]
+name = "dns4"
+vip = "10.99.0.100"
+port = 53
+protocol = "udp"
+[[service.backend]]
+address = "10.99.0.21"
+mac = "02:00:00:00:00:21"
+[[service.backend]]
+address = "10.99.0.22"
+mac = "02:00:00:00:00:22"
+
+[[service]]
+name = "web6"
+vip = "fd00:99::100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "fd00:99::21"
+mac = "02:00:00:00:00:21"
+[[service.backend]]
+address = "fd00:99::22"
+mac = "02:00:00:00:00:22"
+
+[[service]]
+name = "dns6"
+vip = "fd00:99::100"
+port = 53
+protocol = "udp"
+[[service.backend]]
+address = "fd00:99::23"
+mac = "02:00:00:00:00:23"
+
+[[service]]
+name = "anyport"
+vip = "10.99.0.200"
+port = 0
+protocol = "tcp"
+[[service.backend]]
+address = "10.99.0.23"
+mac = "02:00:00:00:00:23"
+[[service.backend]]
+address = "10.99.0.24"
+mac = "02:00:00:00:00:24"
+
+[[service]]
+name = "empty"
+vip = "10.99.0.201"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.99.0.25"
+mac = "02:00:00:00:00:25"
+weight = 0
+"#;
+
+/// One service, weights 1:2:3.
+pub const WEIGHTED: &str = r#"
+[dataplane]
+interface = "lbtest0"
+
+[[service]]
+name = "w"
+vip = "10.99.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.99.0.21"
+mac = "02:00:00:00:00:21"
+weight = 100
+[[service.backend]]
+address = "10.99.0.22"
+mac = "02:00:00:00:00:22"
+weight = 200
+[[service.backend]]
+address = "10.99.0.23"
+mac = "02:00:00:00:00:23"
+weight = 300
+"#;
+
+struct FakeInterfaces;
+
+impl Interfaces for FakeInterfaces {
+    fn lookup(&self, name: &str) -> Result<(u32, Mac), String> {
+        match name {
+            "lbtest0" => Ok((1, Mac(LB_MAC))),
+            _ => Err(format!("no interface {name}")),
+        }
+    }
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "BPF tests need root (CAP_BPF, CAP_NET_ADMIN): run `cargo xtask test` as root"
+    );
+    assert!(
+        !lb_userspace::EBPF_OBJECT.is_empty(),
+        "lb was built without its eBPF object: run scripts/bootstrap.sh and rebuild"
+    );
+}
+
+/// A freshly loaded program with the maps filled from a config.
+pub struct Fixture {
+    pub dp: Dataplane,
+    pub desired: DesiredState,
+}
+
+impl Fixture {
+    pub fn new(toml: &str) -> Fixture {
+        require_root();
+        let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
+        let desired = DesiredState::build(&cfg, &FakeInterfaces).expect("desired state");
+        let mut dp = Dataplane::load(cfg.dataplane.ring_size, 65536)
+            .unwrap_or_else(|e| panic!("load: {e:#}"));
+        dp.apply(&desired).expect("apply");
+        Fixture { dp, desired }
+    }
+
+    /// Runs one packet: verdict and output frame.
+    pub fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; pkt.len() + 512];
+        let opts = TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let r = self.dp.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    pub fn service(&self, name: &str) -> DesiredService {
+        self.desired
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+            .clone()
+    }
+
+    /// The backend the Maglev table gives a new flow (same hash as the kernel).
+    pub fn predict(&self, key: &FlowKey, service: &str) -> u32 {
+        let s = self.service(service);
+        s.ring[(flow_hash(key) % self.desired.ring_size) as usize]
+    }
+
+    pub fn backend_mac(&self, id: u32) -> [u8; 6] {
+        self.desired.backends[&id].mac
+    }
+
+    /// Asserts XDP_TX and that the output is the input with exactly the MACs changed (to the
+    /// predicted backend's and the LB's). Returns the backend id.
+    pub fn expect_forward(&mut self, desc: &str, pkt: &[u8], key: &FlowKey, service: &str) -> u32 {
+        let b = self.predict(key, service);
+        let mut want = pkt.to_vec();
+        want[0..6].copy_from_slice(&self.backend_mac(b));
+        want[6..12].copy_from_slice(&LB_MAC);
+        let (v, out) = self.run(pkt);
+        assert_eq!(v, XDP_TX, "{desc}: verdict");
+        assert_eq!(out, want, "{desc}: output bytes");
+        b
+    }
+
+    /// Asserts the verdict and that the frame is untouched.
+    pub fn expect_unchanged(&mut self, desc: &str, pkt: &[u8], verdict: u32) {
+        let (v, out) = self.run(pkt);
+        assert_eq!(v, verdict, "{desc}: verdict");
+        assert_eq!(out, pkt, "{desc}: frame must not change");
+    }
+
+    pub fn snapshot(&mut self) -> Snapshot {
+        self.dp.snapshot(&self.desired).expect("counters")
+    }
+
+    pub fn assert_stat(&mut self, stat: Stat, want: u64) {
+        let got = self.snapshot().get(stat);
+        assert_eq!(got, want, "counter {}", stat.name());
+    }
+}
+
+// ---- packets ----------------------------------------------------------------------------------
+
+pub fn eth(ether_type: EtherType) -> Ethernet2Header {
+    Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: LB_MAC,
+        ether_type,
+    }
+}
+
+pub fn write<T>(b: PacketBuilderStep<T>, payload: &[u8]) -> Vec<u8>
+where
+    PacketBuilderStep<T>: WriteStep,
+{
+    b.write_to_vec(payload)
+}
+
+/// `PacketBuilderStep<TcpHeader|UdpHeader|Icmp*>::write`, unified.
+pub trait WriteStep {
+    fn write_to_vec(self, payload: &[u8]) -> Vec<u8>;
+}
+
+macro_rules! write_step {
+    ($($t:ty),*) => {$(
+        impl WriteStep for PacketBuilderStep<$t> {
+            fn write_to_vec(self, payload: &[u8]) -> Vec<u8> {
+                let mut out = Vec::with_capacity(self.size(payload.len()));
+                self.write(&mut out, payload).expect("write packet");
+                out
+            }
+        }
+    )*};
+}
+write_step!(
+    etherparse::TcpHeader,
+    etherparse::UdpHeader,
+    etherparse::Icmpv4Header,
+    etherparse::Icmpv6Header
+);
+
+pub fn key4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    let mut k = FlowKey {
+        src_port: sport.to_be_bytes(),
+        dst_port: dport.to_be_bytes(),
+        protocol: proto,
+        family: FAMILY_V4,
+        ..FlowKey::default()
+    };
+    k.src_addr[..4].copy_from_slice(&src.octets());
+    k.dst_addr[..4].copy_from_slice(&dst.octets());
+    k
+}
+
+pub fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: src.octets(),
+        dst_addr: dst.octets(),
+        src_port: sport.to_be_bytes(),
+        dst_port: dport.to_be_bytes(),
+        protocol: proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    }
+}
+
+const PAYLOAD: &[u8] = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n";
+
+pub fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> (Vec<u8>, FlowKey) {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240)
+        .syn();
+    (write(b, PAYLOAD), key4(src, sport, dst, dport, 6))
+}
+
+pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> (Vec<u8>, FlowKey) {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport);
+    (write(b, b"query"), key4(src, sport, dst, dport, 17))
+}
+
+pub fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> (Vec<u8>, FlowKey) {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240)
+        .syn();
+    (write(b, PAYLOAD), key6(src, sport, dst, dport, 6))
+}
+
+pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> (Vec<u8>, FlowKey) {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(sport, dport);
+    (write(b, b"query"), key6(src, sport, dst, dport, 17))
+}
+
+pub fn tcp4_vlan(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    vid: u16,
+) -> (Vec<u8>, FlowKey) {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .vlan(etherparse::VlanHeader::Single(SingleVlanHeader {
+            pcp: Default::default(),
+            drop_eligible_indicator: false,
+            vlan_id: vid.try_into().unwrap(),
+            ether_type: EtherType::IPV4,
+        }))
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240)
+        .syn();
+    (write(b, PAYLOAD), key4(src, sport, dst, dport, 6))
+}
+
+pub fn tcp4_with_options(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    opt_len: usize,
+) -> (Vec<u8>, FlowKey) {
+    let tcp = TcpHeader::new(sport, dport, 1, 64240);
+    let mut ip = Ipv4Header::new(
+        tcp.header_len() as u16,
+        64,
+        IpNumber::TCP,
+        src.octets(),
+        dst.octets(),
+    )
+    .unwrap();
+    // NOP options (type 1), then the header is re-measured.
+    let opts = vec![1u8; opt_len];
+    ip.options = Ipv4Options::try_from(&opts[..]).expect("options length multiple of 4, ≤ 40");
+    ip.set_payload_len(tcp.header_len()).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    eth(EtherType::IPV4).write(&mut out).unwrap();
+    ip.write(&mut out).unwrap();
+    tcp.write(&mut out).unwrap();
+    (out, key4(src, sport, dst, dport, 6))
+}
