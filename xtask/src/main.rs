@@ -1,1 +1,205 @@
-fn main() {}
+//! `cargo xtask <task>`: build, run (build-and-attach), test, bench, demo, lab.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use xtask::{cmd, lab, labnet};
+
+mod bench;
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Bootstrap the toolchain if needed and build everything (lb with its embedded eBPF object).
+    Build,
+    /// Build, then run `lb` with the given arguments (e.g. `-- run --config lb.toml` attaches).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test tier: host unit tests, BPF_PROG_TEST_RUN tests, lab tests (root).
+    Test {
+        /// Only these tiers (host, bpf, lab); default all.
+        #[arg(long, value_delimiter = ',')]
+        tier: Vec<String>,
+    },
+    /// Benchmarks: lb_xdp per-packet cost next to a trivial XDP program, same run.
+    Bench,
+    /// Bring up the namespace lab, run the balancer and show what it does.
+    Demo(demo::Args),
+    /// Lab maintenance.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// (internal) Lab backend server, run inside a backend namespace.
+    #[command(hide = true)]
+    LabBackend {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "vip")]
+        vips: Vec<IpAddr>,
+        #[arg(long, default_value_t = lab::HTTP_PORT)]
+        http_port: u16,
+        #[arg(long, default_value_t = lab::ECHO_PORT)]
+        echo_port: u16,
+    },
+    /// (internal) Lab client, run inside the client namespace; prints a JSON tally.
+    #[command(hide = true)]
+    LabClient {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long = "source", required = true)]
+        sources: Vec<IpAddr>,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Remove every lab namespace left behind (crashed or interrupted runs).
+    Down,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.task {
+        Task::Build => build(),
+        Task::Run { args } => run(args),
+        Task::Test { tier } => test(tier),
+        Task::Bench => bench::run(),
+        Task::Demo(args) => demo::run(args),
+        Task::Lab { cmd: LabCmd::Down } => lab::down_all().map(|v| {
+            if v.is_empty() {
+                println!("no lab namespaces left behind");
+            } else {
+                println!("removed {} namespaces: {}", v.len(), v.join(" "));
+            }
+        }),
+        Task::LabBackend {
+            name,
+            vips,
+            http_port,
+            echo_port,
+        } => labnet::serve_backend(&name, &vips, http_port, echo_port),
+        Task::LabClient {
+            kind,
+            target,
+            sources,
+            count,
+        } => labnet::many(&kind, &sources, target, count).map(|t| println!("{}", t.to_json())),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn build() -> anyhow::Result<()> {
+    cmd::bootstrap()?;
+    cmd::cargo(
+        &["build", "--locked", "--package", "lb-userspace", "--bins"],
+        &[],
+    )
+}
+
+fn run(args: Vec<String>) -> anyhow::Result<()> {
+    build()?;
+    let lb = cmd::lb_binary();
+    let status = Command::new(&lb)
+        .args(&args)
+        .status()
+        .with_context(|| format!("running {}", lb.display()))?;
+    if !status.success() {
+        bail!("lb {} exited with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(tiers: Vec<String>) -> anyhow::Result<()> {
+    let all = tiers.is_empty();
+    let want = |t: &str| all || tiers.iter().any(|x| x == t);
+    for t in &tiers {
+        if !["host", "bpf", "lab"].contains(&t.as_str()) {
+            bail!("unknown tier `{t}` (host, bpf, lab)");
+        }
+    }
+    cmd::bootstrap()?;
+    if want("host") {
+        println!("==> tier 1: host unit tests");
+        cmd::cargo(&["test", "--locked"], &[])?;
+    }
+    if want("bpf") || want("lab") {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!(
+                "the BPF and lab tiers need root (run `cargo xtask test --tier host` as a normal user)"
+            );
+        }
+    }
+    if want("bpf") {
+        println!("==> tier 2: BPF_PROG_TEST_RUN tests against the real lb_xdp object");
+        cmd::cargo(
+            &[
+                "test",
+                "--locked",
+                "--package",
+                "lb-userspace",
+                "--test",
+                "bpf",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+            ],
+            &[],
+        )?;
+    }
+    if want("lab") {
+        println!("==> tier 3: lab tests in network namespaces");
+        build()?;
+        cmd::cargo(
+            &[
+                "test",
+                "--locked",
+                "--package",
+                "xtask",
+                "--test",
+                "lab",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ],
+            &[],
+        )?;
+        let left = lab::down_all()?;
+        if !left.is_empty() {
+            bail!("lab tests left namespaces behind: {}", left.join(" "));
+        }
+    }
+    println!("==> all requested tiers passed");
+    Ok(())
+}
+
+/// Path of this xtask binary (it serves `lab-backend` / `lab-client` inside namespaces).
+pub fn self_exe() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("locating the xtask binary")
+}

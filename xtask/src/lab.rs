@@ -1,0 +1,675 @@
+//! The lab: a DSR topology in network namespaces that it creates and always removes.
+//!
+//! ```text
+//!            ┌──────────── <p>-sw: bridge br0 ────────────┐
+//!            │ port cl        port lb         port b1..bN │
+//!            └───┬───────────────┬───────────────┬────────┘
+//!      <p>-cl eth0        <p>-lb eth0      <p>-bK eth0        (veth pairs)
+//!   10.99.0.11-18      10.99.0.2 + lb_xdp   10.99.0.2K; VIP on lo
+//!   fd00:99::11        fd00:99::2           fd00:99::2K
+//!   VIP via 10.99.0.2
+//! ```
+//! Client → VIP goes to the LB (routed), lb_xdp rewrites the destination MAC to a backend's and
+//! sends it back out (XDP_TX); the backend answers the client directly over the bridge.
+//!
+//! Every run has its own prefix (`lblab-<pid>-<n>`), so parallel runs never collide;
+//! [`down_all`] removes leftovers of crashed runs.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{run, run_quiet};
+
+/// Namespace name prefix of every lab.
+pub const PREFIX: &str = "lblab-";
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
+pub const LB4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
+pub const LB_MAC: &str = "02:99:00:00:00:02";
+pub const HTTP_PORT: u16 = 80;
+pub const ECHO_PORT: u16 = 7;
+/// The allow-all XDP program from Debian's xdp-tools, put on the LB's veth peer in native mode.
+pub const PEER_XDP_OBJECT: &str = "/usr/lib/x86_64-linux-gnu/bpf/xdpfilt_alw_all.o";
+
+/// XDP mode the lab runs the balancer in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Native,
+    Generic,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Generic => "generic",
+        }
+    }
+}
+
+/// A lab backend.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub name: String,
+    pub ns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub mac: String,
+    pub weight: u16,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub mode: Mode,
+    pub backends: Vec<Backend>,
+    /// Client source addresses (IPv4).
+    pub clients4: Vec<Ipv4Addr>,
+    pub clients6: Vec<Ipv6Addr>,
+    pub dir: PathBuf,
+    procs: Vec<Child>,
+    lb: Option<LbProcess>,
+}
+
+struct LbProcess {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// Prefixes of the labs alive in this process (for the Ctrl-C handler).
+static ACTIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// On Ctrl-C/SIGTERM: remove every lab of this process, then exit 130 (or, while
+/// [`wait_for_ctrlc`] waits, just wake it up so the normal teardown runs).
+pub fn install_ctrlc_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        if WAITING.load(Ordering::SeqCst) {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            return;
+        }
+        let active = ACTIVE.lock().map(|a| a.clone()).unwrap_or_default();
+        for p in active {
+            remove_namespaces(&p);
+        }
+        eprintln!("interrupted: lab removed");
+        std::process::exit(130);
+    });
+}
+
+static WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Blocks until Ctrl-C (needs [`install_ctrlc_cleanup`]).
+pub fn wait_for_ctrlc() {
+    WAITING.store(true, Ordering::SeqCst);
+    while !INTERRUPTED.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    WAITING.store(false, Ordering::SeqCst);
+}
+
+impl Lab {
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}{role}", self.prefix)
+    }
+    pub fn sw(&self) -> String {
+        self.ns("sw")
+    }
+    pub fn client(&self) -> String {
+        self.ns("cl")
+    }
+    pub fn lb_ns(&self) -> String {
+        self.ns("lb")
+    }
+
+    /// Builds the topology with `weights.len()` backends and starts their servers
+    /// (`xtask` is the path of the xtask binary, which serves `lab-backend`).
+    pub fn up(mode: Mode, weights: &[u16], xtask: &Path) -> anyhow::Result<Lab> {
+        check_tools(mode)?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
+        let dir = std::env::temp_dir().join(prefix.trim_end_matches('-'));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let k = i as u8 + 1;
+                Backend {
+                    name: format!("b{k}"),
+                    ns: format!("{prefix}b{k}"),
+                    v4: Ipv4Addr::new(10, 99, 0, 20 + k),
+                    v6: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x20 + k as u16),
+                    mac: format!("02:99:00:00:00:{:02x}", 0x20 + k),
+                    weight: *w,
+                }
+            })
+            .collect();
+        let mut lab = Lab {
+            prefix,
+            mode,
+            backends,
+            clients4: (11..=18).map(|i| Ipv4Addr::new(10, 99, 0, i)).collect(),
+            clients6: (0x11..=0x14)
+                .map(|i| Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, i))
+                .collect(),
+            dir,
+            procs: Vec::new(),
+            lb: None,
+        };
+        if let Ok(mut a) = ACTIVE.lock() {
+            a.push(lab.prefix.clone());
+        }
+        // On any error below, Drop removes what was made.
+        lab.build_topology()?;
+        lab.start_backends(xtask)?;
+        Ok(lab)
+    }
+
+    fn build_topology(&mut self) -> anyhow::Result<()> {
+        let sw = self.sw();
+        let mut roles = vec!["cl".to_owned(), "lb".to_owned()];
+        roles.extend(self.backends.iter().map(|b| b.name.clone()));
+        for ns in std::iter::once("sw".to_owned()).chain(roles.iter().cloned()) {
+            run("ip", &["netns", "add", &self.ns(&ns)])?;
+            ipn(&self.ns(&ns), &["link", "set", "dev", "lo", "up"])?;
+        }
+        ipn(&sw, &["link", "add", "name", "br0", "type", "bridge"])?;
+        ipn(&sw, &["link", "set", "dev", "br0", "up"])?;
+        for role in &roles {
+            let ns = self.ns(role);
+            run(
+                "ip",
+                &[
+                    "link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name",
+                    role, "netns", &sw,
+                ],
+            )?;
+            ipn(&sw, &["link", "set", "dev", role, "master", "br0"])?;
+            ipn(&sw, &["link", "set", "dev", role, "up"])?;
+            // No IPv6 DAD/RA noise in the lab.
+            sysctl(&ns, "net.ipv6.conf.all.accept_dad", "0")?;
+            sysctl(&ns, "net.ipv6.conf.default.accept_dad", "0")?;
+            sysctl(&ns, "net.ipv6.conf.eth0.accept_dad", "0")?;
+        }
+        // Client: several addresses so flows differ; the VIPs are routed via the LB.
+        let cl = self.client();
+        ipn(
+            &cl,
+            &["link", "set", "dev", "eth0", "address", "02:99:00:00:00:11"],
+        )?;
+        for a in &self.clients4 {
+            ipn(&cl, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+        }
+        for a in &self.clients6 {
+            ipn(
+                &cl,
+                &["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"],
+            )?;
+        }
+        ipn(&cl, &["link", "set", "dev", "eth0", "up"])?;
+        ipn(
+            &cl,
+            &[
+                "route",
+                "add",
+                &format!("{VIP4}/32"),
+                "via",
+                &LB4.to_string(),
+            ],
+        )?;
+        ipn(
+            &cl,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{VIP6}/128"),
+                "via",
+                &LB6.to_string(),
+            ],
+        )?;
+        // LB.
+        let lb = self.lb_ns();
+        ipn(&lb, &["link", "set", "dev", "eth0", "address", LB_MAC])?;
+        ipn(&lb, &["addr", "add", &format!("{LB4}/24"), "dev", "eth0"])?;
+        ipn(
+            &lb,
+            &["addr", "add", &format!("{LB6}/64"), "dev", "eth0", "nodad"],
+        )?;
+        ipn(&lb, &["link", "set", "dev", "eth0", "up"])?;
+        // Backends: own address on eth0, the VIPs on lo, no ARP answers for the VIP.
+        for b in self.backends.clone() {
+            let ns = &b.ns;
+            ipn(ns, &["link", "set", "dev", "eth0", "address", &b.mac])?;
+            ipn(ns, &["addr", "add", &format!("{}/24", b.v4), "dev", "eth0"])?;
+            ipn(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/64", b.v6),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            ipn(ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+            ipn(
+                ns,
+                &["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"],
+            )?;
+            for (k, v) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+                ("net.ipv4.conf.eth0.arp_ignore", "1"),
+                ("net.ipv4.conf.eth0.arp_announce", "2"),
+            ] {
+                sysctl(ns, k, v)?;
+            }
+            ipn(ns, &["link", "set", "dev", "eth0", "up"])?;
+        }
+        if self.mode == Mode::Native {
+            // veth: XDP_TX frames only reach the peer if the peer runs an XDP program; and the
+            // client's partial TX checksums would be lost in the XDP frame (TOOLCHAIN.md).
+            ipn(
+                &sw,
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    "lb",
+                    "xdpdrv",
+                    "obj",
+                    PEER_XDP_OBJECT,
+                    "sec",
+                    "xdp",
+                ],
+            )?;
+            run(
+                "ip",
+                &["netns", "exec", &cl, "ethtool", "-K", "eth0", "tx", "off"],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn start_backends(&mut self, xtask: &Path) -> anyhow::Result<()> {
+        for b in self.backends.clone() {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &b.ns])
+                .arg(xtask)
+                .args([
+                    "lab-backend",
+                    "--name",
+                    &b.name,
+                    "--vip",
+                    &VIP4.to_string(),
+                    "--vip",
+                    &VIP6.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a lab backend")?;
+            let stdout = child.stdout.take().expect("piped");
+            self.procs.push(child);
+            let rx = lines(stdout);
+            wait_for_line(&rx, "ready", Duration::from_secs(10))
+                .with_context(|| format!("backend {} did not start", b.name))?;
+        }
+        Ok(())
+    }
+
+    /// The `lb` config for this lab (`weights` of the backends, in order).
+    pub fn config(&self, xdp_mode: Mode) -> String {
+        let mut s = format!(
+            "# generated by the lab\n[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"{}\"\nflow_table_size = 65536\nring_size = 65537\n",
+            xdp_mode.as_str()
+        );
+        for (name, vip, port, proto, v6) in [
+            ("web", VIP4.to_string(), HTTP_PORT, "tcp", false),
+            ("web6", VIP6.to_string(), HTTP_PORT, "tcp", true),
+            ("echo", VIP4.to_string(), ECHO_PORT, "tcp", false),
+            ("uecho", VIP4.to_string(), ECHO_PORT, "udp", false),
+            ("uecho6", VIP6.to_string(), ECHO_PORT, "udp", true),
+        ] {
+            s += &format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\n"
+            );
+            for b in &self.backends {
+                let addr = if v6 {
+                    b.v6.to_string()
+                } else {
+                    b.v4.to_string()
+                };
+                s += &format!(
+                    "[[service.backend]]\naddress = \"{addr}\"\nmac = \"{}\"\nweight = {}\n",
+                    b.mac, b.weight
+                );
+            }
+        }
+        s
+    }
+
+    /// Starts `lb run` in the LB namespace and waits until it reports the attach.
+    /// Returns the mode it attached in.
+    pub fn start_lb(&mut self, lb: &Path, config: &str) -> anyhow::Result<String> {
+        if !lb.exists() {
+            bail!("{} not found: run `cargo xtask build` first", lb.display());
+        }
+        let path = self.dir.join("lb.toml");
+        std::fs::write(&path, config)?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.lb_ns()])
+            .arg(lb)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting lb run")?;
+        let rx = lines(child.stdout.take().expect("piped"));
+        let line = wait_for_line(&rx, "attached ", Duration::from_secs(30));
+        self.lb = Some(LbProcess { child, stdout: rx });
+        let line = line.context("lb run did not attach (see its log above)")?;
+        let mode = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("mode="))
+            .unwrap_or("?")
+            .to_owned();
+        Ok(mode)
+    }
+
+    /// Stops `lb run` with SIGTERM; returns what it printed after attaching (final counters).
+    pub fn stop_lb(&mut self) -> anyhow::Result<String> {
+        let Some(mut p) = self.lb.take() else {
+            bail!("lb is not running");
+        };
+        signal(&p.child, libc::SIGTERM);
+        let status = wait_timeout(&mut p.child, Duration::from_secs(10))?;
+        let mut out = String::new();
+        while let Ok(l) = p.stdout.recv_timeout(Duration::from_secs(2)) {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        if !status.success() {
+            bail!("lb run exited with {status}:\n{out}");
+        }
+        Ok(out)
+    }
+
+    /// Whether an XDP program is attached to `dev` in namespace `ns`.
+    pub fn xdp_attached(&self, ns: &str, dev: &str) -> bool {
+        run("ip", &["-n", ns, "-d", "link", "show", "dev", dev])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+            .unwrap_or(false)
+    }
+
+    /// Runs `args` inside namespace `ns`.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["netns", "exec", ns];
+        full.extend_from_slice(args);
+        let out = run("ip", &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts tcpdump on `dev` in `ns` (text, link-level headers). Waits until it listens.
+    pub fn capture(&self, ns: &str, dev: &str, filter: &str) -> anyhow::Result<Capture> {
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tcpdump", "-i", dev, "-nn", "-e", "-l", "-U", filter,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        let err = lines(child.stderr.take().expect("piped"));
+        if let Err(e) = wait_for_line(&err, "listening on", Duration::from_secs(10)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context("tcpdump did not start"));
+        }
+        // Read continuously: a full pipe would block tcpdump and it would drop frames.
+        let out = lines(child.stdout.take().expect("piped"));
+        Ok(Capture { child, out })
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(mut p) = self.lb.take() {
+            signal(&p.child, libc::SIGTERM);
+            if wait_timeout(&mut p.child, Duration::from_secs(5)).is_err() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+        for c in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.procs.clear();
+        remove_namespaces(&self.prefix);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Ok(mut a) = ACTIVE.lock() {
+            a.retain(|p| *p != self.prefix);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// A running tcpdump.
+pub struct Capture {
+    child: Child,
+    out: mpsc::Receiver<String>,
+}
+
+impl Capture {
+    /// Stops the capture and returns its lines.
+    pub fn stop(mut self) -> Vec<String> {
+        // Give in-flight frames a moment to be printed, then SIGINT (tcpdump flushes).
+        thread::sleep(Duration::from_millis(300));
+        signal(&self.child, libc::SIGINT);
+        let _ = wait_timeout(&mut self.child, Duration::from_secs(5));
+        let mut out = Vec::new();
+        while let Ok(l) = self.out.recv_timeout(Duration::from_secs(2)) {
+            out.push(l);
+        }
+        out
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes the namespaces of every lab (leftovers of crashed runs). Returns their names.
+pub fn down_all() -> anyhow::Result<Vec<String>> {
+    let out = run("ip", &["netns", "list"])?;
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(PREFIX) {
+            kill_netns_pids(name);
+            run_quiet("ip", &["netns", "del", name]);
+            removed.push(name.to_owned());
+        }
+    }
+    Ok(removed)
+}
+
+fn remove_namespaces(prefix: &str) {
+    let Ok(out) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(prefix) {
+            kill_netns_pids(name);
+            run_quiet("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+fn kill_netns_pids(ns: &str) {
+    if let Ok(out) = run("ip", &["netns", "pids", ns]) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) with a pid read from `ip netns pids`; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn check_tools(mode: Mode) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab needs root (network namespaces, XDP)");
+    }
+    for tool in ["ip", "tcpdump", "ethtool", "curl"] {
+        if !run_quiet("sh", &["-c", &format!("command -v {tool}")]) {
+            bail!("`{tool}` not found: run scripts/bootstrap.sh");
+        }
+    }
+    if mode == Mode::Native && !Path::new(PEER_XDP_OBJECT).exists() {
+        bail!("{PEER_XDP_OBJECT} not found (Debian package xdp-tools): run scripts/bootstrap.sh");
+    }
+    Ok(())
+}
+
+fn ipn(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    run("ip", &full).map(|_| ())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ],
+    )
+    .map(|_| ())
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid; no memory involved.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("process {} did not exit within {timeout:?}", child.id());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lines of a child's output, read on a thread.
+fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(
+    rx: &mpsc::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Ok(line),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("no `{needle}` line within {timeout:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("process exited before printing `{needle}`")
+            }
+        }
+    }
+}
+
+impl Lab {
+    /// Runs `count` client requests (`kind` = http | udp) from the client namespace to `target`,
+    /// sources taken round-robin from `sources`.
+    pub fn clients(
+        &self,
+        xtask: &Path,
+        kind: &str,
+        target: std::net::SocketAddr,
+        sources: &[IpAddr],
+        count: usize,
+    ) -> anyhow::Result<crate::labnet::Tally> {
+        let xtask = xtask.to_str().context("non-UTF-8 xtask path")?;
+        let target = target.to_string();
+        let count = count.to_string();
+        let mut args = vec![
+            xtask,
+            "lab-client",
+            "--kind",
+            kind,
+            "--target",
+            &target,
+            "--count",
+            &count,
+        ];
+        let srcs: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        for s in &srcs {
+            args.push("--source");
+            args.push(s);
+        }
+        let out = self.exec(&self.client(), &args)?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("lab-client output {out:?}"))?;
+        crate::labnet::Tally::from_json(&v)
+    }
+}
+
+/// Client sources as `IpAddr`s.
+pub fn v4s(a: &[Ipv4Addr]) -> Vec<IpAddr> {
+    a.iter().map(|a| IpAddr::V4(*a)).collect()
+}

@@ -1,0 +1,217 @@
+//! The lab's backend server and client. They run inside the lab's namespaces as
+//! `xtask lab-backend ...` and `xtask lab-client ...`.
+//!
+//! Backend: HTTP (answers its own name), TCP echo, UDP echo (answers `<name> <payload>`).
+//! UDP sockets are bound to the VIPs so replies leave from the VIP (DSR needs that; a wildcard
+//! socket would answer from the backend's own address).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Runs the backend servers forever. Prints `ready` once every socket is bound.
+pub fn serve_backend(
+    name: &str,
+    vips: &[IpAddr],
+    http_port: u16,
+    echo_port: u16,
+) -> anyhow::Result<()> {
+    let http = dual_stack_listener(http_port)?;
+    let echo = dual_stack_listener(echo_port)?;
+    let mut udp = Vec::new();
+    for vip in vips {
+        let s = UdpSocket::bind(SocketAddr::new(*vip, echo_port))
+            .with_context(|| format!("binding UDP {vip}:{echo_port} (is the VIP on lo?)"))?;
+        udp.push(s);
+    }
+    let body = format!("{name}\n");
+    let http_thread = thread::spawn(move || {
+        for conn in http.incoming().flatten() {
+            let body = body.clone();
+            thread::spawn(move || {
+                let _ = answer_http(conn, &body);
+            });
+        }
+    });
+    thread::spawn(move || {
+        for conn in echo.incoming().flatten() {
+            thread::spawn(move || {
+                let _ = echo_tcp(conn);
+            });
+        }
+    });
+    for s in udp {
+        let name = name.to_owned();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let mut reply = format!("{name} ").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&reply, peer);
+            }
+        });
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = http_thread.join();
+    Ok(())
+}
+
+fn dual_stack_listener(port: u16) -> anyhow::Result<TcpListener> {
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into())
+        .with_context(|| format!("binding TCP [::]:{port}"))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+fn answer_http(mut conn: TcpStream, body: &str) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(resp.as_bytes())
+}
+
+fn echo_tcp(mut conn: TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        conn.write_all(&buf[..n])?;
+    }
+}
+
+/// Result of many client requests: answers per backend name, and failures.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub by_backend: BTreeMap<String, usize>,
+    pub errors: usize,
+    pub first_error: Option<String>,
+}
+
+impl Tally {
+    fn add(&mut self, r: anyhow::Result<String>) {
+        match r {
+            Ok(name) => *self.by_backend.entry(name).or_default() += 1,
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "by_backend": self.by_backend,
+            "errors": self.errors,
+            "first_error": self.first_error,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> anyhow::Result<Tally> {
+        let mut t = Tally::default();
+        for (k, n) in v["by_backend"].as_object().context("by_backend")? {
+            t.by_backend
+                .insert(k.clone(), n.as_u64().context("count")? as usize);
+        }
+        t.errors = v["errors"].as_u64().context("errors")? as usize;
+        t.first_error = v["first_error"].as_str().map(str::to_owned);
+        Ok(t)
+    }
+
+    pub fn total(&self) -> usize {
+        self.by_backend.values().sum()
+    }
+}
+
+fn bound_socket(src: IpAddr, kind: Type, proto: Protocol) -> anyhow::Result<Socket> {
+    let domain = if src.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, kind, Some(proto))?;
+    s.bind(&SocketAddr::new(src, 0).into())
+        .with_context(|| format!("binding source {src}"))?;
+    Ok(s)
+}
+
+/// One HTTP GET from `src` to `target`; returns the body (the backend's name).
+pub fn http_get(src: IpAddr, target: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let s = bound_socket(src, Type::STREAM, Protocol::TCP)?;
+    s.connect_timeout(&target.into(), timeout)
+        .with_context(|| format!("connecting {src} → {target}"))?;
+    let mut conn: TcpStream = s.into();
+    conn.set_read_timeout(Some(timeout))?;
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp)
+        .context("reading the answer")?;
+    let Some((head, body)) = resp.split_once("\r\n\r\n") else {
+        bail!("malformed HTTP answer: {resp:?}");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("HTTP status: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.trim().to_owned())
+}
+
+/// One UDP echo from `src` to `target`; returns the backend's name.
+pub fn udp_echo(src: IpAddr, target: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let s: UdpSocket = bound_socket(src, Type::DGRAM, Protocol::UDP)?.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.connect(target)?;
+    s.send(b"ping")?;
+    let mut buf = [0u8; 2048];
+    let n = s
+        .recv(&mut buf)
+        .with_context(|| format!("no UDP answer from {target}"))?;
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    match text.split_once(' ') {
+        Some((name, "ping")) => Ok(name.to_owned()),
+        _ => bail!("unexpected UDP answer {text:?}"),
+    }
+}
+
+/// `count` requests, sources taken round-robin.
+pub fn many(
+    kind: &str,
+    sources: &[IpAddr],
+    target: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Tally> {
+    let timeout = Duration::from_secs(3);
+    let mut t = Tally::default();
+    for i in 0..count {
+        let src = sources[i % sources.len()];
+        let r = match kind {
+            "http" => http_get(src, target, timeout),
+            "udp" => udp_echo(src, target, timeout),
+            other => bail!("unknown client kind {other}"),
+        };
+        t.add(r);
+    }
+    Ok(t)
+}
