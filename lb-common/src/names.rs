@@ -24,11 +24,15 @@ pub const SERVICE_STATS: &str = "LB_SVC_STATS";
 /// Per-backend counters by backend id (per-CPU array of [`crate::Counters`]).
 pub const BACKEND_STATS: &str = "LB_BE_STATS";
 
+/// Data-plane flags, one `u32` at index 0 (array): `FLAG_*` in [`crate::types`].
+pub const FLAGS: &str = "LB_FLAGS";
+
 /// Load-time global (`u32`): slots per Maglev table (a prime).
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
+    FLAGS,
     SERVICES,
     VIPS,
     RING,

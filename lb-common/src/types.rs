@@ -93,6 +93,10 @@ pub struct VipKey {
     pub _pad: [u8; 3],
 }
 
+/// `LB_FLAGS[0]`: at least one service matches every port (port 0), so a miss on the exact
+/// (VIP, port, protocol) key needs a second lookup. Without it, non-VIP traffic costs one lookup.
+pub const FLAG_ALL_PORTS_SERVICES: u32 = 1;
+
 /// Ring slot value meaning "no backend" (empty service, or every weight 0).
 pub const NO_BACKEND: u32 = u32::MAX;
 

@@ -15,12 +15,13 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_REDIRECT, Backend, FlowKey, PROTO_TCP, ServiceKey, ServiceValue, VipKey, stats::Stat,
+    BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, PROTO_TCP, ServiceKey,
+    ServiceValue, VipKey, stats::Stat,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{LB_SERVICES, LB_TX_PORTS, LB_VIPS},
+    maps::{LB_FLAGS, LB_SERVICES, LB_TX_PORTS, LB_VIPS},
     parse::Parsed,
     stats::{count, count_backend, count_service},
 };
@@ -36,6 +37,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         _ => Stat::VerdictAborted,
     });
     action
+}
+
+/// A trivial XDP_TX program: the baseline `cargo xtask bench` measures lb_xdp against, in the
+/// same run. The controller never loads it.
+#[xdp]
+pub fn lb_baseline_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
 }
 
 #[inline(always)]
@@ -97,6 +105,10 @@ fn lookup_service(key: &FlowKey) -> Option<&'static ServiceValue> {
     // update is either the old or the new one (both valid).
     if let Some(v) = unsafe { LB_SERVICES.get(skey) } {
         return Some(v);
+    }
+    let flags = LB_FLAGS.get(0).copied().unwrap_or(0);
+    if flags & FLAG_ALL_PORTS_SERVICES == 0 {
+        return None;
     }
     skey.port = [0, 0];
     // SAFETY: as above.

@@ -17,6 +17,10 @@ use lb_common::{
 #[unsafe(no_mangle)]
 pub static LB_RING_SIZE: Global<u32> = Global::new(DEFAULT_RING_SIZE);
 
+/// Data-plane flags (`FLAG_*`), index 0.
+#[map]
+pub static LB_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
+
 /// (VIP, port, protocol) → service.
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =

@@ -570,6 +570,14 @@ mac = "02:00:00:00:00:22"
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../lb.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[1].port, 0);
+    }
+
+    #[test]
     fn defaults_apply() {
         let c = parse("[dataplane]\ninterface = \"eth0\"\n").unwrap();
         assert_eq!(c.dataplane.xdp_mode, XdpMode::Auto);

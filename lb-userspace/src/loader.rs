@@ -49,7 +49,7 @@ pub enum LoaderError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
-    #[error("map {name} is missing from the eBPF object")]
+    #[error("{name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
     #[error("devmap LB_TX_PORTS: {0}")]
     TxPort(#[source] Box<aya::maps::xdp::XdpMapError>),
@@ -127,6 +127,26 @@ impl Dataplane {
             .expect("checked at load")
             .try_into()
             .expect("checked at load")
+    }
+
+    /// Another program of the object (benchmarks load `lb_baseline_tx`), loaded on first use.
+    pub fn other_program(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::MissingMap { name })?
+            .try_into()
+            .map_err(|source| LoaderError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| LoaderError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+        }
+        Ok(prog)
     }
 
     /// Attaches to `interface`. `Auto` tries native first and falls back to generic.
@@ -228,6 +248,13 @@ impl Dataplane {
                     .insert(s.key, s.value, 0)
                     .map_err(map_err(names::SERVICES))?;
             }
+        }
+        {
+            let mut flags: Array<&mut MapData, u32> =
+                Array::try_from(self.map(names::FLAGS)?).map_err(map_err(names::FLAGS))?;
+            flags
+                .set(0, desired.flags, 0)
+                .map_err(map_err(names::FLAGS))?;
         }
         {
             let mut vips: HashMap<&mut MapData, VipKey, u32> =

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FAMILY_V4, FAMILY_V6, NO_BACKEND, SCHED_MAGLEV,
-    ServiceKey, ServiceValue, VipKey, limits::MAX_TX_PORTS,
+    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FAMILY_V4, FAMILY_V6, FLAG_ALL_PORTS_SERVICES,
+    NO_BACKEND, SCHED_MAGLEV, ServiceKey, ServiceValue, VipKey, limits::MAX_TX_PORTS,
 };
 
 use crate::{
@@ -40,6 +40,8 @@ pub struct DesiredState {
     /// Devmap slot → ifindex.
     pub tx_ports: BTreeMap<u32, u32>,
     pub ring_size: u32,
+    /// `LB_FLAGS[0]`.
+    pub flags: u32,
 }
 
 /// Error building the desired state (the config is valid, but the machine disagrees).
@@ -168,7 +170,13 @@ impl DesiredState {
                 backends: ids,
             });
         }
+        let flags = if services.iter().any(|s| s.key.port == [0, 0]) {
+            FLAG_ALL_PORTS_SERVICES
+        } else {
+            0
+        };
         Ok(DesiredState {
+            flags,
             services,
             backends,
             backend_names,
@@ -253,6 +261,7 @@ mac = "02:00:00:00:01:03"
         assert_eq!(d.vips.values().next(), Some(&2));
         assert_eq!(d.services[1].key.port, [0, 0]);
         assert!(d.services[1].ring.iter().all(|b| *b == 2));
+        assert_eq!(d.flags, FLAG_ALL_PORTS_SERVICES);
     }
 
     #[test]

@@ -37,6 +37,8 @@ enum Task {
     },
     /// Benchmarks: lb_xdp per-packet cost next to a trivial XDP program, same run.
     Bench,
+    /// Format check, clippy -D warnings on host and eBPF crates, shellcheck (what CI runs).
+    Lint,
     /// Bring up the namespace lab, run the balancer and show what it does.
     Demo(demo::Args),
     /// Lab maintenance.
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test { tier } => test(tier),
         Task::Bench => bench::run(),
+        Task::Lint => lint(),
         Task::Demo(args) => demo::run(args),
         Task::Lab { cmd: LabCmd::Down } => lab::down_all().map(|v| {
             if v.is_empty() {
@@ -119,6 +122,57 @@ pub fn build() -> anyhow::Result<()> {
         &["build", "--locked", "--package", "lb-userspace", "--bins"],
         &[],
     )
+}
+
+fn lint() -> anyhow::Result<()> {
+    cmd::bootstrap()?;
+    println!("==> cargo fmt --check");
+    cmd::cargo(&["fmt", "--all", "--", "--check"], &[])?;
+    println!("==> clippy (host crates)");
+    cmd::cargo(
+        &[
+            "clippy",
+            "--locked",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    println!("==> clippy (lb-ebpf, bpfel-unknown-none, Debian toolchain)");
+    let root = cmd::workspace_root();
+    let status = Command::new("cargo")
+        .args([
+            "+debian-web",
+            "clippy",
+            "--locked",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(root.join("lb-ebpf"))
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .status()
+        .context("running clippy for lb-ebpf")?;
+    if !status.success() {
+        bail!("clippy on lb-ebpf failed ({status})");
+    }
+    println!("==> shellcheck");
+    let mut scripts: Vec<String> = std::fs::read_dir(root.join("scripts"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+        .map(|p| p.display().to_string())
+        .collect();
+    scripts.push(root.join(".ci/run").display().to_string());
+    let refs: Vec<&str> = scripts.iter().map(String::as_str).collect();
+    cmd::run("shellcheck", &refs).map(|_| ())?;
+    println!("==> lint OK");
+    Ok(())
 }
 
 fn run(args: Vec<String>) -> anyhow::Result<()> {

@@ -1,0 +1,204 @@
+//! `cargo xtask bench`: per-packet cost of lb_xdp through BPF_PROG_TEST_RUN, next to a trivial
+//! XDP_TX program measured in the same run. Prints a table and writes
+//! `target/bench/xdp.json`.
+//!
+//! `repeat N` runs the program N times on the same buffer without restoring it, so every
+//! repeated case checks through the counters that each iteration took the path it claims.
+//! New flows cannot be repeated on one buffer (the second run is a hit); they are measured with
+//! one call per distinct packet, next to the baseline measured the same way.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb_common::stats::Stat;
+use support::*;
+
+const REPEAT: u32 = 2_000_000;
+const NEW_FLOWS: usize = 50_000;
+const ROUNDS: usize = 5;
+
+fn run(prog: &Xdp, pkt: &[u8], repeat: u32) -> (u32, Duration) {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::new()
+    };
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    (r.return_value, r.duration)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Median over rounds of the kernel-reported mean ns per run.
+fn repeated(f: &mut Fixture, program: &str, pkt: &[u8], want: u32, check: Option<Stat>) -> f64 {
+    let mut samples = Vec::new();
+    for _ in 0..ROUNDS {
+        let before = check.map(|s| f.snapshot().get(s));
+        let prog = if program == "lb_xdp" {
+            f.dp.program()
+        } else {
+            f.dp.other_program("lb_baseline_tx")
+                .expect("baseline program")
+        };
+        let (v, d) = run(prog, pkt, REPEAT);
+        assert_eq!(v, want, "{program}: verdict");
+        if let (Some(stat), Some(b)) = (check, before) {
+            let delta = f.snapshot().get(stat) - b;
+            assert_eq!(
+                delta,
+                REPEAT as u64,
+                "{program}: not every iteration counted {}",
+                stat.name()
+            );
+        }
+        samples.push(d.as_nanos() as f64);
+    }
+    median(samples)
+}
+
+/// Mean ns per single-run call over `pkts` (one pass).
+fn one_per_call(f: &mut Fixture, program: &str, pkts: &[Vec<u8>], want: u32) -> f64 {
+    let prog = if program == "lb_xdp" {
+        f.dp.program()
+    } else {
+        f.dp.other_program("lb_baseline_tx")
+            .expect("baseline program")
+    };
+    let mut total = 0u128;
+    for p in pkts {
+        let (v, d) = run(prog, p, 1);
+        assert_eq!(v, want, "{program}: verdict");
+        total += d.as_nanos();
+    }
+    total as f64 / pkts.len() as f64
+}
+
+fn syn4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240)
+        .syn();
+    write(b, &[])
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing to parse.
+    let mut f = Fixture::new(CONFIG);
+    let est = syn4(C1, 40000, VIP4, 80);
+    let est6 = tcp6(C6, 40000, VIP6, 80).0;
+    let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
+    // Establish the flows once.
+    assert_eq!(f.run(&est).0, XDP_TX);
+    assert_eq!(f.run(&est6).0, XDP_TX);
+
+    let base = repeated(&mut f, "lb_baseline_tx", &est, XDP_TX, None);
+    let established = repeated(&mut f, "lb_xdp", &est, XDP_TX, Some(Stat::FlowHit));
+    let established6 = repeated(&mut f, "lb_xdp", &est6, XDP_TX, Some(Stat::FlowHit));
+    let pass = repeated(
+        &mut f,
+        "lb_xdp",
+        &non_vip,
+        XDP_PASS,
+        Some(Stat::PassNoService),
+    );
+
+    // New flows: a distinct 5-tuple per call, fresh for every round (the table holds 65536
+    // flows, so later rounds also pay LRU eviction, as a full table in production does).
+    let mut rounds_new = Vec::new();
+    let mut rounds_base1 = Vec::new();
+    for round in 0..ROUNDS {
+        let pkts: Vec<Vec<u8>> = (0..NEW_FLOWS)
+            .map(|i| {
+                let src = Ipv4Addr::new(10, 100 + round as u8, (i >> 8) as u8, i as u8);
+                syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
+            })
+            .collect();
+        let before = f.snapshot().get(Stat::FlowNew);
+        rounds_new.push(one_per_call(&mut f, "lb_xdp", &pkts, XDP_TX));
+        let delta = f.snapshot().get(Stat::FlowNew) - before;
+        assert_eq!(delta, NEW_FLOWS as u64, "every call must be a new flow");
+        rounds_base1.push(one_per_call(&mut f, "lb_baseline_tx", &pkts, XDP_TX));
+    }
+    let new_flow = median(rounds_new);
+    let base1 = median(rounds_base1);
+
+    let len = est.len();
+    println!("lb_xdp per packet, BPF_PROG_TEST_RUN, {len}-byte TCP SYN, median of {ROUNDS} rounds");
+    println!("{:<44} {:>9} {:>10}", "case", "ns/pkt", "× baseline");
+    let rows = [
+        (
+            "baseline: trivial XDP_TX program",
+            "baseline_tx",
+            base,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "lb_xdp established IPv4 TCP flow (XDP_TX)",
+            "established_v4",
+            established,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "lb_xdp established IPv6 TCP flow (XDP_TX)",
+            "established_v6",
+            established6,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "lb_xdp non-VIP packet (XDP_PASS)",
+            "non_vip_pass",
+            pass,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "baseline, one call per packet",
+            "baseline_tx_single",
+            base1,
+            base1,
+            NEW_FLOWS,
+        ),
+        (
+            "lb_xdp new flow, one call per packet",
+            "new_flow_v4",
+            new_flow,
+            base1,
+            NEW_FLOWS,
+        ),
+    ];
+    let mut json = Vec::new();
+    for (label, key, ns, b, iters) in rows {
+        println!("{label:<44} {ns:>9.1} {:>10.2}", ns / b);
+        json.push(serde_json::json!({
+            "case": key, "ns_per_packet": ns, "baseline_ns": b, "ratio": ns / b, "iterations": iters,
+        }));
+    }
+    println!(
+        "new flow minus per-call overhead: {:.1} ns (lb_xdp {new_flow:.1} − baseline {base1:.1})",
+        new_flow - base1
+    );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let doc = serde_json::json!({
+        "benchmark": "lb_xdp BPF_PROG_TEST_RUN",
+        "frame_bytes": len,
+        "rounds": ROUNDS,
+        "kernel": kernel.trim(),
+        "cases": json,
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).expect("create target/bench");
+    let path = dir.join("xdp.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).expect("write result");
+    println!("results: {}", path.canonicalize().unwrap_or(path).display());
+}
