@@ -57,7 +57,7 @@ impl FlowKey {
 
 /// A service: VIP, port (0 = every port) and protocol.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     /// IPv4 in the first 4 bytes, rest zero.
     pub vip: [u8; 16],

@@ -14,7 +14,11 @@ use lb_common::{
     stats::{STATS_LEN, Stat},
 };
 
-use crate::{config::XdpMode, state::DesiredState, stats::Snapshot};
+use crate::{
+    config::XdpMode,
+    state::{self, DesiredState, Op},
+    stats::Snapshot,
+};
 
 /// Loader errors. Program load errors carry the verifier log.
 #[derive(Debug, thiserror::Error)]
@@ -209,61 +213,60 @@ impl Dataplane {
             .ok_or(LoaderError::MissingMap { name })
     }
 
-    /// Writes `desired` into empty maps. Order: backends, rings, then services and VIPs, so a
-    /// service never becomes visible before what it points at.
+    /// Writes `desired` into empty maps.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<()> {
-        {
-            let mut ports: DevMap<&mut MapData> =
-                DevMap::try_from(self.map(names::TX_PORTS)?).map_err(map_err(names::TX_PORTS))?;
-            for (slot, ifindex) in &desired.tx_ports {
-                ports
+        let (ops, _) = state::diff(None, desired);
+        self.apply_ops(&ops, desired.ring_size)
+    }
+
+    /// Performs `ops` in order (see [`state::diff`] for why the order is safe).
+    pub fn apply_ops(&mut self, ops: &[Op], ring_size: u32) -> Result<()> {
+        for op in ops {
+            match op {
+                Op::TxPort { slot, ifindex } => self
+                    .tx_ports()?
                     .set(*slot, *ifindex, None, 0)
-                    .map_err(|e| LoaderError::TxPort(Box::new(e)))?;
-            }
-        }
-        {
-            let mut backends: Array<&mut MapData, Backend> =
-                Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-            for (id, b) in &desired.backends {
-                backends.set(*id, b, 0).map_err(map_err(names::BACKENDS))?;
-            }
-        }
-        {
-            let ring_size = desired.ring_size;
-            let mut ring: Array<&mut MapData, u32> =
-                Array::try_from(self.map(names::RING)?).map_err(map_err(names::RING))?;
-            for s in &desired.services {
-                let base = s.value.id * ring_size;
-                for (slot, backend) in s.ring.iter().enumerate() {
-                    ring.set(base + slot as u32, backend, 0)
-                        .map_err(map_err(names::RING))?;
+                    .map_err(|e| LoaderError::TxPort(Box::new(e)))?,
+                Op::Backend { id, value } | Op::RetireBackend { id, value } => {
+                    self.set_backend(*id, value)?
+                }
+                Op::Ring { service_id, ring } => self.set_ring(*service_id, ring_size, ring)?,
+                Op::Service { key, value } => self
+                    .services()?
+                    .insert(key, value, 0)
+                    .map_err(map_err(names::SERVICES))?,
+                Op::RemoveService(key) => match self.services()?.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(names::SERVICES)(e)),
+                },
+                Op::Vip { key, services } => self
+                    .vips()?
+                    .insert(key, services, 0)
+                    .map_err(map_err(names::VIPS))?,
+                Op::RemoveVip(key) => match self.vips()?.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(names::VIPS)(e)),
+                },
+                Op::Flags(flags) => {
+                    let mut map: Array<&mut MapData, u32> =
+                        Array::try_from(self.map(names::FLAGS)?).map_err(map_err(names::FLAGS))?;
+                    map.set(0, flags, 0).map_err(map_err(names::FLAGS))?;
                 }
             }
         }
-        {
-            let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-                HashMap::try_from(self.map(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-            for s in &desired.services {
-                services
-                    .insert(s.key, s.value, 0)
-                    .map_err(map_err(names::SERVICES))?;
-            }
-        }
-        {
-            let mut flags: Array<&mut MapData, u32> =
-                Array::try_from(self.map(names::FLAGS)?).map_err(map_err(names::FLAGS))?;
-            flags
-                .set(0, desired.flags, 0)
-                .map_err(map_err(names::FLAGS))?;
-        }
-        {
-            let mut vips: HashMap<&mut MapData, VipKey, u32> =
-                HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
-            for (k, n) in &desired.vips {
-                vips.insert(k, n, 0).map_err(map_err(names::VIPS))?;
-            }
-        }
         Ok(())
+    }
+
+    fn tx_ports(&mut self) -> Result<DevMap<&mut MapData>> {
+        DevMap::try_from(self.map(names::TX_PORTS)?).map_err(map_err(names::TX_PORTS))
+    }
+
+    fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceValue>> {
+        HashMap::try_from(self.map(names::SERVICES)?).map_err(map_err(names::SERVICES))
+    }
+
+    fn vips(&mut self) -> Result<HashMap<&mut MapData, VipKey, u32>> {
+        HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))
     }
 
     /// Writes one backend entry (tests use it to mark a backend down or change a MAC).

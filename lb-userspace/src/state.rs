@@ -42,6 +42,10 @@ pub struct DesiredState {
     pub ring_size: u32,
     /// `LB_FLAGS[0]`.
     pub flags: u32,
+    /// Backends of the previous state that are gone: id → inactive value (new generation).
+    pub retired: BTreeMap<u32, Backend>,
+    /// Next generation number to hand out (generations are never reused).
+    pub next_generation: u32,
 }
 
 /// Error building the desired state (the config is valid, but the machine disagrees).
@@ -72,22 +76,68 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
 }
 
 impl DesiredState {
-    /// Builds the desired state. Service ids follow config order; backend ids are dense and
-    /// global, in config order; every backend starts at generation 1.
+    /// The desired state of a fresh data plane: service ids follow config order, backend ids
+    /// are dense in config order.
     pub fn build(cfg: &Config, ifaces: &impl Interfaces) -> Result<DesiredState, StateError> {
+        DesiredState::next(cfg, ifaces, None)
+    }
+
+    /// The desired state after `prev` for a new `cfg`, keeping what can be kept: a service keeps
+    /// its id (by name), a backend keeps its id and generation (by service name and address), so
+    /// unchanged flows never notice a reload. New services and backends take the lowest ids
+    /// that neither `prev` nor the new state uses; every new backend gets a fresh generation.
+    pub fn next(
+        cfg: &Config,
+        ifaces: &impl Interfaces,
+        prev: Option<&DesiredState>,
+    ) -> Result<DesiredState, StateError> {
         let ring_size = cfg.dataplane.ring_size;
         let (_, lb_mac) = ifaces
             .lookup(&cfg.dataplane.interface)
             .map_err(StateError::Interface)?;
+        let mut next_generation = prev.map_or(1, |p| p.next_generation);
+        let prev_service_ids: BTreeMap<&str, u32> = prev
+            .map(|p| {
+                p.services
+                    .iter()
+                    .map(|s| (s.name.as_str(), s.value.id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let prev_backend_ids: BTreeMap<(&str, IpAddr), u32> = prev
+            .map(|p| {
+                p.backend_names
+                    .iter()
+                    .map(|(id, (svc, addr))| ((svc.as_str(), *addr), *id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Ids kept by name first, so new ones never take a kept one.
+        let mut used_services: std::collections::BTreeSet<u32> = cfg
+            .services
+            .iter()
+            .filter_map(|s| prev_service_ids.get(s.name.as_str()).copied())
+            .collect();
+        let mut used_backends: std::collections::BTreeSet<u32> = prev
+            .map(|p| p.backends.keys().copied().collect())
+            .unwrap_or_default();
+
         let mut tx_slots: BTreeMap<String, u32> = BTreeMap::new();
         let mut tx_ports = BTreeMap::new();
         let mut backends = BTreeMap::new();
         let mut backend_names = BTreeMap::new();
         let mut vips: BTreeMap<VipKey, u32> = BTreeMap::new();
         let mut services = Vec::with_capacity(cfg.services.len());
-        let mut next_backend = 0u32;
 
-        for (sid, s) in cfg.services.iter().enumerate() {
+        for s in &cfg.services {
+            let sid = match prev_service_ids.get(s.name.as_str()) {
+                Some(id) => *id,
+                None => {
+                    let id = lowest_free(&used_services);
+                    used_services.insert(id);
+                    id
+                }
+            };
             let (vip, family) = addr_bytes(s.vip);
             let key = ServiceKey {
                 vip,
@@ -96,7 +146,7 @@ impl DesiredState {
                 family,
             };
             let value = ServiceValue {
-                id: sid as u32,
+                id: sid,
                 scheduler: match s.scheduler {
                     Scheduler::Maglev => SCHED_MAGLEV,
                 },
@@ -113,8 +163,19 @@ impl DesiredState {
 
             let mut ids = Vec::with_capacity(s.backends.len());
             for b in &s.backends {
-                let id = next_backend;
-                next_backend += 1;
+                let kept = prev_backend_ids.get(&(s.name.as_str(), b.address)).copied();
+                let (id, generation) = match kept {
+                    Some(id) => (
+                        id,
+                        prev.expect("kept ids come from prev").backends[&id].generation,
+                    ),
+                    None => {
+                        let id = lowest_free(&used_backends);
+                        used_backends.insert(id);
+                        next_generation += 1;
+                        (id, next_generation - 1)
+                    }
+                };
                 let (src_mac, flags, tx_port) = match &b.interface {
                     None => (lb_mac, BACKEND_F_ACTIVE, 0),
                     Some(ifname) => {
@@ -141,7 +202,7 @@ impl DesiredState {
                         mac: b.mac.0,
                         src_mac: src_mac.0,
                         flags,
-                        generation: 1,
+                        generation,
                         tx_port,
                     },
                 );
@@ -170,6 +231,24 @@ impl DesiredState {
                 backends: ids,
             });
         }
+
+        // Backends that are gone: inactive, with a generation no flow has.
+        let mut retired = BTreeMap::new();
+        if let Some(p) = prev {
+            for (id, b) in &p.backends {
+                if !backends.contains_key(id) {
+                    retired.insert(
+                        *id,
+                        Backend {
+                            flags: 0,
+                            generation: next_generation,
+                            ..*b
+                        },
+                    );
+                    next_generation += 1;
+                }
+            }
+        }
         let flags = if services.iter().any(|s| s.key.port == [0, 0]) {
             FLAG_ALL_PORTS_SERVICES
         } else {
@@ -183,7 +262,179 @@ impl DesiredState {
             vips,
             tx_ports,
             ring_size,
+            retired,
+            next_generation,
         })
+    }
+}
+
+fn lowest_free(used: &std::collections::BTreeSet<u32>) -> u32 {
+    (0..).find(|i| !used.contains(i)).expect("u32 ids suffice")
+}
+
+/// One write to the data plane.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    TxPort {
+        slot: u32,
+        ifindex: u32,
+    },
+    Backend {
+        id: u32,
+        value: Backend,
+    },
+    Ring {
+        service_id: u32,
+        ring: Vec<u32>,
+    },
+    Service {
+        key: ServiceKey,
+        value: ServiceValue,
+    },
+    Vip {
+        key: VipKey,
+        services: u32,
+    },
+    Flags(u32),
+    RemoveService(ServiceKey),
+    RemoveVip(VipKey),
+    /// Deactivate a backend that is gone (its flows are rescheduled at their next packet).
+    RetireBackend {
+        id: u32,
+        value: Backend,
+    },
+}
+
+/// What changed, for the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiffSummary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub backends_added: usize,
+    pub backends_updated: usize,
+    pub backends_removed: usize,
+    pub rings_rebuilt: usize,
+}
+
+impl std::fmt::Display for DiffSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "services +{} -{}, backends +{} ~{} -{}, {} Maglev tables rebuilt",
+            self.services_added,
+            self.services_removed,
+            self.backends_added,
+            self.backends_updated,
+            self.backends_removed,
+            self.rings_rebuilt
+        )
+    }
+}
+
+/// The writes that turn `prev` (None = empty maps) into `next`, in a safe order: everything a
+/// service points at is written before the service, removals come last, and a removed backend is
+/// deactivated only after no table names it any more.
+pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffSummary) {
+    let empty = DesiredState::empty(next.ring_size);
+    let prev = prev.unwrap_or(&empty);
+    let mut ops = Vec::new();
+    let mut sum = DiffSummary::default();
+
+    for (slot, ifindex) in &next.tx_ports {
+        if prev.tx_ports.get(slot) != Some(ifindex) {
+            ops.push(Op::TxPort {
+                slot: *slot,
+                ifindex: *ifindex,
+            });
+        }
+    }
+    for (id, b) in &next.backends {
+        match prev.backends.get(id) {
+            Some(old) if old == b => {}
+            Some(_) => {
+                sum.backends_updated += 1;
+                ops.push(Op::Backend { id: *id, value: *b });
+            }
+            None => {
+                sum.backends_added += 1;
+                ops.push(Op::Backend { id: *id, value: *b });
+            }
+        }
+    }
+    let prev_by_id: BTreeMap<u32, &DesiredService> =
+        prev.services.iter().map(|s| (s.value.id, s)).collect();
+    for s in &next.services {
+        let old = prev_by_id.get(&s.value.id);
+        if old.is_none_or(|o| o.ring != s.ring) {
+            sum.rings_rebuilt += 1;
+            ops.push(Op::Ring {
+                service_id: s.value.id,
+                ring: s.ring.clone(),
+            });
+        }
+        if old.is_none_or(|o| o.name != s.name) {
+            sum.services_added += 1;
+        }
+        if old.is_none_or(|o| o.key != s.key || o.value != s.value) {
+            ops.push(Op::Service {
+                key: s.key,
+                value: s.value,
+            });
+        }
+    }
+    for (k, n) in &next.vips {
+        if prev.vips.get(k) != Some(n) {
+            ops.push(Op::Vip {
+                key: *k,
+                services: *n,
+            });
+        }
+    }
+    if prev.flags != next.flags || prev.services.is_empty() {
+        ops.push(Op::Flags(next.flags));
+    }
+    // Removals.
+    let next_keys: std::collections::BTreeSet<ServiceKey> =
+        next.services.iter().map(|s| s.key).collect();
+    let next_names: std::collections::BTreeSet<&str> =
+        next.services.iter().map(|s| s.name.as_str()).collect();
+    for s in &prev.services {
+        if !next_keys.contains(&s.key) {
+            ops.push(Op::RemoveService(s.key));
+        }
+        if !next_names.contains(s.name.as_str()) {
+            sum.services_removed += 1;
+        }
+    }
+    for k in prev.vips.keys() {
+        if !next.vips.contains_key(k) {
+            ops.push(Op::RemoveVip(*k));
+        }
+    }
+    for (id, b) in &next.retired {
+        if prev.backends.contains_key(id) {
+            sum.backends_removed += 1;
+            ops.push(Op::RetireBackend { id: *id, value: *b });
+        }
+    }
+    // Devmap slots no backend uses any more are left as they are: nothing points at them, and
+    // the kernel clears a slot itself when its device goes away.
+    (ops, sum)
+}
+
+impl DesiredState {
+    fn empty(ring_size: u32) -> DesiredState {
+        DesiredState {
+            services: Vec::new(),
+            backends: BTreeMap::new(),
+            backend_names: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            tx_ports: BTreeMap::new(),
+            ring_size,
+            flags: 0,
+            retired: BTreeMap::new(),
+            next_generation: 1,
+        }
     }
 }
 
@@ -279,5 +530,174 @@ mac = "02:00:00:00:01:03"
         .unwrap();
         let e = DesiredState::build(&cfg, &Fake).unwrap_err().to_string();
         assert!(e.contains("dataplane.interface: no eth7"), "{e}");
+    }
+
+    fn state(text: &str, prev: Option<&DesiredState>) -> DesiredState {
+        let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
+        DesiredState::next(&cfg, &Fake, prev).unwrap()
+    }
+
+    const TWO: &str = r#"
+[dataplane]
+interface = "eth0"
+ring_size = 251
+[[service]]
+name = "a"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.1"
+mac = "02:00:00:00:01:01"
+[[service.backend]]
+address = "10.0.0.2"
+mac = "02:00:00:00:01:02"
+"#;
+
+    fn kinds(ops: &[Op]) -> Vec<&'static str> {
+        ops.iter()
+            .map(|o| match o {
+                Op::TxPort { .. } => "txport",
+                Op::Backend { .. } => "backend",
+                Op::Ring { .. } => "ring",
+                Op::Service { .. } => "service",
+                Op::Vip { .. } => "vip",
+                Op::Flags(_) => "flags",
+                Op::RemoveService(_) => "-service",
+                Op::RemoveVip(_) => "-vip",
+                Op::RetireBackend { .. } => "-backend",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn initial_diff_writes_everything_in_order() {
+        let s = state(TWO, None);
+        let (ops, sum) = diff(None, &s);
+        assert_eq!(
+            kinds(&ops),
+            ["backend", "backend", "ring", "service", "vip", "flags"]
+        );
+        assert_eq!(
+            (sum.services_added, sum.backends_added, sum.rings_rebuilt),
+            (1, 2, 1)
+        );
+    }
+
+    #[test]
+    fn same_config_changes_nothing() {
+        let a = state(TWO, None);
+        let b = state(TWO, Some(&a));
+        assert_eq!(diff(Some(&a), &b).0, vec![]);
+        assert_eq!(a.backends, b.backends);
+    }
+
+    #[test]
+    fn weight_change_rebuilds_only_the_table() {
+        let a = state(TWO, None);
+        let b = state(
+            &TWO.replacen(
+                "mac = \"02:00:00:00:01:02\"",
+                "mac = \"02:00:00:00:01:02\"\nweight = 0",
+                1,
+            ),
+            Some(&a),
+        );
+        let (ops, _) = diff(Some(&a), &b);
+        assert_eq!(kinds(&ops), ["ring"]);
+        assert!(
+            b.services[0].ring.iter().all(|id| *id == 0),
+            "weight 0 owns no slot"
+        );
+        assert_eq!(
+            b.backends[&1].flags, BACKEND_F_ACTIVE,
+            "drained backend stays active for its flows"
+        );
+    }
+
+    #[test]
+    fn added_backend_gets_a_new_id_and_generation_others_keep_theirs() {
+        let a = state(TWO, None);
+        let more = format!(
+            "{TWO}[[service.backend]]\naddress = \"10.0.0.3\"\nmac = \"02:00:00:00:01:03\"\n"
+        );
+        let b = state(&more, Some(&a));
+        assert_eq!(b.backends[&0], a.backends[&0]);
+        assert_eq!(b.backends[&1], a.backends[&1]);
+        assert_eq!(b.services[0].backends, vec![0, 1, 2]);
+        assert!(b.backends[&2].generation >= a.next_generation);
+        let (ops, sum) = diff(Some(&a), &b);
+        assert_eq!(kinds(&ops), ["backend", "ring"]);
+        assert_eq!(sum.backends_added, 1);
+    }
+
+    #[test]
+    fn removed_backend_is_retired_after_the_table_stops_naming_it() {
+        let a = state(TWO, None);
+        let fewer = TWO.replace(
+            "[[service.backend]]\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:01:02\"\n",
+            "",
+        );
+        let b = state(&fewer, Some(&a));
+        let (ops, sum) = diff(Some(&a), &b);
+        assert_eq!(kinds(&ops), ["ring", "-backend"]);
+        assert_eq!(sum.backends_removed, 1);
+        let Op::RetireBackend { id, value } = &ops[1] else {
+            unreachable!()
+        };
+        assert_eq!(*id, 1);
+        assert_eq!(value.flags, 0);
+        assert_ne!(value.generation, a.backends[&1].generation);
+        // Re-adding the same address later: a new generation, so old flows never come back to it.
+        let c = state(TWO, Some(&b));
+        assert!(c.backends[&1].generation > value.generation);
+    }
+
+    #[test]
+    fn an_id_freed_in_a_reload_is_not_reused_in_the_same_reload() {
+        let a = state(TWO, None);
+        let swapped = TWO.replace("10.0.0.2", "10.0.0.9");
+        let b = state(&swapped, Some(&a));
+        assert!(!b.backends.contains_key(&1));
+        assert_eq!(b.services[0].backends, vec![0, 2]);
+        assert!(b.retired.contains_key(&1));
+    }
+
+    #[test]
+    fn mac_change_updates_in_place_and_keeps_flows() {
+        let a = state(TWO, None);
+        let b = state(
+            &TWO.replace("02:00:00:00:01:02", "02:00:00:00:01:99"),
+            Some(&a),
+        );
+        let (ops, sum) = diff(Some(&a), &b);
+        assert_eq!(kinds(&ops), ["backend"]);
+        assert_eq!(sum.backends_updated, 1);
+        assert_eq!(b.backends[&1].generation, a.backends[&1].generation);
+        assert_eq!(b.backends[&1].mac, [2, 0, 0, 0, 1, 0x99]);
+    }
+
+    #[test]
+    fn service_key_change_keeps_the_id() {
+        let a = state(TWO, None);
+        let b = state(&TWO.replace("port = 80", "port = 8080"), Some(&a));
+        assert_eq!(b.services[0].value.id, a.services[0].value.id);
+        let (ops, _) = diff(Some(&a), &b);
+        assert_eq!(kinds(&ops), ["service", "-service"]);
+        assert_eq!(ops[1], Op::RemoveService(a.services[0].key));
+    }
+
+    #[test]
+    fn removed_service_takes_its_keys_and_backends_away() {
+        let a = state(CFG, None);
+        let only_a = CFG.split("[[service]]\nname = \"b\"").next().unwrap();
+        let b = state(only_a, Some(&a));
+        let (ops, sum) = diff(Some(&a), &b);
+        assert_eq!(kinds(&ops), ["vip", "flags", "-service", "-backend"]);
+        assert_eq!(sum.services_removed, 1);
+        assert_eq!(b.flags, 0, "no all-ports service left");
+        // A new service later takes the lowest free id again.
+        let c = state(CFG, Some(&b));
+        assert_eq!(c.services[1].value.id, 1);
     }
 }

@@ -24,6 +24,16 @@ pub struct Args {
     keep: bool,
 }
 
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            mode: "native".to_owned(),
+            requests: 300,
+            keep: false,
+        }
+    }
+}
+
 const WEIGHTS: [u16; 3] = [100, 200, 200];
 
 fn step(t0: Instant, msg: &str) {

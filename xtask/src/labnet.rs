@@ -1,7 +1,8 @@
 //! The lab's backend server and client. They run inside the lab's namespaces as
 //! `xtask lab-backend ...` and `xtask lab-client ...`.
 //!
-//! Backend: HTTP (answers its own name), TCP echo, UDP echo (answers `<name> <payload>`).
+//! Backend: HTTP (answers its own name), TCP echo (greets with `<name>\n`, then echoes), UDP
+//! echo (answers `<name> <payload>`).
 //! UDP sockets are bound to the VIPs so replies leave from the VIP (DSR needs that; a wildcard
 //! socket would answer from the backend's own address).
 
@@ -24,6 +25,7 @@ pub fn serve_backend(
     echo_port: u16,
 ) -> anyhow::Result<()> {
     let http = dual_stack_listener(http_port)?;
+    // (An empty `vips` serves TCP only: used for a server on the LB's own address.)
     let echo = dual_stack_listener(echo_port)?;
     let mut udp = Vec::new();
     for vip in vips {
@@ -40,10 +42,12 @@ pub fn serve_backend(
             });
         }
     });
+    let greeting = format!("{name}\n");
     thread::spawn(move || {
         for conn in echo.incoming().flatten() {
+            let greeting = greeting.clone();
             thread::spawn(move || {
-                let _ = echo_tcp(conn);
+                let _ = echo_tcp(conn, &greeting);
             });
         }
     });
@@ -92,7 +96,8 @@ fn answer_http(mut conn: TcpStream, body: &str) -> std::io::Result<()> {
     conn.write_all(resp.as_bytes())
 }
 
-fn echo_tcp(mut conn: TcpStream) -> std::io::Result<()> {
+fn echo_tcp(mut conn: TcpStream, greeting: &str) -> std::io::Result<()> {
+    conn.write_all(greeting.as_bytes())?;
     let mut buf = [0u8; 4096];
     loop {
         let n = conn.read(&mut buf)?;
@@ -214,4 +219,50 @@ pub fn many(
         t.add(r);
     }
     Ok(t)
+}
+
+/// A long-lived TCP connection to the echo service: prints `backend <name>`, then sends a line
+/// every 100 ms and checks the echo, until stdin closes; then prints `done <pings>`. Any
+/// failure (reset, timeout, wrong echo) ends it with an error: the connection was broken.
+pub fn hold(src: IpAddr, target: SocketAddr) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let s = bound_socket(src, Type::STREAM, Protocol::TCP)?;
+    s.connect_timeout(&target.into(), Duration::from_secs(3))
+        .with_context(|| format!("connecting {src} → {target}"))?;
+    let conn: TcpStream = s.into();
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    let mut writer = conn;
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .context("reading the greeting")?;
+    println!("backend {}", line.trim());
+    std::io::stdout().flush()?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        let _ = tx.send(());
+    });
+    let mut pings = 0u64;
+    loop {
+        let msg = format!("ping {pings}\n");
+        writer
+            .write_all(msg.as_bytes())
+            .with_context(|| format!("sending ping {pings}"))?;
+        line.clear();
+        reader
+            .read_line(&mut line)
+            .with_context(|| format!("echo of ping {pings}"))?;
+        if line != msg {
+            bail!("ping {pings}: echo {line:?}");
+        }
+        pings += 1;
+        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            break;
+        }
+    }
+    println!("done {pings}");
+    Ok(())
 }

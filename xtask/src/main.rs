@@ -58,7 +58,8 @@ enum Task {
         #[arg(long, default_value_t = lab::ECHO_PORT)]
         echo_port: u16,
     },
-    /// (internal) Lab client, run inside the client namespace; prints a JSON tally.
+    /// (internal) Lab client, run inside the client namespace; prints a JSON tally
+    /// (`--kind http|udp`), or holds one TCP connection to the echo service (`--kind hold`).
     #[command(hide = true)]
     LabClient {
         #[arg(long)]
@@ -100,6 +101,12 @@ fn main() -> ExitCode {
             http_port,
             echo_port,
         } => labnet::serve_backend(&name, &vips, http_port, echo_port),
+        Task::LabClient {
+            kind,
+            target,
+            sources,
+            ..
+        } if kind == "hold" => labnet::hold(sources[0], target),
         Task::LabClient {
             kind,
             target,
@@ -244,6 +251,8 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
             ],
             &[],
         )?;
+        println!("==> tier 3: the README's demo (`cargo xtask demo`)");
+        demo::run(demo::Args::default())?;
         let left = lab::down_all()?;
         if !left.is_empty() {
             bail!("lab tests left namespaces behind: {}", left.join(" "));

@@ -20,7 +20,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
-    let desired = DesiredState::build(&cfg, &SystemInterfaces)
+    let mut desired = DesiredState::build(&cfg, &SystemInterfaces)
         .with_context(|| format!("{}", args.config.display()))?;
     let dp = &cfg.dataplane;
     let mut dataplane = Dataplane::load(dp.ring_size, dp.flow_table_size)?;
@@ -44,6 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let period = Duration::from_secs(args.stats_interval.max(1));
         let mut tick = tokio::time::interval(period);
         tick.tick().await;
@@ -51,6 +52,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => { log::info!("SIGTERM: detaching"); break; }
                 _ = int.recv() => { log::info!("SIGINT: detaching"); break; }
+                _ = hup.recv() => {
+                    match reload(&args.config, &cfg, &desired, &mut dataplane) {
+                        Ok((next, summary)) => {
+                            log::info!("reload: applied ({summary})");
+                            println!("reloaded {summary}");
+                            desired = next;
+                        }
+                        Err(e) => {
+                            log::error!("reload rejected, running configuration kept: {e:#}");
+                            println!("reload-rejected {e:#}");
+                        }
+                    }
+                }
                 _ = tick.tick(), if args.stats_interval > 0 => {
                     match dataplane.snapshot(&desired) {
                         Ok(s) => print!("{}", super::report::render(&desired, &s)),
@@ -68,4 +82,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", super::report::render(&desired, &s));
     }
     result
+}
+
+/// Re-reads the config and applies only the difference. A config that fails validation, or
+/// that changes the `[dataplane]` section (needs a restart), changes nothing.
+fn reload(
+    path: &std::path::Path,
+    running: &Config,
+    current: &DesiredState,
+    dataplane: &mut Dataplane,
+) -> anyhow::Result<(DesiredState, lb_userspace::state::DiffSummary)> {
+    let cfg = Config::load(path)?;
+    if cfg.dataplane != running.dataplane {
+        anyhow::bail!(
+            "{}: [dataplane] changed (interface, xdp_mode, flow_table_size, ring_size): restart lb to apply it",
+            path.display()
+        );
+    }
+    let next = DesiredState::next(&cfg, &SystemInterfaces, Some(current))
+        .with_context(|| format!("{}", path.display()))?;
+    let (ops, summary) = lb_userspace::state::diff(Some(current), &next);
+    dataplane
+        .apply_ops(&ops, next.ring_size)
+        .context("applying the new configuration to the maps")?;
+    Ok((next, summary))
 }
