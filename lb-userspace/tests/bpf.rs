@@ -419,6 +419,32 @@ fn distribution_of_20000_random_flows_follows_weights() {
     );
 }
 
+// ---- the object itself ------------------------------------------------------------------------
+
+/// lb_xdp must not call the byte-at-a-time memset/memmove/memcpy of compiler_builtins (a
+/// bpf-linker default lets them through; lb-ebpf/build.rs turns it off).
+#[test]
+#[ignore = "needs the eBPF object: run by `cargo xtask test`"]
+fn lb_xdp_calls_no_memory_functions() {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+    require_root();
+    let file = object::File::parse(lb_userspace::EBPF_OBJECT).expect("ELF");
+    let mut checked = 0;
+    for section in file.sections().filter(|s| s.name().is_ok_and(|n| n.starts_with("xdp"))) {
+        for (_, reloc) in section.relocations() {
+            if let RelocationTarget::Symbol(idx) = reloc.target() {
+                let name = file.symbol_by_index(idx).and_then(|s| s.name()).unwrap_or("");
+                assert!(
+                    !["memset", "memmove", "memcpy", "memcmp", "bcmp"].contains(&name),
+                    "lb_xdp calls {name}"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no xdp section found");
+}
+
 // ---- helpers used above -------------------------------------------------------------------------
 
 fn arp_request(src: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
