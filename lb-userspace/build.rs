@@ -2,6 +2,7 @@
 //! `src/lib.rs` embeds it.
 //!
 //! - `LB_EBPF_OBJECT=/path/to/object`: embed a prebuilt object instead of building one.
+//! - `LB_EBPF_FEATURES=log`: features of lb-ebpf (`log`: every drop logged through aya-log).
 //! - `LB_EBPF_TOOLCHAIN=<rustup toolchain>`: build with another toolchain (default `debian-web`,
 //!   which `scripts/bootstrap.sh` links to Debian's rustc with its prebuilt BPF `core`).
 //! - `AYA_BUILD_SKIP=1`, or no `bpf-linker` on PATH: embed an empty object (host-only unit tests
@@ -13,6 +14,7 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
     println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
+    println!("cargo:rerun-if-env-changed=LB_EBPF_FEATURES");
     println!("cargo:rerun-if-env-changed=PATH");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let dst = out_dir.join("lb-ebpf");
@@ -49,10 +51,13 @@ fn main() -> anyhow::Result<()> {
     // (asm_experimental_arch). Not "1": that would make aya-build ask for -Z build-std.
     // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+    let features = env::var("LB_EBPF_FEATURES").unwrap_or_default();
+    let features: Vec<&str> = features.split(',').filter(|f| !f.is_empty()).collect();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",
             root_dir,
+            features: &features,
             ..Default::default()
         }],
         aya_build::Toolchain::Custom(&toolchain),

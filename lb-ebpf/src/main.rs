@@ -56,14 +56,14 @@ fn process(ctx: &XdpContext) -> u32 {
         Parsed::Malformed => return pass(Stat::PassMalformed),
         Parsed::MalformedL4 => {
             return if is_vip(&key) {
-                drop(Stat::DropMalformed)
+                drop(ctx, Stat::DropMalformed)
             } else {
                 pass(Stat::PassMalformed)
             };
         }
         Parsed::Fragment => {
             return if is_vip(&key) {
-                drop(Stat::DropFragment)
+                drop(ctx, Stat::DropFragment)
             } else {
                 pass(Stat::PassFragment)
             };
@@ -77,7 +77,7 @@ fn process(ctx: &XdpContext) -> u32 {
     count_service(svc.id, frame_len);
 
     let Some((backend_id, backend)) = select::backend_for_flow(&key, svc) else {
-        return drop(Stat::DropNoBackend);
+        return drop(ctx, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);
 
@@ -85,7 +85,7 @@ fn process(ctx: &XdpContext) -> u32 {
     if backend.flags & BACKEND_F_REDIRECT != 0 {
         match LB_TX_PORTS.redirect(backend.tx_port, xdp_action::XDP_DROP as u64) {
             Ok(action) => action,
-            Err(_) => drop(Stat::DropTxPort),
+            Err(_) => drop(ctx, Stat::DropTxPort),
         }
     } else {
         xdp_action::XDP_TX
@@ -145,8 +145,11 @@ fn pass(reason: Stat) -> u32 {
 }
 
 #[inline(always)]
-fn drop(reason: Stat) -> u32 {
+fn drop(ctx: &XdpContext, reason: Stat) -> u32 {
     count(reason);
+    #[cfg(feature = "log")]
+    aya_log_ebpf::debug!(ctx, "lb_xdp: XDP_DROP {}", reason.name());
+    let _ = ctx;
     xdp_action::XDP_DROP
 }
 

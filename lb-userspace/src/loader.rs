@@ -72,6 +72,8 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> LoaderErro
 pub struct Dataplane {
     ebpf: Ebpf,
     link: Option<(XdpLinkId, String)>,
+    /// Present when the object was built with lb-ebpf's `log` feature.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 /// How the program got attached.
@@ -107,6 +109,19 @@ impl Dataplane {
             .map_max_entries(names::FLOWS, flow_table_size)
             .load(object)
             .map_err(|e| LoaderError::Object(Box::new(e)))?;
+        // Before the program loads: it refers to the log ring buffer the logger keeps open.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => {
+                log::info!(
+                    "lb_xdp was built with the `log` feature: drops are logged (debug level)"
+                );
+                Some(l)
+            }
+            Err(e) => {
+                log::debug!("no eBPF logs ({e}): lb-ebpf built without the `log` feature");
+                None
+            }
+        };
         let prog: &mut Xdp = ebpf
             .program_mut(names::PROGRAM)
             .ok_or(LoaderError::MissingMap {
@@ -121,7 +136,16 @@ impl Dataplane {
             name: names::PROGRAM,
             source: Box::new(source),
         })?;
-        Ok(Dataplane { ebpf, link: None })
+        Ok(Dataplane {
+            ebpf,
+            link: None,
+            logger,
+        })
+    }
+
+    /// The eBPF logger, if the object logs (drive it with `flush()` when its fd is readable).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
     }
 
     /// The program, for attaching and BPF_PROG_TEST_RUN.

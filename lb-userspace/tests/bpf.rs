@@ -106,6 +106,32 @@ fn all_ports_service_matches_every_port_of_its_protocol() {
     f.assert_stat(Stat::PassNoService, 2);
 }
 
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn backend_behind_another_interface_is_redirected() {
+    let mut f = Fixture::new(REDIRECT);
+    let (pkt, key) = tcp4(C1, 40000, VIP4, 80);
+    let b = f.predict(&key, "web4");
+    let mut want = pkt.clone();
+    want[0..6].copy_from_slice(&f.backend_mac(b));
+    want[6..12].copy_from_slice(&EGRESS_MAC);
+    let (v, out) = f.run(&pkt);
+    assert_eq!(v, XDP_REDIRECT, "verdict");
+    assert_eq!(
+        out, want,
+        "destination MAC = backend, source MAC = the egress interface's"
+    );
+    f.assert_stat(Stat::VerdictRedirect, 1);
+    // The devmap slot vanishes (interface gone): counted drop, not a silent loss.
+    let mut be = f.desired.backends[&b];
+    be.tx_port = 7;
+    f.dp.set_backend(b, &be).unwrap();
+    let (pkt2, _) = tcp4(C2, 40000, VIP4, 80);
+    let (v, _) = f.run(&pkt2);
+    assert_eq!(v, XDP_DROP);
+    f.assert_stat(Stat::DropTxPort, 1);
+}
+
 // ---- connection table -------------------------------------------------------------------------
 
 #[test]
@@ -430,10 +456,16 @@ fn lb_xdp_calls_no_memory_functions() {
     require_root();
     let file = object::File::parse(lb_userspace::EBPF_OBJECT).expect("ELF");
     let mut checked = 0;
-    for section in file.sections().filter(|s| s.name().is_ok_and(|n| n.starts_with("xdp"))) {
+    for section in file
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with("xdp")))
+    {
         for (_, reloc) in section.relocations() {
             if let RelocationTarget::Symbol(idx) = reloc.target() {
-                let name = file.symbol_by_index(idx).and_then(|s| s.name()).unwrap_or("");
+                let name = file
+                    .symbol_by_index(idx)
+                    .and_then(|s| s.name())
+                    .unwrap_or("");
                 assert!(
                     !["memset", "memmove", "memcpy", "memcmp", "bcmp"].contains(&name),
                     "lb_xdp calls {name}"

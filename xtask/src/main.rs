@@ -147,26 +147,32 @@ fn lint() -> anyhow::Result<()> {
         ],
         &[],
     )?;
-    println!("==> clippy (lb-ebpf, bpfel-unknown-none, Debian toolchain)");
     let root = cmd::workspace_root();
-    let status = Command::new("cargo")
-        .args([
-            "+debian-web",
-            "clippy",
-            "--locked",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .current_dir(root.join("lb-ebpf"))
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-        .status()
-        .context("running clippy for lb-ebpf")?;
-    if !status.success() {
-        bail!("clippy on lb-ebpf failed ({status})");
+    for features in ["", "log"] {
+        println!(
+            "==> clippy (lb-ebpf, bpfel-unknown-none, Debian toolchain, features [{features}])"
+        );
+        let status = Command::new("cargo")
+            .args([
+                "+debian-web",
+                "clippy",
+                "--locked",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "--features",
+                features,
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(root.join("lb-ebpf"))
+            .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+            .status()
+            .context("running clippy for lb-ebpf")?;
+        if !status.success() {
+            bail!("clippy on lb-ebpf (features [{features}]) failed ({status})");
+        }
     }
     println!("==> shellcheck");
     let mut scripts: Vec<String> = std::fs::read_dir(root.join("scripts"))?

@@ -37,6 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Machine-readable line for scripts and the lab.
     println!("attached interface={} mode={mode}", dp.interface);
 
+    let logger = dataplane.take_logger();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -45,6 +46,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut logs = match logger {
+            // SAFETY: the fd is the logger's ring buffer map fd, owned by the logger that the
+            // AsyncFd owns: it stays open and the same for the AsyncFd's whole life.
+            Some(l) => Some(
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
+                    .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {e}"))?,
+            ),
+            None => None,
+        };
         let period = Duration::from_secs(args.stats_interval.max(1));
         let mut tick = tokio::time::interval(period);
         tick.tick().await;
@@ -52,6 +62,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => { log::info!("SIGTERM: detaching"); break; }
                 _ = int.recv() => { log::info!("SIGINT: detaching"); break; }
+                guard = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
+                    if let Ok(mut g) = guard {
+                        g.get_inner_mut().flush();
+                        g.clear_ready();
+                    }
+                }
                 _ = hup.recv() => {
                     match reload(&args.config, &cfg, &desired, &mut dataplane) {
                         Ok((next, summary)) => {

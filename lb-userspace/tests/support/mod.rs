@@ -24,6 +24,10 @@ pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// MAC of the fake second interface `lbtest1` (ifindex 1 = `lo`, which a devmap accepts).
+pub const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
 
 pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xc1];
@@ -108,6 +112,22 @@ mac = "02:00:00:00:00:25"
 weight = 0
 "#;
 
+/// One service whose second backend sits behind another interface.
+pub const REDIRECT: &str = r#"
+[dataplane]
+interface = "lbtest0"
+
+[[service]]
+name = "web4"
+vip = "10.99.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.99.1.21"
+mac = "02:00:00:00:01:21"
+interface = "lbtest1"
+"#;
+
 /// One service, weights 1:2:3.
 pub const WEIGHTED: &str = r#"
 [dataplane]
@@ -138,6 +158,7 @@ impl Interfaces for FakeInterfaces {
     fn lookup(&self, name: &str) -> Result<(u32, Mac), String> {
         match name {
             "lbtest0" => Ok((1, Mac(LB_MAC))),
+            "lbtest1" => Ok((1, Mac(EGRESS_MAC))),
             _ => Err(format!("no interface {name}")),
         }
     }
