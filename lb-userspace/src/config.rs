@@ -121,7 +121,17 @@ impl fmt::Display for Mac {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub dataplane: Dataplane,
+    pub control: Control,
     pub services: Vec<Service>,
+}
+
+/// `[control]`: the local control API and the persisted admin state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Control {
+    /// Unix socket of the control API (mode 0600).
+    pub socket: PathBuf,
+    /// Admin overrides (enable/disable/drain/weight), JSON, written atomically.
+    pub state_file: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -158,6 +168,7 @@ pub struct Backend {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     dataplane: Option<RawDataplane>,
+    control: Option<RawControl>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -170,6 +181,13 @@ struct RawDataplane {
     xdp_mode: XdpMode,
     flow_table_size: Option<i64>,
     ring_size: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -212,12 +230,17 @@ impl Config {
             location: String::new(),
             why: e.to_string().trim_end().to_owned(),
         })?;
-        Validator { file }.config(raw)
+        Validator {
+            file,
+            path: path.to_owned(),
+        }
+        .config(raw)
     }
 }
 
 struct Validator {
     file: String,
+    path: PathBuf,
 }
 
 impl Validator {
@@ -241,6 +264,7 @@ impl Validator {
             )
         })?;
         let dataplane = self.dataplane(dp)?;
+        let control = self.control(raw.control)?;
         if raw.service.len() > MAX_SERVICES as usize {
             return Err(self.err(
                 "service",
@@ -280,8 +304,38 @@ impl Validator {
         }
         Ok(Config {
             dataplane,
+            control,
             services,
         })
+    }
+
+    fn control(&self, raw: Option<RawControl>) -> Result<Control, ConfigError> {
+        let raw = raw.unwrap_or(RawControl {
+            socket: None,
+            state_file: None,
+        });
+        let socket = raw
+            .socket
+            .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_SOCKET));
+        if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
+            return Err(self.err(
+                "control.socket",
+                "must be a path of 1..=107 bytes (Unix socket limit)",
+            ));
+        }
+        // Default: next to the config file, `<stem>.state.json`.
+        let state_file = raw.state_file.unwrap_or_else(|| {
+            let stem = self
+                .path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("lb");
+            self.path.with_file_name(format!("{stem}.state.json"))
+        });
+        if state_file.as_os_str().is_empty() {
+            return Err(self.err("control.state_file", "must not be empty"));
+        }
+        Ok(Control { socket, state_file })
     }
 
     fn dataplane(&self, dp: RawDataplane) -> Result<Dataplane, ConfigError> {
@@ -575,6 +629,23 @@ mac = "02:00:00:00:00:22"
         let c = parse(text).unwrap();
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.services[1].port, 0);
+    }
+
+    #[test]
+    fn control_defaults_and_overrides() {
+        let c = Config::parse(GOOD, Path::new("/etc/lb/lb.toml")).unwrap();
+        assert_eq!(c.control.socket, PathBuf::from("/run/lb/lb.sock"));
+        assert_eq!(c.control.state_file, PathBuf::from("/etc/lb/lb.state.json"));
+        let c = parse(&format!(
+            "{GOOD}\n[control]\nsocket = \"/tmp/x.sock\"\nstate_file = \"/var/lib/lb/s.json\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.control.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.control.state_file, PathBuf::from("/var/lib/lb/s.json"));
+        let e = parse(&format!("{GOOD}\n[control]\nsocket = \"\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control.socket: must be a path"), "{e}");
     }
 
     #[test]

@@ -4,10 +4,15 @@
 //! Pure logic (config validation, Maglev, desired state) is host-testable without root; only
 //! [`loader`] talks to the kernel.
 
+pub mod admin;
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod iface;
 pub mod loader;
 pub mod maglev;
+pub mod report;
 pub mod state;
 pub mod stats;
 

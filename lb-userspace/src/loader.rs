@@ -320,6 +320,31 @@ impl Dataplane {
         Ok(flows.keys().filter(|k| k.is_ok()).count())
     }
 
+    /// Flows in the connection table per backend id (entries whose generation is current).
+    pub fn active_connections(&mut self) -> Result<BTreeMap<u32, u64>> {
+        let backends: BTreeMap<u32, Backend> = {
+            let map: Array<&mut MapData, Backend> =
+                Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+            map.iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.ok().map(|v| (i as u32, v)))
+                .filter(|(_, v)| v.generation != 0)
+                .collect()
+        };
+        let flows: HashMap<&mut MapData, lb_common::FlowKey, lb_common::FlowValue> =
+            HashMap::try_from(self.map(names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+        let mut out = BTreeMap::new();
+        for (_, v) in flows.iter().flatten() {
+            if backends
+                .get(&v.backend)
+                .is_some_and(|b| b.generation == v.generation)
+            {
+                *out.entry(v.backend).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// The connection table entry of `key`, if any.
     pub fn flow(&mut self, key: &lb_common::FlowKey) -> Result<Option<lb_common::FlowValue>> {
         let flows: HashMap<&mut MapData, lb_common::FlowKey, lb_common::FlowValue> =

@@ -1,6 +1,6 @@
 //! `lb`: the controller daemon and CLI of the XDP DSR load balancer.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +13,9 @@ mod cli;
     about = "XDP direct-server-return L4 load balancer"
 )]
 struct Cli {
+    /// Control socket of the running `lb run` (its `[control] socket`).
+    #[arg(long, global = true, env = "LB_SOCKET", default_value = lb_userspace::api::DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +27,15 @@ enum Command {
     Run(cli::run::Args),
     /// Validate a config file without touching the kernel.
     Check(cli::check::Args),
+    /// Every service and backend: state, weight, health, active connections, traffic and rates.
+    Status(cli::status::Args),
+    /// Change a backend at once in the data plane; persisted across restarts.
+    Backend {
+        #[command(subcommand)]
+        cmd: cli::backend::Command,
+    },
+    /// Re-read the config, validate it fully and apply only the difference (same as SIGHUP).
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +46,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Check(args) => cli::check::run(args),
+        Command::Status(args) => cli::status::run(&cli.socket, args),
+        Command::Backend { cmd } => cli::backend::run(&cli.socket, cmd),
+        Command::Reload => cli::reload::run(&cli.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

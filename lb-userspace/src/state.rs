@@ -10,6 +10,8 @@ use lb_common::{
 };
 
 use crate::{
+    admin::AdminState,
+    api::Admin,
     config::{Config, Scheduler},
     iface::Interfaces,
     maglev,
@@ -27,14 +29,27 @@ pub struct DesiredService {
     pub backends: Vec<u32>,
 }
 
+/// A backend as configured and administered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendInfo {
+    pub service: String,
+    pub address: IpAddr,
+    pub mac: crate::config::Mac,
+    pub config_weight: u16,
+    pub weight_override: Option<u16>,
+    pub admin: Admin,
+    /// Weight in the Maglev table (0 when draining or disabled).
+    pub effective_weight: u16,
+}
+
 /// Everything the maps should contain.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredState {
     pub services: Vec<DesiredService>,
     /// Backend id → value.
     pub backends: BTreeMap<u32, Backend>,
-    /// Backend id → (service name, address), for reports.
-    pub backend_names: BTreeMap<u32, (String, IpAddr)>,
+    /// Backend id → what it is (service, address, weights, admin state), for reports.
+    pub backend_info: BTreeMap<u32, BackendInfo>,
     /// VIP → number of services on it.
     pub vips: BTreeMap<VipKey, u32>,
     /// Devmap slot → ifindex.
@@ -79,17 +94,22 @@ impl DesiredState {
     /// The desired state of a fresh data plane: service ids follow config order, backend ids
     /// are dense in config order.
     pub fn build(cfg: &Config, ifaces: &impl Interfaces) -> Result<DesiredState, StateError> {
-        DesiredState::next(cfg, ifaces, None)
+        DesiredState::next(cfg, ifaces, None, &AdminState::default())
     }
 
     /// The desired state after `prev` for a new `cfg`, keeping what can be kept: a service keeps
     /// its id (by name), a backend keeps its id and generation (by service name and address), so
     /// unchanged flows never notice a reload. New services and backends take the lowest ids
     /// that neither `prev` nor the new state uses; every new backend gets a fresh generation.
+    ///
+    /// `admin` overrides the config per backend: a weight override replaces the weight;
+    /// `draining` keeps the backend active with weight 0 (its flows stay); `disabled` makes it
+    /// inactive with a new generation (its flows move at their next packet).
     pub fn next(
         cfg: &Config,
         ifaces: &impl Interfaces,
         prev: Option<&DesiredState>,
+        admin: &AdminState,
     ) -> Result<DesiredState, StateError> {
         let ring_size = cfg.dataplane.ring_size;
         let (_, lb_mac) = ifaces
@@ -106,9 +126,9 @@ impl DesiredState {
             .unwrap_or_default();
         let prev_backend_ids: BTreeMap<(&str, IpAddr), u32> = prev
             .map(|p| {
-                p.backend_names
+                p.backend_info
                     .iter()
-                    .map(|(id, (svc, addr))| ((svc.as_str(), *addr), *id))
+                    .map(|(id, i)| ((i.service.as_str(), i.address), *id))
                     .collect()
             })
             .unwrap_or_default();
@@ -125,7 +145,7 @@ impl DesiredState {
         let mut tx_slots: BTreeMap<String, u32> = BTreeMap::new();
         let mut tx_ports = BTreeMap::new();
         let mut backends = BTreeMap::new();
-        let mut backend_names = BTreeMap::new();
+        let mut backend_info = BTreeMap::new();
         let mut vips: BTreeMap<VipKey, u32> = BTreeMap::new();
         let mut services = Vec::with_capacity(cfg.services.len());
 
@@ -162,13 +182,27 @@ impl DesiredState {
                 .or_default() += 1;
 
             let mut ids = Vec::with_capacity(s.backends.len());
+            let mut weights = Vec::with_capacity(s.backends.len());
             for b in &s.backends {
+                let o = admin.get(&s.name, b.address);
+                let active = o.admin != Admin::Disabled;
+                let effective_weight = match o.admin {
+                    Admin::Enabled => o.weight.unwrap_or(b.weight),
+                    Admin::Draining | Admin::Disabled => 0,
+                };
+                weights.push(effective_weight);
                 let kept = prev_backend_ids.get(&(s.name.as_str(), b.address)).copied();
                 let (id, generation) = match kept {
-                    Some(id) => (
-                        id,
-                        prev.expect("kept ids come from prev").backends[&id].generation,
-                    ),
+                    Some(id) => {
+                        let old = prev.expect("kept ids come from prev").backends[&id];
+                        if old.flags & BACKEND_F_ACTIVE != 0 && !active {
+                            // Disabled now: its flows must not stay (nor come back later).
+                            next_generation += 1;
+                            (id, next_generation - 1)
+                        } else {
+                            (id, old.generation)
+                        }
+                    }
                     None => {
                         let id = lowest_free(&used_backends);
                         used_backends.insert(id);
@@ -196,6 +230,11 @@ impl DesiredState {
                         (mac, BACKEND_F_ACTIVE | BACKEND_F_REDIRECT, slot)
                     }
                 };
+                let flags = if active {
+                    flags
+                } else {
+                    flags & !BACKEND_F_ACTIVE
+                };
                 backends.insert(
                     id,
                     Backend {
@@ -206,17 +245,28 @@ impl DesiredState {
                         tx_port,
                     },
                 );
-                backend_names.insert(id, (s.name.clone(), b.address));
+                backend_info.insert(
+                    id,
+                    BackendInfo {
+                        service: s.name.clone(),
+                        address: b.address,
+                        mac: b.mac,
+                        config_weight: b.weight,
+                        weight_override: o.weight,
+                        admin: o.admin,
+                        effective_weight,
+                    },
+                );
                 ids.push(id);
             }
 
             let idents: Vec<String> = s.backends.iter().map(|b| b.address.to_string()).collect();
             let entries: Vec<maglev::Entry> = idents
                 .iter()
-                .zip(&s.backends)
-                .map(|(id, b)| maglev::Entry {
+                .zip(&weights)
+                .map(|(id, w)| maglev::Entry {
                     id: id.as_bytes(),
-                    weight: b.weight as u32,
+                    weight: *w as u32,
                 })
                 .collect();
             let ring = maglev::build(&entries, ring_size)
@@ -258,7 +308,7 @@ impl DesiredState {
             flags,
             services,
             backends,
-            backend_names,
+            backend_info,
             vips,
             tx_ports,
             ring_size,
@@ -427,7 +477,7 @@ impl DesiredState {
         DesiredState {
             services: Vec::new(),
             backends: BTreeMap::new(),
-            backend_names: BTreeMap::new(),
+            backend_info: BTreeMap::new(),
             vips: BTreeMap::new(),
             tx_ports: BTreeMap::new(),
             ring_size,
@@ -534,7 +584,79 @@ mac = "02:00:00:00:01:03"
 
     fn state(text: &str, prev: Option<&DesiredState>) -> DesiredState {
         let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
-        DesiredState::next(&cfg, &Fake, prev).unwrap()
+        DesiredState::next(&cfg, &Fake, prev, &AdminState::default()).unwrap()
+    }
+
+    fn with_admin(text: &str, prev: Option<&DesiredState>, admin: &AdminState) -> DesiredState {
+        let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
+        DesiredState::next(&cfg, &Fake, prev, admin).unwrap()
+    }
+
+    #[test]
+    fn drain_keeps_the_backend_active_with_weight_zero() {
+        let a = state(TWO, None);
+        let mut adm = AdminState::default();
+        adm.set(
+            "a",
+            "10.0.0.2".parse().unwrap(),
+            crate::admin::Override {
+                admin: Admin::Draining,
+                weight: None,
+            },
+        );
+        let b = with_admin(TWO, Some(&a), &adm);
+        assert_eq!(
+            b.backends[&1], a.backends[&1],
+            "same flags and generation: its flows stay"
+        );
+        assert!(b.services[0].ring.iter().all(|id| *id == 0));
+        assert_eq!(b.backend_info[&1].effective_weight, 0);
+        assert_eq!(kinds(&diff(Some(&a), &b).0), ["ring"]);
+    }
+
+    #[test]
+    fn disable_deactivates_with_a_new_generation_and_enable_keeps_it() {
+        let a = state(TWO, None);
+        let mut adm = AdminState::default();
+        let addr = "10.0.0.2".parse().unwrap();
+        adm.set(
+            "a",
+            addr,
+            crate::admin::Override {
+                admin: Admin::Disabled,
+                weight: None,
+            },
+        );
+        let b = with_admin(TWO, Some(&a), &adm);
+        assert_eq!(b.backends[&1].flags & BACKEND_F_ACTIVE, 0);
+        assert_ne!(b.backends[&1].generation, a.backends[&1].generation);
+        assert_eq!(kinds(&diff(Some(&a), &b).0), ["backend", "ring"]);
+        // Enabled again: active, and the generation of the disabled period (old flows stay away).
+        let c = with_admin(TWO, Some(&b), &AdminState::default());
+        assert_eq!(c.backends[&1].flags & BACKEND_F_ACTIVE, BACKEND_F_ACTIVE);
+        assert_eq!(c.backends[&1].generation, b.backends[&1].generation);
+    }
+
+    #[test]
+    fn weight_override_replaces_the_config_weight() {
+        let a = state(TWO, None);
+        let mut adm = AdminState::default();
+        adm.set(
+            "a",
+            "10.0.0.1".parse().unwrap(),
+            crate::admin::Override {
+                admin: Admin::Enabled,
+                weight: Some(300),
+            },
+        );
+        let b = with_admin(TWO, Some(&a), &adm);
+        let on0 = b.services[0].ring.iter().filter(|id| **id == 0).count();
+        assert!(
+            (on0 as f64 / 251.0 - 0.75).abs() < 0.01,
+            "{on0} of 251 slots"
+        );
+        assert_eq!(b.backend_info[&0].effective_weight, 300);
+        assert_eq!(b.backend_info[&0].config_weight, 100);
     }
 
     const TWO: &str = r#"

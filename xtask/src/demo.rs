@@ -170,6 +170,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         problems.push("no replies seen on the backends' ports".to_owned());
     }
 
+    println!();
+    step(t0, "`lb status` (control API on the lab's Unix socket):");
+    match lab.lb_cli(&cmd::lb_binary(), &["status"]) {
+        Ok(out) => {
+            for line in out.lines() {
+                println!("    {line}");
+            }
+        }
+        Err(e) => problems.push(format!("lb status failed: {e:#}")),
+    }
+
     if args.keep {
         println!();
         println!("The lab stays up. Poke at it:");
@@ -196,10 +207,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         lab::wait_for_ctrlc();
     }
 
-    step(t0, "stopping lb (SIGTERM → detach); its final counters:");
+    step(t0, "stopping lb (SIGTERM → detach)");
     let report = lab.stop_lb().context("stopping lb")?;
-    for line in report.lines() {
-        println!("    {line}");
+    if let Some(line) = report.lines().find(|l| l.starts_with("counters:")) {
+        println!("    final {line}");
     }
     if lab.xdp_attached(&lab.lb_ns(), "eth0") {
         problems.push("lb_xdp still attached after lb exited".to_owned());

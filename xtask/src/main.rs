@@ -269,6 +269,15 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
 }
 
 /// Path of this xtask binary (it serves `lab-backend` / `lab-client` inside namespaces).
+///
+/// When cargo rebuilt it while this process runs (the lab tier builds it for its tests), Linux
+/// reports `<path> (deleted)`: the file at `<path>` is then the rebuilt binary, which is the one
+/// to start.
 pub fn self_exe() -> anyhow::Result<PathBuf> {
-    std::env::current_exe().context("locating the xtask binary")
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let text = exe.to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(live) => PathBuf::from(live),
+        None => exe,
+    })
 }

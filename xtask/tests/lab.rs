@@ -360,6 +360,268 @@ fn non_vip_traffic(mode: Mode) {
     );
 }
 
+fn lb() -> std::path::PathBuf {
+    cmd::lb_binary()
+}
+
+fn http(lab: &Lab, count: usize) -> xtask::labnet::Tally {
+    let t = lab
+        .clients(
+            Path::new(XTASK),
+            "http",
+            SocketAddr::new(IpAddr::V4(lab::VIP4), lab::HTTP_PORT),
+            &lab::v4s(&lab.clients4),
+            count,
+        )
+        .expect("http client");
+    assert_eq!(t.errors, 0, "failed requests: {t:?}");
+    t
+}
+
+/// Holds a TCP connection to the echo service; returns it and the backend name it landed on.
+fn hold(lab: &mut Lab, src: &str) -> (lab::Spawned, String) {
+    let target = format!("{}:{}", lab::VIP4, lab::ECHO_PORT);
+    let cl = lab.client();
+    let h = lab
+        .spawn(
+            &cl,
+            &[
+                XTASK,
+                "lab-client",
+                "--kind",
+                "hold",
+                "--target",
+                &target,
+                "--source",
+                src,
+            ],
+        )
+        .expect("hold client");
+    let line = h
+        .expect_line("backend ", Duration::from_secs(10))
+        .expect("connected");
+    let name = line.trim_start_matches("backend ").trim().to_owned();
+    (h, name)
+}
+
+fn addr_of(lab: &Lab, name: &str) -> String {
+    lab.backends
+        .iter()
+        .find(|b| b.name == name)
+        .expect("backend")
+        .v4
+        .to_string()
+}
+
+/// `lb backend drain`: the established connection stays, new connections avoid the backend;
+/// `lb backend enable` takes it back. Shown in `lb status`.
+fn cli_drain(mode: Mode) {
+    let mut lab = up(mode, &[100, 100, 100]);
+    let (h, held) = hold(&mut lab, "10.99.0.15");
+    let addr = addr_of(&lab, &held);
+    let out = lab
+        .lb_cli(&lb(), &["backend", "drain", "echo", &addr])
+        .expect("drain echo");
+    assert!(out.contains("draining"), "{out}");
+    lab.lb_cli(&lb(), &["backend", "drain", "web", &addr])
+        .expect("drain web");
+    let t = http(&lab, 100);
+    assert_eq!(
+        t.by_backend.get(&held),
+        None,
+        "new connections reached the drained {held}: {t:?}"
+    );
+    let status = lab.lb_cli(&lb(), &["status", "--json"]).expect("status");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let web = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    let b = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr.as_str())
+        .unwrap();
+    assert_eq!(b["state"], "draining");
+    assert_eq!(b["effective_weight"], 0);
+    let (ok, out, err) = h.finish(Duration::from_secs(10)).unwrap();
+    assert!(
+        ok,
+        "drain broke the established connection: {out:?} {err:?}"
+    );
+    lab.lb_cli(&lb(), &["backend", "enable", "web", &addr])
+        .expect("enable");
+    let t = http(&lab, 200);
+    assert!(
+        t.by_backend.get(&held).copied().unwrap_or(0) > 0,
+        "{held} got nothing after enable: {t:?}"
+    );
+}
+
+/// `lb backend disable`: new connections avoid the backend and the established one is moved
+/// away (the new backend has no such connection: it is reset).
+fn cli_disable(mode: Mode) {
+    let mut lab = up(mode, &[100, 100, 100]);
+    let (h, held) = hold(&mut lab, "10.99.0.16");
+    let addr = addr_of(&lab, &held);
+    lab.lb_cli(&lb(), &["backend", "disable", "echo", &addr])
+        .expect("disable echo");
+    lab.lb_cli(&lb(), &["backend", "disable", "web", &addr])
+        .expect("disable web");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out, _) = h.finish(Duration::from_secs(10)).unwrap();
+    assert!(
+        !ok,
+        "the connection on the disabled {held} kept working: {out:?}"
+    );
+    let t = http(&lab, 100);
+    assert_eq!(
+        t.by_backend.get(&held),
+        None,
+        "new connections reached the disabled {held}: {t:?}"
+    );
+    let status = lab.lb_cli(&lb(), &["status"]).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(&addr) && l.contains("disabled")),
+        "{status}"
+    );
+}
+
+/// `lb backend weight` shifts the split at once, persists, and survives a restart of lb.
+fn cli_weight_persists(mode: Mode) {
+    let mut lab = up(mode, &[100, 100, 100]);
+    let b1 = addr_of(&lab, "b1");
+    lab.lb_cli(&lb(), &["backend", "weight", "web", &b1, "400"])
+        .expect("weight");
+    let t = http(&lab, 1000);
+    let share = *t.by_backend.get("b1").unwrap_or(&0) as f64 / 1000.0;
+    assert!(
+        (share - 400.0 / 600.0).abs() <= 0.05,
+        "b1 share {share:.3} after weight 400 of 600: {t:?}"
+    );
+    // Restart lb: the override comes back from the state file and shows as such.
+    lab.stop_lb().expect("stop");
+    let config = lab.config(mode);
+    lab.start_lb(&lb(), &config).expect("restart");
+    let status = lab.lb_cli(&lb(), &["status"]).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(&b1) && l.contains("400*")),
+        "override lost across restart:\n{status}"
+    );
+    let t = http(&lab, 1000);
+    let share = *t.by_backend.get("b1").unwrap_or(&0) as f64 / 1000.0;
+    assert!(
+        (share - 400.0 / 600.0).abs() <= 0.05,
+        "b1 share {share:.3} after restart: {t:?}"
+    );
+}
+
+/// `lb reload` adds a service and a backend; an established connection is not reset; a bad
+/// config is rejected with its reason and changes nothing.
+fn cli_reload(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    let initial = lab.config_with(mode, &[Some(100), Some(100), None]);
+    // Without the UDP echo services at first.
+    let without_udp: String = initial
+        .split("\n[[service]]\nname = \"uecho\"")
+        .next()
+        .unwrap()
+        .to_owned();
+    lab.start_lb(&lb(), &without_udp).expect("lb run");
+    let (h, _) = hold(&mut lab, "10.99.0.17");
+    let udp_target = SocketAddr::new(IpAddr::V4(lab::VIP4), lab::ECHO_PORT);
+    let before = lab
+        .clients(
+            Path::new(XTASK),
+            "udp",
+            udp_target,
+            &lab::v4s(&lab.clients4),
+            3,
+        )
+        .unwrap();
+    assert_eq!(
+        before.errors, 3,
+        "UDP answered before its service existed: {before:?}"
+    );
+
+    std::fs::write(lab.dir.join("lb.toml"), "[dataplane]\ninterface = 42\n").unwrap();
+    let err = lab
+        .lb_cli(&lb(), &["reload"])
+        .expect_err("bad config must be rejected")
+        .to_string();
+    assert!(
+        err.contains("lb.toml") && err.contains("interface"),
+        "{err}"
+    );
+
+    std::fs::write(lab.dir.join("lb.toml"), lab.config(mode)).unwrap();
+    let out = lab.lb_cli(&lb(), &["reload"]).expect("reload");
+    assert!(
+        out.contains("services +2") && out.contains("backends +"),
+        "{out}"
+    );
+    let after = lab
+        .clients(
+            Path::new(XTASK),
+            "udp",
+            udp_target,
+            &lab::v4s(&lab.clients4),
+            30,
+        )
+        .unwrap();
+    assert_eq!(after.errors, 0, "{after:?}");
+    let t = http(&lab, 200);
+    assert!(
+        t.by_backend.get("b3").copied().unwrap_or(0) > 0,
+        "added b3 gets no new connections: {t:?}"
+    );
+    let (ok, out, err) = h.finish(Duration::from_secs(10)).unwrap();
+    assert!(
+        ok,
+        "reload reset the established connection: {out:?} {err:?}"
+    );
+}
+
+/// Operator errors are clear.
+fn cli_errors(mode: Mode) {
+    let lab = up(mode, &[100]);
+    let e = lab
+        .lb_cli(&lb(), &["backend", "drain", "nope", "10.99.0.21"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown service \"nope\""), "{e}");
+    let e = lab
+        .lb_cli(&lb(), &["backend", "drain", "web", "10.99.0.99"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no backend 10.99.0.99"), "{e}");
+    let e = lab
+        .lb_cli(&lb(), &["backend", "drain", "web", "not-an-ip"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an IP address"), "{e}");
+    let out = std::process::Command::new(lb())
+        .args(["--socket", "/nonexistent/lb.sock", "status"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("lb is not running"),
+        "{e}"
+    );
+    let mode_bits = std::fs::metadata(lab.socket())
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode_bits, 0o600, "control socket mode");
+}
+
 macro_rules! both_modes {
     ($($name:ident),*) => {
         mod native {
@@ -383,4 +645,14 @@ macro_rules! both_modes {
     };
 }
 
-both_modes!(dsr, distribution, affinity, non_vip_traffic);
+both_modes!(
+    dsr,
+    distribution,
+    affinity,
+    non_vip_traffic,
+    cli_drain,
+    cli_disable,
+    cli_weight_persists,
+    cli_reload,
+    cli_errors
+);

@@ -1,3 +1,5 @@
+pub mod backend;
 pub mod check;
-pub mod report;
+pub mod reload;
 pub mod run;
+pub mod status;

@@ -2,8 +2,8 @@
 
 use std::fmt::Write as _;
 
+use crate::{state::DesiredState, stats::Snapshot};
 use lb_common::stats::Stat;
-use lb_userspace::{state::DesiredState, stats::Snapshot};
 
 pub fn render(desired: &DesiredState, snap: &Snapshot) -> String {
     let mut out = String::new();
@@ -22,9 +22,9 @@ pub fn render(desired: &DesiredState, snap: &Snapshot) -> String {
         for id in &s.backends {
             let c = snap.backends.get(id).copied().unwrap_or_default();
             let addr = desired
-                .backend_names
+                .backend_info
                 .get(id)
-                .map(|(_, a)| a.to_string())
+                .map(|i| i.address.to_string())
                 .unwrap_or_default();
             let _ = writeln!(
                 out,

@@ -1,0 +1,107 @@
+//! The control API: JSON types shared by the daemon (`lb run`) and the CLI.
+//!
+//! HTTP/1.1 over a Unix socket (default `/run/lb/lb.sock`, mode 0600):
+//! - `GET  /v1/status` → [`Status`]
+//! - `POST /v1/backends/{service}/{address}/enable|disable|drain` → [`Message`]
+//! - `POST /v1/backends/{service}/{address}/weight` with `{"weight": N}` → [`Message`]
+//! - `POST /v1/reload` → [`Message`]
+//!
+//! Errors: a non-2xx status with `{"error": "..."}`.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+
+/// Administrative state of a backend, set by `lb backend ...` and persisted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// Normal: takes new flows by weight.
+    #[default]
+    Enabled,
+    /// No new flows; existing flows stay until they end.
+    Draining,
+    /// No new flows, and existing flows are moved to other backends at their next packet.
+    Disabled,
+}
+
+impl std::fmt::Display for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Admin::Enabled => "enabled",
+            Admin::Draining => "draining",
+            Admin::Disabled => "disabled",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub interface: String,
+    pub xdp_mode: String,
+    pub uptime_seconds: u64,
+    pub config: String,
+    pub state_file: String,
+    pub services: Vec<ServiceStatus>,
+    /// Global counters by name (`verdict_tx`, `drop_no_backend`, ...).
+    pub counters: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub scheduler: String,
+    pub traffic: Traffic,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub mac: String,
+    /// `up`, `draining` (no new flows), `disabled` or `down`.
+    pub state: String,
+    pub admin: Admin,
+    /// Weight from the config file.
+    pub config_weight: u16,
+    /// Weight set with `lb backend weight` (persisted), overriding the config.
+    pub weight_override: Option<u16>,
+    /// Weight in effect for new flows (0 when draining or disabled).
+    pub effective_weight: u16,
+    /// `unknown` until health checks exist.
+    pub health: String,
+    /// Flows in the connection table that point at this backend.
+    pub active_connections: u64,
+    pub traffic: Traffic,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Over the last sampling interval (about a second).
+    pub packets_per_second: f64,
+    pub bits_per_second: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightBody {
+    pub weight: u16,
+}

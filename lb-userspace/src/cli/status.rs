@@ -1,0 +1,123 @@
+//! `lb status [--json]`: services and backends with state, weight, health, connections, traffic.
+
+use std::{fmt::Write as _, path::Path};
+
+use hyper::Method;
+use lb_userspace::{api, client};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print the raw JSON of the control API.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+    let v = client::call(socket, Method::GET, "/v1/status", None)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s: api::Status = serde_json::from_value(v)?;
+    print!("{}", render(&s));
+    Ok(())
+}
+
+fn rate(bps: f64) -> String {
+    match bps {
+        b if b >= 1e9 => format!("{:.1}G", b / 1e9),
+        b if b >= 1e6 => format!("{:.1}M", b / 1e6),
+        b if b >= 1e3 => format!("{:.1}k", b / 1e3),
+        b => format!("{b:.0}"),
+    }
+}
+
+pub fn render(s: &api::Status) -> String {
+    let mut o = String::new();
+    let up = s.uptime_seconds;
+    let _ = writeln!(
+        o,
+        "lb on {} ({} XDP), up {}h{:02}m{:02}s — config {}, admin state {}",
+        s.interface,
+        s.xdp_mode,
+        up / 3600,
+        up / 60 % 60,
+        up % 60,
+        s.config,
+        s.state_file
+    );
+    for svc in &s.services {
+        let t = &svc.traffic;
+        let _ = writeln!(
+            o,
+            "\nservice {} {}:{}/{} ({}): {} pkt/s {} bit/s, {} packets, {} new flows",
+            svc.name,
+            svc.vip,
+            svc.port,
+            svc.protocol,
+            svc.scheduler,
+            rate(t.packets_per_second),
+            rate(t.bits_per_second),
+            t.packets,
+            t.new_flows
+        );
+        let _ = writeln!(
+            o,
+            "  {:<26} {:<9} {:>7} {:<8} {:>7} {:>8} {:>8} {:>11} {:>9}",
+            "backend",
+            "state",
+            "weight",
+            "health",
+            "active",
+            "pkt/s",
+            "bit/s",
+            "packets",
+            "new_flows"
+        );
+        for b in &svc.backends {
+            let weight = match b.weight_override {
+                Some(w) => format!("{w}*"),
+                None => b.config_weight.to_string(),
+            };
+            let _ = writeln!(
+                o,
+                "  {:<26} {:<9} {:>7} {:<8} {:>7} {:>8} {:>8} {:>11} {:>9}",
+                b.address,
+                b.state,
+                weight,
+                b.health,
+                b.active_connections,
+                rate(b.traffic.packets_per_second),
+                rate(b.traffic.bits_per_second),
+                b.traffic.packets,
+                b.traffic.new_flows
+            );
+        }
+    }
+    let nonzero: Vec<String> = s
+        .counters
+        .iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "\ncounters: {}",
+        if nonzero.is_empty() {
+            "all zero".into()
+        } else {
+            nonzero.join(" ")
+        }
+    );
+    if s.services
+        .iter()
+        .flat_map(|x| &x.backends)
+        .any(|b| b.weight_override.is_some())
+    {
+        let _ = writeln!(
+            o,
+            "* weight set with `lb backend weight` (overrides the config file)"
+        );
+    }
+    o
+}
