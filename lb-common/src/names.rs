@@ -17,6 +17,12 @@ pub const BACKENDS: &str = "LB_BACKENDS";
 pub const FLOWS: &str = "LB_FLOWS";
 /// Egress interfaces for backends behind another interface (devmap, XDP_REDIRECT).
 pub const TX_PORTS: &str = "LB_TX_PORTS";
+/// Active connections per backend id, per CPU (`u64`, wrapping): +1 for a counted new flow,
+/// −1 (wrapping add of `u64::MAX`) when its client sends FIN/RST or it moves to another backend.
+pub const BACKEND_CONNS: &str = "LB_BE_CONNS";
+/// Counted flows the controller expired (idle) per backend id, per CPU (written by the
+/// controller only). Active connections = Σcpu (`LB_BE_CONNS` − `LB_BE_EXPIRED`).
+pub const BACKEND_EXPIRED: &str = "LB_BE_EXPIRED";
 /// Global counters by [`crate::stats::Stat`] index (per-CPU array of `u64`).
 pub const STATS: &str = "LB_STATS";
 /// Per-service counters by service id (per-CPU array of [`crate::Counters`]).
@@ -31,8 +37,10 @@ pub const FLAGS: &str = "LB_FLAGS";
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     FLAGS,
+    BACKEND_CONNS,
+    BACKEND_EXPIRED,
     SERVICES,
     VIPS,
     RING,

@@ -123,14 +123,27 @@ pub struct Backend {
     pub tx_port: u32,
 }
 
+/// [`FlowValue::flags`]: the flow is counted in the backend's active connections
+/// (a TCP flow that began with a SYN, or a UDP flow).
+pub const FLOW_F_COUNTED: u32 = 1;
+/// [`FlowValue::flags`]: the client sent FIN or RST (no longer counted as active).
+pub const FLOW_F_CLOSED: u32 = 2;
+
 /// Connection table value.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     /// Backend id.
     pub backend: u32,
     /// [`Backend::generation`] when the flow was recorded.
     pub generation: u32,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last packet, refreshed at
+    /// most once a second. The controller expires idle flows with it.
+    pub last_seen_ns: u64,
+    /// `FLOW_F_*`.
+    pub flags: u32,
+    /// CPU whose active-connection counter counted this flow (per-CPU counters).
+    pub cpu: u32,
 }
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
@@ -159,7 +172,7 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<Backend>() == 24);
-const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<FlowValue>() == 24);
 const _: () = assert!(size_of::<Counters>() == 24);
 
 #[cfg(feature = "user")]

@@ -49,7 +49,8 @@ pub fn lb_baseline_tx(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> u32 {
     let mut key = FlowKey::default();
-    match parse::parse(ctx, &mut key) {
+    let mut tcp_flags = 0u8;
+    match parse::parse(ctx, &mut key, &mut tcp_flags) {
         Parsed::Flow => {}
         Parsed::NotIp => return pass(Stat::PassNotIp),
         Parsed::NotTcpUdp => return pass(Stat::PassNotTcpUdp),
@@ -76,7 +77,7 @@ fn process(ctx: &XdpContext) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
 
-    let Some((backend_id, backend)) = select::backend_for_flow(&key, svc) else {
+    let Some((backend_id, backend)) = select::backend_for_flow(&key, svc, tcp_flags) else {
         return drop(ctx, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);

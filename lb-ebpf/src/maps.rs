@@ -44,6 +44,14 @@ pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
+/// Active connections per backend, per CPU (see lb_common::names).
+#[map]
+pub static LB_BE_CONNS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Counted flows expired by the controller per backend, per CPU (controller writes only).
+#[map]
+pub static LB_BE_EXPIRED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
 /// Egress interfaces for backends behind another interface.
 #[map]
 pub static LB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);

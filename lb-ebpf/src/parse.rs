@@ -48,8 +48,9 @@ pub enum Parsed {
     Fragment,
 }
 
+/// Fills `key` (and `tcp_flags` for TCP: the flags byte of the header).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, key: &mut FlowKey) -> Parsed {
+pub fn parse(ctx: &XdpContext, key: &mut FlowKey, tcp_flags: &mut u8) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::Malformed;
     };
@@ -78,7 +79,7 @@ pub fn parse(ctx: &XdpContext, key: &mut FlowKey) -> Parsed {
     } else {
         return Parsed::NotIp;
     };
-    parse_ports(ctx, l4_off, key)
+    parse_ports(ctx, l4_off, key, tcp_flags)
 }
 
 /// Returns the L4 offset.
@@ -172,18 +173,23 @@ fn parse_ipv6(
 }
 
 #[inline(always)]
-fn parse_ports(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
+fn parse_ports(ctx: &XdpContext, off: usize, key: &mut FlowKey, tcp_flags: &mut u8) -> Parsed {
     if off > MAX_L4_OFFSET {
         return Parsed::MalformedL4;
     }
     // A complete TCP (20 bytes) or UDP (8 bytes) header must be present; ports come first in both.
     let ports = if key.protocol == PROTO_TCP {
-        ptr_at::<TcpHdr>(ctx, off).map(|p| p.cast::<[u8; 4]>())
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, off) else {
+            return Parsed::MalformedL4;
+        };
+        // SAFETY: bounds-checked by `ptr_at`: all 20 bytes; the flags are byte 13.
+        *tcp_flags = unsafe { *tcp.cast::<u8>().add(13) };
+        tcp.cast::<[u8; 4]>()
     } else {
-        ptr_at::<UdpHdr>(ctx, off).map(|p| p.cast::<[u8; 4]>())
-    };
-    let Some(ports) = ports else {
-        return Parsed::MalformedL4;
+        let Some(udp) = ptr_at::<UdpHdr>(ctx, off) else {
+            return Parsed::MalformedL4;
+        };
+        udp.cast::<[u8; 4]>()
     };
     // SAFETY: bounds-checked by `ptr_at` (the whole header, of which these are the first bytes).
     let p = unsafe { *ports };

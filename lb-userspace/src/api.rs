@@ -46,6 +46,10 @@ pub struct Status {
     pub config: String,
     pub state_file: String,
     pub services: Vec<ServiceStatus>,
+    /// Connection table entries at the last sweep.
+    pub flow_entries: u64,
+    /// Idle flows removed by the sweeper since start (`[timeouts]`).
+    pub flows_expired: u64,
     /// Global counters by name (`verdict_tx`, `drop_no_backend`, ...).
     pub counters: Vec<(String, u64)>,
 }
@@ -76,7 +80,8 @@ pub struct BackendStatus {
     pub effective_weight: u16,
     /// `unknown` until health checks exist.
     pub health: String,
-    /// Flows in the connection table that point at this backend.
+    /// Open connections: new UDP flows and TCP flows that began with a SYN, until the client's
+    /// FIN/RST, a move to another backend, or idle expiry (`[timeouts]`).
     pub active_connections: u64,
     pub traffic: Traffic,
 }

@@ -122,7 +122,30 @@ impl fmt::Display for Mac {
 pub struct Config {
     pub dataplane: Dataplane,
     pub control: Control,
+    pub timeouts: Timeouts,
     pub services: Vec<Service>,
+}
+
+/// `[timeouts]`: idle time (seconds) after which the controller removes a flow from the
+/// connection table (and from its backend's active connections), like `ipvsadm --set`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timeouts {
+    /// Established TCP flows.
+    pub tcp: u32,
+    /// TCP flows whose client sent FIN or RST.
+    pub tcp_fin: u32,
+    /// UDP flows.
+    pub udp: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp: 900,
+            tcp_fin: 120,
+            udp: 300,
+        }
+    }
 }
 
 /// `[control]`: the local control API and the persisted admin state.
@@ -169,6 +192,7 @@ pub struct Backend {
 struct RawConfig {
     dataplane: Option<RawDataplane>,
     control: Option<RawControl>,
+    timeouts: Option<RawTimeouts>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -181,6 +205,14 @@ struct RawDataplane {
     xdp_mode: XdpMode,
     flow_table_size: Option<i64>,
     ring_size: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    tcp: Option<i64>,
+    tcp_fin: Option<i64>,
+    udp: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +297,7 @@ impl Validator {
         })?;
         let dataplane = self.dataplane(dp)?;
         let control = self.control(raw.control)?;
+        let timeouts = self.timeouts(raw.timeouts)?;
         if raw.service.len() > MAX_SERVICES as usize {
             return Err(self.err(
                 "service",
@@ -305,7 +338,26 @@ impl Validator {
         Ok(Config {
             dataplane,
             control,
+            timeouts,
             services,
+        })
+    }
+
+    fn timeouts(&self, raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
+        let d = Timeouts::default();
+        let Some(raw) = raw else { return Ok(d) };
+        let check = |name: &str, v: Option<i64>, default: u32| match v {
+            None => Ok(default),
+            Some(n) if (1..=86400 * 7).contains(&n) => Ok(n as u32),
+            Some(n) => Err(self.err(
+                format!("timeouts.{name}"),
+                format!("{n} is out of range 1..=604800 (seconds)"),
+            )),
+        };
+        Ok(Timeouts {
+            tcp: check("tcp", raw.tcp, d.tcp)?,
+            tcp_fin: check("tcp_fin", raw.tcp_fin, d.tcp_fin)?,
+            udp: check("udp", raw.udp, d.udp)?,
         })
     }
 
@@ -629,6 +681,26 @@ mac = "02:00:00:00:00:22"
         let c = parse(text).unwrap();
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.services[1].port, 0);
+    }
+
+    #[test]
+    fn timeouts_defaults_and_range() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.timeouts,
+            Timeouts {
+                tcp: 900,
+                tcp_fin: 120,
+                udp: 300
+            }
+        );
+        let c = parse(&format!("{GOOD}\n[timeouts]\nudp = 5\n")).unwrap();
+        assert_eq!(c.timeouts.udp, 5);
+        assert_eq!(c.timeouts.tcp, 900);
+        let e = parse(&format!("{GOOD}\n[timeouts]\ntcp = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timeouts.tcp: 0 is out of range"), "{e}");
     }
 
     #[test]

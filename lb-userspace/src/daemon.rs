@@ -89,6 +89,20 @@ pub struct Daemon {
     started: Instant,
     /// The last two counter samples, for rates.
     samples: [Option<(Instant, Snapshot)>; 2],
+    /// Connection table: entries at the last sweep, and flows expired so far.
+    flow_entries: u64,
+    flows_expired: u64,
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of `bpf_ktime_get_coarse_ns()`.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Daemon {
@@ -136,6 +150,8 @@ impl Daemon {
             mode,
             started: Instant::now(),
             samples: [None, None],
+            flow_entries: 0,
+            flows_expired: 0,
         })
     }
 
@@ -177,6 +193,10 @@ impl Daemon {
                 None => None,
             };
             let mut sample = tokio::time::interval(Duration::from_secs(1));
+            // Sweep often enough for the shortest timeout, at most every 10 s.
+            let t = &self.cfg.timeouts;
+            let every = (t.tcp.min(t.tcp_fin).min(t.udp) / 2).clamp(1, 10);
+            let mut sweep = tokio::time::interval(Duration::from_secs(every as u64));
             let mut printed = Instant::now();
             loop {
                 tokio::select! {
@@ -191,6 +211,7 @@ impl Daemon {
                     Some((req, reply)) = rx.recv() => {
                         let _ = reply.send(self.handle(req));
                     }
+                    _ = sweep.tick() => self.sweep(),
                     _ = sample.tick() => {
                         self.sample();
                         if stats_interval > 0 && printed.elapsed() >= Duration::from_secs(stats_interval) {
@@ -219,6 +240,25 @@ impl Daemon {
         Ok(snap
             .map(|s| crate::report::render(&self.desired, &s))
             .unwrap_or_default())
+    }
+
+    fn sweep(&mut self) {
+        let started = Instant::now();
+        match self.dp.sweep(coarse_now_ns(), &self.cfg.timeouts) {
+            Ok(s) => {
+                self.flow_entries = s.entries - s.expired;
+                self.flows_expired += s.expired;
+                if s.expired > 0 {
+                    log::debug!(
+                        "sweep: {} of {} flows expired in {:?}",
+                        s.expired,
+                        s.entries,
+                        started.elapsed()
+                    );
+                }
+            }
+            Err(e) => log::warn!("sweeping the connection table: {e}"),
+        }
     }
 
     fn sample(&mut self) {
@@ -446,6 +486,8 @@ impl Daemon {
             config: self.config_path.display().to_string(),
             state_file: self.cfg.control.state_file.display().to_string(),
             services,
+            flow_entries: self.flow_entries,
+            flows_expired: self.flows_expired,
             counters: Stat::ALL
                 .iter()
                 .map(|s| (s.name().to_owned(), s1.get(*s)))

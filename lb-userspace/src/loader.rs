@@ -76,6 +76,15 @@ pub struct Dataplane {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
+/// What a sweep of the connection table did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Entries seen.
+    pub entries: u64,
+    /// Idle entries deleted.
+    pub expired: u64,
+}
+
 /// How the program got attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachedMode {
@@ -251,9 +260,13 @@ impl Dataplane {
                     .tx_ports()?
                     .set(*slot, *ifindex, None, 0)
                     .map_err(|e| LoaderError::TxPort(Box::new(e)))?,
-                Op::Backend { id, value } | Op::RetireBackend { id, value } => {
+                Op::Backend { id, value, fresh } => {
+                    if *fresh {
+                        self.reset_backend_counters(*id)?;
+                    }
                     self.set_backend(*id, value)?
                 }
+                Op::RetireBackend { id, value } => self.set_backend(*id, value)?,
                 Op::Ring { service_id, ring } => self.set_ring(*service_id, ring_size, ring)?,
                 Op::Service { key, value } => self
                     .services()?
@@ -320,29 +333,137 @@ impl Dataplane {
         Ok(flows.keys().filter(|k| k.is_ok()).count())
     }
 
-    /// Flows in the connection table per backend id (entries whose generation is current).
+    /// Active connections per backend id: Σcpu (`LB_BE_CONNS` − `LB_BE_EXPIRED`).
     pub fn active_connections(&mut self) -> Result<BTreeMap<u32, u64>> {
-        let backends: BTreeMap<u32, Backend> = {
-            let map: Array<&mut MapData, Backend> =
-                Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-            map.iter()
-                .enumerate()
-                .filter_map(|(i, v)| v.ok().map(|v| (i as u32, v)))
-                .filter(|(_, v)| v.generation != 0)
-                .collect()
-        };
-        let flows: HashMap<&mut MapData, lb_common::FlowKey, lb_common::FlowValue> =
-            HashMap::try_from(self.map(names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+        let conns = self.per_cpu_sums(names::BACKEND_CONNS)?;
+        let expired = self.per_cpu_sums(names::BACKEND_EXPIRED)?;
+        Ok(conns
+            .into_iter()
+            .map(|(id, c)| {
+                let e = expired.get(&id).copied().unwrap_or(0);
+                (id, (c.wrapping_sub(e) as i64).max(0) as u64)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect())
+    }
+
+    /// Per backend id, the wrapping sum over CPUs of a per-CPU `u64` array (non-zero only).
+    fn per_cpu_sums(&mut self, name: &'static str) -> Result<BTreeMap<u32, u64>> {
+        let map: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
         let mut out = BTreeMap::new();
-        for (_, v) in flows.iter().flatten() {
-            if backends
-                .get(&v.backend)
-                .is_some_and(|b| b.generation == v.generation)
-            {
-                *out.entry(v.backend).or_default() += 1;
+        for (id, v) in map.iter().enumerate() {
+            let v = v.map_err(map_err(name))?;
+            let sum = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
+            if sum != 0 {
+                out.insert(id as u32, sum);
             }
         }
         Ok(out)
+    }
+
+    /// Deletes flows idle longer than their timeout; counted ones still open are added to
+    /// `LB_BE_EXPIRED` on the CPU that counted them. `now_ns` is CLOCK_MONOTONIC_COARSE.
+    pub fn sweep(&mut self, now_ns: u64, timeouts: &crate::config::Timeouts) -> Result<SweepStats> {
+        use lb_common::{FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, PROTO_TCP};
+        let idle_limit = |k: &FlowKey, v: &FlowValue| -> u64 {
+            let secs = if k.protocol != PROTO_TCP {
+                timeouts.udp
+            } else if v.flags & FLOW_F_CLOSED != 0 {
+                timeouts.tcp_fin
+            } else {
+                timeouts.tcp
+            };
+            secs as u64 * 1_000_000_000
+        };
+        let mut stats = SweepStats::default();
+        let mut candidates = Vec::new();
+        {
+            let flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+                HashMap::try_from(self.map(names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+            for (k, v) in flows.iter().flatten() {
+                stats.entries += 1;
+                if now_ns.saturating_sub(v.last_seen_ns) > idle_limit(&k, &v) {
+                    candidates.push((k, v));
+                }
+            }
+        }
+        let mut expired: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        {
+            let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+                HashMap::try_from(self.map(names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+            for (k, v) in candidates {
+                // Re-read: a packet since the scan makes it live again (the window left is a
+                // packet arriving between this read and the delete).
+                match flows.get(&k, 0) {
+                    Ok(now_v) if now_v == v => {}
+                    _ => continue,
+                }
+                if flows.remove(&k).is_ok() {
+                    stats.expired += 1;
+                    if v.flags & (FLOW_F_COUNTED | FLOW_F_CLOSED) == FLOW_F_COUNTED {
+                        *expired.entry((v.backend, v.cpu)).or_default() += 1;
+                    }
+                }
+            }
+        }
+        if !expired.is_empty() {
+            let mut map: PerCpuArray<&mut MapData, u64> =
+                PerCpuArray::try_from(self.map(names::BACKEND_EXPIRED)?)
+                    .map_err(map_err(names::BACKEND_EXPIRED))?;
+            let mut by_backend: BTreeMap<u32, Vec<(u32, u64)>> = BTreeMap::new();
+            for ((b, cpu), n) in expired {
+                by_backend.entry(b).or_default().push((cpu, n));
+            }
+            for (b, adds) in by_backend {
+                let cur = map.get(&b, 0).map_err(map_err(names::BACKEND_EXPIRED))?;
+                let mut vals: Vec<u64> = cur.iter().copied().collect();
+                for (cpu, n) in adds {
+                    if let Some(slot) = vals.get_mut(cpu as usize) {
+                        *slot = slot.wrapping_add(n);
+                    }
+                }
+                let vals =
+                    aya::maps::PerCpuValues::try_from(vals).map_err(|e| LoaderError::Map {
+                        name: names::BACKEND_EXPIRED,
+                        source: Box::new(aya::maps::MapError::SyscallError(
+                            aya::sys::SyscallError {
+                                call: "per-cpu values",
+                                io_error: e,
+                            },
+                        )),
+                    })?;
+                map.set(b, vals, 0)
+                    .map_err(map_err(names::BACKEND_EXPIRED))?;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Zeroes a backend id's per-CPU counters (traffic, connections, expired): a new backend
+    /// taking the id starts from nothing.
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| LoaderError::Map {
+            name: names::BACKEND_CONNS,
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            })),
+        })?;
+        for name in [names::BACKEND_CONNS, names::BACKEND_EXPIRED] {
+            let mut map: PerCpuArray<&mut MapData, u64> =
+                PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; n]).expect("nr_cpus values");
+            map.set(id, zeros, 0).map_err(map_err(name))?;
+        }
+        let mut map: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)
+                .map_err(map_err(names::BACKEND_STATS))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); n])
+            .expect("nr_cpus values");
+        map.set(id, zeros, 0)
+            .map_err(map_err(names::BACKEND_STATS))?;
+        Ok(())
     }
 
     /// The connection table entry of `key`, if any.

@@ -329,9 +329,11 @@ pub enum Op {
         slot: u32,
         ifindex: u32,
     },
+    /// `fresh`: the id is new to this backend: its counters are zeroed first.
     Backend {
         id: u32,
         value: Backend,
+        fresh: bool,
     },
     Ring {
         service_id: u32,
@@ -403,11 +405,19 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
             Some(old) if old == b => {}
             Some(_) => {
                 sum.backends_updated += 1;
-                ops.push(Op::Backend { id: *id, value: *b });
+                ops.push(Op::Backend {
+                    id: *id,
+                    value: *b,
+                    fresh: false,
+                });
             }
             None => {
                 sum.backends_added += 1;
-                ops.push(Op::Backend { id: *id, value: *b });
+                ops.push(Op::Backend {
+                    id: *id,
+                    value: *b,
+                    fresh: true,
+                });
             }
         }
     }

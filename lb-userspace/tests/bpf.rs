@@ -243,6 +243,145 @@ fn reused_backend_id_does_not_inherit_old_flows() {
     assert_eq!(&out[0..6], &f.backend_mac(svc.backends[1]));
 }
 
+// ---- active connections ---------------------------------------------------------------------
+
+fn active(f: &mut Fixture, backend: u32) -> u64 {
+    f.dp.active_connections()
+        .unwrap()
+        .get(&backend)
+        .copied()
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn syn_opens_and_client_fin_or_rst_closes_a_connection() {
+    let mut f = Fixture::new(CONFIG);
+    let key = key4(C1, 46000, VIP4, 80, 6);
+    let b = f.predict(&key, "web4");
+    assert_eq!(f.run(&tcp4_flags(C1, 46000, VIP4, 80, "S")).0, XDP_TX);
+    assert_eq!(active(&mut f, b), 1, "SYN opens");
+    f.run(&tcp4_flags(C1, 46000, VIP4, 80, "A"));
+    assert_eq!(active(&mut f, b), 1, "ACK changes nothing");
+    assert_eq!(
+        f.run(&tcp4_flags(C1, 46000, VIP4, 80, "FA")).0,
+        XDP_TX,
+        "FIN still forwarded"
+    );
+    assert_eq!(active(&mut f, b), 0, "client FIN closes");
+    f.run(&tcp4_flags(C1, 46000, VIP4, 80, "FA"));
+    f.run(&tcp4_flags(C1, 46000, VIP4, 80, "R"));
+    assert_eq!(
+        active(&mut f, b),
+        0,
+        "a second FIN or a RST does not count again"
+    );
+    let flow = f.dp.flow(&key).unwrap().unwrap();
+    assert_eq!(
+        flow.flags,
+        lb_common::FLOW_F_COUNTED | lb_common::FLOW_F_CLOSED
+    );
+    // RST closes too.
+    let key2 = key4(C2, 46002, VIP4, 80, 6);
+    let b2 = f.predict(&key2, "web4");
+    f.run(&tcp4_flags(C2, 46002, VIP4, 80, "S"));
+    let before = active(&mut f, b2);
+    f.run(&tcp4_flags(C2, 46002, VIP4, 80, "R"));
+    assert_eq!(active(&mut f, b2), before - 1);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn only_syn_started_tcp_and_udp_flows_count() {
+    let mut f = Fixture::new(CONFIG);
+    let key = key4(C1, 47000, VIP4, 80, 6);
+    let b = f.predict(&key, "web4");
+    f.run(&tcp4_flags(C1, 47000, VIP4, 80, "A"));
+    f.run(&tcp4_flags(C1, 47000, VIP4, 80, "SA"));
+    assert_eq!(
+        active(&mut f, b),
+        0,
+        "a flow first seen mid-stream is forwarded, not counted"
+    );
+    assert!(f.dp.flow(&key).unwrap().is_some());
+    let (pkt, ukey) = udp4(C1, 47001, VIP4, 53);
+    let ub = f.predict(&ukey, "dns4");
+    f.run(&pkt);
+    f.run(&pkt);
+    assert_eq!(active(&mut f, ub), 1, "a UDP flow counts once");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn a_moved_flow_leaves_its_count_behind() {
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    let sport = (48000..48200)
+        .step_by(2)
+        .find(|p| f.predict(&key4(C1, *p, VIP4, 80, 6), "web4") == svc.backends[0])
+        .unwrap();
+    f.run(&tcp4_flags(C1, sport, VIP4, 80, "S"));
+    assert_eq!(active(&mut f, svc.backends[0]), 1);
+    let mut b = f.desired.backends[&svc.backends[0]];
+    b.flags = 0;
+    b.generation += 1;
+    f.dp.set_backend(svc.backends[0], &b).unwrap();
+    f.dp.set_ring(
+        svc.value.id,
+        f.desired.ring_size,
+        &vec![svc.backends[1]; f.desired.ring_size as usize],
+    )
+    .unwrap();
+    f.run(&tcp4_flags(C1, sport, VIP4, 80, "A"));
+    assert_eq!(
+        active(&mut f, svc.backends[0]),
+        0,
+        "count left on the backend the flow left"
+    );
+    assert_eq!(
+        active(&mut f, svc.backends[1]),
+        0,
+        "a mid-stream move is not a new connection"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn sweep_expires_idle_flows_and_their_counts() {
+    let mut f = Fixture::new(CONFIG);
+    let key = key4(C1, 49000, VIP4, 80, 6);
+    let b = f.predict(&key, "web4");
+    f.run(&tcp4_flags(C1, 49000, VIP4, 80, "S"));
+    let (upkt, ukey) = udp4(C1, 49001, VIP4, 53);
+    f.run(&upkt);
+    let ub = f.predict(&ukey, "dns4");
+    let seen = f.dp.flow(&key).unwrap().unwrap().last_seen_ns;
+    assert!(seen > 0, "last_seen_ns recorded");
+    let t = lb_userspace::config::Timeouts {
+        tcp: 100,
+        tcp_fin: 10,
+        udp: 5,
+    };
+    // 6 s later: only the UDP flow is past its timeout.
+    let s = f.dp.sweep(seen + 6_000_000_000, &t).unwrap();
+    assert_eq!((s.entries, s.expired), (2, 1));
+    assert!(f.dp.flow(&ukey).unwrap().is_none());
+    assert!(f.dp.flow(&key).unwrap().is_some());
+    assert_eq!(
+        active(&mut f, ub),
+        0,
+        "expired UDP flow no longer active"
+    );
+    assert_eq!(active(&mut f, b), 1);
+    // 101 s later the TCP flow goes too, and its backend's count with it.
+    let s = f.dp.sweep(seen + 101_000_000_000, &t).unwrap();
+    assert_eq!(s.expired, 1);
+    assert_eq!(active(&mut f, b), 0);
+    // The same 5-tuple later starts over as a new flow.
+    f.run(&tcp4_flags(C1, 49000, VIP4, 80, "S"));
+    assert_eq!(active(&mut f, b), 1);
+}
+
 // ---- pass-through -----------------------------------------------------------------------------
 
 #[test]

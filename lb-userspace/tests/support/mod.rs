@@ -400,3 +400,20 @@ pub fn tcp4_with_options(
     tcp.write(&mut out).unwrap();
     (out, key4(src, sport, dst, dport, 6))
 }
+
+/// A TCP segment with the given flags ("S", "SA", "A", "F", "FA", "R").
+pub fn tcp4_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240);
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            other => panic!("flag {other}"),
+        };
+    }
+    write(b, &[])
+}
