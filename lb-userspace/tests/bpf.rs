@@ -367,11 +367,7 @@ fn sweep_expires_idle_flows_and_their_counts() {
     assert_eq!((s.entries, s.expired), (2, 1));
     assert!(f.dp.flow(&ukey).unwrap().is_none());
     assert!(f.dp.flow(&key).unwrap().is_some());
-    assert_eq!(
-        active(&mut f, ub),
-        0,
-        "expired UDP flow no longer active"
-    );
+    assert_eq!(active(&mut f, ub), 0, "expired UDP flow no longer active");
     assert_eq!(active(&mut f, b), 1);
     // 101 s later the TCP flow goes too, and its backend's count with it.
     let s = f.dp.sweep(seen + 101_000_000_000, &t).unwrap();
