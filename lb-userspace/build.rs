@@ -45,6 +45,11 @@ fn main() -> anyhow::Result<()> {
 
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
     let root_dir = manifest_dir.join("../lb-ebpf");
+    // aya-build watches lb-ebpf's directory; the kernel side also compiles lb-common.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../lb-common").display()
+    );
     let root_dir = root_dir.to_str().context("non-UTF-8 path to lb-ebpf")?;
     let toolchain = env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian-web".to_owned());
     // Debian's rustc is a stable compiler: let only aya-ebpf use its one unstable feature

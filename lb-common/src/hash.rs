@@ -34,6 +34,19 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// Hash of the source address (and family) only: the `sh` scheduler. Every connection from one
+/// client address lands on the same backend.
+#[inline(always)]
+pub fn source_hash(key: &FlowKey) -> u32 {
+    let w = key.words();
+    let mut h = SEED ^ 0x5348; // "SH"
+    h = (h ^ w[0]).wrapping_mul(K).rotate_left(31);
+    h = (h ^ w[1]).wrapping_mul(K).rotate_left(31);
+    h = (h ^ key.family as u64).wrapping_mul(K).rotate_left(31);
+    let h = fmix64(h);
+    (h ^ (h >> 32)) as u32
+}
+
 /// Hash of arbitrary bytes with a seed (the controller's Maglev permutation uses it on backend
 /// identities). Stable across releases and platforms: tables built by two controllers agree.
 pub fn bytes_hash(seed: u64, bytes: &[u8]) -> u64 {
@@ -105,6 +118,23 @@ mod tests {
         for b in buckets {
             assert!((900..1100).contains(&b), "uneven buckets: {buckets:?}");
         }
+    }
+
+    #[test]
+    fn source_hash_ignores_ports_and_destination() {
+        let mut a = FlowKey {
+            family: 4,
+            protocol: 6,
+            ..FlowKey::default()
+        };
+        a.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut b = a;
+        b.src_port = [1, 2];
+        b.dst_port = [0, 80];
+        b.dst_addr[0] = 9;
+        assert_eq!(source_hash(&a), source_hash(&b));
+        b.src_addr[3] = 2;
+        assert_ne!(source_hash(&a), source_hash(&b));
     }
 
     #[test]

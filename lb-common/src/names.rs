@@ -23,6 +23,8 @@ pub const BACKEND_CONNS: &str = "LB_BE_CONNS";
 /// Counted flows the controller expired (idle) per backend id, per CPU (written by the
 /// controller only). Active connections = Σcpu (`LB_BE_CONNS` − `LB_BE_EXPIRED`).
 pub const BACKEND_EXPIRED: &str = "LB_BE_EXPIRED";
+/// Round-robin cursor per service id, per CPU (`u64`): rr/wrr walk their sequence with it.
+pub const RR_CURSOR: &str = "LB_RR_CURSOR";
 /// Global counters by [`crate::stats::Stat`] index (per-CPU array of `u64`).
 pub const STATS: &str = "LB_STATS";
 /// Per-service counters by service id (per-CPU array of [`crate::Counters`]).
@@ -37,8 +39,9 @@ pub const FLAGS: &str = "LB_FLAGS";
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     FLAGS,
+    RR_CURSOR,
     BACKEND_CONNS,
     BACKEND_EXPIRED,
     SERVICES,

@@ -68,9 +68,20 @@ pub struct ServiceKey {
     pub family: u8,
 }
 
-/// Scheduler of a service ([`ServiceValue::scheduler`]). Only Maglev exists in the data plane
-/// today; later schedulers get their own numbers.
+/// Scheduler of a service ([`ServiceValue::scheduler`]): weighted Maglev on the 5-tuple hash.
 pub const SCHED_MAGLEV: u32 = 0;
+/// Source hashing: the same weighted Maglev table, on a hash of the source address only.
+pub const SCHED_SH: u32 = 1;
+/// (Weighted) round robin: the table's first `ring_len` slots hold a smooth weighted sequence
+/// that a per-CPU cursor walks.
+pub const SCHED_WRR: u32 = 2;
+/// Least connections: the table's first `ring_len` slots list the backends taking new flows.
+pub const SCHED_LC: u32 = 3;
+/// Weighted least connections (`conns_i·w_j < conns_j·w_i`), same table shape as LC.
+pub const SCHED_WLC: u32 = 4;
+/// Most backends an lc/wlc service may have: the data plane scans them for every new flow, and
+/// the verifier accepts the scan up to about this bound (64 exceeds its 1M-instruction limit).
+pub const MAX_LC_BACKENDS: u32 = 32;
 
 /// What the data plane knows of a service.
 #[repr(C)]
@@ -82,7 +93,8 @@ pub struct ServiceValue {
     pub scheduler: u32,
     /// Reserved for flags (0).
     pub flags: u32,
-    pub _reserved: u32,
+    /// rr/wrr: length of the sequence; lc/wlc: number of backends listed; else 0.
+    pub ring_len: u32,
 }
 
 /// Key of the VIP set: any address that is the VIP of some service.
@@ -121,6 +133,9 @@ pub struct Backend {
     pub generation: u32,
     /// Devmap slot when [`BACKEND_F_REDIRECT`] is set.
     pub tx_port: u32,
+    /// Effective weight (wlc compares with it).
+    pub weight: u32,
+    pub _pad: u32,
 }
 
 /// [`FlowValue::flags`]: the flow is counted in the backend's active connections
@@ -171,7 +186,7 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<VipKey>() == 20);
-const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<Backend>() == 32);
 const _: () = assert!(size_of::<FlowValue>() == 24);
 const _: () = assert!(size_of::<Counters>() == 24);
 
@@ -219,6 +234,8 @@ mod tests {
         assert_eq!(offset_of!(Backend, src_mac), 6);
         assert_eq!(offset_of!(Backend, flags), 12);
         assert_eq!(offset_of!(Backend, tx_port), 20);
+        assert_eq!(offset_of!(Backend, weight), 24);
+        assert_eq!(offset_of!(ServiceValue, ring_len), 12);
         assert_eq!(offset_of!(Counters, new_flows), 16);
     }
 

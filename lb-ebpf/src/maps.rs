@@ -52,6 +52,10 @@ pub static LB_BE_CONNS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BAC
 #[map]
 pub static LB_BE_EXPIRED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Round-robin cursor per service, per CPU.
+#[map]
+pub static LB_RR_CURSOR: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
 /// Egress interfaces for backends behind another interface.
 #[map]
 pub static LB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);

@@ -1,17 +1,26 @@
-//! Backend selection: connection table first, the service's table for new flows; and the
+//! Backend selection: connection table first, the service's scheduler for new flows; and the
 //! active-connection accounting that goes with it.
+//!
+//! Across CPUs: maglev and sh are stateless (exact); rr/wrr walk their sequence with a per-CPU
+//! cursor (each CPU exact, interleaving approximate across CPUs); lc/wlc compare this CPU's
+//! connection counts (exact on one CPU; with several CPUs each balances its own share, and RSS
+//! spreads flows evenly). Shared counters would need atomics this BPF target lacks.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP, ServiceValue, hash::flow_hash, stats::Stat,
+    BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, MAX_LC_BACKENDS,
+    NO_BACKEND, PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceValue,
+    hash::{flow_hash, source_hash},
+    stats::Stat,
 };
 
 use crate::{
-    maps::{LB_BACKENDS, LB_BE_CONNS, LB_FLOWS, LB_RING, LB_RING_SIZE},
+    maps::{
+        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_RING, LB_RING_SIZE, LB_RR_CURSOR,
+    },
     stats::{count, count_new_flow},
 };
 
@@ -68,7 +77,7 @@ pub fn backend_for_flow(
         count(Stat::FlowRescheduled);
     }
 
-    let id = maglev_lookup(key, svc.id)?;
+    let id = schedule(key, svc)?;
     let b = usable(id)?;
     let counted =
         !closing && (key.protocol == PROTO_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
@@ -114,13 +123,87 @@ fn usable(id: u32) -> Option<&'static Backend> {
     }
 }
 
+/// The service's scheduler picks a backend for a new flow.
 #[inline(always)]
-fn maglev_lookup(key: &FlowKey, service_id: u32) -> Option<u32> {
+fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
     let ring_size = LB_RING_SIZE.load();
     if ring_size == 0 {
         return None;
     }
-    let slot = flow_hash(key) % ring_size;
+    match svc.scheduler {
+        SCHED_SH => ring_slot(svc.id, ring_size, source_hash(key) % ring_size),
+        SCHED_WRR => {
+            let n = svc.ring_len;
+            if n == 0 {
+                return None;
+            }
+            let cursor = LB_RR_CURSOR.get_ptr_mut(svc.id)?;
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            let c = unsafe {
+                let c = *cursor;
+                *cursor = c.wrapping_add(1);
+                c
+            };
+            ring_slot(svc.id, ring_size, (c % n as u64) as u32)
+        }
+        SCHED_LC => least_connections(svc, ring_size, false),
+        SCHED_WLC => least_connections(svc, ring_size, true),
+        _ => ring_slot(svc.id, ring_size, flow_hash(key) % ring_size),
+    }
+}
+
+#[inline(always)]
+fn ring_slot(service_id: u32, ring_size: u32, slot: u32) -> Option<u32> {
     let id = *LB_RING.get(service_id.wrapping_mul(ring_size).wrapping_add(slot))?;
     if id == NO_BACKEND { None } else { Some(id) }
+}
+
+/// Fewest active connections on this CPU (lc), or fewest per weight (wlc: `a_i·w_j < a_j·w_i`,
+/// no division), over the backends listed in the service's table. Ties go to the earlier one.
+///
+/// Written for the verifier: every iteration runs (no early exit), a slot that cannot win just
+/// does not update the best, so the loop has a single way out.
+#[inline(always)]
+fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Option<u32> {
+    let n = svc.ring_len;
+    let base = svc.id.wrapping_mul(ring_size);
+    let mut best = NO_BACKEND;
+    let (mut best_active, mut best_weight) = (u64::MAX, 1u64);
+    for i in 0..MAX_LC_BACKENDS {
+        let id = if i < n {
+            LB_RING
+                .get(base.wrapping_add(i))
+                .copied()
+                .unwrap_or(NO_BACKEND)
+        } else {
+            NO_BACKEND
+        };
+        let weight = match LB_BACKENDS.get(id) {
+            Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => b.weight as u64,
+            _ => 0,
+        };
+        // Clamped to 32 bits so that products with a 16-bit weight fit u64 exactly (BPF has no
+        // 128-bit multiply).
+        let active = local_active(id).min(u32::MAX as u64);
+        let better = if weighted {
+            active * best_weight < best_active.min(u32::MAX as u64 + 1) * weight
+        } else {
+            active < best_active
+        };
+        if weight != 0 && better {
+            best = id;
+            best_active = active;
+            best_weight = weight;
+        }
+    }
+    if best == NO_BACKEND { None } else { Some(best) }
+}
+
+/// This CPU's active connections of a backend (its share; the controller sums all CPUs).
+#[inline(always)]
+fn local_active(id: u32) -> u64 {
+    let opened = LB_BE_CONNS.get(id).copied().unwrap_or(0);
+    let expired = LB_BE_EXPIRED.get(id).copied().unwrap_or(0);
+    let a = opened.wrapping_sub(expired) as i64;
+    if a < 0 { 0 } else { a as u64 }
 }

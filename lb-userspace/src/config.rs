@@ -73,11 +73,49 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Scheduler of a service.
+/// Scheduler of a service (`scheduler = ...`); each decides for new flows only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Scheduler {
+    /// Weighted Maglev consistent hashing of the 5-tuple (the default).
     #[default]
     Maglev,
+    /// Source hashing: weighted Maglev on the source address only.
+    Sh,
+    /// Round robin (weights only matter as 0 / non-zero).
+    Rr,
+    /// Smooth weighted round robin.
+    Wrr,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections.
+    Wlc,
+}
+
+impl Scheduler {
+    pub const NAMES: &'static str = "maglev, sh, rr, wrr, lc, wlc";
+
+    pub fn parse(s: &str) -> Option<Scheduler> {
+        Some(match s {
+            "maglev" => Scheduler::Maglev,
+            "sh" => Scheduler::Sh,
+            "rr" => Scheduler::Rr,
+            "wrr" => Scheduler::Wrr,
+            "lc" => Scheduler::Lc,
+            "wlc" => Scheduler::Wlc,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Sh => "sh",
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+        }
+    }
 }
 
 /// A MAC address.
@@ -482,13 +520,13 @@ impl Validator {
             .protocol
             .ok_or_else(|| self.err(format!("{loc}: protocol"), "required (tcp or udp)"))?;
         let scheduler = match rs.scheduler.as_deref() {
-            None | Some("maglev") => Scheduler::Maglev,
-            Some(other) => {
-                return Err(self.err(
+            None => Scheduler::Maglev,
+            Some(name) => Scheduler::parse(name).ok_or_else(|| {
+                self.err(
                     format!("{loc}: scheduler"),
-                    format!("`{other}` is not supported (supported: maglev)"),
-                ));
-            }
+                    format!("`{name}` is not a scheduler (one of: {})", Scheduler::NAMES),
+                )
+            })?,
         };
         let mut addrs = HashSet::new();
         let mut backends = Vec::with_capacity(rs.backend.len());
@@ -501,6 +539,19 @@ impl Validator {
                 ));
             }
             backends.push(b);
+        }
+        if matches!(scheduler, Scheduler::Lc | Scheduler::Wlc)
+            && backends.len() > lb_common::MAX_LC_BACKENDS as usize
+        {
+            return Err(self.err(
+                format!("{loc}: backend"),
+                format!(
+                    "{} backends; scheduler {} scans them for every new flow and takes at most {}",
+                    backends.len(),
+                    scheduler.name(),
+                    lb_common::MAX_LC_BACKENDS
+                ),
+            ));
         }
         if backends.len() as u64 > dp.ring_size as u64 / 10 {
             return Err(self.err(
@@ -791,8 +842,8 @@ mac = "02:00:00:00:00:22"
             ),
             (
                 "scheduler = \"maglev\"",
-                "scheduler = \"rr\"",
-                "service \"web\": scheduler: `rr` is not supported",
+                "scheduler = \"random\"",
+                "service \"web\": scheduler: `random` is not a scheduler (one of: maglev, sh, rr, wrr, lc, wlc)",
             ),
             (
                 "mac = \"02:00:00:00:00:21\"",

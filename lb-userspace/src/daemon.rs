@@ -474,7 +474,7 @@ impl Daemon {
                 vip: cs.vip,
                 port: cs.port,
                 protocol: cs.protocol.to_string(),
-                scheduler: "maglev".to_owned(),
+                scheduler: cs.scheduler.name().to_owned(),
                 traffic: rate(&now, before),
                 backends,
             });

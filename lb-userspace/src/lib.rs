@@ -13,6 +13,7 @@ pub mod iface;
 pub mod loader;
 pub mod maglev;
 pub mod report;
+pub mod sched;
 pub mod state;
 pub mod stats;
 

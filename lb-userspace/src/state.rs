@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FAMILY_V4, FAMILY_V6, FLAG_ALL_PORTS_SERVICES,
-    NO_BACKEND, SCHED_MAGLEV, ServiceKey, ServiceValue, VipKey, limits::MAX_TX_PORTS,
+    NO_BACKEND, SCHED_LC, SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceKey, ServiceValue,
+    VipKey, limits::MAX_TX_PORTS,
 };
 
 use crate::{
@@ -14,7 +15,7 @@ use crate::{
     api::Admin,
     config::{Config, Scheduler},
     iface::Interfaces,
-    maglev,
+    maglev, sched,
 };
 
 /// One service as the data plane sees it.
@@ -165,13 +166,17 @@ impl DesiredState {
                 protocol: s.protocol.number(),
                 family,
             };
-            let value = ServiceValue {
+            let mut value = ServiceValue {
                 id: sid,
                 scheduler: match s.scheduler {
                     Scheduler::Maglev => SCHED_MAGLEV,
+                    Scheduler::Sh => SCHED_SH,
+                    Scheduler::Rr | Scheduler::Wrr => SCHED_WRR,
+                    Scheduler::Lc => SCHED_LC,
+                    Scheduler::Wlc => SCHED_WLC,
                 },
                 flags: 0,
-                _reserved: 0,
+                ring_len: 0,
             };
             *vips
                 .entry(VipKey {
@@ -243,6 +248,8 @@ impl DesiredState {
                         flags,
                         generation,
                         tx_port,
+                        weight: effective_weight as u32,
+                        _pad: 0,
                     },
                 );
                 backend_info.insert(
@@ -260,19 +267,47 @@ impl DesiredState {
                 ids.push(id);
             }
 
-            let idents: Vec<String> = s.backends.iter().map(|b| b.address.to_string()).collect();
-            let entries: Vec<maglev::Entry> = idents
-                .iter()
-                .zip(&weights)
-                .map(|(id, w)| maglev::Entry {
-                    id: id.as_bytes(),
-                    weight: *w as u32,
-                })
-                .collect();
-            let ring = maglev::build(&entries, ring_size)
-                .into_iter()
-                .map(|slot| slot.map_or(NO_BACKEND, |i| ids[i]))
-                .collect();
+            let ring = match s.scheduler {
+                Scheduler::Maglev | Scheduler::Sh => {
+                    let idents: Vec<String> =
+                        s.backends.iter().map(|b| b.address.to_string()).collect();
+                    let entries: Vec<maglev::Entry> = idents
+                        .iter()
+                        .zip(&weights)
+                        .map(|(id, w)| maglev::Entry {
+                            id: id.as_bytes(),
+                            weight: *w as u32,
+                        })
+                        .collect();
+                    maglev::build(&entries, ring_size)
+                        .into_iter()
+                        .map(|slot| slot.map_or(NO_BACKEND, |i| ids[i]))
+                        .collect()
+                }
+                Scheduler::Rr | Scheduler::Wrr => {
+                    let w: Vec<u32> = weights
+                        .iter()
+                        .map(|w| match (s.scheduler, *w) {
+                            (_, 0) => 0,
+                            (Scheduler::Rr, _) => 1,
+                            (_, w) => w as u32,
+                        })
+                        .collect();
+                    let seq = sched::wrr_sequence(&w, ring_size as usize);
+                    value.ring_len = seq.len() as u32;
+                    padded(seq.into_iter().map(|i| ids[i]), ring_size)
+                }
+                Scheduler::Lc | Scheduler::Wlc => {
+                    let list: Vec<u32> = ids
+                        .iter()
+                        .zip(&weights)
+                        .filter(|(_, w)| **w > 0)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    value.ring_len = list.len() as u32;
+                    padded(list.into_iter(), ring_size)
+                }
+            };
             services.push(DesiredService {
                 name: s.name.clone(),
                 key,
@@ -316,6 +351,13 @@ impl DesiredState {
             next_generation,
         })
     }
+}
+
+/// `ids` then [`NO_BACKEND`] up to `len`.
+fn padded(ids: impl Iterator<Item = u32>, len: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = ids.collect();
+    v.resize(len as usize, NO_BACKEND);
+    v
 }
 
 fn lowest_free(used: &std::collections::BTreeSet<u32>) -> u32 {
@@ -616,12 +658,14 @@ mac = "02:00:00:00:01:03"
         );
         let b = with_admin(TWO, Some(&a), &adm);
         assert_eq!(
-            b.backends[&1], a.backends[&1],
+            (b.backends[&1].flags, b.backends[&1].generation),
+            (a.backends[&1].flags, a.backends[&1].generation),
             "same flags and generation: its flows stay"
         );
+        assert_eq!(b.backends[&1].weight, 0);
         assert!(b.services[0].ring.iter().all(|id| *id == 0));
         assert_eq!(b.backend_info[&1].effective_weight, 0);
-        assert_eq!(kinds(&diff(Some(&a), &b).0), ["ring"]);
+        assert_eq!(kinds(&diff(Some(&a), &b).0), ["backend", "ring"]);
     }
 
     #[test]
@@ -725,7 +769,7 @@ mac = "02:00:00:00:01:02"
     }
 
     #[test]
-    fn weight_change_rebuilds_only_the_table() {
+    fn weight_change_rebuilds_the_table_and_keeps_flows() {
         let a = state(TWO, None);
         let b = state(
             &TWO.replacen(
@@ -736,7 +780,10 @@ mac = "02:00:00:00:01:02"
             Some(&a),
         );
         let (ops, _) = diff(Some(&a), &b);
-        assert_eq!(kinds(&ops), ["ring"]);
+        // The backend entry changes only in its weight: same flags and generation.
+        assert_eq!(kinds(&ops), ["backend", "ring"]);
+        assert_eq!(b.backends[&1].generation, a.backends[&1].generation);
+        assert_eq!(b.backends[&1].weight, 0);
         assert!(
             b.services[0].ring.iter().all(|id| *id == 0),
             "weight 0 owns no slot"

@@ -378,6 +378,97 @@ fn sweep_expires_idle_flows_and_their_counts() {
     assert_eq!(active(&mut f, b), 1);
 }
 
+// ---- schedulers -------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn rr_cycles_through_backends_in_order() {
+    let mut f = Fixture::new(&sched_config("rr", &[100, 300, 0, 100]));
+    let picks: Vec<usize> = (0..8).map(|i| f.syn(C1, 50000 + 2 * i)).collect();
+    assert_eq!(
+        picks,
+        [0, 1, 3, 0, 1, 3, 0, 1],
+        "rr ignores weights except 0"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn wrr_follows_the_smooth_sequence() {
+    let mut f = Fixture::new(&sched_config("wrr", &[5, 1, 1]));
+    let picks: Vec<usize> = (0..14).map(|i| f.syn(C1, 50100 + 2 * i)).collect();
+    let seq = lb_userspace::sched::wrr_sequence(&[5, 1, 1], 65537);
+    let want: Vec<usize> = seq.iter().chain(&seq).copied().collect();
+    assert_eq!(picks, want, "two cycles of 5:1:1, interleaved");
+    // An existing flow keeps its backend: the cursor only moves for new flows.
+    let (v, out) = f.run(&tcp4_flags(C1, 50100, VIP4, 80, "A"));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(f.backend_index(&out, "s"), picks[0]);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn lc_picks_the_backend_with_fewest_connections() {
+    let mut f = Fixture::new(&sched_config("lc", &[100, 100, 100]));
+    // Empty: ties go to the first; then the others fill up in turn.
+    let picks: Vec<usize> = (0..6).map(|i| f.syn(C1, 50200 + 2 * i)).collect();
+    assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    // Close two connections on backend 1 (client FIN): it now has the fewest.
+    let on1: Vec<u16> = (0..6)
+        .filter(|i| picks[*i as usize] == 1)
+        .map(|i| 50200 + 2 * i)
+        .collect();
+    for p in &on1 {
+        f.run(&tcp4_flags(C1, *p, VIP4, 80, "FA"));
+    }
+    assert_eq!(f.syn(C2, 51000), 1);
+    assert_eq!(f.syn(C2, 51002), 1);
+    assert_eq!(f.syn(C2, 51004), 0, "all equal again: the first");
+    // Weight 0 (drain) never gets new flows, even with the fewest connections.
+    let mut f = Fixture::new(&sched_config("lc", &[100, 0]));
+    assert!((0..4).all(|i| f.syn(C1, 52000 + 2 * i) == 0));
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn wlc_matches_the_host_model() {
+    let weights = [1u16, 3, 2];
+    let mut f = Fixture::new(&sched_config("wlc", &weights));
+    let mut active = [0u64; 3];
+    for i in 0..60 {
+        let c: Vec<(u64, u32)> = active
+            .iter()
+            .zip(weights)
+            .map(|(a, w)| (*a, w as u32))
+            .collect();
+        let want = lb_userspace::sched::least_connections(&c, true).unwrap();
+        let got = f.syn(C1, 53000 + 2 * i);
+        assert_eq!(got, want, "flow {i}, active {active:?}");
+        active[got] += 1;
+    }
+    assert_eq!(active, [10, 30, 20]);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn sh_sends_each_source_to_one_backend() {
+    let mut f = Fixture::new(&sched_config("sh", &[100, 100, 100, 100]));
+    let mut seen = std::collections::BTreeSet::new();
+    for s in 0..64u8 {
+        let src = Ipv4Addr::new(10, 77, 0, s);
+        let first = f.syn(src, 40000);
+        for p in 1..5 {
+            assert_eq!(
+                f.syn(src, 40000 + 2 * p),
+                first,
+                "source {src}: every connection on one backend"
+            );
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 4, "sources spread over all backends");
+}
+
 // ---- pass-through -----------------------------------------------------------------------------
 
 #[test]

@@ -164,6 +164,22 @@ impl Interfaces for FakeInterfaces {
     }
 }
 
+/// BPF_PROG_TEST_RUN runs on the calling thread's CPU; per-CPU state (rr cursors, lc counts)
+/// is only predictable when every run of a test uses the same CPU.
+pub fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; sched_setaffinity(0, ..)
+    // applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU 0"
+        );
+    }
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -186,6 +202,7 @@ pub struct Fixture {
 impl Fixture {
     pub fn new(toml: &str) -> Fixture {
         require_root();
+        pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
         let desired = DesiredState::build(&cfg, &FakeInterfaces).expect("desired state");
         let mut dp = Dataplane::load(cfg.dataplane.ring_size, 65536)
@@ -416,4 +433,37 @@ pub fn tcp4_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &
         };
     }
     write(b, &[])
+}
+
+/// A config with one TCP service on 10.99.0.100:80 using `scheduler` and `weights`.
+pub fn sched_config(scheduler: &str, weights: &[u16]) -> String {
+    let mut s = format!(
+        "[dataplane]\ninterface = \"lbtest0\"\n\n[[service]]\nname = \"s\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"{scheduler}\"\n"
+    );
+    for (i, w) in weights.iter().enumerate() {
+        s += &format!(
+            "[[service.backend]]\naddress = \"10.99.0.{}\"\nmac = \"02:00:00:00:00:{:02x}\"\nweight = {w}\n",
+            21 + i,
+            0x21 + i
+        );
+    }
+    s
+}
+
+impl Fixture {
+    /// Index (in config order) of the backend a forwarded frame went to.
+    pub fn backend_index(&self, out: &[u8], service: &str) -> usize {
+        let svc = self.service(service);
+        svc.backends
+            .iter()
+            .position(|id| self.desired.backends[id].mac == out[0..6])
+            .expect("frame went to a backend of the service")
+    }
+
+    /// Sends a SYN from `src:sport` and returns the backend index it went to.
+    pub fn syn(&mut self, src: Ipv4Addr, sport: u16) -> usize {
+        let (v, out) = self.run(&tcp4_flags(src, sport, VIP4, 80, "S"));
+        assert_eq!(v, XDP_TX);
+        self.backend_index(&out, "s")
+    }
 }
