@@ -622,6 +622,166 @@ fn cli_errors(mode: Mode) {
     assert_eq!(mode_bits, 0o600, "control socket mode");
 }
 
+fn script(lab: &Lab, name: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(cmd::workspace_root().join("scripts").join(name));
+    c.args(args)
+        .env("LB", lb())
+        .env("LB_SOCKET", lab.socket())
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Steady HTTP load from the client namespace in the background; returns its handle.
+fn background_load(lab: &mut Lab, count: usize) -> lab::Spawned {
+    let cl = lab.client();
+    let target = format!("{}:{}", lab::VIP4, lab::HTTP_PORT);
+    let count = count.to_string();
+    let mut args = vec![
+        XTASK,
+        "lab-client",
+        "--kind",
+        "http",
+        "--target",
+        &target,
+        "--count",
+        &count,
+    ];
+    let srcs: Vec<String> = lab.clients4.iter().map(|a| a.to_string()).collect();
+    for s in &srcs {
+        args.push("--source");
+        args.push(s);
+    }
+    lab.spawn(&cl, &args).expect("load client")
+}
+
+fn load_result(load: lab::Spawned) -> xtask::labnet::Tally {
+    let (ok, out, err) = load
+        .finish(Duration::from_secs(120))
+        .expect("load client ends");
+    assert!(ok, "load client failed: {err:?}");
+    let v: serde_json::Value = serde_json::from_str(out.last().expect("tally")).unwrap();
+    xtask::labnet::Tally::from_json(&v).unwrap()
+}
+
+/// scripts/lb-maintenance.sh waits while a connection is open, finishes when it closes, and
+/// under steady load no request is lost; lb-restore.sh brings the backend back.
+fn maintenance_script(mode: Mode) {
+    let mut lab = up(mode, &[100, 100, 100]);
+    // 1. An open connection holds the drain.
+    let (h, held) = hold(&mut lab, "10.99.0.18");
+    let addr = addr_of(&lab, &held);
+    let mut m = script(
+        &lab,
+        "lb-maintenance.sh",
+        &["--timeout", "30", "echo", &addr],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        m.try_wait().unwrap().is_none(),
+        "maintenance did not wait for the open connection"
+    );
+    let show = lab
+        .lb_cli(&lb(), &["backend", "show", "echo", &addr])
+        .unwrap();
+    assert!(
+        show.contains("state=draining") && show.contains("active_connections=1"),
+        "{show}"
+    );
+    let (ok, _, err) = h.finish(Duration::from_secs(10)).unwrap();
+    assert!(ok, "the held connection broke during the drain: {err:?}");
+    let status = m.wait().unwrap();
+    assert!(status.success(), "maintenance exit {status}");
+    let show = lab
+        .lb_cli(&lb(), &["backend", "show", "echo", &addr])
+        .unwrap();
+    assert!(show.contains("state=disabled"), "{show}");
+
+    // 2. Under steady load: no request lost, and the backend ends up out of rotation.
+    let target = addr_of(&lab, "b2");
+    let load = background_load(&mut lab, 600);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = script(
+        &lab,
+        "lb-maintenance.sh",
+        &["--timeout", "30", "web", &target],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = load_result(load);
+    assert_eq!(t.errors, 0, "requests lost during maintenance: {t:?}");
+    let after = http(&lab, 100);
+    assert_eq!(
+        after.by_backend.get("b2"),
+        None,
+        "b2 still takes new connections: {after:?}"
+    );
+    let out = script(&lab, "lb-restore.sh", &["web", &target])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("state=up"));
+    let after = http(&lab, 200);
+    assert!(
+        after.by_backend.get("b2").copied().unwrap_or(0) > 0,
+        "b2 not back: {after:?}"
+    );
+}
+
+/// scripts/lb-rolling-restart.sh visits every backend in turn under steady load, losing nothing.
+fn rolling_restart_script(mode: Mode) {
+    let mut lab = up(mode, &[100, 100, 100]);
+    let record = lab.dir.join("restarted");
+    let load = background_load(&mut lab, 800);
+    let out = script(
+        &lab,
+        "lb-rolling-restart.sh",
+        &[
+            "--settle",
+            "0",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo \"$LB_BACKEND {{}}\" >> {}", record.display()),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = load_result(load);
+    assert_eq!(
+        t.errors, 0,
+        "requests lost during the rolling restart: {t:?}"
+    );
+    let lines = std::fs::read_to_string(&record).unwrap();
+    let want: Vec<String> = lab
+        .backends
+        .iter()
+        .map(|b| format!("{} {{}}", b.v4))
+        .collect();
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        want,
+        "each backend once, in order"
+    );
+    let status = lab.lb_cli(&lb(), &["status", "--json"]).unwrap();
+    assert!(
+        !status.contains("\"disabled\"") && !status.contains("\"draining\""),
+        "a backend stayed out"
+    );
+}
+
 macro_rules! both_modes {
     ($($name:ident),*) => {
         mod native {
@@ -654,5 +814,7 @@ both_modes!(
     cli_disable,
     cli_weight_persists,
     cli_reload,
-    cli_errors
+    cli_errors,
+    maintenance_script,
+    rolling_restart_script
 );

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use hyper::Method;
-use lb_userspace::client;
+use lb_userspace::{api, client};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -19,10 +19,17 @@ pub enum Command {
         address: String,
         weight: u16,
     },
+    /// Print the backends of a service, one address per line (for scripts).
+    List { service: String },
+    /// Print one backend as `key=value` lines: state, admin, weight, effective_weight,
+    /// health, active_connections, packets, bytes (for scripts).
+    Show { service: String, address: String },
 }
 
 pub fn run(socket: &Path, cmd: Command) -> anyhow::Result<()> {
     let (service, address, action, body) = match cmd {
+        Command::List { service } => return list(socket, &service),
+        Command::Show { service, address } => return show(socket, &service, &address),
         Command::Enable { service, address } => (service, address, "enable", None),
         Command::Disable { service, address } => (service, address, "disable", None),
         Command::Drain { service, address } => (service, address, "drain", None),
@@ -55,4 +62,50 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+fn service(socket: &Path, name: &str) -> anyhow::Result<api::ServiceStatus> {
+    let v = client::call(socket, Method::GET, "/v1/status", None)?;
+    let status: api::Status = serde_json::from_value(v)?;
+    let names: Vec<String> = status.services.iter().map(|s| s.name.clone()).collect();
+    status
+        .services
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown service \"{name}\" (services: {})",
+                names.join(", ")
+            )
+        })
+}
+
+fn list(socket: &Path, name: &str) -> anyhow::Result<()> {
+    for b in service(socket, name)?.backends {
+        println!("{}", b.address);
+    }
+    Ok(())
+}
+
+fn show(socket: &Path, name: &str, address: &str) -> anyhow::Result<()> {
+    let svc = service(socket, name)?;
+    let addr: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{address}` is not an IP address"))?;
+    let b = svc
+        .backends
+        .iter()
+        .find(|b| b.address == addr)
+        .ok_or_else(|| anyhow::anyhow!("service \"{name}\" has no backend {addr}"))?;
+    println!("service={name}");
+    println!("address={}", b.address);
+    println!("state={}", b.state);
+    println!("admin={}", b.admin);
+    println!("weight={}", b.weight_override.unwrap_or(b.config_weight));
+    println!("effective_weight={}", b.effective_weight);
+    println!("health={}", b.health);
+    println!("active_connections={}", b.active_connections);
+    println!("packets={}", b.traffic.packets);
+    println!("bytes={}", b.traffic.bytes);
+    Ok(())
 }
