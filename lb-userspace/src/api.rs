@@ -78,8 +78,15 @@ pub struct BackendStatus {
     pub weight_override: Option<u16>,
     /// Weight in effect for new flows (0 when draining or disabled).
     pub effective_weight: u16,
-    /// `unknown` until health checks exist.
+    /// `up`, `down`, or `none` (no check configured).
     pub health: String,
+    /// Why (last failure when down, e.g. `timeout (500 ms)`, `connection refused`,
+    /// `status 503 (expected 200)`).
+    pub health_reason: String,
+    /// Seconds in the current health state.
+    pub health_since_seconds: f64,
+    /// Health state changes since `lb run` started.
+    pub health_transitions: u64,
     /// Open connections: new UDP flows and TCP flows that began with a SYN, until the client's
     /// FIN/RST, a move to another backend, or idle expiry (`[timeouts]`).
     pub active_connections: u64,

@@ -211,7 +211,49 @@ pub struct Service {
     pub port: u16,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
+    /// What to do when no backend is healthy.
+    pub fallback: Fallback,
     pub backends: Vec<Backend>,
+}
+
+/// `fallback`: a service whose backends are all down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Drop its traffic (counted as `drop_no_backend`).
+    #[default]
+    Drop,
+    /// Send to every backend as if healthy (IPVS/keepalived's "all down: use them all").
+    All,
+}
+
+/// Health check kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// No check: always up.
+    #[default]
+    None,
+    /// TCP connect.
+    Tcp,
+    /// HTTP GET `path`, expecting `expect_status`.
+    Http,
+    /// Send `payload`, expect any reply.
+    Udp,
+}
+
+/// A backend's health check (service settings with the backend's overrides applied).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    pub kind: CheckKind,
+    pub port: u16,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+    pub payload: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -221,6 +263,7 @@ pub struct Backend {
     pub weight: u16,
     /// Egress interface when it is not the one the program is attached to (XDP_REDIRECT).
     pub interface: Option<String>,
+    pub health: Health,
 }
 
 // ---- raw TOML shape -------------------------------------------------------------------------
@@ -268,8 +311,41 @@ struct RawService {
     port: Option<i64>,
     protocol: Option<Protocol>,
     scheduler: Option<String>,
+    fallback: Option<Fallback>,
+    health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<CheckKind>,
+    port: Option<i64>,
+    path: Option<String>,
+    expect_status: Option<i64>,
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+    payload: Option<String>,
+}
+
+impl RawHealth {
+    /// `self` with `over`'s fields taking precedence.
+    fn merged(&self, over: &RawHealth) -> RawHealth {
+        RawHealth {
+            kind: over.kind.or(self.kind),
+            port: over.port.or(self.port),
+            path: over.path.clone().or_else(|| self.path.clone()),
+            expect_status: over.expect_status.or(self.expect_status),
+            interval_ms: over.interval_ms.or(self.interval_ms),
+            timeout_ms: over.timeout_ms.or(self.timeout_ms),
+            rise: over.rise.or(self.rise),
+            fall: over.fall.or(self.fall),
+            payload: over.payload.clone().or_else(|| self.payload.clone()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -279,6 +355,7 @@ struct RawBackend {
     mac: Option<String>,
     weight: Option<i64>,
     interface: Option<String>,
+    health: Option<RawHealth>,
 }
 
 impl Config {
@@ -528,10 +605,13 @@ impl Validator {
                 )
             })?,
         };
+        let svc_health = rs.health.clone().unwrap_or_default();
+        // Validate the service's own settings even without backends.
+        self.health(&loc, &svc_health, port)?;
         let mut addrs = HashSet::new();
         let mut backends = Vec::with_capacity(rs.backend.len());
         for (j, rb) in rs.backend.into_iter().enumerate() {
-            let b = self.backend(&loc, j, rb, dp)?;
+            let b = self.backend(&loc, j, rb, dp, &svc_health, port)?;
             if !addrs.insert(b.address) {
                 return Err(self.err(
                     format!("{loc}: backend \"{}\": address", b.address),
@@ -569,6 +649,7 @@ impl Validator {
             port,
             protocol,
             scheduler,
+            fallback: rs.fallback.unwrap_or_default(),
             backends,
         })
     }
@@ -579,6 +660,8 @@ impl Validator {
         index: usize,
         rb: RawBackend,
         dp: &Dataplane,
+        svc_health: &RawHealth,
+        svc_port: u16,
     ) -> Result<Backend, ConfigError> {
         let addr_s = rb.address.ok_or_else(|| {
             self.err(
@@ -626,11 +709,70 @@ impl Validator {
             }
             None => None,
         };
+        let raw_health = match &rb.health {
+            Some(h) => svc_health.merged(h),
+            None => svc_health.clone(),
+        };
+        let health = self.health(&loc, &raw_health, svc_port)?;
         Ok(Backend {
             address,
             mac,
             weight,
             interface,
+            health,
+        })
+    }
+
+    fn health(&self, loc: &str, h: &RawHealth, svc_port: u16) -> Result<Health, ConfigError> {
+        let at = |field: &str| format!("{loc}: health.{field}");
+        let kind = h.kind.unwrap_or_default();
+        let int =
+            |field: &str, v: Option<i64>, default: i64, range: std::ops::RangeInclusive<i64>| {
+                let v = v.unwrap_or(default);
+                if range.contains(&v) {
+                    Ok(v)
+                } else {
+                    Err(self.err(
+                        at(field),
+                        format!("{v} is out of range {}..={}", range.start(), range.end()),
+                    ))
+                }
+            };
+        let port = match h.port {
+            Some(p) => int("port", Some(p), 0, 1..=65535)? as u16,
+            None if svc_port == 0 && kind != CheckKind::None => {
+                return Err(self.err(
+                    at("port"),
+                    "required: the service listens on every port (port = 0)",
+                ));
+            }
+            None => svc_port,
+        };
+        let interval_ms = int("interval_ms", h.interval_ms, 1000, 100..=3_600_000)? as u32;
+        let timeout_ms = int("timeout_ms", h.timeout_ms, 500, 10..=3_600_000)? as u32;
+        if timeout_ms > interval_ms {
+            return Err(self.err(
+                at("timeout_ms"),
+                format!("{timeout_ms} ms is longer than interval_ms ({interval_ms} ms)"),
+            ));
+        }
+        let path = h.path.clone().unwrap_or_else(|| "/".to_owned());
+        if !path.starts_with('/') || path.contains(char::is_whitespace) {
+            return Err(self.err(
+                at("path"),
+                format!("`{path}` must start with '/' and contain no spaces"),
+            ));
+        }
+        Ok(Health {
+            kind,
+            port,
+            path,
+            expect_status: int("expect_status", h.expect_status, 200, 100..=599)? as u16,
+            interval_ms,
+            timeout_ms,
+            rise: int("rise", h.rise, 2, 1..=100)? as u32,
+            fall: int("fall", h.fall, 2, 1..=100)? as u32,
+            payload: h.payload.clone().unwrap_or_else(|| "ping".to_owned()),
         })
     }
 }
@@ -732,6 +874,68 @@ mac = "02:00:00:00:00:22"
         let c = parse(text).unwrap();
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.services[1].port, 0);
+    }
+
+    #[test]
+    fn health_defaults_overrides_and_errors() {
+        let c = parse(GOOD).unwrap();
+        let h = &c.services[0].backends[0].health;
+        assert_eq!(h.kind, CheckKind::None, "no checks unless configured");
+        assert_eq!(
+            (h.port, h.interval_ms, h.timeout_ms, h.rise, h.fall),
+            (80, 1000, 500, 2, 2)
+        );
+        assert_eq!(c.services[0].fallback, Fallback::Drop);
+        let with = GOOD.replacen(
+            "scheduler = \"maglev\"\n",
+            "scheduler = \"maglev\"\nfallback = \"all\"\n\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\nfall = 3\n",
+            1,
+        );
+        let with = with.replacen(
+            "weight = 100\n",
+            "weight = 100\nhealth = { kind = \"tcp\", port = 8080 }\n",
+            1,
+        );
+        let c = parse(&with).unwrap();
+        let (b0, b1) = (
+            &c.services[0].backends[0].health,
+            &c.services[0].backends[1].health,
+        );
+        assert_eq!(
+            (b0.kind, b0.port, b0.fall, b0.path.as_str()),
+            (CheckKind::Tcp, 8080, 3, "/healthz")
+        );
+        assert_eq!((b1.kind, b1.port, b1.fall), (CheckKind::Http, 80, 3));
+        assert_eq!(c.services[0].fallback, Fallback::All);
+        let bad = |extra: &str| {
+            parse(&GOOD.replacen(
+                "scheduler = \"maglev\"\n",
+                &format!("scheduler = \"maglev\"\n\n[service.health]\nkind = \"tcp\"\n{extra}"),
+                1,
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(
+            bad("timeout_ms = 2000\n")
+                .contains("service \"web\": health.timeout_ms: 2000 ms is longer than interval_ms")
+        );
+        assert!(bad("rise = 0\n").contains("health.rise: 0 is out of range 1..=100"));
+        assert!(bad("path = \"healthz\"\n").contains("health.path: `healthz` must start with '/'"));
+        assert!(
+            bad("kind = \"icmp\"\n").contains("unknown variant `icmp`")
+                || bad("kind = \"icmp\"\n").contains("duplicate key")
+        );
+        let allports = GOOD.replace("port = 80", "port = 0").replacen(
+            "scheduler = \"maglev\"\n",
+            "scheduler = \"maglev\"\n\n[service.health]\nkind = \"tcp\"\n",
+            1,
+        );
+        let e = parse(&allports).unwrap_err().to_string();
+        assert!(
+            e.contains("health.port: required: the service listens on every port"),
+            "{e}"
+        );
     }
 
     #[test]

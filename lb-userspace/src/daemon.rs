@@ -28,6 +28,7 @@ use crate::{
     admin::{AdminState, Override},
     api::{self, Admin},
     config::Config,
+    health,
     iface::SystemInterfaces,
     loader::{AttachedMode, Dataplane},
     state::{self, DesiredState, DiffSummary},
@@ -92,6 +93,51 @@ pub struct Daemon {
     /// Connection table: entries at the last sweep, and flows expired so far.
     flow_entries: u64,
     flows_expired: u64,
+    /// Health of checked backends, by (service, address).
+    health: BTreeMap<(String, IpAddr), health::Health>,
+    /// Running check tasks (respawned on reload).
+    checks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One finished health check.
+#[derive(Debug)]
+pub struct CheckResult {
+    pub service: String,
+    pub address: IpAddr,
+    pub result: Result<(), String>,
+    pub finished: Instant,
+}
+
+/// Checks `address` every `interval` (±10 % jitter, first one at a random offset so checks
+/// don't fire in bursts) until the receiver is gone.
+async fn check_loop(
+    service: String,
+    address: IpAddr,
+    cfg: crate::config::Health,
+    tx: mpsc::Sender<CheckResult>,
+) {
+    let interval = Duration::from_millis(cfg.interval_ms as u64);
+    let seed = lb_common::hash::bytes_hash(7, format!("{service}/{address}").as_bytes());
+    let offset = Duration::from_millis(seed % cfg.interval_ms.max(1) as u64);
+    tokio::time::sleep(offset).await;
+    let mut round = 0u64;
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = health::probe(&cfg, address).await;
+        let msg = CheckResult {
+            service: service.clone(),
+            address,
+            result,
+            finished: Instant::now(),
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+        round += 1;
+        let j = lb_common::hash::fmix64(seed ^ round) % 201; // 0..=200 → −10 %..+10 %
+        let next = interval.mul_f64(0.9 + j as f64 / 1000.0);
+        tokio::time::sleep_until(started + next).await;
+    }
 }
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of `bpf_ktime_get_coarse_ns()`.
@@ -118,8 +164,9 @@ impl Daemon {
                 cfg.control.state_file.display()
             );
         }
-        let desired = DesiredState::next(&cfg, &SystemInterfaces, None, &admin)
-            .with_context(|| config_path.display().to_string())?;
+        let desired =
+            DesiredState::next(&cfg, &SystemInterfaces, None, &admin, &state::Down::new())
+                .with_context(|| config_path.display().to_string())?;
         let dpc = &cfg.dataplane;
         let mut dp = Dataplane::load(dpc.ring_size, dpc.flow_table_size)?;
         dp.apply(&desired).context("filling the maps")?;
@@ -152,6 +199,8 @@ impl Daemon {
             samples: [None, None],
             flow_entries: 0,
             flows_expired: 0,
+            health: BTreeMap::new(),
+            checks: Vec::new(),
         })
     }
 
@@ -192,6 +241,8 @@ impl Daemon {
                 ),
                 None => None,
             };
+            let (check_tx, mut check_rx) = mpsc::channel::<CheckResult>(1024);
+            self.spawn_checks(&check_tx);
             let mut sample = tokio::time::interval(Duration::from_secs(1));
             // Sweep often enough for the shortest timeout, at most every 10 s.
             let t = &self.cfg.timeouts;
@@ -204,13 +255,22 @@ impl Daemon {
                     _ = int.recv() => { log::info!("SIGINT: detaching"); break; }
                     _ = hup.recv() => {
                         match self.reload() {
-                            Ok(summary) => println!("reloaded {summary}"),
+                            Ok(summary) => {
+                                self.spawn_checks(&check_tx);
+                                println!("reloaded {summary}");
+                            }
                             Err(e) => println!("reload-rejected {}", e.message),
                         }
                     }
                     Some((req, reply)) = rx.recv() => {
-                        let _ = reply.send(self.handle(req));
+                        let is_reload = matches!(req, Request::Reload);
+                        let r = self.handle(req);
+                        if is_reload && r.is_ok() {
+                            self.spawn_checks(&check_tx);
+                        }
+                        let _ = reply.send(r);
                     }
+                    Some(res) = check_rx.recv() => self.on_check(res),
                     _ = sweep.tick() => self.sweep(),
                     _ = sample.tick() => {
                         self.sample();
@@ -230,6 +290,9 @@ impl Daemon {
                 }
             }
             server.abort();
+            for h in self.checks.drain(..) {
+                h.abort();
+            }
             anyhow::Ok(())
         });
         let _ = std::fs::remove_file(&socket);
@@ -240,6 +303,89 @@ impl Daemon {
         Ok(snap
             .map(|s| crate::report::render(&self.desired, &s))
             .unwrap_or_default())
+    }
+
+    /// (Re)starts one check task per checked backend; health already known is kept.
+    fn spawn_checks(&mut self, tx: &mpsc::Sender<CheckResult>) {
+        for h in self.checks.drain(..) {
+            h.abort();
+        }
+        let mut keep = std::collections::BTreeSet::new();
+        for s in &self.cfg.services {
+            for b in &s.backends {
+                if b.health.kind == crate::config::CheckKind::None {
+                    continue;
+                }
+                keep.insert((s.name.clone(), b.address));
+                self.health
+                    .entry((s.name.clone(), b.address))
+                    .or_insert_with(|| health::Health::new(Instant::now()));
+                self.checks.push(tokio::spawn(check_loop(
+                    s.name.clone(),
+                    b.address,
+                    b.health.clone(),
+                    tx.clone(),
+                )));
+            }
+        }
+        self.health.retain(|k, _| keep.contains(k));
+    }
+
+    /// The backends whose checks have them down (for `cfg`'s backends).
+    fn down(&self, cfg: &Config) -> state::Down {
+        let mut d = state::Down::new();
+        for s in &cfg.services {
+            for b in &s.backends {
+                if self
+                    .health
+                    .get(&(s.name.clone(), b.address))
+                    .is_some_and(|h| !h.up)
+                {
+                    d.insert((s.name.clone(), b.address));
+                }
+            }
+        }
+        d
+    }
+
+    fn on_check(&mut self, r: CheckResult) {
+        let Some(b) = self
+            .cfg
+            .services
+            .iter()
+            .find(|s| s.name == r.service)
+            .and_then(|s| s.backends.iter().find(|b| b.address == r.address))
+        else {
+            return; // a check of a backend a reload removed
+        };
+        let (rise, fall) = (b.health.rise, b.health.fall);
+        let Some(h) = self.health.get_mut(&(r.service.clone(), r.address)) else {
+            return;
+        };
+        let Some(t) = h.observe(r.result, r.finished, rise, fall) else {
+            return;
+        };
+        if t.up {
+            log::info!(
+                "health: service \"{}\" backend {} is UP ({}; it was down for {:.1} s)",
+                r.service,
+                r.address,
+                t.reason,
+                t.after.as_secs_f64()
+            );
+        } else {
+            log::warn!(
+                "health: service \"{}\" backend {} is DOWN ({}; {:.1} s after its last good check)",
+                r.service,
+                r.address,
+                t.reason,
+                t.after.as_secs_f64()
+            );
+        }
+        let (cfg, admin) = (self.cfg.clone(), self.admin.clone());
+        if let Err(e) = self.apply(&cfg, &admin) {
+            log::error!("health: applying the change failed: {}", e.message);
+        }
     }
 
     fn sweep(&mut self) {
@@ -312,14 +458,14 @@ impl Daemon {
 
     /// Builds the state for `cfg` + `admin`, persists `admin` if it changed, writes the maps.
     fn apply(&mut self, cfg: &Config, admin: &AdminState) -> Result<DiffSummary, ApiError> {
-        let next = DesiredState::next(cfg, &SystemInterfaces, Some(&self.desired), admin).map_err(
-            |e| {
+        let down = self.down(cfg);
+        let next = DesiredState::next(cfg, &SystemInterfaces, Some(&self.desired), admin, &down)
+            .map_err(|e| {
                 ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!("{}: {e}", self.config_path.display()),
                 )
-            },
-        )?;
+            })?;
         if *admin != self.admin {
             admin.save(&cfg.control.state_file).map_err(|e| {
                 ApiError::new(
@@ -453,7 +599,7 @@ impl Daemon {
                 let state = match info.admin {
                     Admin::Disabled => "disabled",
                     Admin::Draining => "draining",
-                    Admin::Enabled if be.flags & BACKEND_F_ACTIVE == 0 => "down",
+                    Admin::Enabled if !info.healthy || be.flags & BACKEND_F_ACTIVE == 0 => "down",
                     Admin::Enabled => "up",
                 };
                 backends.push(api::BackendStatus {
@@ -464,7 +610,26 @@ impl Daemon {
                     config_weight: info.config_weight,
                     weight_override: info.weight_override,
                     effective_weight: info.effective_weight,
-                    health: "unknown".to_owned(),
+                    health: match self.health.get(&(ds.name.clone(), info.address)) {
+                        None => "none".to_owned(),
+                        Some(h) if h.up => "up".to_owned(),
+                        Some(_) => "down".to_owned(),
+                    },
+                    health_reason: self
+                        .health
+                        .get(&(ds.name.clone(), info.address))
+                        .map(|h| h.reason.clone())
+                        .unwrap_or_default(),
+                    health_since_seconds: self
+                        .health
+                        .get(&(ds.name.clone(), info.address))
+                        .map(|h| h.since.elapsed().as_secs_f64())
+                        .unwrap_or(0.0),
+                    health_transitions: self
+                        .health
+                        .get(&(ds.name.clone(), info.address))
+                        .map(|h| h.transitions)
+                        .unwrap_or(0),
                     active_connections: active.get(bid).copied().unwrap_or(0),
                     traffic: rate(&now, before),
                 });

@@ -9,6 +9,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod iface;
 pub mod loader;
 pub mod maglev;

@@ -39,9 +39,14 @@ pub struct BackendInfo {
     pub config_weight: u16,
     pub weight_override: Option<u16>,
     pub admin: Admin,
-    /// Weight in the Maglev table (0 when draining or disabled).
+    /// Weight in the Maglev table (0 when draining, disabled or down).
     pub effective_weight: u16,
+    /// False when its health check has it down (and no fallback applies).
+    pub healthy: bool,
 }
+
+/// Backends whose health checks have them down: (service name, address).
+pub type Down = std::collections::BTreeSet<(String, IpAddr)>;
 
 /// Everything the maps should contain.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,7 +100,7 @@ impl DesiredState {
     /// The desired state of a fresh data plane: service ids follow config order, backend ids
     /// are dense in config order.
     pub fn build(cfg: &Config, ifaces: &impl Interfaces) -> Result<DesiredState, StateError> {
-        DesiredState::next(cfg, ifaces, None, &AdminState::default())
+        DesiredState::next(cfg, ifaces, None, &AdminState::default(), &Down::new())
     }
 
     /// The desired state after `prev` for a new `cfg`, keeping what can be kept: a service keeps
@@ -111,6 +116,7 @@ impl DesiredState {
         ifaces: &impl Interfaces,
         prev: Option<&DesiredState>,
         admin: &AdminState,
+        down: &Down,
     ) -> Result<DesiredState, StateError> {
         let ring_size = cfg.dataplane.ring_size;
         let (_, lb_mac) = ifaces
@@ -188,12 +194,19 @@ impl DesiredState {
 
             let mut ids = Vec::with_capacity(s.backends.len());
             let mut weights = Vec::with_capacity(s.backends.len());
+            // fallback = "all": when every backend is down, use them all as if healthy.
+            let all_down = !s.backends.is_empty()
+                && s.backends
+                    .iter()
+                    .all(|b| down.contains(&(s.name.clone(), b.address)));
+            let ignore_health = all_down && s.fallback == crate::config::Fallback::All;
             for b in &s.backends {
                 let o = admin.get(&s.name, b.address);
-                let active = o.admin != Admin::Disabled;
+                let healthy = ignore_health || !down.contains(&(s.name.clone(), b.address));
+                let active = o.admin != Admin::Disabled && healthy;
                 let effective_weight = match o.admin {
-                    Admin::Enabled => o.weight.unwrap_or(b.weight),
-                    Admin::Draining | Admin::Disabled => 0,
+                    Admin::Enabled if healthy => o.weight.unwrap_or(b.weight),
+                    _ => 0,
                 };
                 weights.push(effective_weight);
                 let kept = prev_backend_ids.get(&(s.name.as_str(), b.address)).copied();
@@ -262,6 +275,7 @@ impl DesiredState {
                         weight_override: o.weight,
                         admin: o.admin,
                         effective_weight,
+                        healthy,
                     },
                 );
                 ids.push(id);
@@ -636,12 +650,12 @@ mac = "02:00:00:00:01:03"
 
     fn state(text: &str, prev: Option<&DesiredState>) -> DesiredState {
         let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
-        DesiredState::next(&cfg, &Fake, prev, &AdminState::default()).unwrap()
+        DesiredState::next(&cfg, &Fake, prev, &AdminState::default(), &Down::new()).unwrap()
     }
 
     fn with_admin(text: &str, prev: Option<&DesiredState>, admin: &AdminState) -> DesiredState {
         let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
-        DesiredState::next(&cfg, &Fake, prev, admin).unwrap()
+        DesiredState::next(&cfg, &Fake, prev, admin, &Down::new()).unwrap()
     }
 
     #[test]
@@ -878,5 +892,46 @@ mac = "02:00:00:00:01:02"
         // A new service later takes the lowest free id again.
         let c = state(CFG, Some(&b));
         assert_eq!(c.services[1].value.id, 1);
+    }
+
+    #[test]
+    fn a_down_backend_is_inactive_and_out_of_the_table_until_it_is_up() {
+        let a = state(TWO, None);
+        let cfg = Config::parse(TWO, Path::new("t.toml")).unwrap();
+        let mut down = Down::new();
+        down.insert(("a".to_owned(), "10.0.0.2".parse().unwrap()));
+        let b = DesiredState::next(&cfg, &Fake, Some(&a), &AdminState::default(), &down).unwrap();
+        assert_eq!(b.backends[&1].flags & BACKEND_F_ACTIVE, 0, "its flows move");
+        assert_ne!(b.backends[&1].generation, a.backends[&1].generation);
+        assert!(!b.backend_info[&1].healthy);
+        assert!(b.services[0].ring.iter().all(|id| *id == 0));
+        let c = DesiredState::next(&cfg, &Fake, Some(&b), &AdminState::default(), &Down::new())
+            .unwrap();
+        assert_eq!(c.backends[&1].flags & BACKEND_F_ACTIVE, BACKEND_F_ACTIVE);
+        assert!(c.services[0].ring.contains(&1));
+    }
+
+    #[test]
+    fn all_down_drops_unless_fallback_all() {
+        let mut down = Down::new();
+        down.insert(("a".to_owned(), "10.0.0.1".parse().unwrap()));
+        down.insert(("a".to_owned(), "10.0.0.2".parse().unwrap()));
+        let cfg = Config::parse(TWO, Path::new("t.toml")).unwrap();
+        let d = DesiredState::next(&cfg, &Fake, None, &AdminState::default(), &down).unwrap();
+        assert!(
+            d.services[0].ring.iter().all(|id| *id == NO_BACKEND),
+            "drop: no backend"
+        );
+        let all = TWO.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nfallback = \"all\"",
+        );
+        let cfg = Config::parse(&all, Path::new("t.toml")).unwrap();
+        let d = DesiredState::next(&cfg, &Fake, None, &AdminState::default(), &down).unwrap();
+        assert!(
+            d.services[0].ring.iter().all(|id| *id != NO_BACKEND),
+            "fallback all: everyone"
+        );
+        assert!(d.backends.values().all(|b| b.flags & BACKEND_F_ACTIVE != 0));
     }
 }

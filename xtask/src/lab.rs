@@ -80,6 +80,11 @@ pub struct Lab {
     pub clients6: Vec<Ipv6Addr>,
     pub dir: PathBuf,
     procs: Vec<Child>,
+    /// `[service.health]` body per service name, added to generated configs.
+    pub health: Vec<(String, String)>,
+    /// Backend servers by backend name.
+    servers: std::collections::BTreeMap<String, Child>,
+    xtask: PathBuf,
     lb: Option<LbProcess>,
 }
 
@@ -168,6 +173,9 @@ impl Lab {
                 .collect(),
             dir,
             procs: Vec::new(),
+            health: Vec::new(),
+            servers: std::collections::BTreeMap::new(),
+            xtask: xtask.to_owned(),
             lb: None,
         };
         if let Ok(mut a) = ACTIVE.lock() {
@@ -175,7 +183,9 @@ impl Lab {
         }
         // On any error below, Drop removes what was made.
         lab.build_topology()?;
-        lab.start_backends(xtask)?;
+        for b in lab.backends.clone() {
+            lab.start_backend(&b.name)?;
+        }
         Ok(lab)
     }
 
@@ -307,31 +317,54 @@ impl Lab {
         Ok(())
     }
 
-    fn start_backends(&mut self, xtask: &Path) -> anyhow::Result<()> {
-        for b in self.backends.clone() {
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &b.ns])
-                .arg(xtask)
-                .args([
-                    "lab-backend",
-                    "--name",
-                    &b.name,
-                    "--vip",
-                    &VIP4.to_string(),
-                    "--vip",
-                    &VIP6.to_string(),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting a lab backend")?;
-            let stdout = child.stdout.take().expect("piped");
-            self.procs.push(child);
-            let rx = lines(stdout);
-            wait_for_line(&rx, "ready", Duration::from_secs(10))
-                .with_context(|| format!("backend {} did not start", b.name))?;
-        }
+    /// While this file exists, backend `name` answers HTTP with 503.
+    pub fn fail_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.fail"))
+    }
+
+    /// Starts backend `name`'s servers (HTTP, TCP echo, UDP echo) and waits until they listen.
+    pub fn start_backend(&mut self, name: &str) -> anyhow::Result<()> {
+        let b = self
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| format!("no backend {name}"))?
+            .clone();
+        let fail = self.fail_file(name);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &b.ns])
+            .arg(&self.xtask)
+            .args([
+                "lab-backend",
+                "--name",
+                &b.name,
+                "--vip",
+                &VIP4.to_string(),
+                "--vip",
+                &VIP6.to_string(),
+            ])
+            .arg("--fail-file")
+            .arg(&fail)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a lab backend")?;
+        let rx = lines(child.stdout.take().expect("piped"));
+        self.servers.insert(b.name.clone(), child);
+        wait_for_line(&rx, "ready", Duration::from_secs(10))
+            .with_context(|| format!("backend {} did not start", b.name))?;
+        Ok(())
+    }
+
+    /// Kills backend `name`'s servers (the namespace and its addresses stay: a dead service).
+    pub fn kill_backend(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut c = self
+            .servers
+            .remove(name)
+            .with_context(|| format!("backend {name} not running"))?;
+        c.kill()?;
+        c.wait()?;
         Ok(())
     }
 
@@ -358,6 +391,9 @@ impl Lab {
             s += &format!(
                 "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\n"
             );
+            if let Some((_, h)) = self.health.iter().find(|(n, _)| n == name) {
+                s += &format!("[service.health]\n{h}\n");
+            }
             for (b, w) in self.backends.iter().zip(weights) {
                 let Some(w) = w else { continue };
                 let addr = if v6 {
@@ -523,11 +559,12 @@ impl Lab {
                 let _ = p.child.wait();
             }
         }
-        for c in &mut self.procs {
+        for c in self.procs.iter_mut().chain(self.servers.values_mut()) {
             let _ = c.kill();
             let _ = c.wait();
         }
         self.procs.clear();
+        self.servers.clear();
         remove_namespaces(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Ok(mut a) = ACTIVE.lock() {

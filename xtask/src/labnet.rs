@@ -18,27 +18,36 @@ use anyhow::{Context as _, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Runs the backend servers forever. Prints `ready` once every socket is bound.
+/// While `fail_file` exists, HTTP answers `503 Service Unavailable` (health-check tests).
 pub fn serve_backend(
     name: &str,
     vips: &[IpAddr],
     http_port: u16,
     echo_port: u16,
+    fail_file: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let http = dual_stack_listener(http_port)?;
     // (An empty `vips` serves TCP only: used for a server on the LB's own address.)
     let echo = dual_stack_listener(echo_port)?;
+    // One socket per VIP (replies leave from the VIP), and a wildcard one for the backend's own
+    // addresses (health checks); the kernel delivers to the most specific bound socket.
     let mut udp = Vec::new();
     for vip in vips {
-        let s = UdpSocket::bind(SocketAddr::new(*vip, echo_port))
-            .with_context(|| format!("binding UDP {vip}:{echo_port} (is the VIP on lo?)"))?;
-        udp.push(s);
+        udp.push(udp_socket(SocketAddr::new(*vip, echo_port), false)?);
+    }
+    if !vips.is_empty() {
+        udp.push(udp_socket(
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), echo_port),
+            true,
+        )?);
     }
     let body = format!("{name}\n");
     let http_thread = thread::spawn(move || {
         for conn in http.incoming().flatten() {
             let body = body.clone();
+            let failing = fail_file.as_ref().is_some_and(|f| f.exists());
             thread::spawn(move || {
-                let _ = answer_http(conn, &body);
+                let _ = answer_http(conn, &body, failing);
             });
         }
     });
@@ -78,7 +87,23 @@ fn dual_stack_listener(port: u16) -> anyhow::Result<TcpListener> {
     Ok(s.into())
 }
 
-fn answer_http(mut conn: TcpStream, body: &str) -> std::io::Result<()> {
+fn udp_socket(addr: SocketAddr, dual_stack: bool) -> anyhow::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if dual_stack {
+        s.set_only_v6(false)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
+        .with_context(|| format!("binding UDP {addr} (is the VIP on lo?)"))?;
+    Ok(s.into())
+}
+
+fn answer_http(mut conn: TcpStream, body: &str, failing: bool) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
@@ -89,8 +114,13 @@ fn answer_http(mut conn: TcpStream, body: &str) -> std::io::Result<()> {
         }
         req.extend_from_slice(&buf[..n]);
     }
+    let status = if failing {
+        "503 Service Unavailable"
+    } else {
+        "200 OK"
+    };
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(resp.as_bytes())
@@ -114,6 +144,15 @@ pub struct Tally {
     pub by_backend: BTreeMap<String, usize>,
     pub errors: usize,
     pub first_error: Option<String>,
+    /// Wall-clock time (ms since the Unix epoch) of the last failure.
+    pub last_error_unix_ms: Option<u64>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Tally {
@@ -123,6 +162,7 @@ impl Tally {
             Err(e) => {
                 self.errors += 1;
                 self.first_error.get_or_insert_with(|| format!("{e:#}"));
+                self.last_error_unix_ms = Some(unix_ms());
             }
         }
     }
@@ -132,6 +172,7 @@ impl Tally {
             "by_backend": self.by_backend,
             "errors": self.errors,
             "first_error": self.first_error,
+            "last_error_unix_ms": self.last_error_unix_ms,
         })
     }
 
@@ -143,6 +184,7 @@ impl Tally {
         }
         t.errors = v["errors"].as_u64().context("errors")? as usize;
         t.first_error = v["first_error"].as_str().map(str::to_owned);
+        t.last_error_unix_ms = v["last_error_unix_ms"].as_u64();
         Ok(t)
     }
 

@@ -57,6 +57,9 @@ enum Task {
         http_port: u16,
         #[arg(long, default_value_t = lab::ECHO_PORT)]
         echo_port: u16,
+        /// While this file exists, HTTP answers 503.
+        #[arg(long)]
+        fail_file: Option<PathBuf>,
     },
     /// (internal) Lab client, run inside the client namespace; prints a JSON tally
     /// (`--kind http|udp`), or holds one TCP connection to the echo service (`--kind hold`).
@@ -100,7 +103,8 @@ fn main() -> ExitCode {
             vips,
             http_port,
             echo_port,
-        } => labnet::serve_backend(&name, &vips, http_port, echo_port),
+            fail_file,
+        } => labnet::serve_backend(&name, &vips, http_port, echo_port, fail_file),
         Task::LabClient {
             kind,
             target,

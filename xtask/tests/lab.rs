@@ -782,6 +782,137 @@ fn rolling_restart_script(mode: Mode) {
     );
 }
 
+/// `lb backend show` as key → value.
+fn show(lab: &Lab, service: &str, address: &str) -> std::collections::BTreeMap<String, String> {
+    lab.lb_cli(&lb(), &["backend", "show", service, address])
+        .expect("backend show")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Polls until `service`/`address` has health `want`; returns how long it took.
+fn wait_health(lab: &Lab, service: &str, address: &str, want: &str, limit: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        if show(lab, service, address)["health"] == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{service} {address} not {want} within {limit:?}: {:?}",
+            show(lab, service, address)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Health checks (HTTP and UDP): a killed backend is out within fall × interval + timeout
+/// (plus jitter and polling), no request reaches it afterwards, it returns after `rise`; a
+/// backend answering 503 is marked down with that reason.
+fn health_checks(mode: Mode) {
+    let (interval, timeout, rise, fall) = (500u64, 300u64, 2u64, 2u64);
+    let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    let h = |kind: &str| {
+        format!(
+            "kind = \"{kind}\"\npath = \"/healthz\"\ninterval_ms = {interval}\ntimeout_ms = {timeout}\nrise = {rise}\nfall = {fall}\n"
+        )
+    };
+    lab.health = vec![("web".into(), h("http")), ("uecho".into(), h("udp"))];
+    let config = lab.config(mode);
+    lab.start_lb(&lb(), &config).expect("lb run");
+    let b2 = addr_of(&lab, "b2");
+    for b in lab.backends.clone() {
+        wait_health(&lab, "web", &b.v4.to_string(), "up", Duration::from_secs(5));
+        let start = std::time::Instant::now();
+        while show(&lab, "uecho", &b.v4.to_string())["health_reason"] != "checks pass" {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "UDP check of {} never passed",
+                b.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // Kill b2's servers under steady load.
+    let load = background_load(&mut lab, 6000);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.kill_backend("b2").unwrap();
+    let took = wait_health(&lab, "web", &b2, "down", Duration::from_secs(10));
+    let down_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let bound = Duration::from_millis(fall * interval + timeout);
+    // Check times jitter by ±10 % of the interval, and polling adds up to 25 ms.
+    let margin = Duration::from_millis(fall * interval / 10 + 150);
+    println!(
+        "{} health: b2 removed {took:?} after its server died (bound {bound:?} + margin {margin:?})",
+        mode.as_str()
+    );
+    assert!(
+        took <= bound + margin,
+        "removal took {took:?}, bound {bound:?}"
+    );
+    let reason = &show(&lab, "web", &b2)["health_reason"];
+    assert!(
+        reason.contains("refused") || reason.contains("timeout"),
+        "{reason}"
+    );
+    wait_health(&lab, "uecho", &b2, "down", Duration::from_secs(5));
+    let t = load_result(load);
+    println!(
+        "{} health: {} of 6000 requests failed, the last {} ms before the removal was seen",
+        mode.as_str(),
+        t.errors,
+        t.last_error_unix_ms
+            .map_or(0, |e| down_at as i64 - e as i64)
+    );
+    assert_eq!(t.total() + t.errors, 6000);
+    if let Some(last) = t.last_error_unix_ms {
+        // Failures only inside the detection window (the poll that saw "down" ends it).
+        assert!(
+            last <= down_at + 50,
+            "a request failed {} ms after b2 was out",
+            last - down_at
+        );
+    }
+    let after = http(&lab, 200);
+    assert_eq!(after.errors, 0);
+    assert_eq!(
+        after.by_backend.get("b2"),
+        None,
+        "requests reached the dead b2: {after:?}"
+    );
+
+    // Back: up again after `rise` good checks, and takes new connections.
+    lab.start_backend("b2").unwrap();
+    let took = wait_health(&lab, "web", &b2, "up", Duration::from_secs(5));
+    println!(
+        "{} health: b2 back {took:?} after its server restarted",
+        mode.as_str()
+    );
+    let after = http(&lab, 200);
+    assert!(
+        after.by_backend.get("b2").copied().unwrap_or(0) > 0,
+        "b2 not back: {after:?}"
+    );
+
+    // 503 → down with that reason; the UDP service is unaffected.
+    std::fs::write(lab.fail_file("b1"), b"").unwrap();
+    let b1 = addr_of(&lab, "b1");
+    wait_health(&lab, "web", &b1, "down", Duration::from_secs(5));
+    assert_eq!(
+        show(&lab, "web", &b1)["health_reason"],
+        "status 503 (expected 200)"
+    );
+    assert_eq!(show(&lab, "uecho", &b1)["health"], "up");
+    std::fs::remove_file(lab.fail_file("b1")).unwrap();
+    wait_health(&lab, "web", &b1, "up", Duration::from_secs(5));
+}
+
 macro_rules! both_modes {
     ($($name:ident),*) => {
         mod native {
@@ -816,5 +947,6 @@ both_modes!(
     cli_reload,
     cli_errors,
     maintenance_script,
-    rolling_restart_script
+    rolling_restart_script,
+    health_checks
 );

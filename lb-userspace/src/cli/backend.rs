@@ -104,6 +104,7 @@ fn show(socket: &Path, name: &str, address: &str) -> anyhow::Result<()> {
     println!("weight={}", b.weight_override.unwrap_or(b.config_weight));
     println!("effective_weight={}", b.effective_weight);
     println!("health={}", b.health);
+    println!("health_reason={}", b.health_reason);
     println!("active_connections={}", b.active_connections);
     println!("packets={}", b.traffic.packets);
     println!("bytes={}", b.traffic.bytes);

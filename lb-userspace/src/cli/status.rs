@@ -94,6 +94,15 @@ pub fn render(s: &api::Status) -> String {
             );
         }
     }
+    for svc in &s.services {
+        for b in svc.backends.iter().filter(|b| b.health == "down") {
+            let _ = writeln!(
+                o,
+                "\n{} {} is down for {:.0} s: {}",
+                svc.name, b.address, b.health_since_seconds, b.health_reason
+            );
+        }
+    }
     let nonzero: Vec<String> = s
         .counters
         .iter()
