@@ -581,9 +581,10 @@ impl Daemon {
                 bits_per_second: bps,
             }
         };
+        let ids: Vec<u32> = self.desired.backends.keys().copied().collect();
         let active = self
             .dp
-            .active_connections()
+            .active_connections(&ids)
             .map_err(|e| internal(e.to_string()))?;
         let mut services = Vec::new();
         for (ds, cs) in self.desired.services.iter().zip(&self.cfg.services) {

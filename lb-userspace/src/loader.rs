@@ -333,10 +333,11 @@ impl Dataplane {
         Ok(flows.keys().filter(|k| k.is_ok()).count())
     }
 
-    /// Active connections per backend id: Σcpu (`LB_BE_CONNS` − `LB_BE_EXPIRED`).
-    pub fn active_connections(&mut self) -> Result<BTreeMap<u32, u64>> {
-        let conns = self.per_cpu_sums(names::BACKEND_CONNS)?;
-        let expired = self.per_cpu_sums(names::BACKEND_EXPIRED)?;
+    /// Active connections of backends `ids`: Σcpu (`LB_BE_CONNS` − `LB_BE_EXPIRED`); ids with
+    /// none are left out.
+    pub fn active_connections(&mut self, ids: &[u32]) -> Result<BTreeMap<u32, u64>> {
+        let conns = self.per_cpu_sums(names::BACKEND_CONNS, ids)?;
+        let expired = self.per_cpu_sums(names::BACKEND_EXPIRED, ids)?;
         Ok(conns
             .into_iter()
             .map(|(id, c)| {
@@ -347,16 +348,16 @@ impl Dataplane {
             .collect())
     }
 
-    /// Per backend id, the wrapping sum over CPUs of a per-CPU `u64` array (non-zero only).
-    fn per_cpu_sums(&mut self, name: &'static str) -> Result<BTreeMap<u32, u64>> {
+    /// For each of `ids`, the wrapping sum over CPUs of a per-CPU `u64` array (non-zero only).
+    fn per_cpu_sums(&mut self, name: &'static str, ids: &[u32]) -> Result<BTreeMap<u32, u64>> {
         let map: PerCpuArray<&mut MapData, u64> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
         let mut out = BTreeMap::new();
-        for (id, v) in map.iter().enumerate() {
-            let v = v.map_err(map_err(name))?;
+        for id in ids {
+            let v = map.get(id, 0).map_err(map_err(name))?;
             let sum = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
             if sum != 0 {
-                out.insert(id as u32, sum);
+                out.insert(*id, sum);
             }
         }
         Ok(out)

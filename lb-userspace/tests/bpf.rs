@@ -246,7 +246,7 @@ fn reused_backend_id_does_not_inherit_old_flows() {
 // ---- active connections ---------------------------------------------------------------------
 
 fn active(f: &mut Fixture, backend: u32) -> u64 {
-    f.dp.active_connections()
+    f.dp.active_connections(&[backend])
         .unwrap()
         .get(&backend)
         .copied()

@@ -166,16 +166,7 @@ fn lab_removes_everything_it_made() {
 /// 2 000 new TCP connections from 8 source addresses split 1:2:2 within ±5 points.
 fn distribution(mode: Mode) {
     let lab = up(mode, &[100, 200, 200]);
-    let t = lab
-        .clients(
-            Path::new(XTASK),
-            "http",
-            SocketAddr::new(IpAddr::V4(lab::VIP4), lab::HTTP_PORT),
-            &lab::v4s(&lab.clients4),
-            2000,
-        )
-        .expect("http client");
-    assert_eq!(t.errors, 0, "failed requests: {t:?}");
+    let t = http(&lab, 2000);
     assert_eq!(t.total(), 2000);
     for (b, want) in lab.backends.iter().zip([0.2, 0.4, 0.4]) {
         let share = *t.by_backend.get(&b.name).unwrap_or(&0) as f64 / 2000.0;
@@ -203,27 +194,7 @@ fn affinity(mode: Mode) {
     // Start with b1 and b2 only; b3 is added later.
     let config = lab.config_with(mode, &[Some(100), Some(100), None]);
     lab.start_lb(&cmd::lb_binary(), &config).expect("lb run");
-    let cl = lab.client();
-    let target = format!("{}:{}", lab::VIP4, lab::ECHO_PORT);
-    let hold = lab
-        .spawn(
-            &cl,
-            &[
-                XTASK,
-                "lab-client",
-                "--kind",
-                "hold",
-                "--target",
-                &target,
-                "--source",
-                "10.99.0.15",
-            ],
-        )
-        .expect("hold client");
-    let line = hold
-        .expect_line("backend ", Duration::from_secs(10))
-        .expect("connected");
-    let held = line.trim_start_matches("backend ").trim().to_owned();
+    let (conn, held) = hold(&mut lab, "10.99.0.15");
     let idx = lab
         .backends
         .iter()
@@ -247,16 +218,7 @@ fn affinity(mode: Mode) {
     std::thread::sleep(Duration::from_millis(500));
 
     // New connections: none to the drained backend, some to the new one.
-    let t = lab
-        .clients(
-            Path::new(XTASK),
-            "http",
-            SocketAddr::new(IpAddr::V4(lab::VIP4), lab::HTTP_PORT),
-            &lab::v4s(&lab.clients4),
-            200,
-        )
-        .expect("http client");
-    assert_eq!(t.errors, 0, "{t:?}");
+    let t = http(&lab, 200);
     assert_eq!(
         t.by_backend.get(&held),
         None,
@@ -267,7 +229,7 @@ fn affinity(mode: Mode) {
         "no new connection on the added b3: {t:?}"
     );
 
-    let (ok, out, err) = hold
+    let (ok, out, err) = conn
         .finish(Duration::from_secs(10))
         .expect("hold client exits");
     assert!(ok, "the long-lived connection broke: {out:?} {err:?}");
