@@ -68,7 +68,10 @@ pub struct ServiceStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: IpAddr,
+    /// Destination MAC in use (`unresolved` when not known).
     pub mac: String,
+    /// `config`, `neighbour` (resolved through the kernel's neighbour table) or `unresolved`.
+    pub mac_source: String,
     /// `up`, `draining` (no new flows), `disabled` or `down`.
     pub state: String,
     pub admin: Admin,

@@ -259,7 +259,8 @@ pub struct Health {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Backend {
     pub address: IpAddr,
-    pub mac: Mac,
+    /// `None`: resolved through the kernel's neighbour table (see `neigh`).
+    pub mac: Option<Mac>,
     pub weight: u16,
     /// Egress interface when it is not the one the program is attached to (XDP_REDIRECT).
     pub interface: Option<String>,
@@ -676,21 +677,21 @@ impl Validator {
             )
         })?;
         let loc = format!("{svc_loc}: backend \"{address}\"");
-        let mac_s = rb.mac.ok_or_else(|| {
-            self.err(
-                format!("{loc}: mac"),
-                "required (automatic neighbour resolution is not implemented yet)",
-            )
-        })?;
-        let mac: Mac = mac_s
-            .parse()
-            .map_err(|why: String| self.err(format!("{loc}: mac"), why))?;
-        if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
-            return Err(self.err(
-                format!("{loc}: mac"),
-                format!("{mac} is not a unicast MAC address"),
-            ));
-        }
+        let mac = match rb.mac {
+            None => None,
+            Some(mac_s) => {
+                let mac: Mac = mac_s
+                    .parse()
+                    .map_err(|why: String| self.err(format!("{loc}: mac"), why))?;
+                if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
+                    return Err(self.err(
+                        format!("{loc}: mac"),
+                        format!("{mac} is not a unicast MAC address"),
+                    ));
+                }
+                Some(mac)
+            }
+        };
         let weight = match rb.weight {
             None => 100,
             Some(w) if (0..=65535).contains(&w) => w as u16,
@@ -864,7 +865,7 @@ mac = "02:00:00:00:00:22"
             ("web", 80, Protocol::Tcp)
         );
         assert_eq!(s.vip, "10.99.0.100".parse::<IpAddr>().unwrap());
-        assert_eq!(s.backends[0].mac, Mac([2, 0, 0, 0, 0, 0x21]));
+        assert_eq!(s.backends[0].mac, Some(Mac([2, 0, 0, 0, 0, 0x21])));
         assert_eq!(s.backends[1].weight, 100, "default weight");
     }
 
@@ -1097,12 +1098,9 @@ mac = "02:00:00:00:00:22"
     }
 
     #[test]
-    fn missing_mac_is_explained() {
-        let got = err_of("mac = \"02:00:00:00:00:21\"\n", "");
-        assert!(
-            got.contains("backend \"10.99.0.21\": mac: required"),
-            "{got}"
-        );
+    fn mac_is_optional() {
+        let c = parse(&GOOD.replacen("mac = \"02:00:00:00:00:21\"\n", "", 1)).unwrap();
+        assert_eq!(c.services[0].backends[0].mac, None, "resolved at run time");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::{
     health,
     iface::SystemInterfaces,
     loader::{AttachedMode, Dataplane},
+    neigh::{Neighbours, SystemNeighbours},
     state::{self, DesiredState, DiffSummary},
     stats::Snapshot,
 };
@@ -97,6 +98,114 @@ pub struct Daemon {
     health: BTreeMap<(String, IpAddr), health::Health>,
     /// Running check tasks (respawned on reload).
     checks: Vec<tokio::task::JoinHandle<()>>,
+    /// MACs of backends configured without one, by (service, address).
+    resolved: BTreeMap<(String, IpAddr), Resolution>,
+}
+
+/// Where a backend configured without `mac` stands.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    /// Egress device of the route to it.
+    pub dev: String,
+    pub mac: Option<crate::config::Mac>,
+    /// Why `mac` is `None`.
+    pub reason: String,
+}
+
+/// Checks that every backend without `mac` is on-link; returns each one's egress device.
+fn on_link_devices(
+    cfg: &Config,
+    nb: &impl Neighbours,
+) -> Result<BTreeMap<(String, IpAddr), String>, String> {
+    let mut out = BTreeMap::new();
+    for s in &cfg.services {
+        for b in s.backends.iter().filter(|b| b.mac.is_none()) {
+            let at = format!("service \"{}\": backend \"{}\"", s.name, b.address);
+            let r = nb
+                .route(b.address)
+                .map_err(|e| format!("{at}: no route to it ({e})"))?;
+            if let Some(gw) = r.gateway {
+                return Err(format!(
+                    "{at}: reached through gateway {gw} on {}: DSR only rewrites the MAC, so a backend must be on \
+                     the balancer's L2 segment (or give its `mac` and `interface` explicitly)",
+                    r.dev
+                ));
+            }
+            if r.local {
+                return Err(format!("{at}: is an address of this machine"));
+            }
+            out.insert((s.name.clone(), b.address), r.dev);
+        }
+    }
+    Ok(out)
+}
+
+/// Looks every backend without `mac` up in the neighbour table, probing missing and stale
+/// entries. Returns whether any resolution changed.
+fn resolve(
+    devices: &BTreeMap<(String, IpAddr), String>,
+    nb: &impl Neighbours,
+    resolved: &mut BTreeMap<(String, IpAddr), Resolution>,
+) -> bool {
+    let mut changed = false;
+    resolved.retain(|k, _| devices.contains_key(k));
+    for ((svc, addr), dev) in devices {
+        let (mac, reason) = match nb.neighbour(*addr, dev) {
+            Ok(Some(n)) => {
+                if n.stale() {
+                    nb.probe(*addr);
+                }
+                let reason = format!("no ARP/NDP answer (neighbour state {})", n.states.join(","));
+                (n.usable_mac(), reason)
+            }
+            Ok(None) => (None, "not in the neighbour table yet (probing)".to_owned()),
+            Err(e) => (None, format!("neighbour lookup failed: {e}")),
+        };
+        if mac.is_none() {
+            nb.probe(*addr);
+        }
+        let new = Resolution {
+            dev: dev.clone(),
+            mac,
+            reason,
+        };
+        let key = (svc.clone(), *addr);
+        let before = resolved.get(&key).map(|r| (r.mac, r.dev.clone()));
+        if before != Some((new.mac, new.dev.clone())) {
+            match (&before, new.mac) {
+                (_, Some(m)) => {
+                    log::info!("neighbour: service \"{svc}\" backend {addr} is at {m} on {dev}")
+                }
+                (Some((Some(_), _)), None) => {
+                    log::warn!(
+                        "neighbour: service \"{svc}\" backend {addr} unresolved: {}",
+                        new.reason
+                    )
+                }
+                _ => {}
+            }
+            changed = true;
+        }
+        resolved.insert(key, new);
+    }
+    changed
+}
+
+/// `cfg` with resolved MACs filled in, and the route's device as egress interface where it is
+/// not the data-plane interface.
+fn effective(cfg: &Config, resolved: &BTreeMap<(String, IpAddr), Resolution>) -> Config {
+    let mut eff = cfg.clone();
+    for s in &mut eff.services {
+        for b in s.backends.iter_mut().filter(|b| b.mac.is_none()) {
+            if let Some(r) = resolved.get(&(s.name.clone(), b.address)) {
+                b.mac = r.mac;
+                if b.interface.is_none() && r.dev != cfg.dataplane.interface {
+                    b.interface = Some(r.dev.clone());
+                }
+            }
+        }
+    }
+    eff
 }
 
 /// One finished health check.
@@ -164,9 +273,38 @@ impl Daemon {
                 cfg.control.state_file.display()
             );
         }
-        let desired =
-            DesiredState::next(&cfg, &SystemInterfaces, None, &admin, &state::Down::new())
-                .with_context(|| config_path.display().to_string())?;
+        let devices = on_link_devices(&cfg, &SystemNeighbours)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+        let mut resolved = BTreeMap::new();
+        // Give first resolutions a moment (an ARP/NDP round trip) before filling the maps.
+        for _ in 0..20 {
+            resolve(&devices, &SystemNeighbours, &mut resolved);
+            if resolved.values().all(|r| r.mac.is_some()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let unresolved: state::Down = resolved
+            .iter()
+            .filter(|(_, r)| r.mac.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (k, r) in resolved.iter().filter(|(_, r)| r.mac.is_none()) {
+            log::warn!(
+                "neighbour: service \"{}\" backend {} unresolved at start: {}",
+                k.0,
+                k.1,
+                r.reason
+            );
+        }
+        let desired = DesiredState::next(
+            &effective(&cfg, &resolved),
+            &SystemInterfaces,
+            None,
+            &admin,
+            &unresolved,
+        )
+        .with_context(|| config_path.display().to_string())?;
         let dpc = &cfg.dataplane;
         let mut dp = Dataplane::load(dpc.ring_size, dpc.flow_table_size)?;
         dp.apply(&desired).context("filling the maps")?;
@@ -201,6 +339,7 @@ impl Daemon {
             flows_expired: 0,
             health: BTreeMap::new(),
             checks: Vec::new(),
+            resolved,
         })
     }
 
@@ -244,6 +383,7 @@ impl Daemon {
             let (check_tx, mut check_rx) = mpsc::channel::<CheckResult>(1024);
             self.spawn_checks(&check_tx);
             let mut sample = tokio::time::interval(Duration::from_secs(1));
+            let mut neigh_tick = tokio::time::interval(Duration::from_secs(1));
             // Sweep often enough for the shortest timeout, at most every 10 s.
             let t = &self.cfg.timeouts;
             let every = (t.tcp.min(t.tcp_fin).min(t.udp) / 2).clamp(1, 10);
@@ -272,6 +412,7 @@ impl Daemon {
                     }
                     Some(res) = check_rx.recv() => self.on_check(res),
                     _ = sweep.tick() => self.sweep(),
+                    _ = neigh_tick.tick() => self.refresh_neighbours(),
                     _ = sample.tick() => {
                         self.sample();
                         if stats_interval > 0 && printed.elapsed() >= Duration::from_secs(stats_interval) {
@@ -388,6 +529,20 @@ impl Daemon {
         }
     }
 
+    /// Re-reads the neighbour table for backends without `mac`; applies any change (a MAC
+    /// that moved, a backend resolved or lost).
+    fn refresh_neighbours(&mut self) {
+        let Ok(devices) = on_link_devices(&self.cfg, &SystemNeighbours) else {
+            return; // routes changed under us: keep the last resolution, say it on reload
+        };
+        if resolve(&devices, &SystemNeighbours, &mut self.resolved) {
+            let (cfg, admin) = (self.cfg.clone(), self.admin.clone());
+            if let Err(e) = self.apply(&cfg, &admin) {
+                log::error!("neighbour: applying the change failed: {}", e.message);
+            }
+        }
+    }
+
     fn sweep(&mut self) {
         let started = Instant::now();
         match self.dp.sweep(coarse_now_ns(), &self.cfg.timeouts) {
@@ -446,6 +601,13 @@ impl Daemon {
             log::error!("reload rejected: {}", e.message);
             return Err(e);
         }
+        let devices = on_link_devices(&cfg, &SystemNeighbours).map_err(|e| {
+            bad(format!(
+                "{}: {e}; running configuration kept",
+                self.config_path.display()
+            ))
+        })?;
+        resolve(&devices, &SystemNeighbours, &mut self.resolved);
         let mut admin = self.admin.clone();
         admin.prune(&cfg);
         let summary = self
@@ -459,13 +621,14 @@ impl Daemon {
     /// Builds the state for `cfg` + `admin`, persists `admin` if it changed, writes the maps.
     fn apply(&mut self, cfg: &Config, admin: &AdminState) -> Result<DiffSummary, ApiError> {
         let down = self.down(cfg);
-        let next = DesiredState::next(cfg, &SystemInterfaces, Some(&self.desired), admin, &down)
+        let eff = effective(cfg, &self.resolved);
+        let next = DesiredState::next(&eff, &SystemInterfaces, Some(&self.desired), admin, &down)
             .map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("{}: {e}", self.config_path.display()),
-                )
-            })?;
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{}: {e}", self.config_path.display()),
+            )
+        })?;
         if *admin != self.admin {
             admin.save(&cfg.control.state_file).map_err(|e| {
                 ApiError::new(
@@ -603,24 +766,47 @@ impl Daemon {
                     Admin::Enabled if !info.healthy || be.flags & BACKEND_F_ACTIVE == 0 => "down",
                     Admin::Enabled => "up",
                 };
+                let key = (ds.name.clone(), info.address);
+                let configured = cs
+                    .backends
+                    .iter()
+                    .find(|b| b.address == info.address)
+                    .is_some_and(|b| b.mac.is_some());
+                let resolution = self.resolved.get(&key);
+                let unresolved = !configured && resolution.is_none_or(|r| r.mac.is_none());
+                let (mac, mac_source) = if configured {
+                    (info.mac.to_string(), "config")
+                } else if unresolved {
+                    ("unresolved".to_owned(), "unresolved")
+                } else {
+                    (info.mac.to_string(), "neighbour")
+                };
                 backends.push(api::BackendStatus {
                     address: info.address,
-                    mac: info.mac.to_string(),
+                    mac,
+                    mac_source: mac_source.to_owned(),
                     state: state.to_owned(),
                     admin: info.admin,
                     config_weight: info.config_weight,
                     weight_override: info.weight_override,
                     effective_weight: info.effective_weight,
                     health: match self.health.get(&(ds.name.clone(), info.address)) {
+                        _ if unresolved => "down".to_owned(),
                         None => "none".to_owned(),
                         Some(h) if h.up => "up".to_owned(),
                         Some(_) => "down".to_owned(),
                     },
-                    health_reason: self
-                        .health
-                        .get(&(ds.name.clone(), info.address))
-                        .map(|h| h.reason.clone())
-                        .unwrap_or_default(),
+                    health_reason: if unresolved {
+                        format!(
+                            "MAC unresolved: {}",
+                            resolution.map_or("not looked up yet", |r| r.reason.as_str())
+                        )
+                    } else {
+                        self.health
+                            .get(&(ds.name.clone(), info.address))
+                            .map(|h| h.reason.clone())
+                            .unwrap_or_default()
+                    },
                     health_since_seconds: self
                         .health
                         .get(&(ds.name.clone(), info.address))

@@ -13,6 +13,7 @@ pub mod health;
 pub mod iface;
 pub mod loader;
 pub mod maglev;
+pub mod neigh;
 pub mod report;
 pub mod sched;
 pub mod state;

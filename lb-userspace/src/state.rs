@@ -256,7 +256,7 @@ impl DesiredState {
                 backends.insert(
                     id,
                     Backend {
-                        mac: b.mac.0,
+                        mac: b.mac.unwrap_or_default().0,
                         src_mac: src_mac.0,
                         flags,
                         generation,
@@ -270,7 +270,7 @@ impl DesiredState {
                     BackendInfo {
                         service: s.name.clone(),
                         address: b.address,
-                        mac: b.mac,
+                        mac: b.mac.unwrap_or_default(),
                         config_weight: b.weight,
                         weight_override: o.weight,
                         admin: o.admin,

@@ -80,6 +80,8 @@ pub struct Lab {
     pub clients6: Vec<Ipv6Addr>,
     pub dir: PathBuf,
     procs: Vec<Child>,
+    /// Generated configs leave `mac` out (the controller resolves it).
+    pub omit_mac: bool,
     /// `[service.health]` body per service name, added to generated configs.
     pub health: Vec<(String, String)>,
     /// Backend servers by backend name.
@@ -174,6 +176,7 @@ impl Lab {
             dir,
             procs: Vec::new(),
             health: Vec::new(),
+            omit_mac: false,
             servers: std::collections::BTreeMap::new(),
             xtask: xtask.to_owned(),
             lb: None,
@@ -287,6 +290,10 @@ impl Lab {
                 ("net.ipv4.conf.all.arp_announce", "2"),
                 ("net.ipv4.conf.eth0.arp_ignore", "1"),
                 ("net.ipv4.conf.eth0.arp_announce", "2"),
+                // Announce a new MAC at once (gratuitous ARP / unsolicited NA), as hosts do
+                // after a VM move.
+                ("net.ipv4.conf.eth0.arp_notify", "1"),
+                ("net.ipv6.conf.eth0.ndisc_notify", "1"),
             ] {
                 sysctl(ns, k, v)?;
             }
@@ -401,10 +408,14 @@ impl Lab {
                 } else {
                     b.v4.to_string()
                 };
-                s += &format!(
-                    "[[service.backend]]\naddress = \"{addr}\"\nmac = \"{}\"\nweight = {w}\n",
-                    b.mac
-                );
+                if self.omit_mac {
+                    s += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {w}\n");
+                } else {
+                    s += &format!(
+                        "[[service.backend]]\naddress = \"{addr}\"\nmac = \"{}\"\nweight = {w}\n",
+                        b.mac
+                    );
+                }
             }
         }
         s

@@ -875,6 +875,138 @@ fn health_checks(mode: Mode) {
     wait_health(&lab, "web", &b1, "up", Duration::from_secs(5));
 }
 
+/// A config without any `mac` works end to end (MACs from the neighbour table), and a backend
+/// whose MAC changes is followed.
+fn mac_resolution(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    lab.omit_mac = true;
+    let config = lab.config(mode);
+    assert!(!config.contains("mac ="));
+    lab.start_lb(&lb(), &config).expect("lb run");
+    let t = http(&lab, 300);
+    assert!(
+        lab.backends
+            .iter()
+            .all(|b| t.by_backend.get(&b.name).copied().unwrap_or(0) > 0),
+        "{t:?}"
+    );
+    for b in lab.backends.clone() {
+        let s = show(&lab, "web", &b.v4.to_string());
+        assert_eq!(
+            (s["mac"].as_str(), s["mac_source"].as_str()),
+            (b.mac.as_str(), "neighbour")
+        );
+        let s = show(&lab, "web6", &b.v6.to_string());
+        assert_eq!(s["mac"], b.mac, "IPv6 backend resolved by NDP");
+    }
+    let body = lab
+        .exec(
+            &lab.client(),
+            &[
+                "curl",
+                "-sS",
+                "-g",
+                "--max-time",
+                "5",
+                "http://[fd00:99::100]/",
+            ],
+        )
+        .expect("IPv6 through the VIP without configured MACs");
+    assert!(body.starts_with('b'), "{body}");
+
+    // b2's MAC changes (a VM move): traffic follows.
+    let b2 = lab.backends[1].clone();
+    let new_mac = "02:99:00:00:01:22";
+    cmd::run(
+        "ip",
+        &[
+            "-n", &b2.ns, "link", "set", "dev", "eth0", "address", new_mac,
+        ],
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    while show(&lab, "web", &b2.v4.to_string())["mac"] != new_mac {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "new MAC not followed: {:?}",
+            show(&lab, "web", &b2.v4.to_string())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "{} neighbour: b2's new MAC followed after {:?}",
+        mode.as_str(),
+        start.elapsed()
+    );
+    let t = http(&lab, 300);
+    assert!(
+        t.by_backend.get("b2").copied().unwrap_or(0) > 0,
+        "b2 unreachable after its MAC changed: {t:?}"
+    );
+}
+
+/// A backend routed through a gateway is a config error with a clear message; one that is
+/// on-link but never answers ARP is reported down ("MAC unresolved").
+fn gateway_backend_is_rejected(mode: Mode) {
+    let lab = Lab::up(mode, &[100], Path::new(XTASK)).expect("lab up");
+    cmd::run(
+        "ip",
+        &[
+            "-n",
+            &lab.lb_ns(),
+            "route",
+            "add",
+            "10.98.0.0/24",
+            "via",
+            "10.99.0.21",
+        ],
+    )
+    .unwrap();
+    let config = format!(
+        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"generic\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"far\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.98.0.5\"\n",
+        lab.socket().display()
+    );
+    let path = lab.dir.join("far.toml");
+    std::fs::write(&path, config).unwrap();
+    let err = lab
+        .exec(
+            &lab.lb_ns(),
+            &[
+                lb().to_str().unwrap(),
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+            ],
+        )
+        .expect_err("a backend behind a gateway must be refused")
+        .to_string();
+    assert!(
+        err.contains("service \"far\": backend \"10.98.0.5\": reached through gateway 10.99.0.21"),
+        "{err}"
+    );
+    assert!(
+        !lab.xdp_attached(&lab.lb_ns(), "eth0"),
+        "nothing attached after the refusal"
+    );
+
+    // On-link but nobody answers ARP: lb runs, reports the backend down with that reason, and
+    // its service drops (no usable backend) instead of sending to a guessed MAC.
+    let mut lab = lab;
+    let config = format!(
+        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"generic\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"ghost\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.99.0.77\"\n",
+        lab.socket().display()
+    );
+    lab.start_lb(&lb(), &config)
+        .expect("lb runs with an unresolved backend");
+    let s = show(&lab, "ghost", "10.99.0.77");
+    assert_eq!(
+        (s["state"].as_str(), s["health"].as_str(), s["mac"].as_str()),
+        ("down", "down", "unresolved"),
+        "{s:?}"
+    );
+    assert!(s["health_reason"].starts_with("MAC unresolved"), "{s:?}");
+}
+
 macro_rules! both_modes {
     ($($name:ident),*) => {
         mod native {
@@ -910,5 +1042,7 @@ both_modes!(
     cli_errors,
     maintenance_script,
     rolling_restart_script,
-    health_checks
+    health_checks,
+    mac_resolution,
+    gateway_backend_is_rejected
 );

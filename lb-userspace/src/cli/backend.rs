@@ -100,6 +100,8 @@ fn show(socket: &Path, name: &str, address: &str) -> anyhow::Result<()> {
     println!("service={name}");
     println!("address={}", b.address);
     println!("state={}", b.state);
+    println!("mac={}", b.mac);
+    println!("mac_source={}", b.mac_source);
     println!("admin={}", b.admin);
     println!("weight={}", b.weight_override.unwrap_or(b.config_weight));
     println!("effective_weight={}", b.effective_weight);
