@@ -100,6 +100,8 @@ pub struct Daemon {
     checks: Vec<tokio::task::JoinHandle<()>>,
     /// MACs of backends configured without one, by (service, address).
     resolved: BTreeMap<(String, IpAddr), Resolution>,
+    /// Egress device of each backend without `mac` (routes looked up at start and reload).
+    devices: BTreeMap<(String, IpAddr), String>,
 }
 
 /// Where a backend configured without `mac` stands.
@@ -149,8 +151,13 @@ fn resolve(
 ) -> bool {
     let mut changed = false;
     resolved.retain(|k, _| devices.contains_key(k));
+    let table = nb.table();
     for ((svc, addr), dev) in devices {
-        let (mac, reason) = match nb.neighbour(*addr, dev) {
+        let entry = table
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|t| crate::neigh::parse_neighbour(t, *addr, dev));
+        let (mac, reason) = match entry {
             Ok(Some(n)) => {
                 if n.stale() {
                     nb.probe(*addr);
@@ -340,6 +347,7 @@ impl Daemon {
             health: BTreeMap::new(),
             checks: Vec::new(),
             resolved,
+            devices,
         })
     }
 
@@ -532,10 +540,10 @@ impl Daemon {
     /// Re-reads the neighbour table for backends without `mac`; applies any change (a MAC
     /// that moved, a backend resolved or lost).
     fn refresh_neighbours(&mut self) {
-        let Ok(devices) = on_link_devices(&self.cfg, &SystemNeighbours) else {
-            return; // routes changed under us: keep the last resolution, say it on reload
-        };
-        if resolve(&devices, &SystemNeighbours, &mut self.resolved) {
+        if self.devices.is_empty() {
+            return;
+        }
+        if resolve(&self.devices, &SystemNeighbours, &mut self.resolved) {
             let (cfg, admin) = (self.cfg.clone(), self.admin.clone());
             if let Err(e) = self.apply(&cfg, &admin) {
                 log::error!("neighbour: applying the change failed: {}", e.message);
@@ -614,6 +622,7 @@ impl Daemon {
             .apply(&cfg, &admin)
             .inspect_err(|e| log::error!("reload rejected: {}", e.message))?;
         self.cfg = cfg;
+        self.devices = devices;
         log::info!("reload: applied ({summary})");
         Ok(summary)
     }

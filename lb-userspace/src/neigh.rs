@@ -48,7 +48,9 @@ impl Neighbour {
 
 pub trait Neighbours {
     fn route(&self, addr: IpAddr) -> Result<Route, String>;
-    fn neighbour(&self, addr: IpAddr, dev: &str) -> Result<Option<Neighbour>, String>;
+    /// The whole neighbour table (`ip -j neigh show`), read once per refresh; pick entries
+    /// out of it with [`parse_neighbour`].
+    fn table(&self) -> Result<String, String>;
     /// Makes the kernel resolve (or re-validate) `addr`.
     fn probe(&self, addr: IpAddr);
 }
@@ -114,12 +116,8 @@ impl Neighbours for SystemNeighbours {
         parse_route(&ip(&["-j", "route", "get", &addr.to_string()])?)
     }
 
-    fn neighbour(&self, addr: IpAddr, dev: &str) -> Result<Option<Neighbour>, String> {
-        parse_neighbour(
-            &ip(&["-j", "neigh", "show", "to", &addr.to_string(), "dev", dev])?,
-            addr,
-            dev,
-        )
+    fn table(&self) -> Result<String, String> {
+        ip(&["-j", "neigh", "show"])
     }
 
     fn probe(&self, addr: IpAddr) {
