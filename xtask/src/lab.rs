@@ -79,7 +79,6 @@ pub struct Lab {
     pub clients4: Vec<Ipv4Addr>,
     pub clients6: Vec<Ipv6Addr>,
     pub dir: PathBuf,
-    procs: Vec<Child>,
     /// Generated configs leave `mac` out (the controller resolves it).
     pub omit_mac: bool,
     /// `[service.health]` body per service name, added to generated configs.
@@ -174,7 +173,6 @@ impl Lab {
                 .map(|i| Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, i))
                 .collect(),
             dir,
-            procs: Vec::new(),
             health: Vec::new(),
             omit_mac: false,
             servers: std::collections::BTreeMap::new(),
@@ -570,11 +568,10 @@ impl Lab {
                 let _ = p.child.wait();
             }
         }
-        for c in self.procs.iter_mut().chain(self.servers.values_mut()) {
+        for c in self.servers.values_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.procs.clear();
         self.servers.clear();
         remove_namespaces(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -14,6 +14,13 @@ use xtask::{
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
+/// `curl -sS --max-time 5 <args>` in the client namespace; the body.
+fn curl(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["curl", "-sS", "--max-time", "5"];
+    full.extend_from_slice(args);
+    lab.exec(&lab.client(), &full)
+}
+
 fn up(mode: Mode, weights: &[u16]) -> Lab {
     let mut lab =
         Lab::up(mode, weights, Path::new(XTASK)).unwrap_or_else(|e| panic!("lab up: {e:#}"));
@@ -39,39 +46,15 @@ fn dsr(mode: Mode) {
     let names: Vec<String> = lab.backends.iter().map(|b| b.name.clone()).collect();
     let cap = lab.capture(&lab.sw(), "lb", "ip or ip6").expect("tcpdump");
 
-    let cl = lab.client();
     for src in ["10.99.0.11", "10.99.0.12", "10.99.0.13", "10.99.0.14"] {
-        let body = lab
-            .exec(
-                &cl,
-                &[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "--interface",
-                    src,
-                    "http://10.99.0.100/",
-                ],
-            )
+        let body = curl(&lab, &["--interface", src, "http://10.99.0.100/"])
             .unwrap_or_else(|e| panic!("curl from {src}: {e:#}"));
         assert!(
             names.contains(&body.trim().to_owned()),
             "unexpected answer {body:?}"
         );
     }
-    let body = lab
-        .exec(
-            &cl,
-            &[
-                "curl",
-                "-sS",
-                "-g",
-                "--max-time",
-                "5",
-                "http://[fd00:99::100]/",
-            ],
-        )
+    let body = curl(&lab, &["-g", "http://[fd00:99::100]/"])
         .unwrap_or_else(|e| panic!("curl over IPv6: {e:#}"));
     assert!(
         names.contains(&body.trim().to_owned()),
@@ -272,26 +255,10 @@ fn non_vip_traffic(mode: Mode) {
     server
         .expect_line("ready", Duration::from_secs(10))
         .expect("server ready");
-    let body = lab
-        .exec(
-            &cl,
-            &["curl", "-sS", "--max-time", "5", "http://10.99.0.2:8080/"],
-        )
-        .expect("TCP to the LB's own address");
+    let body = curl(&lab, &["http://10.99.0.2:8080/"]).expect("TCP to the LB's own address");
     assert_eq!(body.trim(), "lb-itself");
-    let body = lab
-        .exec(
-            &cl,
-            &[
-                "curl",
-                "-sS",
-                "-g",
-                "--max-time",
-                "5",
-                "http://[fd00:99::2]:8080/",
-            ],
-        )
-        .expect("TCP to the LB's own IPv6 address");
+    let body =
+        curl(&lab, &["-g", "http://[fd00:99::2]:8080/"]).expect("TCP to the LB's own IPv6 address");
     assert_eq!(body.trim(), "lb-itself");
     // The LB has the VIP on-link (10.99.0.0/24): resolving it must fail.
     assert!(
@@ -899,18 +866,7 @@ fn mac_resolution(mode: Mode) {
         let s = show(&lab, "web6", &b.v6.to_string());
         assert_eq!(s["mac"], b.mac, "IPv6 backend resolved by NDP");
     }
-    let body = lab
-        .exec(
-            &lab.client(),
-            &[
-                "curl",
-                "-sS",
-                "-g",
-                "--max-time",
-                "5",
-                "http://[fd00:99::100]/",
-            ],
-        )
+    let body = curl(&lab, &["-g", "http://[fd00:99::100]/"])
         .expect("IPv6 through the VIP without configured MACs");
     assert!(body.starts_with('b'), "{body}");
 
