@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
     println!("cargo:rerun-if-env-changed=LB_EBPF_FEATURES");
     println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let dst = out_dir.join("lb-ebpf");
 

@@ -14,6 +14,7 @@ use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, MAX_LC_BACKENDS,
     NO_BACKEND, PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceValue,
     hash::{flow_hash, source_hash},
+    rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
 };
 
@@ -59,7 +60,7 @@ pub fn backend_for_flow(
         if let Some(b) = usable(id)
             && b.generation == generation
         {
-            if closing && flow.flags & (FLOW_F_COUNTED | FLOW_F_CLOSED) == FLOW_F_COUNTED {
+            if closing && counted_and_open(flow) {
                 // A flow's packets arrive on one CPU (RSS), so no other CPU closes it meanwhile.
                 flow.flags |= FLOW_F_CLOSED;
                 add_conns(id, u64::MAX); // −1
@@ -70,7 +71,7 @@ pub fn backend_for_flow(
             count(Stat::FlowHit);
             return Some((id, b));
         }
-        if flow.flags & (FLOW_F_COUNTED | FLOW_F_CLOSED) == FLOW_F_COUNTED {
+        if counted_and_open(flow) {
             add_conns(id, u64::MAX); // −1 on the backend it leaves
         }
         moved = true;
@@ -184,9 +185,10 @@ fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Opti
         };
         // Clamped to 32 bits so that products with a 16-bit weight fit u64 exactly (BPF has no
         // 128-bit multiply).
-        let active = local_active(id).min(u32::MAX as u64);
+        // Clamped so products with a weight fit u64 exactly (BPF has no 128-bit multiply).
+        let active = clamp_active(local_active(id));
         let better = if weighted {
-            active * best_weight < best_active.min(u32::MAX as u64 + 1) * weight
+            wlc_less(active, weight, best_active, best_weight)
         } else {
             active < best_active
         };
@@ -204,6 +206,5 @@ fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Opti
 fn local_active(id: u32) -> u64 {
     let opened = LB_BE_CONNS.get(id).copied().unwrap_or(0);
     let expired = LB_BE_EXPIRED.get(id).copied().unwrap_or(0);
-    let a = opened.wrapping_sub(expired) as i64;
-    if a < 0 { 0 } else { a as u64 }
+    active_connections(opened, expired)
 }

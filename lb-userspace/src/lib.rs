@@ -1,23 +1,33 @@
-//! The controller of the XDP DSR load balancer: configuration, Maglev tables, the desired
-//! data-plane state, and the loader that puts it into the kernel.
+//! The controller of the XDP DSR load balancer.
 //!
-//! Pure logic (config validation, Maglev, desired state) is host-testable without root; only
-//! [`loader`] talks to the kernel.
+//! One place per concern:
+//! - [`config`]: TOML → validated model; [`admin`]: persisted overrides;
+//! - [`desired`]: the pure rule (config + admin + health + neighbours → desired maps),
+//!   [`desired::ids`] (id allocation), [`desired::reconcile`] (desired vs current → map writes);
+//! - [`dataplane`]: the maps behind a trait; [`dataplane::loader`] is the only code that talks
+//!   to the kernel's BPF objects, [`dataplane::fake`] the in-memory one for tests;
+//! - [`controller`]: the event loop that owns the data plane; [`controller::socket`];
+//! - [`health`]: probes and rise/fall, [`health::tasks`] (check tasks kept across reloads);
+//! - [`neigh`]: MAC resolution (netlink dump + events);
+//! - [`api`]: types, [`api::server`] (typed requests), [`api::client`]; [`status`]: reports.
+//!
+//! Pure logic (config validation, Maglev, schedulers, desired state, diff, the controller's
+//! core through fakes) is host-tested without root.
 
 pub mod admin;
 pub mod api;
-pub mod client;
 pub mod config;
-pub mod daemon;
+pub mod controller;
+pub mod dataplane;
+pub mod desired;
 pub mod health;
 pub mod iface;
-pub mod loader;
 pub mod maglev;
 pub mod neigh;
 pub mod report;
 pub mod sched;
-pub mod state;
 pub mod stats;
+pub mod status;
 
 /// The compiled `lb_xdp` object, embedded at build time (empty if built without bpf-linker).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -38,11 +38,28 @@ enum Command {
     Reload,
 }
 
+/// Logging through `tracing` on stderr; `RUST_LOG` filters (default `info`); records of the
+/// `log` crate (aya-log's eBPF records) are forwarded into it.
+fn init_logging(format: cli::run::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    let _ = match format {
+        cli::run::LogFormat::Text => builder.try_init(),
+        cli::run::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = Cli::parse();
+    init_logging(match &cli.command {
+        Command::Run(a) => a.log_format,
+        _ => cli::run::LogFormat::Text,
+    });
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Check(args) => cli::check::run(args),

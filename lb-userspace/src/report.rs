@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::{state::DesiredState, stats::Snapshot};
+use crate::{desired::DesiredState, stats::Snapshot};
 use lb_common::stats::Stat;
 
 pub fn render(desired: &DesiredState, snap: &Snapshot) -> String {
@@ -20,7 +20,7 @@ pub fn render(desired: &DesiredState, snap: &Snapshot) -> String {
             s.name, c.packets, c.bytes, c.new_flows
         );
         for id in &s.backends {
-            let c = snap.backends.get(id).copied().unwrap_or_default();
+            let c = snap.backends.get(&id.0).copied().unwrap_or_default();
             let addr = desired
                 .backend_info
                 .get(id)

@@ -56,24 +56,19 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// connections, or (weighted) the smallest active/weight, compared without division as
 /// `a_i·w_j < a_j·w_i`. Weight 0 never wins; ties go to the earlier backend.
 pub fn least_connections(candidates: &[(u64, u32)], weighted: bool) -> Option<usize> {
-    let mut best: Option<usize> = None;
+    use lb_common::rules::{clamp_active, wlc_less};
+    let mut best = None;
+    let (mut best_active, mut best_weight) = (u64::MAX, 1u64);
     for (i, (a, w)) in candidates.iter().enumerate() {
-        if *w == 0 {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            Some(b) => {
-                let (ab, wb) = candidates[b];
-                if weighted {
-                    (*a as u128) * (wb as u128) < (ab as u128) * (*w as u128)
-                } else {
-                    *a < ab
-                }
-            }
+        let w = *w as u64;
+        let better = if weighted {
+            wlc_less(*a, w, best_active, best_weight)
+        } else {
+            *a < best_active
         };
-        if better {
+        if w != 0 && better {
             best = Some(i);
+            (best_active, best_weight) = (clamp_active(*a), w);
         }
     }
     best

@@ -123,7 +123,7 @@ fn backend_behind_another_interface_is_redirected() {
     );
     f.assert_stat(Stat::VerdictRedirect, 1);
     // The devmap slot vanishes (interface gone): counted drop, not a silent loss.
-    let mut be = f.desired.backends[&b];
+    let mut be = f.backend(b);
     be.tx_port = 7;
     f.dp.set_backend(b, &be).unwrap();
     let (pkt2, _) = tcp4(C2, 40000, VIP4, 80);
@@ -202,7 +202,7 @@ fn flow_of_a_removed_backend_is_rescheduled() {
         .expect("some flow hashes to backend 0");
     f.expect_forward("establish", &pkt, &key, "web4");
     // Backend 0 goes down: the controller clears its active flag and rebuilds the table.
-    let mut b = f.desired.backends[&svc.backends[0]];
+    let mut b = f.backend(svc.backends[0]);
     b.flags &= !BACKEND_F_ACTIVE;
     b.generation += 1;
     f.dp.set_backend(svc.backends[0], &b).unwrap();
@@ -232,7 +232,7 @@ fn reused_backend_id_does_not_inherit_old_flows() {
     f.expect_forward("establish", &pkt, &key, "web4");
     // Same id, new generation (the id was handed to another backend): the flow must be chosen
     // again through the table, which now points at backend 1.
-    let mut b = f.desired.backends[&svc.backends[0]];
+    let mut b = f.backend(svc.backends[0]);
     b.generation += 1;
     b.mac = [0x02, 0, 0, 0, 0, 0x99];
     f.dp.set_backend(svc.backends[0], &b).unwrap();
@@ -322,7 +322,7 @@ fn a_moved_flow_leaves_its_count_behind() {
         .unwrap();
     f.run(&tcp4_flags(C1, sport, VIP4, 80, "S"));
     assert_eq!(active(&mut f, svc.backends[0]), 1);
-    let mut b = f.desired.backends[&svc.backends[0]];
+    let mut b = f.backend(svc.backends[0]);
     b.flags = 0;
     b.generation += 1;
     f.dp.set_backend(svc.backends[0], &b).unwrap();
@@ -501,7 +501,7 @@ fn no_usable_backend_drops() {
     // All backends of web4 down (flag cleared) while the table still names them.
     let svc = f.service("web4");
     for id in &svc.backends {
-        let mut b = f.desired.backends[id];
+        let mut b = f.backend(*id);
         b.flags = 0;
         f.dp.set_backend(*id, &b).unwrap();
     }
@@ -829,4 +829,38 @@ fn tcp6_with_ext(
     out.extend_from_slice(&exts);
     tcp.write(&mut out).unwrap();
     (out, key6(src, sport, dst, dport, 6))
+}
+
+/// The loader's bug guard: an active backend with the zero MAC is refused before it reaches
+/// the kernel, and the map keeps what it had.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn loader_refuses_an_active_backend_without_mac() {
+    use lb_userspace::{
+        dataplane::Maps as _,
+        desired::{BackendId, Op},
+    };
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    let id = svc.backends[0];
+    let mut bad = f.backend(id);
+    bad.mac = [0; 6];
+    let e =
+        f.dp.apply_ops(
+            &[Op::Backend {
+                id: BackendId(id),
+                value: bad,
+                fresh: false,
+            }],
+            f.desired.ring_size,
+        )
+        .expect_err("an active zero MAC must be refused");
+    assert!(e.to_string().contains("MAC 00:00:00:00:00:00"), "{e}");
+    // Traffic still goes to the backend's real MAC.
+    let key = (40000..41000)
+        .map(|p| key4(C1, p, VIP4, 80, 6))
+        .find(|k| f.predict(k, "web4") == id)
+        .unwrap();
+    let (pkt, _) = tcp4(C1, u16::from_be_bytes(key.src_port), VIP4, 80);
+    f.expect_forward("after the refused write", &pkt, &key, "web4");
 }

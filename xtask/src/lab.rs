@@ -447,6 +447,16 @@ impl Lab {
     /// Starts `lb run` in the LB namespace and waits until it reports the attach.
     /// Returns the mode it attached in.
     pub fn start_lb(&mut self, lb: &Path, config: &str) -> anyhow::Result<String> {
+        self.start_lb_signalled(lb, config, None)
+    }
+
+    /// [`Lab::start_lb`], sending `lb run` SIGHUP `after` its start (before it attached).
+    pub fn start_lb_signalled(
+        &mut self,
+        lb: &Path,
+        config: &str,
+        hup_after: Option<Duration>,
+    ) -> anyhow::Result<String> {
         if !lb.exists() {
             bail!("{} not found: run `cargo xtask build` first", lb.display());
         }
@@ -464,6 +474,10 @@ impl Lab {
             .spawn()
             .context("starting lb run")?;
         let rx = lines(child.stdout.take().expect("piped"));
+        if let Some(after) = hup_after {
+            thread::sleep(after);
+            signal(&child, libc::SIGHUP);
+        }
         let line = wait_for_line(&rx, "attached ", Duration::from_secs(30));
         self.lb = Some(LbProcess { child, stdout: rx });
         let line = line.context("lb run did not attach (see its log above)")?;

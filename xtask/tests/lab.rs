@@ -963,6 +963,182 @@ fn gateway_backend_is_rejected(mode: Mode) {
     assert!(s["health_reason"].starts_with("MAC unresolved"), "{s:?}");
 }
 
+/// Issue #8's black hole: a backend without `mac` that nobody answers for stays down (and out
+/// of the data plane) whatever happens next: an admin weight change, a reload, a health
+/// transition of another backend. No frame goes to the zero MAC; every request is answered.
+fn unresolved_backend_stays_out(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100], Path::new(XTASK)).expect("lab up");
+    let config = format!(
+        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"{}\"\nflow_table_size = 65536\nring_size = 65537\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.99.0.21\"\n[[service.backend]]\naddress = \"10.99.0.22\"\n",
+        mode.as_str(),
+        lab.socket().display()
+    );
+    lab.start_lb(&lb(), &config).expect("lb run");
+    let ghost = |lab: &Lab| show(lab, "web", "10.99.0.22");
+    let s = ghost(&lab);
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["mac"].as_str(),
+            s["effective_weight"].as_str()
+        ),
+        ("down", "unresolved", "0"),
+        "at start: {s:?}"
+    );
+    let cap = lab
+        .capture(&lab.sw(), "lb", "ether dst 00:00:00:00:00:00")
+        .expect("tcpdump");
+    // Every path that rebuilds the desired state: an admin change, a reload (SIGHUP and API).
+    lab.lb_cli(&lb(), &["backend", "weight", "web", "10.99.0.21", "200"])
+        .expect("weight");
+    let s = ghost(&lab);
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["mac"].as_str(),
+            s["effective_weight"].as_str()
+        ),
+        ("down", "unresolved", "0"),
+        "after `lb backend weight` of the other backend: {s:?}"
+    );
+    let t = http(&lab, 40);
+    assert_eq!(t.total(), 40, "{t:?}");
+    lab.reload(&config).expect("SIGHUP reload");
+    lab.lb_cli(&lb(), &["reload"]).expect("lb reload");
+    lab.lb_cli(&lb(), &["backend", "drain", "web", "10.99.0.22"])
+        .expect("drain");
+    lab.lb_cli(&lb(), &["backend", "enable", "web", "10.99.0.22"])
+        .expect("enable");
+    let s = ghost(&lab);
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["mac"].as_str(),
+            s["effective_weight"].as_str()
+        ),
+        ("down", "unresolved", "0"),
+        "after reloads and admin changes: {s:?}"
+    );
+    let t = http(&lab, 40);
+    assert_eq!(t.total(), 40, "{t:?}");
+    let zero: Vec<String> = cap
+        .stop()
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(zero.is_empty(), "frames to the zero MAC:\n{zero:#?}");
+}
+
+/// Reloads must not starve health checks (issue #8: every reload restarted every check, which
+/// first waited a fixed offset, so with `lb reload` every second a dead backend stayed up).
+/// With interval 2 s and fall 2, a killed backend goes down within its bound while reloads keep
+/// coming every second.
+fn reloads_keep_health_checks(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100], Path::new(XTASK)).expect("lab up");
+    lab.health = vec![(
+        "web".into(),
+        "kind = \"http\"\npath = \"/healthz\"\ninterval_ms = 2000\ntimeout_ms = 500\nrise = 2\nfall = 2\n"
+            .into(),
+    )];
+    let config = lab.config(mode);
+    lab.start_lb(&lb(), &config).expect("lb run");
+    let b2 = addr_of(&lab, "b2");
+    // Let the first checks run (each starts at an offset within the interval).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(show(&lab, "web", &b2)["health"], "up");
+    lab.kill_backend("b2").expect("kill b2");
+    let start = std::time::Instant::now();
+    // Bound: fall × interval + timeout + jitter (10 % a check) = 4.9 s; margin for polling.
+    let limit = Duration::from_millis(4900 + 1500);
+    let mut reloads = 0;
+    while show(&lab, "web", &b2)["health"] != "down" {
+        assert!(
+            start.elapsed() < limit,
+            "b2 still up {:?} after its server died, {reloads} reloads: {:?}",
+            start.elapsed(),
+            show(&lab, "web", &b2)
+        );
+        lab.lb_cli(&lb(), &["reload"]).expect("lb reload");
+        reloads += 1;
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    println!(
+        "{} health: b2 down {:?} after its server died, across {reloads} reloads",
+        mode.as_str(),
+        start.elapsed()
+    );
+    assert!(reloads >= 2, "the reloads must overlap the detection");
+}
+
+/// A second `lb run` on the same control socket (another interface) is refused and the first
+/// stays reachable; a `control.socket` pointing at a regular file (here the config file itself)
+/// is refused and the file is kept.
+fn control_socket_is_never_taken(mode: Mode) {
+    let lab = up(mode, &[100]);
+    let second = lab.dir.join("second.toml");
+    std::fs::write(
+        &second,
+        lab.config(mode)
+            .replace("interface = \"eth0\"", "interface = \"lo\""),
+    )
+    .unwrap();
+    let err = lab
+        .exec(
+            &lab.lb_ns(),
+            &[
+                lb().to_str().unwrap(),
+                "run",
+                "--config",
+                second.to_str().unwrap(),
+            ],
+        )
+        .expect_err("a second lb on the same socket must be refused")
+        .to_string();
+    assert!(err.contains("another lb is already serving"), "{err}");
+    assert!(
+        !lab.xdp_attached(&lab.lb_ns(), "lo"),
+        "the refused one attached nothing"
+    );
+    lab.lb_cli(&lb(), &["status"])
+        .expect("the first lb is still reachable on its socket");
+
+    let third = lab.dir.join("third.toml");
+    let text = lab.config(mode).replace(
+        &format!("socket = \"{}\"", lab.socket().display()),
+        &format!("socket = \"{}\"", third.display()),
+    );
+    std::fs::write(&third, &text).unwrap();
+    let err = lab
+        .exec(
+            &lab.lb_ns(),
+            &[
+                lb().to_str().unwrap(),
+                "run",
+                "--config",
+                third.to_str().unwrap(),
+            ],
+        )
+        .expect_err("a control.socket that is a regular file must be refused")
+        .to_string();
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&third).unwrap(),
+        text,
+        "config file untouched"
+    );
+}
+
+/// SIGHUP right after `lb run` starts (before it attached) is a reload request, not death.
+fn early_sighup_is_handled(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100], Path::new(XTASK)).expect("lab up");
+    let config = lab.config(mode);
+    lab.start_lb_signalled(&lb(), &config, Some(Duration::from_millis(20)))
+        .expect("lb run survives an early SIGHUP and attaches");
+    let t = http(&lab, 20);
+    assert_eq!(t.total(), 20);
+    lab.stop_lb().expect("clean stop");
+}
+
 macro_rules! both_modes {
     ($($name:ident),*) => {
         mod native {
@@ -1000,5 +1176,9 @@ both_modes!(
     rolling_restart_script,
     health_checks,
     mac_resolution,
-    gateway_backend_is_rejected
+    gateway_backend_is_rejected,
+    unresolved_backend_stays_out,
+    reloads_keep_health_checks,
+    control_socket_is_never_taken,
+    early_sighup_is_handled
 );

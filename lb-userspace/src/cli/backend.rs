@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use hyper::Method;
-use lb_userspace::{api, client};
+use lb_userspace::api::{self, client};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -105,6 +105,9 @@ fn show(socket: &Path, name: &str, address: &str) -> anyhow::Result<()> {
     println!("admin={}", b.admin);
     println!("weight={}", b.weight_override.unwrap_or(b.config_weight));
     println!("effective_weight={}", b.effective_weight);
+    if let Some(note) = &b.weight_note {
+        println!("weight_note={note}");
+    }
     println!("health={}", b.health);
     println!("health_reason={}", b.health_reason);
     println!("active_connections={}", b.active_connections);

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use hyper::Method;
-use lb_userspace::client;
+use lb_userspace::api::client;
 
 pub fn run(socket: &Path) -> anyhow::Result<()> {
     let v = client::call(socket, Method::POST, "/v1/reload", None)?;

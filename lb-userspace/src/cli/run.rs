@@ -3,27 +3,29 @@
 
 use std::path::PathBuf;
 
-use lb_userspace::daemon::Daemon;
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, message, fields).
+    Json,
+}
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Config file (TOML).
     #[arg(long, short, default_value_os_t = lb_userspace::config::default_path())]
-    config: PathBuf,
+    pub config: PathBuf,
     /// Print the counters every N seconds (0 = only at exit).
     #[arg(long, default_value_t = 0)]
-    stats_interval: u64,
+    pub stats_interval: u64,
+    /// Log format on stderr (`RUST_LOG` sets the level, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let daemon = Daemon::start(&args.config)?;
-    // Machine-readable line for scripts and the lab.
-    println!(
-        "attached interface={} mode={}",
-        daemon.interface(),
-        daemon.mode()
-    );
-    let report = daemon.run(args.stats_interval)?;
-    print!("{report}");
-    Ok(())
+    lb_userspace::controller::run::main(&args.config, args.stats_interval)
 }

@@ -3,7 +3,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use hyper::Method;
-use lb_userspace::{api, client};
+use lb_userspace::api::{self, client};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -103,6 +103,13 @@ pub fn render(s: &api::Status) -> String {
             );
         }
     }
+    for svc in &s.services {
+        for b in &svc.backends {
+            if let Some(note) = &b.weight_note {
+                let _ = writeln!(o, "\n{} {}: {note}", svc.name, b.address);
+            }
+        }
+    }
     let nonzero: Vec<String> = s
         .counters
         .iter()
@@ -125,7 +132,7 @@ pub fn render(s: &api::Status) -> String {
     {
         let _ = writeln!(
             o,
-            "* weight set with `lb backend weight` (overrides the config file)"
+            "* weight set with `lb backend weight` (overrides the config file until its weight for that backend changes)"
         );
     }
     o

@@ -14,9 +14,9 @@ use etherparse::{
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, hash::flow_hash, stats::Stat};
 use lb_userspace::{
     config::{Config, Mac},
+    dataplane::Dataplane,
+    desired::{BackendId, DesiredService, DesiredState},
     iface::Interfaces,
-    loader::Dataplane,
-    state::{DesiredService, DesiredState},
     stats::Snapshot,
 };
 
@@ -193,6 +193,14 @@ pub fn require_root() {
     );
 }
 
+/// A service as the fixtures use it.
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub value: lb_common::ServiceValue,
+    pub ring: Vec<u32>,
+    pub backends: Vec<u32>,
+}
+
 /// A freshly loaded program with the maps filled from a config.
 pub struct Fixture {
     pub dp: Dataplane,
@@ -204,7 +212,7 @@ impl Fixture {
         require_root();
         pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
-        let desired = DesiredState::build(&cfg, &FakeInterfaces).expect("desired state");
+        let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
         let mut dp = Dataplane::load(cfg.dataplane.ring_size, 65536)
             .unwrap_or_else(|e| panic!("load: {e:#}"));
         dp.apply(&desired).expect("apply");
@@ -224,13 +232,19 @@ impl Fixture {
         (r.return_value, out)
     }
 
-    pub fn service(&self, name: &str) -> DesiredService {
-        self.desired
+    /// A service of the desired state, backend ids as the raw map indexes.
+    pub fn service(&self, name: &str) -> Svc {
+        let s: &DesiredService = self
+            .desired
             .services
             .iter()
             .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no service {name}"))
-            .clone()
+            .unwrap_or_else(|| panic!("no service {name}"));
+        Svc {
+            value: s.value,
+            ring: s.ring.clone(),
+            backends: s.backends.iter().map(|b| b.0).collect(),
+        }
     }
 
     /// The backend the Maglev table gives a new flow (same hash as the kernel).
@@ -240,7 +254,12 @@ impl Fixture {
     }
 
     pub fn backend_mac(&self, id: u32) -> [u8; 6] {
-        self.desired.backends[&id].mac
+        self.desired.backends[&BackendId(id)].mac
+    }
+
+    /// The desired map value of backend `id`.
+    pub fn backend(&self, id: u32) -> lb_common::Backend {
+        self.desired.backends[&BackendId(id)]
     }
 
     /// Asserts XDP_TX and that the output is the input with exactly the MACs changed (to the
@@ -456,7 +475,7 @@ impl Fixture {
         let svc = self.service(service);
         svc.backends
             .iter()
-            .position(|id| self.desired.backends[id].mac == out[0..6])
+            .position(|id| self.desired.backends[&BackendId(*id)].mac == out[0..6])
             .expect("frame went to a backend of the service")
     }
 

@@ -8,9 +8,65 @@
 //!
 //! Errors: a non-2xx status with `{"error": "..."}`.
 
+pub mod client;
+pub mod server;
+
 use std::net::IpAddr;
 
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
 use serde::{Deserialize, Serialize};
+
+/// An API error: HTTP status and message (sent as `{"error": message}`).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// What `POST /v1/backends/{service}/{address}/{action}` asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendAction {
+    Enable,
+    Disable,
+    Drain,
+    Weight(u16),
+}
+
+impl std::fmt::Display for BackendAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendAction::Enable => f.write_str("enable"),
+            BackendAction::Disable => f.write_str("disable"),
+            BackendAction::Drain => f.write_str("drain"),
+            BackendAction::Weight(w) => write!(f, "weight {w}"),
+        }
+    }
+}
 
 /// Default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -77,8 +133,13 @@ pub struct BackendStatus {
     pub admin: Admin,
     /// Weight from the config file.
     pub config_weight: u16,
-    /// Weight set with `lb backend weight` (persisted), overriding the config.
+    /// Weight set with `lb backend weight` (persisted), overriding the config until the
+    /// config's own weight for this backend changes.
     pub weight_override: Option<u16>,
+    /// Set when a reload dropped this backend's weight override because the config's weight
+    /// changed (the config wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_note: Option<String>,
     /// Weight in effect for new flows (0 when draining or disabled).
     pub effective_weight: u16,
     /// `up`, `down`, or `none` (no check configured).

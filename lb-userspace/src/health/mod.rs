@@ -5,6 +5,8 @@
 //! answering is marked down at most `fall × interval + timeout` (plus scheduling jitter) after
 //! its last successful check.
 
+pub mod tasks;
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},

@@ -1,0 +1,603 @@
+//! The controller's core: one owner of the data plane. Events come in (reload, admin change,
+//! health result, neighbour or route change, timer), the desired state is rebuilt from all the
+//! inputs through the one rule ([`crate::desired::decide`]), and only the difference is written.
+//!
+//! Synchronous and generic over the data plane ([`Maps`]), the network stack ([`Neighbours`])
+//! and the interfaces, so host tests drive it through fakes. [`run`] wraps it in the async
+//! event loop (signals, control API, check tasks, netlink events).
+
+pub mod run;
+pub mod socket;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use axum::http::StatusCode;
+
+use crate::{
+    admin::{AdminState, Override},
+    api::{Admin, ApiError, BackendAction},
+    config::{CheckKind, Config},
+    dataplane::{Maps, SweepStats},
+    desired::{
+        self, BackendId, DesiredState, DiffSummary, HealthInput, Ids, MacInput, ids::Assignment,
+    },
+    health::{Health, tasks::CheckSpec},
+    iface::Interfaces,
+    neigh::{NeighEvent, Neighbours, Resolver, Route, on_link},
+    stats::Snapshot,
+};
+
+/// Shortest and longest wait between two probes of an unresolved backend.
+const PROBE_MIN: Duration = Duration::from_secs(1);
+const PROBE_MAX: Duration = Duration::from_secs(8);
+
+/// Where a backend without `mac` is: its route (looked up at start, reload and on route
+/// events), or why there is none.
+type Routes = BTreeMap<BackendId, Result<Route, String>>;
+
+/// A planned state: everything a reload or an admin change would commit.
+struct Plan {
+    cfg: Config,
+    ids: Ids,
+    assignment: Assignment,
+    admin: AdminState,
+    routes: Routes,
+    desired: DesiredState,
+}
+
+pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
+    config_path: PathBuf,
+    cfg: Config,
+    admin: AdminState,
+    ids: Ids,
+    assignment: Assignment,
+    /// Backend id → (service index, backend index) in `cfg`.
+    index: BTreeMap<BackendId, (usize, usize)>,
+    desired: DesiredState,
+    maps: M,
+    nb: N,
+    ifaces: I,
+    health: BTreeMap<BackendId, Health>,
+    resolver: Resolver,
+    routes: Routes,
+    /// Unresolved addresses: last probe and the wait before the next.
+    probes: BTreeMap<IpAddr, (Instant, Duration)>,
+    /// Weight overrides the config overruled, for `lb status`.
+    weight_notes: BTreeMap<BackendId, String>,
+    /// Map writes since start (table slots included).
+    pub map_writes: usize,
+}
+
+impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
+    /// Takes over `maps` (empty) with `cfg` and the persisted `admin` state: allocates ids,
+    /// checks every backend without `mac` is on-link, writes the whole state.
+    pub fn new(
+        config_path: &Path,
+        cfg: Config,
+        admin: AdminState,
+        maps: M,
+        nb: N,
+        ifaces: I,
+    ) -> anyhow::Result<Self> {
+        let mut c = Controller {
+            config_path: config_path.to_owned(),
+            desired: DesiredState::empty(cfg.dataplane.ring_size),
+            cfg: cfg.clone(),
+            admin: AdminState::default(),
+            ids: Ids::default(),
+            assignment: Assignment::default(),
+            index: BTreeMap::new(),
+            maps,
+            nb,
+            ifaces,
+            health: BTreeMap::new(),
+            resolver: Resolver::default(),
+            routes: Routes::new(),
+            probes: BTreeMap::new(),
+            weight_notes: BTreeMap::new(),
+            map_writes: 0,
+        };
+        let plan = c
+            .plan(cfg, admin, true)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        c.commit(plan)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        Ok(c)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn maps(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Builds (without committing) the state for `cfg` and `admin` on top of the current one.
+    /// `start`: the first plan (logs dropped overrides as found at start).
+    fn plan(&self, cfg: Config, mut admin: AdminState, start: bool) -> Result<Plan, ApiError> {
+        let bad = |m: String| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{}: {m}", self.config_path.display()),
+            )
+        };
+        admin.prune(&cfg);
+        for d in admin.reconcile_weights(&cfg) {
+            tracing::warn!("{d}{}", if start { " (found at start)" } else { "" });
+        }
+        let mut ids = self.ids.clone();
+        let assignment = ids.sync(&cfg);
+        let mut routes = Routes::new();
+        for (s, (_, bids)) in cfg.services.iter().zip(&assignment.services) {
+            for (b, id) in s.backends.iter().zip(bids) {
+                if b.mac.is_some() {
+                    continue;
+                }
+                let at = format!("service \"{}\": backend \"{}\"", s.name, b.address);
+                let r = self
+                    .nb
+                    .route(b.address)
+                    .map_err(|e| bad(format!("{at}: {e}")))?;
+                on_link(&r).map_err(|e| bad(format!("{at}: {e}")))?;
+                routes.insert(*id, Ok(r));
+            }
+        }
+        let desired = self.build(&cfg, &assignment, &admin, &routes)?;
+        Ok(Plan {
+            cfg,
+            ids,
+            assignment,
+            admin,
+            routes,
+            desired,
+        })
+    }
+
+    /// The desired state of these inputs after the current one.
+    fn build(
+        &self,
+        cfg: &Config,
+        assignment: &Assignment,
+        admin: &AdminState,
+        routes: &Routes,
+    ) -> Result<DesiredState, ApiError> {
+        let inputs = desired::inputs(cfg, assignment, |id, s, b| {
+            let health = match (b.health.kind, self.health.get(&id)) {
+                (CheckKind::None, _) => HealthInput::Unchecked,
+                (_, Some(h)) if !h.up => HealthInput::Down(h.reason.clone()),
+                _ => HealthInput::Up,
+            };
+            let mac = match (b.mac, routes.get(&id)) {
+                (Some(m), _) => MacInput::Config(m),
+                (None, Some(Ok(r))) => match self.resolver.resolve(r.ifindex, b.address) {
+                    Ok(mac) => MacInput::Resolved {
+                        mac,
+                        dev: r.dev.clone(),
+                    },
+                    Err(why) => MacInput::Unresolved(why),
+                },
+                (None, Some(Err(why))) => MacInput::Unresolved(why.clone()),
+                (None, None) => MacInput::Unresolved("not looked up yet".to_owned()),
+            };
+            (admin.get(&s.name, b.address), health, mac)
+        });
+        DesiredState::next(&inputs, &cfg.dataplane, &self.ifaces, Some(&self.desired)).map_err(
+            |e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{}: {e}", self.config_path.display()),
+                )
+            },
+        )
+    }
+
+    /// Persists the plan's admin state if it changed, makes it current, writes the difference.
+    fn commit(&mut self, plan: Plan) -> Result<DiffSummary, ApiError> {
+        if plan.admin != self.admin {
+            plan.admin.save(&plan.cfg.control.state_file).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{e}; nothing changed"),
+                )
+            })?;
+        }
+        // Notes of overrides the config overruled: kept until the backend changes again.
+        for (s, (_, bids)) in plan.cfg.services.iter().zip(&plan.assignment.services) {
+            for (b, id) in s.backends.iter().zip(bids) {
+                let before = self.admin.get(&s.name, b.address);
+                let now = plan.admin.get(&s.name, b.address);
+                if let (Some(w), None, Some(was)) =
+                    (before.weight, now.weight, before.config_weight)
+                    && was != b.weight
+                {
+                    self.weight_notes.insert(
+                        *id,
+                        format!(
+                            "weight override {w} dropped at reload: the config's weight changed {was} → {}",
+                            b.weight
+                        ),
+                    );
+                } else if now.weight.is_some() {
+                    self.weight_notes.remove(id);
+                }
+            }
+        }
+        self.admin = plan.admin;
+        self.cfg = plan.cfg;
+        self.ids = plan.ids;
+        self.assignment = plan.assignment;
+        self.routes = plan.routes;
+        self.index = index(&self.assignment);
+        self.health.retain(|id, _| self.index.contains_key(id));
+        self.weight_notes
+            .retain(|id, _| self.index.contains_key(id));
+        self.write(plan.desired)
+    }
+
+    /// Writes the difference to `next` and makes it current (even after a partial failure: the
+    /// maps then hold parts of it).
+    fn write(&mut self, next: DesiredState) -> Result<DiffSummary, ApiError> {
+        let (ops, summary) = desired::diff(Some(&self.desired), &next);
+        let r = self.maps.apply_ops(&ops, next.ring_size);
+        self.desired = next;
+        self.map_writes += summary.map_writes;
+        r.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing the maps failed part way: {e}; run `lb reload` to retry"),
+            )
+        })?;
+        Ok(summary)
+    }
+
+    /// Rebuilds from the current inputs and writes the difference (health, neighbour and
+    /// route changes).
+    fn refresh(&mut self, why: &str) {
+        let next = match self.build(&self.cfg, &self.assignment, &self.admin, &self.routes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("{why}: building the new state failed: {}", e.message);
+                return;
+            }
+        };
+        if let Err(e) = self.write(next) {
+            tracing::error!("{why}: {}", e.message);
+        }
+    }
+
+    /// Re-reads nothing itself: applies `cfg` (already loaded) with the current admin state.
+    /// Nothing changes on any error.
+    pub fn reload(&mut self, cfg: Config) -> Result<DiffSummary, ApiError> {
+        if cfg.dataplane != self.cfg.dataplane || cfg.control != self.cfg.control {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "{}: [dataplane] or [control] changed: restart lb to apply it; running configuration kept",
+                    self.config_path.display()
+                ),
+            ));
+        }
+        let plan = self.plan(cfg, self.admin.clone(), false).map_err(|mut e| {
+            e.message += "; running configuration kept";
+            e
+        })?;
+        let summary = self.commit(plan)?;
+        for id in self.unresolved() {
+            self.probe(id, true);
+        }
+        Ok(summary)
+    }
+
+    /// Loads the config file and applies it ([`Controller::reload`]).
+    pub fn reload_file(&mut self) -> Result<DiffSummary, ApiError> {
+        let cfg = Config::load(&self.config_path).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{e}; running configuration kept"),
+            )
+        })?;
+        self.reload(cfg)
+    }
+
+    /// An admin change of one backend (`lb backend ...`), persisted.
+    pub fn admin(
+        &mut self,
+        service: &str,
+        addr: IpAddr,
+        action: BackendAction,
+    ) -> Result<String, ApiError> {
+        let not_found = |m: String| ApiError::new(StatusCode::NOT_FOUND, m);
+        let Some(svc) = self.cfg.services.iter().find(|s| s.name == service) else {
+            let names: Vec<&str> = self.cfg.services.iter().map(|s| s.name.as_str()).collect();
+            return Err(not_found(format!(
+                "unknown service \"{service}\" (services: {})",
+                names.join(", ")
+            )));
+        };
+        let Some(b) = svc.backends.iter().find(|b| b.address == addr) else {
+            let addrs: Vec<String> = svc.backends.iter().map(|b| b.address.to_string()).collect();
+            return Err(not_found(format!(
+                "service \"{service}\" has no backend {addr} (backends: {})",
+                addrs.join(", ")
+            )));
+        };
+        let mut o = self.admin.get(service, addr);
+        match action {
+            BackendAction::Enable => o.admin = Admin::Enabled,
+            BackendAction::Disable => o.admin = Admin::Disabled,
+            BackendAction::Drain => o.admin = Admin::Draining,
+            BackendAction::Weight(w) if w == b.weight => o.weight = None,
+            BackendAction::Weight(w) => {
+                o.weight = Some(w);
+                o.config_weight = Some(b.weight);
+            }
+        }
+        let mut admin = self.admin.clone();
+        admin.set(service, addr, o.clone());
+        let desired = self.build(&self.cfg, &self.assignment, &admin, &self.routes)?;
+        let plan = Plan {
+            cfg: self.cfg.clone(),
+            ids: self.ids.clone(),
+            assignment: self.assignment.clone(),
+            admin,
+            routes: self.routes.clone(),
+            desired,
+        };
+        self.commit(plan)?;
+        let what = describe(&o);
+        tracing::info!("admin: service \"{service}\" backend {addr}: {action} → {what}");
+        Ok(format!("service \"{service}\" backend {addr}: {what}"))
+    }
+
+    /// The check each checked backend should run.
+    pub fn wanted_checks(&self) -> BTreeMap<BackendId, CheckSpec> {
+        let mut out = BTreeMap::new();
+        for (id, (si, bi)) in &self.index {
+            let s = &self.cfg.services[*si];
+            let b = &s.backends[*bi];
+            if b.health.kind != CheckKind::None {
+                out.insert(
+                    *id,
+                    CheckSpec {
+                        label: format!("{}/{}", s.name, b.address),
+                        address: b.address,
+                        cfg: b.health.clone(),
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Makes the health table match the checks that run: new ones start up, the others keep
+    /// their state (and rise/fall counts).
+    pub fn sync_health(&mut self, checked: impl IntoIterator<Item = BackendId>) {
+        let now = Instant::now();
+        let checked: std::collections::BTreeSet<BackendId> = checked.into_iter().collect();
+        self.health.retain(|id, _| checked.contains(id));
+        for id in checked {
+            self.health.entry(id).or_insert_with(|| Health::new(now));
+        }
+    }
+
+    /// One finished health check.
+    pub fn on_check(&mut self, id: BackendId, result: Result<(), String>, finished: Instant) {
+        let Some(&(si, bi)) = self.index.get(&id) else {
+            return; // a backend a reload removed
+        };
+        let (svc, b) = (&self.cfg.services[si], &self.cfg.services[si].backends[bi]);
+        let (name, addr, rise, fall) = (svc.name.clone(), b.address, b.health.rise, b.health.fall);
+        let Some(h) = self.health.get_mut(&id) else {
+            return;
+        };
+        let Some(t) = h.observe(result, finished, rise, fall) else {
+            return;
+        };
+        if t.up {
+            tracing::info!(
+                "health: service \"{name}\" backend {addr} is UP ({}; it was down for {:.1} s)",
+                t.reason,
+                t.after.as_secs_f64()
+            );
+        } else {
+            tracing::warn!(
+                "health: service \"{name}\" backend {addr} is DOWN ({}; {:.1} s after its last good check)",
+                t.reason,
+                t.after.as_secs_f64()
+            );
+        }
+        self.refresh("health");
+    }
+
+    /// Backends configured without `mac` whose MAC is not known.
+    fn unresolved(&self) -> Vec<BackendId> {
+        self.desired
+            .backend_info
+            .iter()
+            .filter(|(_, i)| matches!(i.mac, MacInput::Unresolved(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Probes `id`'s address (at most once per backoff period unless `now`).
+    fn probe(&mut self, id: BackendId, now: bool) {
+        let Some(&(si, bi)) = self.index.get(&id) else {
+            return;
+        };
+        let addr = self.cfg.services[si].backends[bi].address;
+        let t = Instant::now();
+        let entry = self.probes.entry(addr).or_insert((t, PROBE_MIN));
+        if now || t.duration_since(entry.0) >= entry.1 {
+            if !now {
+                entry.1 = (entry.1 * 2).min(PROBE_MAX);
+            }
+            entry.0 = t;
+            self.nb.probe(addr);
+        }
+    }
+
+    /// A neighbour table or route change from the kernel.
+    pub fn on_neighbour(&mut self, ev: NeighEvent) {
+        let before: BTreeMap<BackendId, MacInput> = self
+            .desired
+            .backend_info
+            .iter()
+            .filter(|(id, _)| self.routes.contains_key(id))
+            .map(|(id, i)| (*id, i.mac.clone()))
+            .collect();
+        match &ev {
+            NeighEvent::Resync => self.resolver.clear(),
+            NeighEvent::Routes => self.relookup_routes(),
+            _ => {}
+        }
+        if let Some((ifindex, addr)) = self.resolver.apply(&ev) {
+            let ours = self.routes.iter().any(|(id, r)| {
+                r.as_ref().is_ok_and(|r| r.ifindex == ifindex) && self.address(*id) == Some(addr)
+            });
+            if !ours {
+                return;
+            }
+            // Event-driven probing: a stale entry is re-validated, a failed or removed one
+            // tried again (rate-limited per address).
+            if self
+                .resolver
+                .get(ifindex, addr)
+                .is_none_or(|n| n.wants_probe())
+            {
+                let ids: Vec<BackendId> = self
+                    .routes
+                    .keys()
+                    .filter(|id| self.address(**id) == Some(addr))
+                    .copied()
+                    .collect();
+                for id in ids {
+                    self.probe(id, false);
+                }
+            } else {
+                self.probes.remove(&addr);
+            }
+        }
+        if matches!(ev, NeighEvent::Resync) {
+            return; // the dump follows; applied entry by entry
+        }
+        self.refresh("neighbour");
+        for (id, was) in before {
+            let Some(info) = self.desired.backend_info.get(&id) else {
+                continue;
+            };
+            if info.mac == was {
+                continue;
+            }
+            let (svc, addr) = (&info.service, info.address);
+            match &info.mac {
+                MacInput::Resolved { mac, dev } => {
+                    tracing::info!(
+                        "neighbour: service \"{svc}\" backend {addr} is at {mac} on {dev}"
+                    )
+                }
+                MacInput::Unresolved(why) => {
+                    tracing::warn!("neighbour: service \"{svc}\" backend {addr} unresolved: {why}")
+                }
+                MacInput::Config(_) => {}
+            }
+        }
+    }
+
+    fn address(&self, id: BackendId) -> Option<IpAddr> {
+        let (si, bi) = self.index.get(&id)?;
+        Some(self.cfg.services[*si].backends[*bi].address)
+    }
+
+    /// Route events: look the routes of backends without `mac` up again. A backend whose route
+    /// stopped being on-link is unresolved (down) with the reason.
+    fn relookup_routes(&mut self) {
+        let ids: Vec<BackendId> = self.routes.keys().copied().collect();
+        for id in ids {
+            let Some(addr) = self.address(id) else {
+                continue;
+            };
+            let r = self.nb.route(addr).and_then(|r| on_link(&r).map(|()| r));
+            if self.routes.get(&id) != Some(&r) {
+                if let Err(why) = &r {
+                    tracing::warn!("route to backend {addr} changed: {why}");
+                }
+                self.routes.insert(id, r);
+            }
+        }
+    }
+
+    /// Timer: probes unresolved backends again (with backoff).
+    pub fn tick(&mut self) {
+        for id in self.unresolved() {
+            self.probe(id, false);
+        }
+    }
+
+    /// Probes every unresolved backend now (start).
+    pub fn probe_unresolved(&mut self) -> usize {
+        let ids = self.unresolved();
+        for id in &ids {
+            self.probe(*id, true);
+        }
+        ids.len()
+    }
+
+    /// Sweeps the connection table.
+    pub fn sweep(&mut self, now_ns: u64) -> Result<SweepStats, crate::dataplane::LoaderError> {
+        let timeouts = self.cfg.timeouts.clone();
+        self.maps.sweep(now_ns, &timeouts)
+    }
+
+    /// A counter snapshot.
+    pub fn snapshot(&mut self) -> Result<Snapshot, crate::dataplane::LoaderError> {
+        let d = &self.desired;
+        self.maps.snapshot(d)
+    }
+
+    /// What `lb status` reports of each backend beyond the desired state.
+    pub fn status_view(&mut self) -> Result<crate::status::View<'_>, ApiError> {
+        let ids: Vec<BackendId> = self.desired.backends.keys().copied().collect();
+        let active = self
+            .maps
+            .active_connections(&ids)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(crate::status::View {
+            cfg: &self.cfg,
+            config_path: &self.config_path,
+            desired: &self.desired,
+            health: &self.health,
+            weight_notes: &self.weight_notes,
+            active,
+        })
+    }
+}
+
+/// Backend id → (service index, backend index).
+fn index(a: &Assignment) -> BTreeMap<BackendId, (usize, usize)> {
+    let mut out = BTreeMap::new();
+    for (si, (_, bids)) in a.services.iter().enumerate() {
+        for (bi, id) in bids.iter().enumerate() {
+            out.insert(*id, (si, bi));
+        }
+    }
+    out
+}
+
+fn describe(o: &Override) -> String {
+    match (o.admin, o.weight) {
+        (a, Some(w)) => format!("{a}, weight {w} (override)"),
+        (a, None) => format!("{a}"),
+    }
+}

@@ -1,0 +1,365 @@
+//! `lb run`: the async event loop around the [`Controller`]. One task owns the controller; the
+//! control API, the check tasks, the netlink watcher and the signals send it events.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
+
+use super::{Controller, socket::ControlSocket};
+use crate::{
+    admin::AdminState,
+    api::server::{self, Envelope, Request, message},
+    config::Config,
+    dataplane::{AttachedMode, Dataplane},
+    health::tasks::{CheckResult, Checks},
+    iface::SystemInterfaces,
+    neigh::{
+        NeighEvent,
+        netlink::{self, SystemNeighbours},
+    },
+    stats::Snapshot,
+};
+
+type Ctl = Controller<Dataplane, SystemNeighbours, SystemInterfaces>;
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment [`Signals::install`] returns (call it
+/// first thing: a signal before it would kill the process).
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Must run inside a tokio runtime.
+    pub fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of `bpf_ktime_get_coarse_ns()`.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Loads, fills, attaches, serves until SIGINT/SIGTERM, detaches. Prints
+/// `attached interface=<if> mode=<mode>` once attached, and the final counters at the end.
+pub async fn serve(
+    config_path: PathBuf,
+    stats_interval: u64,
+    mut sig: Signals,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(&config_path)?;
+    let state_file = cfg.control.state_file.clone();
+    let n = AdminState::remove_leftovers(&state_file);
+    if n > 0 {
+        tracing::warn!(
+            "removed {n} temporary file(s) an interrupted write of {} left behind",
+            state_file.display()
+        );
+    }
+    let admin = AdminState::load(&state_file)?;
+    // The socket first: a second `lb run` on the same socket is refused before it touches
+    // anything.
+    let mut socket = ControlSocket::bind(&cfg.control.socket)?;
+    let dpc = cfg.dataplane.clone();
+    let mut dp = Dataplane::load(dpc.ring_size, dpc.flow_table_size)?;
+    let logger = dp.take_logger();
+    let mut ctl: Ctl = Controller::new(
+        &config_path,
+        cfg,
+        admin,
+        dp,
+        SystemNeighbours,
+        SystemInterfaces,
+    )?;
+
+    let (ntx, mut nrx) = mpsc::channel::<NeighEvent>(4096);
+    let watcher = tokio::spawn(async move {
+        loop {
+            match netlink::watch(ntx.clone()).await {
+                Err(e) if !ntx.is_closed() => {
+                    tracing::warn!("neighbour events: {e}; subscribing again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => return,
+            }
+        }
+    });
+    // Give first resolutions a moment (the dump, an ARP/NDP round trip) before attaching.
+    if ctl.probe_unresolved() > 0 {
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !ctl.unresolved().is_empty() {
+            match tokio::time::timeout_at(until, nrx.recv()).await {
+                Ok(Some(ev)) => ctl.on_neighbour(ev),
+                _ => break,
+            }
+        }
+    }
+    for id in ctl.unresolved() {
+        if let Some(i) = ctl.desired().backend_info.get(&id) {
+            tracing::warn!(
+                "neighbour: service \"{}\" backend {} unresolved at start: {}",
+                i.service,
+                i.address,
+                i.decision.reason
+            );
+        }
+    }
+    let mode = ctl.maps().attach(&dpc.interface, dpc.xdp_mode)?;
+    let overrides: usize = ctl.admin.backends.values().map(|m| m.len()).sum();
+    tracing::info!(
+        "lb_xdp attached to {} in {mode} mode: {} services, {} backends, ring {} slots, flow table {}{}",
+        dpc.interface,
+        ctl.desired().services.len(),
+        ctl.desired().backends.len(),
+        dpc.ring_size,
+        dpc.flow_table_size,
+        if overrides > 0 {
+            format!(
+                ", {overrides} admin overrides from {}",
+                state_file.display()
+            )
+        } else {
+            String::new()
+        }
+    );
+    // Machine-readable line for scripts and the lab.
+    println!("attached interface={} mode={mode}", dpc.interface);
+
+    let result = event_loop(
+        &mut ctl,
+        &mut sig,
+        &mut socket,
+        &mut nrx,
+        logger,
+        mode,
+        stats_interval,
+    )
+    .await;
+    watcher.abort();
+    let snap = ctl.snapshot();
+    ctl.maps().detach().context("detaching lb_xdp")?;
+    tracing::info!("lb_xdp detached from {}", dpc.interface);
+    drop(socket);
+    result?;
+    if let Ok(s) = snap {
+        print!("{}", crate::report::render(ctl.desired(), &s));
+    }
+    Ok(())
+}
+
+async fn event_loop(
+    ctl: &mut Ctl,
+    sig: &mut Signals,
+    socket: &mut ControlSocket,
+    nrx: &mut mpsc::Receiver<NeighEvent>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    mode: AttachedMode,
+    stats_interval: u64,
+) -> anyhow::Result<()> {
+    let listener = socket
+        .listener
+        .take()
+        .context("control socket already served")?;
+    let (tx, mut rx) = mpsc::channel::<Envelope>(64);
+    let app = server::router(tx);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    tracing::info!(
+        "control API on {} (mode 0600)",
+        ctl.config().control.socket.display()
+    );
+
+    let mut logs = match logger {
+        // SAFETY: the fd is the logger's ring buffer map fd, owned by the logger that the
+        // AsyncFd owns: it stays open and the same for the AsyncFd's whole life.
+        Some(l) => Some(
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE)
+            }
+            .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {e}"))?,
+        ),
+        None => None,
+    };
+    let (check_tx, mut check_rx) = mpsc::channel::<CheckResult>(1024);
+    let mut checks = Checks::new(check_tx);
+    sync_checks(ctl, &mut checks);
+    let started = Instant::now();
+    let mut samples: [Option<(Instant, Snapshot)>; 2] = [None, None];
+    let mut flows = (0u64, 0u64); // entries at the last sweep, expired so far
+    let mut sample = tokio::time::interval(Duration::from_secs(1));
+    let mut probe_tick = tokio::time::interval(Duration::from_millis(500));
+    let t = &ctl.config().timeouts;
+    let every = (t.tcp.min(t.tcp_fin).min(t.udp) / 2).clamp(1, 10);
+    let mut sweep = tokio::time::interval(Duration::from_secs(every as u64));
+    let mut printed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = sig.term.recv() => {
+                tracing::info!("SIGTERM: detaching");
+                break;
+            }
+            _ = sig.int.recv() => {
+                tracing::info!("SIGINT: detaching");
+                break;
+            }
+            _ = sig.hup.recv() => match reload(ctl, &mut checks) {
+                Ok(summary) => println!("reloaded {summary}"),
+                Err(e) => println!("reload-rejected {e}"),
+            },
+            Some((req, reply)) = rx.recv() => {
+                let r = match req {
+                    Request::Status => status(ctl, &mut samples, mode, started, flows),
+                    Request::Reload => reload(ctl, &mut checks)
+                        .map(|s| message(format!("reloaded: {s}")))
+                        .map_err(|e| crate::api::ApiError::new(
+                            axum::http::StatusCode::UNPROCESSABLE_ENTITY, e)),
+                    Request::Backend { service, address, action } => {
+                        ctl.admin(&service, address, action).map(message)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Some(res) = check_rx.recv() => {
+                if checks.current(&res) {
+                    ctl.on_check(res.id, res.result, res.finished);
+                }
+            }
+            Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
+            _ = probe_tick.tick() => ctl.tick(),
+            _ = sweep.tick() => match ctl.sweep(coarse_now_ns()) {
+                Ok(s) => {
+                    flows.0 = s.entries - s.expired;
+                    flows.1 += s.expired;
+                    if s.expired > 0 {
+                        tracing::debug!("sweep: {} of {} flows expired", s.expired, s.entries);
+                    }
+                }
+                Err(e) => tracing::warn!("sweeping the connection table: {e}"),
+            },
+            _ = sample.tick() => {
+                take_sample(ctl, &mut samples);
+                if stats_interval > 0 && printed.elapsed() >= Duration::from_secs(stats_interval) {
+                    printed = Instant::now();
+                    if let Some((_, s)) = &samples[1] {
+                        print!("{}", crate::report::render(ctl.desired(), s));
+                    }
+                }
+            }
+            guard = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
+                if let Ok(mut g) = guard {
+                    g.get_inner_mut().flush();
+                    g.clear_ready();
+                }
+            }
+        }
+    }
+    server.abort();
+    checks.stop_all();
+    tracing::info!("health checks stopped");
+    Ok(())
+}
+
+/// Starts, keeps or stops check tasks to match the config, and the health table with them.
+fn sync_checks(ctl: &mut Ctl, checks: &mut Checks) {
+    let wanted = ctl.wanted_checks();
+    let r = checks.sync(&wanted);
+    if !r.restarted.is_empty() || !r.started.is_empty() || !r.stopped.is_empty() {
+        tracing::debug!(
+            "health checks: {} kept, {} started, {} restarted (config changed), {} stopped",
+            r.kept.len(),
+            r.started.len(),
+            r.restarted.len(),
+            r.stopped.len()
+        );
+    }
+    ctl.sync_health(wanted.keys().copied().collect::<BTreeSet<_>>());
+}
+
+fn reload(ctl: &mut Ctl, checks: &mut Checks) -> Result<String, String> {
+    match ctl.reload_file() {
+        Ok(summary) => {
+            sync_checks(ctl, checks);
+            tracing::info!("reload: applied ({summary})");
+            Ok(summary.to_string())
+        }
+        Err(e) => {
+            tracing::error!("reload rejected: {}", e.message);
+            Err(e.message)
+        }
+    }
+}
+
+fn take_sample(ctl: &mut Ctl, samples: &mut [Option<(Instant, Snapshot)>; 2]) {
+    match ctl.snapshot() {
+        Ok(s) => {
+            samples[0] = samples[1].take();
+            samples[1] = Some((Instant::now(), s));
+        }
+        Err(e) => tracing::warn!("reading counters: {e}"),
+    }
+}
+
+fn status(
+    ctl: &mut Ctl,
+    samples: &mut [Option<(Instant, Snapshot)>; 2],
+    mode: AttachedMode,
+    started: Instant,
+    flows: (u64, u64),
+) -> server::Reply {
+    if samples[1].is_none() {
+        take_sample(ctl, samples);
+    }
+    let Some((t1, s1)) = &samples[1] else {
+        return Err(crate::api::ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "no counters yet",
+        ));
+    };
+    let mode = mode.to_string();
+    let view = ctl.status_view()?;
+    let st = crate::status::build(
+        &view,
+        &crate::status::Samples {
+            now: (*t1, s1),
+            before: samples[0].as_ref().map(|(t, s)| (*t, s)),
+        },
+        &crate::status::Process {
+            xdp_mode: &mode,
+            started,
+            flow_entries: flows.0,
+            flows_expired: flows.1,
+        },
+    );
+    Ok(serde_json::to_value(st).expect("serializes"))
+}
+
+/// For `lb run`: the runtime, the signal handlers first, then [`serve`].
+pub fn main(config_path: &Path, stats_interval: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let sig = Signals::install()?;
+        serve(config_path.to_owned(), stats_interval, sig).await
+    })
+}

@@ -1,0 +1,471 @@
+//! The controller's core through fakes: every order of the events that feed the one rule, with
+//! the maps' contents checked after each step against an independent model.
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    rc::Rc,
+    time::Instant,
+};
+
+use lb_common::{BACKEND_F_ACTIVE, NO_BACKEND};
+
+use super::*;
+use crate::{
+    config::Mac,
+    dataplane::fake::FakeMaps,
+    neigh::{Neighbour, nud},
+};
+
+#[derive(Clone, Default)]
+struct FakeNet {
+    probes: Rc<RefCell<Vec<IpAddr>>>,
+    gateway: Rc<RefCell<Option<IpAddr>>>,
+}
+
+impl Neighbours for FakeNet {
+    fn route(&self, _addr: IpAddr) -> Result<Route, String> {
+        Ok(Route {
+            dev: "eth0".into(),
+            ifindex: 2,
+            gateway: *self.gateway.borrow(),
+            local: false,
+        })
+    }
+    fn probe(&self, addr: IpAddr) {
+        self.probes.borrow_mut().push(addr);
+    }
+}
+
+struct FakeIfaces;
+impl Interfaces for FakeIfaces {
+    fn lookup(&self, name: &str) -> Result<(u32, Mac), String> {
+        match name {
+            "eth0" => Ok((2, Mac([2, 0, 0, 0, 0, 1]))),
+            _ => Err(format!("no {name}")),
+        }
+    }
+}
+
+const RING: u32 = 251;
+const A: &str = "10.0.0.21";
+const B: &str = "10.0.0.22";
+
+fn dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    // Admin changes fsync the state file: keep it in memory where the machine has it.
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    let d = base.join(format!(
+        "lb-ctl-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Two backends without `mac`, checked (rise = fall = 1), in a maglev service.
+fn config(dir: &Path, weight_a: u16) -> String {
+    format!(
+        "[dataplane]\ninterface = \"eth0\"\nring_size = {RING}\n[control]\nsocket = \"{d}/lb.sock\"\nstate_file = \"{d}/state.json\"\n\
+         [[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
+         [service.health]\nkind = \"tcp\"\nrise = 1\nfall = 1\n\
+         [[service.backend]]\naddress = \"{A}\"\nweight = {weight_a}\n[[service.backend]]\naddress = \"{B}\"\n",
+        d = dir.display()
+    )
+}
+
+type Ctl = Controller<FakeMaps, FakeNet, FakeIfaces>;
+
+fn start(dir: &Path, net: &FakeNet) -> Ctl {
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(dir, 100)).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let mut c = Controller::new(
+        &path,
+        cfg,
+        AdminState::default(),
+        FakeMaps::default(),
+        net.clone(),
+        FakeIfaces,
+    )
+    .unwrap();
+    let checked: Vec<BackendId> = c.wanted_checks().keys().copied().collect();
+    c.sync_health(checked);
+    c
+}
+
+fn addr(a: &str) -> IpAddr {
+    a.parse().unwrap()
+}
+
+fn id(c: &Ctl, a: &str) -> BackendId {
+    c.ids.backend("web", addr(a)).unwrap()
+}
+
+/// The events that feed the rule.
+#[derive(Clone, Copy, Debug)]
+enum Ev {
+    /// The neighbour entry of a backend: reachable at MAC `n`, or failed.
+    Resolved(&'static str, u8),
+    Failed(&'static str),
+    Deleted(&'static str),
+    /// A health check result.
+    Health(&'static str, bool),
+    Weight(&'static str, u16),
+    Drain(&'static str),
+    Disable(&'static str),
+    Enable(&'static str),
+    Reload,
+    Resync,
+}
+
+/// What the model expects of one backend.
+#[derive(Clone, Debug, Default)]
+struct Model {
+    mac: Option<u8>,
+    up: bool,
+    admin: Admin,
+    weight: Option<u16>,
+}
+
+fn mac(n: u8) -> Mac {
+    Mac([2, 0x99, 0, 0, 0, n])
+}
+
+fn step(c: &mut Ctl, dir: &Path, ev: Ev, model: &mut BTreeMap<&'static str, Model>) {
+    let neigh = |a: &str, mac: Option<Mac>, state| NeighEvent::New {
+        ifindex: 2,
+        addr: addr(a),
+        neighbour: Neighbour { mac, state },
+    };
+    match ev {
+        Ev::Resolved(a, n) => {
+            c.on_neighbour(neigh(a, Some(mac(n)), nud::REACHABLE));
+            model.get_mut(a).unwrap().mac = Some(n);
+        }
+        Ev::Failed(a) => {
+            c.on_neighbour(neigh(a, None, nud::FAILED));
+            model.get_mut(a).unwrap().mac = None;
+        }
+        Ev::Deleted(a) => {
+            c.on_neighbour(NeighEvent::Del {
+                ifindex: 2,
+                addr: addr(a),
+            });
+            model.get_mut(a).unwrap().mac = None;
+        }
+        Ev::Health(a, ok) => {
+            let r = if ok { Ok(()) } else { Err("refused".into()) };
+            let i = id(c, a);
+            c.on_check(i, r, Instant::now());
+            model.get_mut(a).unwrap().up = ok;
+        }
+        Ev::Weight(a, w) => {
+            c.admin("web", addr(a), BackendAction::Weight(w)).unwrap();
+            model.get_mut(a).unwrap().weight = (w != 100).then_some(w);
+        }
+        Ev::Drain(a) => {
+            c.admin("web", addr(a), BackendAction::Drain).unwrap();
+            model.get_mut(a).unwrap().admin = Admin::Draining;
+        }
+        Ev::Disable(a) => {
+            c.admin("web", addr(a), BackendAction::Disable).unwrap();
+            model.get_mut(a).unwrap().admin = Admin::Disabled;
+        }
+        Ev::Enable(a) => {
+            c.admin("web", addr(a), BackendAction::Enable).unwrap();
+            model.get_mut(a).unwrap().admin = Admin::Enabled;
+        }
+        Ev::Reload => {
+            let cfg = Config::parse(&config(dir, 100), &dir.join("lb.toml")).unwrap();
+            c.reload(cfg).unwrap();
+        }
+        Ev::Resync => {
+            // The watcher restarted: a resync, then the dump of what the model knows.
+            c.on_neighbour(NeighEvent::Resync);
+            let known: Vec<(&str, Option<u8>)> = model.iter().map(|(a, m)| (*a, m.mac)).collect();
+            for (a, m) in known {
+                if let Some(n) = m {
+                    c.on_neighbour(neigh(a, Some(mac(n)), nud::REACHABLE));
+                }
+            }
+        }
+    }
+}
+
+/// The maps hold exactly what the model says, and nothing active without a MAC.
+fn check(c: &Ctl, model: &BTreeMap<&'static str, Model>, trail: &[Ev]) {
+    let fake = &c.maps;
+    let mut weights = BTreeMap::new();
+    for (a, m) in model {
+        let i = id(c, a);
+        let b = fake.backends[&i.0];
+        let active = m.admin != Admin::Disabled && m.up && m.mac.is_some();
+        let weight = match m.admin {
+            Admin::Enabled if active => m.weight.unwrap_or(100),
+            _ => 0,
+        };
+        assert_eq!(
+            b.flags & BACKEND_F_ACTIVE != 0,
+            active,
+            "{a} active after {trail:?}: {m:?}"
+        );
+        if active {
+            assert_eq!(Mac(b.mac), mac(m.mac.unwrap()), "{a} MAC after {trail:?}");
+        }
+        assert!(
+            b.flags & BACKEND_F_ACTIVE == 0 || b.mac != [0; 6],
+            "{a}: active with the zero MAC after {trail:?}"
+        );
+        assert_eq!(b.weight, weight as u32, "{a} weight after {trail:?}");
+        weights.insert(i.0, weight);
+    }
+    let table = fake.table(0, RING);
+    for slot in &table {
+        assert!(
+            *slot == NO_BACKEND || weights.get(slot).copied().unwrap_or(0) > 0,
+            "slot names backend {slot} (weight 0 or unknown) after {trail:?}"
+        );
+    }
+    for (i, w) in &weights {
+        assert_eq!(
+            table.contains(i),
+            *w > 0,
+            "backend {i} in table after {trail:?}"
+        );
+    }
+    if weights.values().all(|w| *w == 0) {
+        assert!(table.iter().all(|s| *s == NO_BACKEND));
+    }
+}
+
+fn permutations(events: &[Ev]) -> Vec<Vec<Ev>> {
+    if events.len() <= 1 {
+        return vec![events.to_vec()];
+    }
+    let mut out = Vec::new();
+    for i in 0..events.len() {
+        let mut rest = events.to_vec();
+        let e = rest.remove(i);
+        for mut p in permutations(&rest) {
+            p.insert(0, e);
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn run_orders(events: &[Ev]) -> usize {
+    let orders = permutations(events);
+    for order in &orders {
+        let d = dir();
+        let net = FakeNet::default();
+        let mut c = start(&d, &net);
+        let mut model: BTreeMap<&'static str, Model> = [A, B]
+            .into_iter()
+            .map(|a| {
+                (
+                    a,
+                    Model {
+                        up: true,
+                        ..Model::default()
+                    },
+                )
+            })
+            .collect();
+        check(&c, &model, &[]);
+        for (k, ev) in order.iter().enumerate() {
+            step(&mut c, &d, *ev, &mut model);
+            check(&c, &model, &order[..=k]);
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+    orders.len()
+}
+
+/// Every order of: A resolved, B failed, B resolved, A's check fails, A's check passes,
+/// an admin weight change, a reload.
+#[test]
+fn every_order_of_neighbour_health_admin_and_reload_events() {
+    let n = run_orders(&[
+        Ev::Resolved(A, 0x21),
+        Ev::Failed(B),
+        Ev::Resolved(B, 0x22),
+        Ev::Health(A, false),
+        Ev::Health(A, true),
+        Ev::Weight(A, 200),
+        Ev::Reload,
+    ]);
+    assert_eq!(n, 5040);
+}
+
+/// Every order of: a MAC change, a lost entry, a watcher resync, drain and disable.
+#[test]
+fn every_order_of_mac_changes_and_admin_states() {
+    let n = run_orders(&[
+        Ev::Resolved(A, 0x21),
+        Ev::Resolved(A, 0x31),
+        Ev::Deleted(B),
+        Ev::Resolved(B, 0x22),
+        Ev::Resync,
+        Ev::Drain(B),
+        Ev::Disable(A),
+    ]);
+    assert_eq!(n, 5040);
+}
+
+/// Issue #8's scenario: B never resolves; a weight change of A, a reload and A's health
+/// transitions never make B active.
+#[test]
+fn an_unresolved_backend_never_becomes_active() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    c.on_neighbour(NeighEvent::New {
+        ifindex: 2,
+        addr: addr(A),
+        neighbour: Neighbour {
+            mac: Some(mac(0x21)),
+            state: nud::REACHABLE,
+        },
+    });
+    let b = id(&c, B);
+    let inactive = |c: &Ctl| c.maps.backends[&b.0].flags & BACKEND_F_ACTIVE == 0;
+    assert!(inactive(&c));
+    c.admin("web", addr(A), BackendAction::Weight(200)).unwrap();
+    assert!(inactive(&c), "after the weight change");
+    c.reload(Config::parse(&config(&d, 100), &d.join("lb.toml")).unwrap())
+        .unwrap();
+    assert!(inactive(&c), "after a reload");
+    c.on_check(id(&c, A), Err("x".into()), Instant::now());
+    c.on_check(id(&c, A), Ok(()), Instant::now());
+    assert!(inactive(&c), "after health transitions");
+    let info = &c.desired.backend_info[&b];
+    assert_eq!(info.decision.state, desired::State::Down);
+    assert!(
+        info.decision.reason.starts_with("MAC unresolved"),
+        "{info:?}"
+    );
+    assert!(net.probes.borrow().contains(&addr(B)), "B was probed");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A weight override holds across reloads until the config's weight for that backend changes;
+/// then the config wins and the status says so.
+#[test]
+fn a_config_weight_change_drops_the_override() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    c.admin("web", addr(A), BackendAction::Weight(300)).unwrap();
+    let reload = |c: &mut Ctl, w| {
+        c.reload(Config::parse(&config(&d, w), &d.join("lb.toml")).unwrap())
+            .unwrap()
+    };
+    reload(&mut c, 100);
+    assert_eq!(
+        c.admin.get("web", addr(A)).weight,
+        Some(300),
+        "kept across reload"
+    );
+    reload(&mut c, 150);
+    assert_eq!(c.admin.get("web", addr(A)).weight, None, "config wins");
+    let note = &c.weight_notes[&id(&c, A)];
+    assert!(
+        note.contains("override 300 dropped") && note.contains("100 → 150"),
+        "{note}"
+    );
+    let saved = AdminState::load(&d.join("state.json")).unwrap();
+    assert_eq!(saved.get("web", addr(A)).weight, None, "persisted");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A reload that makes a backend unreachable by MAC rewrite is refused, and nothing changes.
+#[test]
+fn a_backend_behind_a_gateway_is_refused_at_reload() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    let before = c.maps.clone();
+    *net.gateway.borrow_mut() = Some(addr("10.0.0.1"));
+    let e = c
+        .reload(Config::parse(&config(&d, 150), &d.join("lb.toml")).unwrap())
+        .unwrap_err();
+    assert!(
+        e.message.contains("reached through gateway 10.0.0.1"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("running configuration kept"));
+    assert_eq!(c.maps.backends, before.backends);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The map writes of a one-backend change on a 65 537-slot table: only the slots that change
+/// (before: the whole table, 65 537 writes).
+#[test]
+fn a_one_backend_change_writes_only_the_changed_slots() {
+    let d = dir();
+    let mut text = format!(
+        "[dataplane]\ninterface = \"eth0\"\nring_size = 65537\n[control]\nsocket = \"{0}/lb.sock\"\nstate_file = \"{0}/state.json\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n",
+        d.display()
+    );
+    for i in 1..=10 {
+        text += &format!(
+            "[[service.backend]]\naddress = \"10.0.0.{i}\"\nmac = \"02:00:00:00:00:{i:02x}\"\n"
+        );
+    }
+    let path = d.join("lb.toml");
+    let cfg = Config::parse(&text, &path).unwrap();
+    let mut c = Controller::new(
+        &path,
+        cfg,
+        AdminState::default(),
+        FakeMaps::default(),
+        FakeNet::default(),
+        FakeIfaces,
+    )
+    .unwrap();
+    let w0 = c.maps.writes;
+    assert!(w0 >= 65537, "first fill writes the whole table ({w0})");
+    c.admin("web", addr("10.0.0.3"), BackendAction::Drain)
+        .unwrap();
+    let drain = c.maps.writes - w0;
+    let w1 = c.maps.writes;
+    c.admin("web", addr("10.0.0.3"), BackendAction::Enable)
+        .unwrap();
+    let enable = c.maps.writes - w1;
+    println!(
+        "one-backend change on a 65537-slot table with 10 backends: drain {drain} writes, enable {enable} writes (before: 65537 + 1)"
+    );
+    // One backend of ten owns about a tenth of the slots; the others keep theirs (Maglev).
+    assert!(
+        drain < 65537 / 5 && enable < 65537 / 5,
+        "{drain} / {enable}"
+    );
+    assert!(drain > 65537 / 20, "{drain}");
+    assert_eq!(c.maps.table(0, 65537), c.desired.services[0].ring);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Every order of: B disabled, resolved, enabled again, and its check failing.
+#[test]
+fn every_order_of_disable_enable_and_resolution() {
+    let n = run_orders(&[
+        Ev::Disable(B),
+        Ev::Resolved(B, 0x22),
+        Ev::Enable(B),
+        Ev::Health(B, false),
+        Ev::Resolved(A, 0x21),
+    ]);
+    assert_eq!(n, 120);
+}

@@ -1,0 +1,96 @@
+//! The maps in memory: what a [`Maps`] user wrote, for host tests.
+
+use std::collections::BTreeMap;
+
+use lb_common::{Backend, ServiceKey, ServiceValue, VipKey};
+
+use super::{LoaderError, Maps, SweepStats, check_op};
+use crate::{
+    config::Timeouts,
+    desired::{BackendId, DesiredState, Op},
+    stats::Snapshot,
+};
+
+/// Map contents as the kernel would hold them after the same writes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FakeMaps {
+    pub backends: BTreeMap<u32, Backend>,
+    /// `(service id, slot)` → backend id.
+    pub ring: BTreeMap<(u32, u32), u32>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub vips: BTreeMap<VipKey, u32>,
+    pub tx_ports: BTreeMap<u32, u32>,
+    pub flags: u32,
+    /// Map updates performed (one per syscall the real loader would make).
+    pub writes: usize,
+    /// Active connections to report, by backend id.
+    pub active: BTreeMap<BackendId, u64>,
+}
+
+impl Maps for FakeMaps {
+    fn apply_ops(&mut self, ops: &[Op], _ring_size: u32) -> Result<(), LoaderError> {
+        for op in ops {
+            check_op(op)?;
+            self.writes += op.writes();
+            match op {
+                Op::TxPort { slot, ifindex } => {
+                    self.tx_ports.insert(*slot, *ifindex);
+                }
+                Op::Backend { id, value, .. } | Op::RetireBackend { id, value } => {
+                    self.backends.insert(id.0, *value);
+                }
+                Op::Ring { service_id, slots } => {
+                    for (slot, b) in slots {
+                        self.ring.insert((*service_id, *slot), *b);
+                    }
+                }
+                Op::Service { key, value } => {
+                    self.services.insert(*key, *value);
+                }
+                Op::RemoveService(key) => {
+                    self.services.remove(key);
+                }
+                Op::Vip { key, services } => {
+                    self.vips.insert(*key, *services);
+                }
+                Op::RemoveVip(key) => {
+                    self.vips.remove(key);
+                }
+                Op::Flags(f) => self.flags = *f,
+            }
+        }
+        Ok(())
+    }
+
+    fn active_connections(
+        &mut self,
+        ids: &[BackendId],
+    ) -> Result<BTreeMap<BackendId, u64>, LoaderError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.active.get(id).map(|n| (*id, *n)))
+            .collect())
+    }
+
+    fn snapshot(&mut self, _desired: &DesiredState) -> Result<Snapshot, LoaderError> {
+        Ok(Snapshot::default())
+    }
+
+    fn sweep(&mut self, _now_ns: u64, _timeouts: &Timeouts) -> Result<SweepStats, LoaderError> {
+        Ok(SweepStats::default())
+    }
+}
+
+impl FakeMaps {
+    /// The table of service `id` as the data plane reads it (`ring_size` slots).
+    pub fn table(&self, id: u32, ring_size: u32) -> Vec<u32> {
+        (0..ring_size)
+            .map(|slot| {
+                self.ring
+                    .get(&(id, slot))
+                    .copied()
+                    .unwrap_or(lb_common::NO_BACKEND)
+            })
+            .collect()
+    }
+}

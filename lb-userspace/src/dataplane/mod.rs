@@ -1,0 +1,73 @@
+//! The data plane as the controller sees it: a set of maps to write ops into and read counters
+//! from. [`loader::Dataplane`] is the kernel's (aya, typed map handles); [`fake::FakeMaps`]
+//! keeps the same contents in memory for host tests of the controller.
+
+pub mod fake;
+pub mod loader;
+
+use std::collections::BTreeMap;
+
+use lb_common::BACKEND_F_ACTIVE;
+
+pub use self::loader::{AttachedMode, Dataplane, LoaderError, SweepStats};
+use crate::{
+    config::Timeouts,
+    desired::{BackendId, DesiredState, Op},
+    stats::Snapshot,
+};
+
+/// What the controller needs of a data plane.
+pub trait Maps {
+    /// Performs `ops` in order (see [`crate::desired::diff`] for why the order is safe). Each
+    /// op passes [`check_op`] first.
+    fn apply_ops(&mut self, ops: &[Op], ring_size: u32) -> Result<(), LoaderError>;
+    /// Active connections of `ids` (those with none are left out).
+    fn active_connections(
+        &mut self,
+        ids: &[BackendId],
+    ) -> Result<BTreeMap<BackendId, u64>, LoaderError>;
+    /// Every counter, summed over CPUs.
+    fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot, LoaderError>;
+    /// Deletes flows idle past their timeout.
+    fn sweep(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<SweepStats, LoaderError>;
+}
+
+/// The bug guard in front of every map write: an active backend must have a MAC. A zero MAC
+/// would send its flows to 00:00:00:00:00:00, a black hole.
+pub fn check_op(op: &Op) -> Result<(), LoaderError> {
+    match op {
+        Op::Backend { id, value, .. }
+            if value.flags & BACKEND_F_ACTIVE != 0 && value.mac == [0; 6] =>
+        {
+            Err(LoaderError::ActiveWithoutMac { id: id.0 })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::Backend;
+
+    use super::*;
+
+    #[test]
+    fn an_active_backend_with_a_zero_mac_is_refused() {
+        let op = |flags, mac| Op::Backend {
+            id: BackendId(3),
+            value: Backend {
+                flags,
+                mac,
+                ..Backend::default()
+            },
+            fresh: false,
+        };
+        let e = check_op(&op(BACKEND_F_ACTIVE, [0; 6])).unwrap_err();
+        assert!(e.to_string().contains("backend id 3"), "{e}");
+        assert!(check_op(&op(0, [0; 6])).is_ok(), "inactive: fine");
+        assert!(check_op(&op(BACKEND_F_ACTIVE, [2, 0, 0, 0, 0, 1])).is_ok());
+        let mut fake = fake::FakeMaps::default();
+        assert!(fake.apply_ops(&[op(BACKEND_F_ACTIVE, [0; 6])], 7).is_err());
+        assert!(fake.backends.is_empty(), "nothing written");
+    }
+}

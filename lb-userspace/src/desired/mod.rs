@@ -1,0 +1,496 @@
+//! The desired contents of the data-plane maps: one pure function of the config, the admin
+//! overrides, the health checks and the neighbour resolution.
+//!
+//! [`decide`] is the one rule for whether a backend takes traffic, with which weight and MAC;
+//! every path (start, reload, admin change, health change, MAC found/lost/changed) goes through
+//! it, because every path rebuilds the whole desired state from the same inputs.
+
+pub mod ids;
+pub mod reconcile;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::{
+    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, NO_BACKEND, SCHED_LC,
+    SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceKey, ServiceValue, VipKey,
+    limits::MAX_TX_PORTS, rules::addr_key,
+};
+
+pub use self::{
+    ids::{BackendId, Ids},
+    reconcile::{DiffSummary, Op, diff},
+};
+use crate::{
+    admin::Override,
+    api::Admin,
+    config::{self, Fallback, Mac, Scheduler},
+    iface::Interfaces,
+    maglev, sched,
+};
+
+/// Where a backend's destination MAC comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MacInput {
+    /// `mac` in the config.
+    Config(Mac),
+    /// The kernel's neighbour table, on the route's device `dev`.
+    Resolved { mac: Mac, dev: String },
+    /// Not known (yet): why.
+    Unresolved(String),
+}
+
+impl MacInput {
+    pub fn mac(&self) -> Option<Mac> {
+        match self {
+            MacInput::Config(m) | MacInput::Resolved { mac: m, .. } => Some(*m),
+            MacInput::Unresolved(_) => None,
+        }
+    }
+}
+
+/// What the health checks say of a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthInput {
+    /// No check configured.
+    Unchecked,
+    Up,
+    /// Down, and why.
+    Down(String),
+}
+
+/// Everything known about one backend: the inputs of [`decide`].
+#[derive(Clone, Debug)]
+pub struct BackendInput<'a> {
+    pub id: BackendId,
+    pub cfg: &'a config::Backend,
+    pub admin: Override,
+    pub health: HealthInput,
+    pub mac: MacInput,
+}
+
+/// One service and its backends' inputs (config order).
+#[derive(Clone, Debug)]
+pub struct ServiceInput<'a> {
+    pub id: u32,
+    pub cfg: &'a config::Service,
+    pub backends: Vec<BackendInput<'a>>,
+}
+
+/// What `lb status` calls a backend's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Up,
+    Draining,
+    Disabled,
+    Down,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Up => "up",
+            State::Draining => "draining",
+            State::Disabled => "disabled",
+            State::Down => "down",
+        })
+    }
+}
+
+/// The verdict of [`decide`] for one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// May receive traffic (`BACKEND_F_ACTIVE`): its flows stay, and it can be scheduled if its
+    /// weight is above 0. Never true without a MAC.
+    pub active: bool,
+    /// Weight for new flows (0 unless enabled and active).
+    pub effective_weight: u16,
+    pub state: State,
+    /// Why it is down (empty otherwise).
+    pub reason: String,
+}
+
+/// The rule. A backend is active when it is not disabled, its health allows it (up, unchecked,
+/// or the service's `fallback = "all"` applies) and its MAC is known. It takes new flows with
+/// its weight (the override, if any) only when enabled and active; a draining backend stays
+/// active with weight 0 so its flows stay.
+pub fn decide(
+    admin: &Override,
+    config_weight: u16,
+    health: &HealthInput,
+    fallback_applies: bool,
+    mac: &MacInput,
+) -> Decision {
+    let health_ok = fallback_applies || !matches!(health, HealthInput::Down(_));
+    let reason = match (mac, health) {
+        (MacInput::Unresolved(why), _) => format!("MAC unresolved: {why}"),
+        (_, HealthInput::Down(why)) if !health_ok => why.clone(),
+        _ => String::new(),
+    };
+    let active = admin.admin != Admin::Disabled && health_ok && mac.mac().is_some();
+    let effective_weight = match admin.admin {
+        Admin::Enabled if active => admin.weight.unwrap_or(config_weight),
+        _ => 0,
+    };
+    let state = match admin.admin {
+        Admin::Disabled => State::Disabled,
+        Admin::Draining => State::Draining,
+        Admin::Enabled if active => State::Up,
+        Admin::Enabled => State::Down,
+    };
+    Decision {
+        active,
+        effective_weight,
+        state,
+        reason,
+    }
+}
+
+/// The inputs for `cfg` under assignment `a` (from [`Ids::sync`]): `f` says, for each
+/// backend, its admin override, health and MAC.
+pub fn inputs<'a>(
+    cfg: &'a config::Config,
+    a: &ids::Assignment,
+    mut f: impl FnMut(
+        BackendId,
+        &'a config::Service,
+        &'a config::Backend,
+    ) -> (Override, HealthInput, MacInput),
+) -> Vec<ServiceInput<'a>> {
+    cfg.services
+        .iter()
+        .zip(&a.services)
+        .map(|(s, (sid, bids))| ServiceInput {
+            id: *sid,
+            cfg: s,
+            backends: s
+                .backends
+                .iter()
+                .zip(bids)
+                .map(|(b, id)| {
+                    let (admin, health, mac) = f(*id, s, b);
+                    BackendInput {
+                        id: *id,
+                        cfg: b,
+                        admin,
+                        health,
+                        mac,
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// A backend as configured, administered and decided, for reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendInfo {
+    pub service: String,
+    pub address: IpAddr,
+    pub mac: MacInput,
+    pub config_weight: u16,
+    pub weight_override: Option<u16>,
+    pub admin: Admin,
+    pub health: HealthInput,
+    pub decision: Decision,
+}
+
+/// One service as the data plane sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredService {
+    pub name: String,
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+    /// Backend id per slot ([`NO_BACKEND`] when none): Maglev table, rr/wrr sequence or lc/wlc
+    /// list, padded to `ring_size`.
+    pub ring: Vec<u32>,
+    /// Backend ids of this service, in config order.
+    pub backends: Vec<BackendId>,
+}
+
+/// Everything the maps should contain.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredState {
+    pub services: Vec<DesiredService>,
+    /// Backend id → value.
+    pub backends: BTreeMap<BackendId, Backend>,
+    /// Backend id → what it is and why, for reports.
+    pub backend_info: BTreeMap<BackendId, BackendInfo>,
+    /// VIP → number of services on it.
+    pub vips: BTreeMap<VipKey, u32>,
+    /// Devmap slot → ifindex.
+    pub tx_ports: BTreeMap<u32, u32>,
+    pub ring_size: u32,
+    /// `LB_FLAGS[0]`.
+    pub flags: u32,
+    /// Backends of the previous state that are gone: id → inactive value (new generation).
+    pub retired: BTreeMap<BackendId, Backend>,
+    /// Next generation number to hand out (generations are never reused).
+    pub next_generation: u32,
+}
+
+/// Error building the desired state (the config is valid, but the machine disagrees).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("dataplane.interface: {0}")]
+    Interface(String),
+    #[error("service \"{service}\": backend \"{backend}\": interface: {why}")]
+    BackendInterface {
+        service: String,
+        backend: IpAddr,
+        why: String,
+    },
+    #[error("more than {MAX_TX_PORTS} distinct backend interfaces")]
+    TooManyTxPorts,
+}
+
+impl DesiredState {
+    /// An empty data plane.
+    pub fn empty(ring_size: u32) -> DesiredState {
+        DesiredState {
+            services: Vec::new(),
+            backends: BTreeMap::new(),
+            backend_info: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            tx_ports: BTreeMap::new(),
+            ring_size,
+            flags: 0,
+            retired: BTreeMap::new(),
+            next_generation: 1,
+        }
+    }
+
+    /// The state of a fresh data plane for `cfg` alone: ids in config order, configured MACs
+    /// (a backend without one is unresolved, so inactive), no admin overrides, no checks.
+    /// For fixtures and benchmarks.
+    pub fn from_config(
+        cfg: &config::Config,
+        ifaces: &impl Interfaces,
+    ) -> Result<DesiredState, StateError> {
+        let a = Ids::default().sync(cfg);
+        let inputs = inputs(cfg, &a, |_, _, b| {
+            (
+                Override::default(),
+                HealthInput::Unchecked,
+                b.mac
+                    .map_or(MacInput::Unresolved("no mac".into()), MacInput::Config),
+            )
+        });
+        DesiredState::next(&inputs, &cfg.dataplane, ifaces, None)
+    }
+
+    /// The desired state for `services` after `prev`. A backend keeps its generation unless it
+    /// stops being active (its flows must not stay, nor come back later) or is new; backends of
+    /// `prev` that are gone are retired (inactive, with a generation no flow has).
+    pub fn next(
+        services: &[ServiceInput<'_>],
+        dataplane: &config::Dataplane,
+        ifaces: &impl Interfaces,
+        prev: Option<&DesiredState>,
+    ) -> Result<DesiredState, StateError> {
+        let ring_size = dataplane.ring_size;
+        let (_, lb_mac) = ifaces
+            .lookup(&dataplane.interface)
+            .map_err(StateError::Interface)?;
+        let mut next_generation = prev.map_or(1, |p| p.next_generation);
+        let mut fresh = || {
+            next_generation += 1;
+            next_generation - 1
+        };
+        let mut tx_slots: BTreeMap<String, u32> = BTreeMap::new();
+        let mut out = DesiredState::empty(ring_size);
+
+        for s in services {
+            let (vip, family) = addr_key(s.cfg.vip);
+            let key = ServiceKey {
+                vip,
+                port: s.cfg.port.to_be_bytes(),
+                protocol: s.cfg.protocol.number(),
+                family,
+            };
+            let mut value = ServiceValue {
+                id: s.id,
+                scheduler: match s.cfg.scheduler {
+                    Scheduler::Maglev => SCHED_MAGLEV,
+                    Scheduler::Sh => SCHED_SH,
+                    Scheduler::Rr | Scheduler::Wrr => SCHED_WRR,
+                    Scheduler::Lc => SCHED_LC,
+                    Scheduler::Wlc => SCHED_WLC,
+                },
+                flags: 0,
+                ring_len: 0,
+            };
+            *out.vips
+                .entry(VipKey {
+                    addr: vip,
+                    family,
+                    _pad: [0; 3],
+                })
+                .or_default() += 1;
+
+            // fallback = "all": when every backend's check has it down, ignore the checks.
+            let fallback_applies = s.cfg.fallback == Fallback::All
+                && !s.backends.is_empty()
+                && s.backends
+                    .iter()
+                    .all(|b| matches!(b.health, HealthInput::Down(_)));
+            let mut ids = Vec::with_capacity(s.backends.len());
+            let mut weights = Vec::with_capacity(s.backends.len());
+            for b in &s.backends {
+                let d = decide(&b.admin, b.cfg.weight, &b.health, fallback_applies, &b.mac);
+                let generation = match prev.and_then(|p| p.backends.get(&b.id)) {
+                    Some(old) if old.flags & BACKEND_F_ACTIVE != 0 && !d.active => fresh(),
+                    Some(old) => old.generation,
+                    None => fresh(),
+                };
+                // A resolved MAC on another device than the data plane's: egress through it.
+                let egress = match (&b.cfg.interface, &b.mac) {
+                    (Some(i), _) => Some(i.clone()),
+                    (None, MacInput::Resolved { dev, .. }) if *dev != dataplane.interface => {
+                        Some(dev.clone())
+                    }
+                    _ => None,
+                };
+                let (src_mac, mut flags, tx_port) = match egress {
+                    None => (lb_mac, BACKEND_F_ACTIVE, 0),
+                    Some(ifname) => {
+                        let (ifindex, mac) =
+                            ifaces
+                                .lookup(&ifname)
+                                .map_err(|why| StateError::BackendInterface {
+                                    service: s.cfg.name.clone(),
+                                    backend: b.cfg.address,
+                                    why,
+                                })?;
+                        let n = tx_slots.len() as u32;
+                        let slot = *tx_slots.entry(ifname).or_insert(n);
+                        if slot >= MAX_TX_PORTS {
+                            return Err(StateError::TooManyTxPorts);
+                        }
+                        out.tx_ports.insert(slot, ifindex);
+                        (mac, BACKEND_F_ACTIVE | BACKEND_F_REDIRECT, slot)
+                    }
+                };
+                if !d.active {
+                    flags &= !BACKEND_F_ACTIVE;
+                }
+                out.backends.insert(
+                    b.id,
+                    Backend {
+                        // Zero only when inactive: the loader refuses an active zero MAC.
+                        mac: b.mac.mac().unwrap_or_default().0,
+                        src_mac: src_mac.0,
+                        flags,
+                        generation,
+                        tx_port,
+                        weight: d.effective_weight as u32,
+                        _pad: 0,
+                    },
+                );
+                weights.push(d.effective_weight);
+                ids.push(b.id);
+                out.backend_info.insert(
+                    b.id,
+                    BackendInfo {
+                        service: s.cfg.name.clone(),
+                        address: b.cfg.address,
+                        mac: b.mac.clone(),
+                        config_weight: b.cfg.weight,
+                        weight_override: b.admin.weight,
+                        admin: b.admin.admin,
+                        health: b.health.clone(),
+                        decision: d,
+                    },
+                );
+            }
+            let ring = ring(s.cfg, &ids, &weights, ring_size, &mut value);
+            out.services.push(DesiredService {
+                name: s.cfg.name.clone(),
+                key,
+                value,
+                ring,
+                backends: ids,
+            });
+        }
+
+        if let Some(p) = prev {
+            for (id, b) in &p.backends {
+                if !out.backends.contains_key(id) {
+                    let value = Backend {
+                        flags: 0,
+                        generation: fresh(),
+                        ..*b
+                    };
+                    out.retired.insert(*id, value);
+                }
+            }
+        }
+        out.flags = if out.services.iter().any(|s| s.key.port == [0, 0]) {
+            FLAG_ALL_PORTS_SERVICES
+        } else {
+            0
+        };
+        out.next_generation = next_generation;
+        Ok(out)
+    }
+}
+
+/// The service's table: Maglev (maglev, sh), the weighted sequence (rr, wrr) or the list of
+/// backends taking new flows (lc, wlc); sets `value.ring_len` where the data plane needs it.
+fn ring(
+    s: &config::Service,
+    ids: &[BackendId],
+    weights: &[u16],
+    ring_size: u32,
+    value: &mut ServiceValue,
+) -> Vec<u32> {
+    match s.scheduler {
+        Scheduler::Maglev | Scheduler::Sh => {
+            let idents: Vec<String> = s.backends.iter().map(|b| b.address.to_string()).collect();
+            let entries: Vec<maglev::Entry> = idents
+                .iter()
+                .zip(weights)
+                .map(|(id, w)| maglev::Entry {
+                    id: id.as_bytes(),
+                    weight: *w as u32,
+                })
+                .collect();
+            maglev::build(&entries, ring_size)
+                .into_iter()
+                .map(|slot| slot.map_or(NO_BACKEND, |i| ids[i].0))
+                .collect()
+        }
+        Scheduler::Rr | Scheduler::Wrr => {
+            let w: Vec<u32> = weights
+                .iter()
+                .map(|w| match (s.scheduler, *w) {
+                    (_, 0) => 0,
+                    (Scheduler::Rr, _) => 1,
+                    (_, w) => w as u32,
+                })
+                .collect();
+            let seq = sched::wrr_sequence(&w, ring_size as usize);
+            value.ring_len = seq.len() as u32;
+            padded(seq.into_iter().map(|i| ids[i].0), ring_size)
+        }
+        Scheduler::Lc | Scheduler::Wlc => {
+            let list: Vec<u32> = ids
+                .iter()
+                .zip(weights)
+                .filter(|(_, w)| **w > 0)
+                .map(|(id, _)| id.0)
+                .collect();
+            value.ring_len = list.len() as u32;
+            padded(list.into_iter(), ring_size)
+        }
+    }
+}
+
+/// `ids` then [`NO_BACKEND`] up to `len`.
+fn padded(ids: impl Iterator<Item = u32>, len: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = ids.collect();
+    v.resize(len as usize, NO_BACKEND);
+    v
+}
+
+#[cfg(test)]
+mod tests;

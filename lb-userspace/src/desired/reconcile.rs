@@ -1,0 +1,193 @@
+//! The diff between two desired states: the map writes that turn one into the other, in an
+//! order that is safe for packets in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{Backend, ServiceKey, ServiceValue, VipKey};
+
+use super::{BackendId, DesiredService, DesiredState};
+
+/// One write to the data plane.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    TxPort {
+        slot: u32,
+        ifindex: u32,
+    },
+    /// `fresh`: the id is new to this backend: its counters are zeroed first.
+    Backend {
+        id: BackendId,
+        value: Backend,
+        fresh: bool,
+    },
+    /// Slots of one service's table that change: `(slot, backend id)`.
+    Ring {
+        service_id: u32,
+        slots: Vec<(u32, u32)>,
+    },
+    Service {
+        key: ServiceKey,
+        value: ServiceValue,
+    },
+    Vip {
+        key: VipKey,
+        services: u32,
+    },
+    Flags(u32),
+    RemoveService(ServiceKey),
+    RemoveVip(VipKey),
+    /// Deactivate a backend that is gone (its flows are rescheduled at their next packet).
+    RetireBackend {
+        id: BackendId,
+        value: Backend,
+    },
+}
+
+impl Op {
+    /// Map updates this op costs (one syscall each).
+    pub fn writes(&self) -> usize {
+        match self {
+            Op::Ring { slots, .. } => slots.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// What changed, for the log and the API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiffSummary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub backends_added: usize,
+    pub backends_updated: usize,
+    pub backends_removed: usize,
+    /// Tables with at least one slot changed.
+    pub rings_changed: usize,
+    /// Map writes in all (table slots included).
+    pub map_writes: usize,
+}
+
+impl std::fmt::Display for DiffSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "services +{} -{}, backends +{} ~{} -{}, {} tables changed, {} map writes",
+            self.services_added,
+            self.services_removed,
+            self.backends_added,
+            self.backends_updated,
+            self.backends_removed,
+            self.rings_changed,
+            self.map_writes
+        )
+    }
+}
+
+/// The table slots of `next` that differ from `prev` (all of them when there is no `prev`).
+fn ring_changes(prev: Option<&DesiredService>, next: &DesiredService) -> Vec<(u32, u32)> {
+    next.ring
+        .iter()
+        .enumerate()
+        .filter(|(i, id)| prev.and_then(|p| p.ring.get(*i)) != Some(*id))
+        .map(|(i, id)| (i as u32, *id))
+        .collect()
+}
+
+/// The writes that turn `prev` (None = empty maps) into `next`, in a safe order: everything a
+/// service points at is written before the service, removals come last, and a removed backend is
+/// deactivated only after no table names it any more.
+pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffSummary) {
+    let empty = DesiredState::empty(next.ring_size);
+    let prev = prev.unwrap_or(&empty);
+    let mut ops = Vec::new();
+    let mut sum = DiffSummary::default();
+
+    for (slot, ifindex) in &next.tx_ports {
+        if prev.tx_ports.get(slot) != Some(ifindex) {
+            ops.push(Op::TxPort {
+                slot: *slot,
+                ifindex: *ifindex,
+            });
+        }
+    }
+    for (id, b) in &next.backends {
+        match prev.backends.get(id) {
+            Some(old) if old == b => {}
+            Some(_) => {
+                sum.backends_updated += 1;
+                ops.push(Op::Backend {
+                    id: *id,
+                    value: *b,
+                    fresh: false,
+                });
+            }
+            None => {
+                sum.backends_added += 1;
+                ops.push(Op::Backend {
+                    id: *id,
+                    value: *b,
+                    fresh: true,
+                });
+            }
+        }
+    }
+    let prev_by_id: BTreeMap<u32, &DesiredService> =
+        prev.services.iter().map(|s| (s.value.id, s)).collect();
+    for s in &next.services {
+        let old = prev_by_id.get(&s.value.id).copied();
+        let slots = ring_changes(old, s);
+        if !slots.is_empty() {
+            sum.rings_changed += 1;
+            ops.push(Op::Ring {
+                service_id: s.value.id,
+                slots,
+            });
+        }
+        if old.is_none_or(|o| o.name != s.name) {
+            sum.services_added += 1;
+        }
+        if old.is_none_or(|o| o.key != s.key || o.value != s.value) {
+            ops.push(Op::Service {
+                key: s.key,
+                value: s.value,
+            });
+        }
+    }
+    for (k, n) in &next.vips {
+        if prev.vips.get(k) != Some(n) {
+            ops.push(Op::Vip {
+                key: *k,
+                services: *n,
+            });
+        }
+    }
+    if prev.flags != next.flags || prev.services.is_empty() {
+        ops.push(Op::Flags(next.flags));
+    }
+    // Removals.
+    let next_keys: BTreeSet<ServiceKey> = next.services.iter().map(|s| s.key).collect();
+    let next_names: BTreeSet<&str> = next.services.iter().map(|s| s.name.as_str()).collect();
+    for s in &prev.services {
+        if !next_keys.contains(&s.key) {
+            ops.push(Op::RemoveService(s.key));
+        }
+        if !next_names.contains(s.name.as_str()) {
+            sum.services_removed += 1;
+        }
+    }
+    for k in prev.vips.keys() {
+        if !next.vips.contains_key(k) {
+            ops.push(Op::RemoveVip(*k));
+        }
+    }
+    for (id, b) in &next.retired {
+        if prev.backends.contains_key(id) {
+            sum.backends_removed += 1;
+            ops.push(Op::RetireBackend { id: *id, value: *b });
+        }
+    }
+    // Devmap slots no backend uses any more are left as they are: nothing points at them, and
+    // the kernel clears a slot itself when its device goes away.
+    sum.map_writes = ops.iter().map(Op::writes).sum();
+    (ops, sum)
+}

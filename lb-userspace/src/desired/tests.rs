@@ -1,0 +1,473 @@
+//! Desired state and diff: every kind of change.
+
+use std::path::Path;
+
+use super::*;
+use crate::{
+    admin::AdminState,
+    config::{Config, Mac},
+};
+
+const B0: BackendId = BackendId(0);
+const B1: BackendId = BackendId(1);
+const B2: BackendId = BackendId(2);
+
+fn build(cfg: &Config) -> DesiredState {
+    try_build(cfg).unwrap()
+}
+
+fn build_err(cfg: &Config) -> StateError {
+    try_build(cfg).unwrap_err()
+}
+
+fn try_build(cfg: &Config) -> Result<DesiredState, StateError> {
+    let a = Ids::default().sync(cfg);
+    let inputs = inputs(cfg, &a, |_, _, b| {
+        (
+            Override::default(),
+            HealthInput::Unchecked,
+            b.mac
+                .map_or(MacInput::Unresolved("no mac".into()), MacInput::Config),
+        )
+    });
+    DesiredState::next(&inputs, &cfg.dataplane, &Fake, None)
+}
+
+struct Fake;
+impl Interfaces for Fake {
+    fn lookup(&self, name: &str) -> Result<(u32, Mac), String> {
+        match name {
+            "eth0" => Ok((2, Mac([2, 0, 0, 0, 0, 1]))),
+            "eth1" => Ok((3, Mac([2, 0, 0, 0, 0, 2]))),
+            _ => Err(format!("no {name}")),
+        }
+    }
+}
+
+const CFG: &str = r#"
+[dataplane]
+interface = "eth0"
+ring_size = 251
+[[service]]
+name = "a"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.1"
+mac = "02:00:00:00:01:01"
+[[service.backend]]
+address = "10.0.0.2"
+mac = "02:00:00:00:01:02"
+interface = "eth1"
+weight = 0
+[[service]]
+name = "b"
+vip = "10.0.0.100"
+port = 0
+protocol = "udp"
+[[service.backend]]
+address = "fd00::1"
+mac = "02:00:00:00:01:03"
+"#;
+
+#[test]
+fn builds_keys_ids_rings_and_ports() {
+    let cfg = Config::parse(CFG, Path::new("t.toml")).unwrap();
+    let d = build(&cfg);
+    assert_eq!(d.services.len(), 2);
+    let a = &d.services[0];
+    assert_eq!(a.value.id, 0);
+    assert_eq!(a.key.port, [0, 80]);
+    assert_eq!(a.key.protocol, 6);
+    assert_eq!(&a.key.vip[..4], &[10, 0, 0, 100]);
+    assert_eq!(a.backends, vec![B0, B1]);
+    // weight 0: owns no slot.
+    assert!(a.ring.iter().all(|b| *b == 0));
+    assert_eq!(a.ring.len(), 251);
+    // Local backend: XDP_TX, source MAC of eth0.
+    let b0 = d.backends[&B0];
+    assert_eq!(b0.flags, BACKEND_F_ACTIVE);
+    assert_eq!(b0.src_mac, [2, 0, 0, 0, 0, 1]);
+    assert_eq!(b0.generation, 1);
+    // Backend behind eth1: redirect through devmap slot 0 → ifindex 3, eth1's MAC.
+    let b1 = d.backends[&B1];
+    assert_eq!(b1.flags, BACKEND_F_ACTIVE | BACKEND_F_REDIRECT);
+    assert_eq!(b1.src_mac, [2, 0, 0, 0, 0, 2]);
+    assert_eq!(d.tx_ports.get(&b1.tx_port), Some(&3));
+    // One VIP address, two services on it.
+    assert_eq!(d.vips.len(), 1);
+    assert_eq!(d.vips.values().next(), Some(&2));
+    assert_eq!(d.services[1].key.port, [0, 0]);
+    assert!(d.services[1].ring.iter().all(|b| *b == 2));
+    assert_eq!(d.flags, FLAG_ALL_PORTS_SERVICES);
+}
+
+#[test]
+fn unknown_interfaces_are_reported() {
+    let cfg = Config::parse(&CFG.replace("\"eth1\"", "\"eth9\""), Path::new("t.toml")).unwrap();
+    let e = build_err(&cfg).to_string();
+    assert!(
+        e.contains("service \"a\": backend \"10.0.0.2\": interface: no eth9"),
+        "{e}"
+    );
+    let cfg = Config::parse(
+        &CFG.replace("interface = \"eth0\"", "interface = \"eth7\""),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let e = build_err(&cfg).to_string();
+    assert!(e.contains("dataplane.interface: no eth7"), "{e}");
+}
+
+fn state(ids: &mut Ids, text: &str, prev: Option<&DesiredState>) -> DesiredState {
+    with_all(ids, text, prev, &AdminState::default(), &Down::new())
+}
+
+fn with_admin(
+    ids: &mut Ids,
+    text: &str,
+    prev: Option<&DesiredState>,
+    admin: &AdminState,
+) -> DesiredState {
+    with_all(ids, text, prev, admin, &Down::new())
+}
+
+type Down = std::collections::BTreeSet<(String, IpAddr)>;
+
+/// The desired state of `text` with every configured MAC known, the given admin overrides
+/// and health-check downs.
+fn with_all(
+    ids: &mut Ids,
+    text: &str,
+    prev: Option<&DesiredState>,
+    admin: &AdminState,
+    down: &Down,
+) -> DesiredState {
+    let cfg = Config::parse(text, Path::new("t.toml")).unwrap();
+    let a = ids.sync(&cfg);
+    let inputs = inputs(&cfg, &a, |_, s, b| {
+        let health = if down.contains(&(s.name.clone(), b.address)) {
+            HealthInput::Down("test".into())
+        } else {
+            HealthInput::Unchecked
+        };
+        let mac = b
+            .mac
+            .map_or(MacInput::Unresolved("no mac".into()), MacInput::Config);
+        (admin.get(&s.name, b.address), health, mac)
+    });
+    DesiredState::next(&inputs, &cfg.dataplane, &Fake, prev).unwrap()
+}
+
+#[test]
+fn drain_keeps_the_backend_active_with_weight_zero() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let mut adm = AdminState::default();
+    adm.set(
+        "a",
+        "10.0.0.2".parse().unwrap(),
+        crate::admin::Override {
+            admin: Admin::Draining,
+            weight: None,
+            config_weight: None,
+        },
+    );
+    let b = with_admin(&mut ids, TWO, Some(&a), &adm);
+    assert_eq!(
+        (b.backends[&B1].flags, b.backends[&B1].generation),
+        (a.backends[&B1].flags, a.backends[&B1].generation),
+        "same flags and generation: its flows stay"
+    );
+    assert_eq!(b.backends[&B1].weight, 0);
+    assert!(b.services[0].ring.iter().all(|id| *id == 0));
+    assert_eq!(b.backend_info[&B1].decision.effective_weight, 0);
+    assert_eq!(kinds(&diff(Some(&a), &b).0), ["backend", "ring"]);
+}
+
+#[test]
+fn disable_deactivates_with_a_new_generation_and_enable_keeps_it() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let mut adm = AdminState::default();
+    let addr = "10.0.0.2".parse().unwrap();
+    adm.set(
+        "a",
+        addr,
+        crate::admin::Override {
+            admin: Admin::Disabled,
+            weight: None,
+            config_weight: None,
+        },
+    );
+    let b = with_admin(&mut ids, TWO, Some(&a), &adm);
+    assert_eq!(b.backends[&B1].flags & BACKEND_F_ACTIVE, 0);
+    assert_ne!(b.backends[&B1].generation, a.backends[&B1].generation);
+    assert_eq!(kinds(&diff(Some(&a), &b).0), ["backend", "ring"]);
+    // Enabled again: active, and the generation of the disabled period (old flows stay away).
+    let c = with_admin(&mut ids, TWO, Some(&b), &AdminState::default());
+    assert_eq!(c.backends[&B1].flags & BACKEND_F_ACTIVE, BACKEND_F_ACTIVE);
+    assert_eq!(c.backends[&B1].generation, b.backends[&B1].generation);
+}
+
+#[test]
+fn weight_override_replaces_the_config_weight() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let mut adm = AdminState::default();
+    adm.set(
+        "a",
+        "10.0.0.1".parse().unwrap(),
+        crate::admin::Override {
+            admin: Admin::Enabled,
+            weight: Some(300),
+            config_weight: Some(100),
+        },
+    );
+    let b = with_admin(&mut ids, TWO, Some(&a), &adm);
+    let on0 = b.services[0].ring.iter().filter(|id| **id == 0).count();
+    assert!(
+        (on0 as f64 / 251.0 - 0.75).abs() < 0.01,
+        "{on0} of 251 slots"
+    );
+    assert_eq!(b.backend_info[&B0].decision.effective_weight, 300);
+    assert_eq!(b.backend_info[&B0].config_weight, 100);
+}
+
+const TWO: &str = r#"
+[dataplane]
+interface = "eth0"
+ring_size = 251
+[[service]]
+name = "a"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.1"
+mac = "02:00:00:00:01:01"
+[[service.backend]]
+address = "10.0.0.2"
+mac = "02:00:00:00:01:02"
+"#;
+
+fn kinds(ops: &[Op]) -> Vec<&'static str> {
+    ops.iter()
+        .map(|o| match o {
+            Op::TxPort { .. } => "txport",
+            Op::Backend { .. } => "backend",
+            Op::Ring { .. } => "ring",
+            Op::Service { .. } => "service",
+            Op::Vip { .. } => "vip",
+            Op::Flags(_) => "flags",
+            Op::RemoveService(_) => "-service",
+            Op::RemoveVip(_) => "-vip",
+            Op::RetireBackend { .. } => "-backend",
+        })
+        .collect()
+}
+
+#[test]
+fn initial_diff_writes_everything_in_order() {
+    let mut ids = Ids::default();
+    let s = state(&mut ids, TWO, None);
+    let (ops, sum) = diff(None, &s);
+    assert_eq!(
+        kinds(&ops),
+        ["backend", "backend", "ring", "service", "vip", "flags"]
+    );
+    assert_eq!(
+        (sum.services_added, sum.backends_added, sum.rings_changed),
+        (1, 2, 1)
+    );
+}
+
+#[test]
+fn same_config_changes_nothing() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let b = state(&mut ids, TWO, Some(&a));
+    assert_eq!(diff(Some(&a), &b).0, vec![]);
+    assert_eq!(a.backends, b.backends);
+}
+
+#[test]
+fn weight_change_rebuilds_the_table_and_keeps_flows() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let b = state(
+        &mut ids,
+        &TWO.replacen(
+            "mac = \"02:00:00:00:01:02\"",
+            "mac = \"02:00:00:00:01:02\"\nweight = 0",
+            1,
+        ),
+        Some(&a),
+    );
+    let (ops, _) = diff(Some(&a), &b);
+    // The backend entry changes only in its weight: same flags and generation.
+    assert_eq!(kinds(&ops), ["backend", "ring"]);
+    assert_eq!(b.backends[&B1].generation, a.backends[&B1].generation);
+    assert_eq!(b.backends[&B1].weight, 0);
+    assert!(
+        b.services[0].ring.iter().all(|id| *id == 0),
+        "weight 0 owns no slot"
+    );
+    assert_eq!(
+        b.backends[&B1].flags, BACKEND_F_ACTIVE,
+        "drained backend stays active for its flows"
+    );
+}
+
+#[test]
+fn added_backend_gets_a_new_id_and_generation_others_keep_theirs() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let more =
+        format!("{TWO}[[service.backend]]\naddress = \"10.0.0.3\"\nmac = \"02:00:00:00:01:03\"\n");
+    let b = state(&mut ids, &more, Some(&a));
+    assert_eq!(b.backends[&B0], a.backends[&B0]);
+    assert_eq!(b.backends[&B1], a.backends[&B1]);
+    assert_eq!(b.services[0].backends, vec![B0, B1, B2]);
+    assert!(b.backends[&B2].generation >= a.next_generation);
+    let (ops, sum) = diff(Some(&a), &b);
+    assert_eq!(kinds(&ops), ["backend", "ring"]);
+    assert_eq!(sum.backends_added, 1);
+}
+
+#[test]
+fn removed_backend_is_retired_after_the_table_stops_naming_it() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let fewer = TWO.replace(
+        "[[service.backend]]\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:01:02\"\n",
+        "",
+    );
+    let b = state(&mut ids, &fewer, Some(&a));
+    let (ops, sum) = diff(Some(&a), &b);
+    assert_eq!(kinds(&ops), ["ring", "-backend"]);
+    assert_eq!(sum.backends_removed, 1);
+    let Op::RetireBackend { id, value } = &ops[1] else {
+        unreachable!()
+    };
+    assert_eq!(*id, B1);
+    assert_eq!(value.flags, 0);
+    assert_ne!(value.generation, a.backends[&B1].generation);
+    // Re-adding the same address later: a new generation, so old flows never come back to it.
+    let c = state(&mut ids, TWO, Some(&b));
+    assert!(c.backends[&B1].generation > value.generation);
+}
+
+#[test]
+fn an_id_freed_in_a_reload_is_not_reused_in_the_same_reload() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let swapped = TWO.replace("10.0.0.2", "10.0.0.9");
+    let b = state(&mut ids, &swapped, Some(&a));
+    assert!(!b.backends.contains_key(&B1));
+    assert_eq!(b.services[0].backends, vec![B0, B2]);
+    assert!(b.retired.contains_key(&B1));
+}
+
+#[test]
+fn mac_change_updates_in_place_and_keeps_flows() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let b = state(
+        &mut ids,
+        &TWO.replace("02:00:00:00:01:02", "02:00:00:00:01:99"),
+        Some(&a),
+    );
+    let (ops, sum) = diff(Some(&a), &b);
+    assert_eq!(kinds(&ops), ["backend"]);
+    assert_eq!(sum.backends_updated, 1);
+    assert_eq!(b.backends[&B1].generation, a.backends[&B1].generation);
+    assert_eq!(b.backends[&B1].mac, [2, 0, 0, 0, 1, 0x99]);
+}
+
+#[test]
+fn service_key_change_keeps_the_id() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let b = state(&mut ids, &TWO.replace("port = 80", "port = 8080"), Some(&a));
+    assert_eq!(b.services[0].value.id, a.services[0].value.id);
+    let (ops, _) = diff(Some(&a), &b);
+    assert_eq!(kinds(&ops), ["service", "-service"]);
+    assert_eq!(ops[1], Op::RemoveService(a.services[0].key));
+}
+
+#[test]
+fn removed_service_takes_its_keys_and_backends_away() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, CFG, None);
+    let only_a = CFG.split("[[service]]\nname = \"b\"").next().unwrap();
+    let b = state(&mut ids, only_a, Some(&a));
+    let (ops, sum) = diff(Some(&a), &b);
+    assert_eq!(kinds(&ops), ["vip", "flags", "-service", "-backend"]);
+    assert_eq!(sum.services_removed, 1);
+    assert_eq!(b.flags, 0, "no all-ports service left");
+    // A new service later takes the lowest free id again.
+    let c = state(&mut ids, CFG, Some(&b));
+    assert_eq!(c.services[1].value.id, 1);
+}
+
+#[test]
+fn a_down_backend_is_inactive_and_out_of_the_table_until_it_is_up() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let mut down = Down::new();
+    down.insert(("a".to_owned(), "10.0.0.2".parse().unwrap()));
+    let b = with_all(&mut ids, TWO, Some(&a), &AdminState::default(), &down);
+    assert_eq!(
+        b.backends[&B1].flags & BACKEND_F_ACTIVE,
+        0,
+        "its flows move"
+    );
+    assert_ne!(b.backends[&B1].generation, a.backends[&B1].generation);
+    assert_eq!(b.backend_info[&B1].decision.state, State::Down);
+    assert!(b.services[0].ring.iter().all(|id| *id == 0));
+    let c = with_all(
+        &mut ids,
+        TWO,
+        Some(&b),
+        &AdminState::default(),
+        &Down::new(),
+    );
+    assert_eq!(c.backends[&B1].flags & BACKEND_F_ACTIVE, BACKEND_F_ACTIVE);
+    assert!(c.services[0].ring.contains(&1));
+}
+
+#[test]
+fn all_down_drops_unless_fallback_all() {
+    let mut down = Down::new();
+    down.insert(("a".to_owned(), "10.0.0.1".parse().unwrap()));
+    down.insert(("a".to_owned(), "10.0.0.2".parse().unwrap()));
+    let d = with_all(
+        &mut Ids::default(),
+        TWO,
+        None,
+        &AdminState::default(),
+        &down,
+    );
+    assert!(
+        d.services[0].ring.iter().all(|id| *id == NO_BACKEND),
+        "drop: no backend"
+    );
+    let all = TWO.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nfallback = \"all\"",
+    );
+    let d = with_all(
+        &mut Ids::default(),
+        &all,
+        None,
+        &AdminState::default(),
+        &down,
+    );
+    assert!(
+        d.services[0].ring.iter().all(|id| *id != NO_BACKEND),
+        "fallback all: everyone"
+    );
+    assert!(d.backends.values().all(|b| b.flags & BACKEND_F_ACTIVE != 0));
+}

@@ -1,0 +1,199 @@
+//! Ownership of the check tasks: one task per checked backend, kept across reloads as long as
+//! the backend's address and check config are unchanged (so its rhythm and rise/fall counts go
+//! on), restarted when they changed, stopped when the backend left.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{config::Health as CheckConfig, desired::BackendId};
+
+/// One finished check, from the task with `token`.
+#[derive(Debug)]
+pub struct CheckResult {
+    pub id: BackendId,
+    pub token: u64,
+    pub result: Result<(), String>,
+    pub finished: std::time::Instant,
+}
+
+/// What one backend's check task runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckSpec {
+    /// For the first check's offset (spreads checks; stable per backend).
+    pub label: String,
+    pub address: IpAddr,
+    pub cfg: CheckConfig,
+}
+
+struct Task {
+    spec: CheckSpec,
+    token: u64,
+    handle: JoinHandle<()>,
+}
+
+/// The running check tasks.
+pub struct Checks {
+    tasks: BTreeMap<BackendId, Task>,
+    next_token: u64,
+    tx: mpsc::Sender<CheckResult>,
+}
+
+/// What [`Checks::sync`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub kept: Vec<BackendId>,
+    pub started: Vec<BackendId>,
+    pub restarted: Vec<BackendId>,
+    pub stopped: Vec<BackendId>,
+}
+
+impl Checks {
+    pub fn new(tx: mpsc::Sender<CheckResult>) -> Checks {
+        Checks {
+            tasks: BTreeMap::new(),
+            next_token: 1,
+            tx,
+        }
+    }
+
+    /// Makes the running tasks match `wanted`.
+    pub fn sync(&mut self, wanted: &BTreeMap<BackendId, CheckSpec>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let gone: Vec<BackendId> = self
+            .tasks
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(t) = self.tasks.remove(&id) {
+                t.handle.abort();
+            }
+            report.stopped.push(id);
+        }
+        for (id, spec) in wanted {
+            match self.tasks.get(id) {
+                Some(t) if t.spec == *spec => {
+                    report.kept.push(*id);
+                    continue;
+                }
+                Some(_) => report.restarted.push(*id),
+                None => report.started.push(*id),
+            }
+            let token = self.next_token;
+            self.next_token += 1;
+            let handle = tokio::spawn(check_loop(*id, token, spec.clone(), self.tx.clone()));
+            if let Some(old) = self.tasks.insert(
+                *id,
+                Task {
+                    spec: spec.clone(),
+                    token,
+                    handle,
+                },
+            ) {
+                old.handle.abort();
+            }
+        }
+        report
+    }
+
+    /// Whether `r` comes from the current task of its backend (not one stopped since).
+    pub fn current(&self, r: &CheckResult) -> bool {
+        self.tasks.get(&r.id).is_some_and(|t| t.token == r.token)
+    }
+
+    pub fn stop_all(&mut self) {
+        for (_, t) in std::mem::take(&mut self.tasks) {
+            t.handle.abort();
+        }
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// Checks `spec.address` every `interval` (±10 % jitter; the first one at an offset derived from
+/// the label, so checks don't fire in bursts) until the receiver is gone.
+async fn check_loop(id: BackendId, token: u64, spec: CheckSpec, tx: mpsc::Sender<CheckResult>) {
+    let cfg = &spec.cfg;
+    let interval = Duration::from_millis(cfg.interval_ms as u64);
+    let seed = lb_common::hash::bytes_hash(7, spec.label.as_bytes());
+    let offset = Duration::from_millis(seed % cfg.interval_ms.max(1) as u64);
+    tokio::time::sleep(offset).await;
+    let mut round = 0u64;
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = super::probe(cfg, spec.address).await;
+        let msg = CheckResult {
+            id,
+            token,
+            result,
+            finished: std::time::Instant::now(),
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+        round += 1;
+        let j = lb_common::hash::fmix64(seed ^ round) % 201; // 0..=200 → −10 %..+10 %
+        let next = interval.mul_f64(0.9 + j as f64 / 1000.0);
+        tokio::time::sleep_until(started + next).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CheckKind;
+
+    fn spec(port: u16) -> CheckSpec {
+        CheckSpec {
+            label: "web/127.0.0.1".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            cfg: CheckConfig {
+                kind: CheckKind::Tcp,
+                port,
+                path: "/".into(),
+                expect_status: 200,
+                interval_ms: 60_000,
+                timeout_ms: 100,
+                rise: 2,
+                fall: 2,
+                payload: String::new(),
+            },
+        }
+    }
+
+    /// A reload with the same check config keeps the task (and its rhythm); a changed one
+    /// restarts it; results of a stopped task are not current any more.
+    #[tokio::test]
+    async fn unchanged_checks_survive_a_sync() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut c = Checks::new(tx);
+        let a = BackendId(0);
+        let b = BackendId(1);
+        let mut want = BTreeMap::from([(a, spec(1)), (b, spec(1))]);
+        let r = c.sync(&want);
+        assert_eq!((r.started.len(), r.kept.len()), (2, 0));
+        let token_a = c.tasks[&a].token;
+        let r = c.sync(&want);
+        assert_eq!(r.kept, vec![a, b]);
+        assert_eq!(c.tasks[&a].token, token_a, "same task");
+        want.insert(b, spec(2));
+        want.remove(&a);
+        let r = c.sync(&want);
+        assert_eq!((r.restarted, r.stopped), (vec![b], vec![a]));
+        let stale = CheckResult {
+            id: a,
+            token: token_a,
+            result: Ok(()),
+            finished: std::time::Instant::now(),
+        };
+        assert!(!c.current(&stale));
+        c.stop_all();
+        assert!(rx.try_recv().is_err() || c.tasks.is_empty());
+    }
+}

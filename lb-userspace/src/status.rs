@@ -1,0 +1,130 @@
+//! The one report builder: `lb status` (and what later views read) from the desired state, the
+//! health table, the counters and their rates.
+
+use std::{collections::BTreeMap, path::Path, time::Instant};
+
+use lb_common::{Counters, stats::Stat};
+
+use crate::{
+    api,
+    config::Config,
+    desired::{BackendId, DesiredState, MacInput},
+    health::Health,
+    stats::Snapshot,
+};
+
+/// What the controller knows, borrowed for one report.
+pub struct View<'a> {
+    pub cfg: &'a Config,
+    pub config_path: &'a Path,
+    pub desired: &'a DesiredState,
+    pub health: &'a BTreeMap<BackendId, Health>,
+    pub weight_notes: &'a BTreeMap<BackendId, String>,
+    /// Active connections by backend (none: left out).
+    pub active: BTreeMap<BackendId, u64>,
+}
+
+/// Two counter samples for rates: the latest and the one before.
+pub struct Samples<'a> {
+    pub now: (Instant, &'a Snapshot),
+    pub before: Option<(Instant, &'a Snapshot)>,
+}
+
+/// Everything else the report shows about the process.
+pub struct Process<'a> {
+    pub xdp_mode: &'a str,
+    pub started: Instant,
+    pub flow_entries: u64,
+    pub flows_expired: u64,
+}
+
+pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Status {
+    let (t1, s1) = samples.now;
+    let rate = |now: &Counters, before: Option<&Counters>| -> api::Traffic {
+        let (pps, bps) = match (before, samples.before) {
+            (Some(b), Some((t0, _))) => {
+                let dt = t1.duration_since(t0).as_secs_f64().max(1e-3);
+                (
+                    now.packets.saturating_sub(b.packets) as f64 / dt,
+                    8.0 * now.bytes.saturating_sub(b.bytes) as f64 / dt,
+                )
+            }
+            _ => (0.0, 0.0),
+        };
+        api::Traffic {
+            packets: now.packets,
+            bytes: now.bytes,
+            new_flows: now.new_flows,
+            packets_per_second: pps,
+            bits_per_second: bps,
+        }
+    };
+    let mut services = Vec::new();
+    for (ds, cs) in v.desired.services.iter().zip(&v.cfg.services) {
+        let id = ds.value.id;
+        let now = s1.services.get(&id).copied().unwrap_or_default();
+        let before = samples.before.and_then(|(_, p)| p.services.get(&id));
+        let mut backends = Vec::new();
+        for bid in &ds.backends {
+            let info = &v.desired.backend_info[bid];
+            let now = s1.backends.get(&bid.0).copied().unwrap_or_default();
+            let before = samples.before.and_then(|(_, p)| p.backends.get(&bid.0));
+            let (mac, mac_source) = match &info.mac {
+                MacInput::Config(m) => (m.to_string(), "config"),
+                MacInput::Resolved { mac, .. } => (mac.to_string(), "neighbour"),
+                MacInput::Unresolved(_) => ("unresolved".to_owned(), "unresolved"),
+            };
+            let h = v.health.get(bid);
+            let unresolved = matches!(info.mac, MacInput::Unresolved(_));
+            backends.push(api::BackendStatus {
+                address: info.address,
+                mac,
+                mac_source: mac_source.to_owned(),
+                state: info.decision.state.to_string(),
+                admin: info.admin,
+                config_weight: info.config_weight,
+                weight_override: info.weight_override,
+                weight_note: v.weight_notes.get(bid).cloned(),
+                effective_weight: info.decision.effective_weight,
+                health: match h {
+                    _ if unresolved => "down".to_owned(),
+                    None => "none".to_owned(),
+                    Some(h) if h.up => "up".to_owned(),
+                    Some(_) => "down".to_owned(),
+                },
+                health_reason: if unresolved {
+                    info.decision.reason.clone()
+                } else {
+                    h.map(|h| h.reason.clone()).unwrap_or_default()
+                },
+                health_since_seconds: h.map_or(0.0, |h| h.since.elapsed().as_secs_f64()),
+                health_transitions: h.map_or(0, |h| h.transitions),
+                active_connections: v.active.get(bid).copied().unwrap_or(0),
+                traffic: rate(&now, before),
+            });
+        }
+        services.push(api::ServiceStatus {
+            name: ds.name.clone(),
+            vip: cs.vip,
+            port: cs.port,
+            protocol: cs.protocol.to_string(),
+            scheduler: cs.scheduler.name().to_owned(),
+            traffic: rate(&now, before),
+            backends,
+        });
+    }
+    api::Status {
+        interface: v.cfg.dataplane.interface.clone(),
+        xdp_mode: p.xdp_mode.to_owned(),
+        uptime_seconds: p.started.elapsed().as_secs(),
+        config: v.config_path.display().to_string(),
+        state_file: v.cfg.control.state_file.display().to_string(),
+        services,
+        flow_entries: p.flow_entries,
+        flows_expired: p.flows_expired,
+        counters: Stat::ALL
+            .iter()
+            .map(|s| (s.name().to_owned(), s1.get(*s)))
+            .collect(),
+    }
+}
