@@ -136,9 +136,15 @@ mod tests {
         // wlc: 10/4 = 2.5 < 3/1 = 3.
         assert_eq!(least_connections(&[(3, 1), (10, 4)], true), Some(1));
         assert_eq!(least_connections(&[(3, 1), (10, 4)], false), Some(0));
-        // Huge counts do not overflow.
+        // Huge counts do not overflow: like the data plane (`lb_common::rules`), counts are
+        // compared clamped to u32::MAX, so these two tie and the earlier wins.
         assert_eq!(
             least_connections(&[(u64::MAX, 65535), (u64::MAX - 1, 65535)], true),
+            Some(0)
+        );
+        let big = u32::MAX as u64;
+        assert_eq!(
+            least_connections(&[(big - 1, 65535), (big - 2, 65535)], true),
             Some(1)
         );
     }

@@ -887,7 +887,7 @@ fn mac_resolution(mode: Mode) {
             "new MAC not followed: {:?}",
             show(&lab, "web", &b2.v4.to_string())
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     println!(
         "{} neighbour: b2's new MAC followed after {:?}",
