@@ -44,6 +44,8 @@ type Routes = BTreeMap<BackendId, Result<Route, String>>;
 
 /// A planned state: everything a reload or an admin change would commit.
 struct Plan {
+    /// Weight overrides this plan drops because the config's weight changed.
+    dropped: Vec<crate::admin::DroppedOverride>,
     cfg: Config,
     ids: Ids,
     assignment: Assignment,
@@ -134,7 +136,8 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             )
         };
         admin.prune(&cfg);
-        for d in admin.reconcile_weights(&cfg) {
+        let dropped = admin.reconcile_weights(&cfg);
+        for d in &dropped {
             tracing::warn!("{d}{}", if start { " (found at start)" } else { "" });
         }
         let mut ids = self.ids.clone();
@@ -156,6 +159,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         }
         let desired = self.build(&cfg, &assignment, &admin, &routes)?;
         Ok(Plan {
+            dropped,
             cfg,
             ids,
             assignment,
@@ -348,6 +352,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         admin.set(service, addr, o.clone());
         let desired = self.build(&self.cfg, &self.assignment, &admin, &self.routes)?;
         let plan = Plan {
+            dropped: Vec::new(),
             cfg: self.cfg.clone(),
             ids: self.ids.clone(),
             assignment: self.assignment.clone(),
@@ -450,6 +455,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
 
     /// A neighbour table or route change from the kernel.
     pub fn on_neighbour(&mut self, ev: NeighEvent) {
+        let received = Instant::now();
         let before: BTreeMap<BackendId, MacInput> = self
             .desired
             .backend_info
@@ -457,10 +463,14 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             .filter(|(id, _)| self.routes.contains_key(id))
             .map(|(id, i)| (*id, i.mac.clone()))
             .collect();
-        match &ev {
-            NeighEvent::Resync => self.resolver.clear(),
-            NeighEvent::Routes => self.relookup_routes(),
-            _ => {}
+        let was = match &ev {
+            NeighEvent::New { ifindex, addr, .. } | NeighEvent::Del { ifindex, addr } => {
+                Some(self.resolver.resolve(*ifindex, *addr))
+            }
+            _ => None,
+        };
+        if matches!(ev, NeighEvent::Routes) {
+            self.relookup_routes();
         }
         if let Some((ifindex, addr)) = self.resolver.apply(&ev) {
             let ours = self.routes.iter().any(|(id, r)| {
@@ -488,11 +498,15 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             } else {
                 self.probes.remove(&addr);
             }
+            if was == Some(self.resolver.resolve(ifindex, addr)) {
+                return; // same MAC (or the same reason): nothing to write
+            }
         }
         if matches!(ev, NeighEvent::Resync) {
-            return; // the dump follows; applied entry by entry
+            return; // the dump follows; applied entry by entry, then `Synced`
         }
         self.refresh("neighbour");
+        let took = received.elapsed();
         for (id, was) in before {
             let Some(info) = self.desired.backend_info.get(&id) else {
                 continue;
@@ -504,7 +518,9 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             match &info.mac {
                 MacInput::Resolved { mac, dev } => {
                     tracing::info!(
-                        "neighbour: service \"{svc}\" backend {addr} is at {mac} on {dev}"
+                        "neighbour: service \"{svc}\" backend {addr} is at {mac} on {dev} \
+                         (maps written {} µs after the kernel's event)",
+                        took.as_micros()
                     )
                 }
                 MacInput::Unresolved(why) => {

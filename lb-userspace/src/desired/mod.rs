@@ -205,6 +205,17 @@ pub struct DesiredService {
     pub ring: Vec<u32>,
     /// Backend ids of this service, in config order.
     pub backends: Vec<BackendId>,
+    /// What `ring` was computed from: an unchanged key reuses it (a MAC or health change of
+    /// another service, or one that leaves the weights as they are, rebuilds no table).
+    pub ring_key: RingKey,
+}
+
+/// The inputs of a service's table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingKey {
+    scheduler: Scheduler,
+    ring_size: u32,
+    backends: Vec<(BackendId, IpAddr, u16)>,
 }
 
 /// Everything the maps should contain.
@@ -402,13 +413,33 @@ impl DesiredState {
                     },
                 );
             }
-            let ring = ring(s.cfg, &ids, &weights, ring_size, &mut value);
+            let ring_key = RingKey {
+                scheduler: s.cfg.scheduler,
+                ring_size,
+                backends: s
+                    .backends
+                    .iter()
+                    .zip(&weights)
+                    .map(|(b, w)| (b.id, b.cfg.address, *w))
+                    .collect(),
+            };
+            let reuse = prev
+                .and_then(|p| p.services.iter().find(|o| o.value.id == s.id))
+                .filter(|o| o.ring_key == ring_key);
+            let ring = match reuse {
+                Some(o) => {
+                    value.ring_len = o.value.ring_len;
+                    o.ring.clone()
+                }
+                None => ring(s.cfg, &ids, &weights, ring_size, &mut value),
+            };
             out.services.push(DesiredService {
                 name: s.cfg.name.clone(),
                 key,
                 value,
                 ring,
                 backends: ids,
+                ring_key,
             });
         }
 

@@ -85,6 +85,9 @@ impl std::fmt::Display for DiffSummary {
 
 /// The table slots of `next` that differ from `prev` (all of them when there is no `prev`).
 fn ring_changes(prev: Option<&DesiredService>, next: &DesiredService) -> Vec<(u32, u32)> {
+    if prev.is_some_and(|p| p.ring == next.ring) {
+        return Vec::new();
+    }
     next.ring
         .iter()
         .enumerate()

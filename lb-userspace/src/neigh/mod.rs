@@ -107,14 +107,21 @@ pub enum NeighEvent {
     Del { ifindex: u32, addr: IpAddr },
     /// A route was added or removed: routes to backends may have changed.
     Routes,
-    /// The event stream was lost (buffer overrun): the table must be dumped again.
+    /// A new subscription starts: forget the entries, a dump follows.
     Resync,
+    /// The dump after `Resync` is complete (entries it did not list are gone).
+    Synced,
 }
 
 /// The neighbour entries the kernel reported, by (ifindex, address).
+///
+/// A resync keeps the known entries while the dump runs (so nothing flaps to "unresolved" in
+/// between) and drops, at its end, those the dump did not list.
 #[derive(Clone, Debug, Default)]
 pub struct Resolver {
     entries: BTreeMap<(u32, IpAddr), Neighbour>,
+    /// During a resync: the entries the dump listed so far.
+    dumped: Option<std::collections::BTreeSet<(u32, IpAddr)>>,
 }
 
 impl Resolver {
@@ -127,19 +134,27 @@ impl Resolver {
                 neighbour,
             } => {
                 self.entries.insert((*ifindex, *addr), neighbour.clone());
+                if let Some(d) = &mut self.dumped {
+                    d.insert((*ifindex, *addr));
+                }
                 Some((*ifindex, *addr))
             }
             NeighEvent::Del { ifindex, addr } => {
                 self.entries.remove(&(*ifindex, *addr));
                 Some((*ifindex, *addr))
             }
-            NeighEvent::Routes | NeighEvent::Resync => None,
+            NeighEvent::Resync => {
+                self.dumped = Some(Default::default());
+                None
+            }
+            NeighEvent::Synced => {
+                if let Some(d) = self.dumped.take() {
+                    self.entries.retain(|k, _| d.contains(k));
+                }
+                None
+            }
+            NeighEvent::Routes => None,
         }
-    }
-
-    /// Forgets everything (before a new dump).
-    pub fn clear(&mut self) {
-        self.entries.clear();
     }
 
     pub fn get(&self, ifindex: u32, addr: IpAddr) -> Option<&Neighbour> {
@@ -226,6 +241,22 @@ mod tests {
             addr: a,
         });
         assert!(r.get(2, a).is_none());
+        // A resync keeps entries during the dump and drops the ones it did not list.
+        let b: IpAddr = "10.99.0.22".parse().unwrap();
+        r.apply(&new(
+            "10.99.0.22",
+            Some("02:99:00:00:00:22"),
+            nud::REACHABLE,
+        ));
+        r.apply(&NeighEvent::Resync);
+        assert!(r.resolve(2, b).is_ok(), "kept while the dump runs");
+        r.apply(&new(
+            "10.99.0.21",
+            Some("02:99:00:00:00:21"),
+            nud::REACHABLE,
+        ));
+        r.apply(&NeighEvent::Synced);
+        assert!(r.resolve(2, b).is_err() && r.resolve(2, a).is_ok());
         // Another interface is another entry.
         r.apply(&new(
             "10.99.0.21",

@@ -118,7 +118,7 @@ pub fn if_name(ifindex: u32) -> Option<String> {
 }
 
 /// Subscribes to neighbour and route events, sends one [`NeighEvent::Resync`] followed by
-/// the current neighbour table, then every change as it happens. Returns when the event stream
+/// the current neighbour table and [`NeighEvent::Synced`], then every change as it happens. Returns when the event stream
 /// ends (e.g. the socket overran) or the receiver is gone; the caller starts it again.
 pub async fn watch(tx: mpsc::Sender<NeighEvent>) -> Result<(), String> {
     let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&[
@@ -144,6 +144,7 @@ pub async fn watch(tx: mpsc::Sender<NeighEvent>) -> Result<(), String> {
                 send(ev).await?;
             }
         }
+        send(NeighEvent::Synced).await?;
         while let Some((msg, _)) = messages.next().await {
             let ev = match msg.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => {
