@@ -56,10 +56,11 @@ fn init_logging(format: cli::run::LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match &cli.command {
+    let format = match &cli.command {
         Command::Run(a) => a.log_format,
         _ => cli::run::LogFormat::Text,
-    });
+    };
+    init_logging(format);
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Check(args) => cli::check::run(args),
@@ -70,7 +71,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb: error: {e:#}");
+            if format == cli::run::LogFormat::Json {
+                tracing::error!("lb: error: {e:#}");
+            } else {
+                eprintln!("lb: error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

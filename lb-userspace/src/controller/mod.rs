@@ -217,23 +217,22 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 )
             })?;
         }
-        // Notes of overrides the config overruled: kept until the backend changes again.
+        // Notes of overrides the config overruled, for `lb status`: kept until a new override
+        // is set for that backend.
+        for d in &plan.dropped {
+            if let Some(id) = plan.ids.backend(&d.service, d.address) {
+                self.weight_notes.insert(
+                    id,
+                    format!(
+                        "weight override {} dropped: the config's weight changed {} → {}",
+                        d.weight, d.was, d.now
+                    ),
+                );
+            }
+        }
         for (s, (_, bids)) in plan.cfg.services.iter().zip(&plan.assignment.services) {
             for (b, id) in s.backends.iter().zip(bids) {
-                let before = self.admin.get(&s.name, b.address);
-                let now = plan.admin.get(&s.name, b.address);
-                if let (Some(w), None, Some(was)) =
-                    (before.weight, now.weight, before.config_weight)
-                    && was != b.weight
-                {
-                    self.weight_notes.insert(
-                        *id,
-                        format!(
-                            "weight override {w} dropped at reload: the config's weight changed {was} → {}",
-                            b.weight
-                        ),
-                    );
-                } else if now.weight.is_some() {
+                if plan.admin.get(&s.name, b.address).weight.is_some() {
                     self.weight_notes.remove(id);
                 }
             }

@@ -198,6 +198,7 @@ fn step(c: &mut Ctl, dir: &Path, ev: Ev, model: &mut BTreeMap<&'static str, Mode
                     c.on_neighbour(neigh(a, Some(mac(n)), nud::REACHABLE));
                 }
             }
+            c.on_neighbour(NeighEvent::Synced);
         }
     }
 }
