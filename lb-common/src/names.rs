@@ -35,11 +35,22 @@ pub const BACKEND_STATS: &str = "LB_BE_STATS";
 /// Data-plane flags, one `u32` at index 0 (array): `FLAG_*` in [`crate::types`].
 pub const FLAGS: &str = "LB_FLAGS";
 
+/// Layout version and sizes of the pinned maps (array of `u64`, `META_*` indexes); controller
+/// only.
+pub const META: &str = "LB_META";
+/// Backend id → [`crate::BackendMeta`] (array); controller only, for adoption after a restart.
+pub const BACKEND_META: &str = "LB_BE_META";
+
+/// File name of the pinned XDP link inside the pin directory.
+pub const LINK_PIN: &str = "link";
+
 /// Load-time global (`u32`): slots per Maglev table (a prime).
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 15] = [
+    META,
+    BACKEND_META,
     FLAGS,
     RR_CURSOR,
     BACKEND_CONNS,

@@ -161,6 +161,36 @@ pub struct FlowValue {
     pub cpu: u32,
 }
 
+/// What a backend id stands for, kept beside the data plane for the controller only (the XDP
+/// program never reads it): a restarted controller adopts ids and generations from the pinned
+/// maps with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendMeta {
+    /// The backend's address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 = the id is unused.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Id of the service the backend belongs to.
+    pub service_id: u32,
+}
+
+/// `LB_META` indexes (array of `u64`), written when the pinned maps are created.
+pub const META_LAYOUT: u32 = 0;
+/// `LB_META[META_RING_SIZE]`: the ring size the maps were made for.
+pub const META_RING_SIZE: u32 = 1;
+/// `LB_META[META_FLOW_TABLE_SIZE]`: the connection table's size.
+pub const META_FLOW_TABLE_SIZE: u32 = 2;
+/// `LB_META[META_XDP_MODE]`: how the pinned link was attached (1 native, 2 generic).
+pub const META_XDP_MODE: u32 = 3;
+/// Entries of `LB_META`.
+pub const META_LEN: u32 = 8;
+
+/// Version of the maps' layout (names, key and value types, meanings). A controller adopts
+/// pinned maps only of its own layout; bump it with every change of a shared type or map.
+pub const LAYOUT_VERSION: u64 = 1;
+
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -189,6 +219,7 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<Backend>() == 32);
 const _: () = assert!(size_of::<FlowValue>() == 24);
 const _: () = assert!(size_of::<Counters>() == 24);
+const _: () = assert!(size_of::<BackendMeta>() == 24);
 
 #[cfg(feature = "user")]
 mod user {
@@ -212,7 +243,8 @@ mod user {
         VipKey,
         Backend,
         FlowValue,
-        Counters
+        Counters,
+        BackendMeta
     );
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey,
+    Backend, BackendMeta, Counters, FlowKey, FlowValue, META_LEN, ServiceKey, ServiceValue, VipKey,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
     },
@@ -16,6 +16,14 @@ use lb_common::{
 /// Slots per Maglev table (a prime), set by the controller at load time.
 #[unsafe(no_mangle)]
 pub static LB_RING_SIZE: Global<u32> = Global::new(DEFAULT_RING_SIZE);
+
+/// Layout version and sizes of the pinned maps (controller only; never read here).
+#[map]
+pub static LB_META: Array<u64> = Array::with_max_entries(META_LEN, 0);
+
+/// Backend id → what it stands for (controller only; never read here).
+#[map]
+pub static LB_BE_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Data-plane flags (`FLAG_*`), index 0.
 #[map]

@@ -201,6 +201,9 @@ pub struct Dataplane {
     pub xdp_mode: XdpMode,
     pub flow_table_size: u32,
     pub ring_size: u32,
+    /// Where the maps and the XDP link are pinned (a directory on a bpffs), so the data plane
+    /// outlives `lb run`: default `/sys/fs/bpf/lb/<interface>`.
+    pub pin_path: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -287,6 +290,7 @@ struct RawDataplane {
     xdp_mode: XdpMode,
     flow_table_size: Option<i64>,
     ring_size: Option<i64>,
+    pin_path: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -540,11 +544,22 @@ impl Validator {
             }
             Some(n) => n as u32,
         };
+        let pin_path = match dp.pin_path {
+            None => PathBuf::from(DEFAULT_PIN_ROOT).join(&interface),
+            Some(p) if !p.is_absolute() => {
+                return Err(self.err(
+                    "dataplane.pin_path",
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+            Some(p) => p,
+        };
         Ok(Dataplane {
             interface,
             xdp_mode: dp.xdp_mode,
             flow_table_size,
             ring_size,
+            pin_path,
         })
     }
 
@@ -808,6 +823,9 @@ pub fn is_prime(n: u64) -> bool {
 }
 
 /// Default config path shown in help texts.
+/// Where `dataplane.pin_path` defaults to (then `/<interface>`).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/lb";
+
 pub fn default_path() -> PathBuf {
     PathBuf::from("/etc/lb/lb.toml")
 }

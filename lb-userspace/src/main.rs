@@ -22,9 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load lb_xdp, attach it to the configured interface, fill its maps and keep running
-    /// until SIGINT/SIGTERM (then detach cleanly).
+    /// Take over the pinned data plane (or load, fill, attach and pin it) and control it until
+    /// SIGINT/SIGTERM; the data plane keeps forwarding after `lb run` exits.
     Run(cli::run::Args),
+    /// Remove the data plane and its pinned state (the only way to detach lb_xdp).
+    Detach(cli::detach::Args),
     /// Validate a config file without touching the kernel.
     Check(cli::check::Args),
     /// Every service and backend: state, weight, health, active connections, traffic and rates.
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Check(args) => cli::check::run(args),
+        Command::Detach(args) => cli::detach::run(args),
         Command::Status(args) => cli::status::run(&cli.socket, args),
         Command::Backend { cmd } => cli::backend::run(&cli.socket, cmd),
         Command::Reload => cli::reload::run(&cli.socket),

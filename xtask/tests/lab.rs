@@ -118,9 +118,25 @@ fn dsr(mode: Mode) {
         report.contains("verdict_tx="),
         "final counters missing:\n{report}"
     );
+    // The data plane outlives the controller: still attached, still forwarding.
+    assert!(
+        lab.xdp_attached(&lab.lb_ns(), "eth0"),
+        "lb_xdp must stay attached after SIGTERM"
+    );
+    let body = curl(&lab, &["http://10.99.0.100/"]).expect("forwarding without the controller");
+    assert!(names.contains(&body.trim().to_owned()), "{body:?}");
+    // `lb detach` is the way to remove it: nothing attached, nothing pinned.
+    let out = cmd::run(
+        lb().to_str().unwrap(),
+        &["detach", "--pin-path", lab.pin_path().to_str().unwrap()],
+    )
+    .expect("lb detach");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.contains("removed XDP link"), "{out}");
+    assert!(!lab.pin_path().exists(), "pinned state left: {out}");
     assert!(
         !lab.xdp_attached(&lab.lb_ns(), "eth0"),
-        "lb_xdp still attached after SIGTERM"
+        "lb_xdp still attached after lb detach"
     );
 }
 
@@ -941,7 +957,8 @@ fn gateway_backend_is_rejected(mode: Mode) {
     )
     .unwrap();
     let config = format!(
-        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"generic\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"far\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.98.0.5\"\n",
+        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"generic\"\npin_path = \"{}\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"far\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.98.0.5\"\n",
+        lab.pin_path().display(),
         lab.socket().display()
     );
     let path = lab.dir.join("far.toml");
@@ -971,7 +988,8 @@ fn gateway_backend_is_rejected(mode: Mode) {
     // its service drops (no usable backend) instead of sending to a guessed MAC.
     let mut lab = lab;
     let config = format!(
-        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"generic\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"ghost\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.99.0.77\"\n",
+        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"generic\"\npin_path = \"{}\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"ghost\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.99.0.77\"\n",
+        lab.pin_path().display(),
         lab.socket().display()
     );
     lab.start_lb(&lb(), &config)
@@ -991,8 +1009,9 @@ fn gateway_backend_is_rejected(mode: Mode) {
 fn unresolved_backend_stays_out(mode: Mode) {
     let mut lab = Lab::up(mode, &[100], Path::new(XTASK)).expect("lab up");
     let config = format!(
-        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"{}\"\nflow_table_size = 65536\nring_size = 65537\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.99.0.21\"\n[[service.backend]]\naddress = \"10.99.0.22\"\n",
+        "[dataplane]\ninterface = \"eth0\"\nxdp_mode = \"{}\"\nflow_table_size = 65536\nring_size = 65537\npin_path = \"{}\"\n[control]\nsocket = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.99.0.21\"\n[[service.backend]]\naddress = \"10.99.0.22\"\n",
         mode.as_str(),
+        lab.pin_path().display(),
         lab.socket().display()
     );
     lab.start_lb(&lb(), &config).expect("lb run");
@@ -1101,7 +1120,8 @@ fn control_socket_is_never_taken(mode: Mode) {
     std::fs::write(
         &second,
         lab.config(mode)
-            .replace("interface = \"eth0\"", "interface = \"lo\""),
+            .replace("interface = \"eth0\"", "interface = \"lo\"")
+            .replace("/bpf/eth0", "/bpf/lo"),
     )
     .unwrap();
     let err = lab

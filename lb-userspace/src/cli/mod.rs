@@ -1,5 +1,6 @@
 pub mod backend;
 pub mod check;
+pub mod detach;
 pub mod reload;
 pub mod run;
 pub mod status;

@@ -1,5 +1,5 @@
-//! `lb run --config <file>`: load, fill, attach, serve the control API, run until
-//! SIGINT/SIGTERM, detach.
+//! `lb run --config <file>`: take over the pinned data plane (or load, fill, attach and pin
+//! it), serve the control API until SIGINT/SIGTERM, then exit leaving it forwarding.
 
 use std::path::PathBuf;
 
@@ -21,11 +21,15 @@ pub struct Args {
     /// Print the counters every N seconds (0 = only at exit).
     #[arg(long, default_value_t = 0)]
     pub stats_interval: u64,
+    /// Replace a pinned data plane that does not fit this lb or config (another layout, table
+    /// sizes or XDP mode), migrating what can be migrated, instead of refusing to start.
+    #[arg(long)]
+    pub replace: bool,
     /// Log format on stderr (`RUST_LOG` sets the level, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    lb_userspace::controller::run::main(&args.config, args.stats_interval)
+    lb_userspace::controller::run::main(&args.config, args.stats_interval, args.replace)
 }

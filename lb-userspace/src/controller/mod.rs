@@ -80,6 +80,10 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
 impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// Takes over `maps` (empty) with `cfg` and the persisted `admin` state: allocates ids,
     /// checks every backend without `mac` is on-link, writes the whole state.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the controller's inputs, each once"
+    )]
     pub fn new(
         config_path: &Path,
         cfg: Config,
@@ -87,6 +91,8 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         maps: M,
         nb: N,
         ifaces: I,
+        adopted: Option<&crate::dataplane::Adopted>,
+        resolver: Resolver,
     ) -> anyhow::Result<Self> {
         let mut c = Controller {
             config_path: config_path.to_owned(),
@@ -106,6 +112,23 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             weight_notes: BTreeMap::new(),
             map_writes: 0,
         };
+        c.resolver = resolver;
+        if let Some(a) = adopted {
+            // Ids, generations and health from the maps an earlier controller left: established
+            // flows keep their backends, and a backend that was out stays out until its checks
+            // bring it back.
+            c.ids.adopt(&cfg, a);
+            c.desired = DesiredState::from_adopted(cfg.dataplane.ring_size, a);
+            let now = Instant::now();
+            for (id, b, _) in &a.backends {
+                if b.flags & lb_common::BACKEND_F_ACTIVE == 0 {
+                    c.health.insert(
+                        BackendId(*id),
+                        Health::new_down(now, "down before lb restarted (from the data plane)"),
+                    );
+                }
+            }
+        }
         let plan = c
             .plan(cfg, admin, true)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;

@@ -19,8 +19,10 @@ use crate::{
     api::server::{self, Envelope, Request, message},
     config::Config,
     dataplane::{AttachedMode, Dataplane},
+    dataplane::{LoaderError, loader::check_pinned, pin},
     health::tasks::{CheckResult, Checks},
     iface::SystemInterfaces,
+    neigh::Resolver,
     neigh::{
         NeighEvent,
         netlink::{self, SystemNeighbours},
@@ -60,14 +62,20 @@ fn coarse_now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Loads, fills, attaches, serves until SIGINT/SIGTERM, detaches. Prints
-/// `attached interface=<if> mode=<mode>` once attached, and the final counters at the end.
+/// Takes the data plane over (or loads and attaches it), serves until SIGINT/SIGTERM, then
+/// exits leaving the data plane forwarding with its last state. Prints
+/// `attached interface=<if> mode=<mode> adopted=<bool>` once attached, and the final counters.
 pub async fn serve(
     config_path: PathBuf,
     stats_interval: u64,
+    replace: bool,
     mut sig: Signals,
 ) -> anyhow::Result<()> {
     let cfg = Config::load(&config_path)?;
+    let dpc = cfg.dataplane.clone();
+    let pin = dpc.pin_path.clone();
+    // One controller per pin directory (interface): a lock, held until this process ends.
+    let _lock = pin::Lock::acquire(&pin)?;
     let state_file = cfg.control.state_file.clone();
     let n = AdminState::remove_leftovers(&state_file);
     if n > 0 {
@@ -77,21 +85,62 @@ pub async fn serve(
         );
     }
     let admin = AdminState::load(&state_file)?;
-    // The socket first: a second `lb run` on the same socket is refused before it touches
-    // anything.
+    // The socket before the data plane: a second `lb run` on the same socket is refused
+    // before it touches anything.
     let mut socket = ControlSocket::bind(&cfg.control.socket)?;
-    let dpc = cfg.dataplane.clone();
-    let mut dp = Dataplane::load(dpc.ring_size, dpc.flow_table_size)?;
-    let logger = dp.take_logger();
-    let mut ctl: Ctl = Controller::new(
-        &config_path,
-        cfg,
-        admin,
-        dp,
-        SystemNeighbours,
-        SystemInterfaces,
-    )?;
 
+    pin::ensure_bpffs(&pin)?;
+    let mut replaced: Option<PathBuf> = None;
+    let mut existing = pin::is_pinned(&pin);
+    if existing && let Err(why) = check_pinned(&pin, &dpc) {
+        if !replace {
+            return Err(LoaderError::Incompatible {
+                path: pin.clone(),
+                why,
+            }
+            .into());
+        }
+        let old = pin.with_file_name(format!(
+            "{}.replaced-{}",
+            pin.file_name().and_then(|n| n.to_str()).unwrap_or("lb"),
+            std::process::id()
+        ));
+        std::fs::rename(&pin, &old)
+            .with_context(|| format!("moving {} aside to {}", pin.display(), old.display()))?;
+        std::fs::create_dir_all(&pin).with_context(|| format!("creating {}", pin.display()))?;
+        tracing::warn!(
+            "--replace: the data plane pinned at {} did not fit ({why}); replacing it",
+            pin.display()
+        );
+        replaced = Some(old);
+        existing = false;
+    }
+    let mut dp = Dataplane::load_pinned(dpc.ring_size, dpc.flow_table_size, &pin)?;
+    if !existing {
+        dp.write_meta(&dpc)?;
+    }
+    if let Some(old) = &replaced {
+        for line in dp.migrate_from(old)? {
+            tracing::warn!("--replace: {line}");
+        }
+    }
+    let adopted = if existing || replaced.is_some() {
+        let a = dp.read_adopted()?;
+        tracing::info!(
+            "taking over the data plane pinned at {}: {} services, {} backends, {} flows",
+            pin.display(),
+            a.services.len(),
+            a.backends.len(),
+            a.flows
+        );
+        Some(a)
+    } else {
+        None
+    };
+    let logger = dp.take_logger();
+
+    // The neighbour table first: a backend without `mac` must not look unresolved (and lose
+    // its flows) just because the dump has not arrived yet.
     let (ntx, mut nrx) = mpsc::channel::<NeighEvent>(4096);
     let watcher = tokio::spawn(async move {
         loop {
@@ -104,7 +153,26 @@ pub async fn serve(
             }
         }
     });
-    // Give first resolutions a moment (the dump, an ARP/NDP round trip) before attaching.
+    let mut resolver = Resolver::default();
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until, nrx.recv()).await {
+        let done = matches!(ev, NeighEvent::Synced);
+        resolver.apply(&ev);
+        if done {
+            break;
+        }
+    }
+    let mut ctl: Ctl = Controller::new(
+        &config_path,
+        cfg,
+        admin,
+        dp,
+        SystemNeighbours,
+        SystemInterfaces,
+        adopted.as_ref(),
+        resolver,
+    )?;
+    // Give first resolutions a moment (an ARP/NDP round trip) before attaching.
     if ctl.probe_unresolved() > 0 {
         let until = tokio::time::Instant::now() + Duration::from_secs(2);
         while !ctl.unresolved().is_empty() {
@@ -124,11 +192,25 @@ pub async fn serve(
             );
         }
     }
-    let mode = ctl.maps().attach(&dpc.interface, dpc.xdp_mode)?;
+    let (mode, took_over) =
+        ctl.maps()
+            .attach_pinned(&dpc.interface, dpc.xdp_mode, &pin, replaced.as_deref())?;
+    if let Some(old) = &replaced {
+        match pin::remove(old) {
+            Ok(_) => tracing::info!("--replace: removed the old maps at {}", old.display()),
+            Err(e) => tracing::warn!("--replace: removing {}: {e}", old.display()),
+        }
+    }
     let overrides: usize = ctl.admin.backends.values().map(|m| m.len()).sum();
     tracing::info!(
-        "lb_xdp attached to {} in {mode} mode: {} services, {} backends, ring {} slots, flow table {}{}",
+        "lb_xdp {} {} in {mode} mode (pinned at {}): {} services, {} backends, ring {} slots, flow table {}{}",
+        if took_over {
+            "replaced in place (bpf_link_update) on"
+        } else {
+            "attached to"
+        },
         dpc.interface,
+        pin.display(),
         ctl.desired().services.len(),
         ctl.desired().backends.len(),
         dpc.ring_size,
@@ -143,7 +225,10 @@ pub async fn serve(
         }
     );
     // Machine-readable line for scripts and the lab.
-    println!("attached interface={} mode={mode}", dpc.interface);
+    println!(
+        "attached interface={} mode={mode} adopted={took_over}",
+        dpc.interface
+    );
 
     let result = event_loop(
         &mut ctl,
@@ -157,8 +242,12 @@ pub async fn serve(
     .await;
     watcher.abort();
     let snap = ctl.snapshot();
-    ctl.maps().detach().context("detaching lb_xdp")?;
-    tracing::info!("lb_xdp detached from {}", dpc.interface);
+    tracing::info!(
+        "lb_xdp stays attached to {} with its last state (pinned at {}); health checks and \
+         neighbour updates stop until `lb run` starts again; `lb detach` removes it",
+        dpc.interface,
+        pin.display()
+    );
     drop(socket);
     result?;
     if let Ok(s) = snap {
@@ -214,11 +303,11 @@ async fn event_loop(
     loop {
         tokio::select! {
             _ = sig.term.recv() => {
-                tracing::info!("SIGTERM: detaching");
+                tracing::info!("SIGTERM: exiting (the data plane stays)");
                 break;
             }
             _ = sig.int.recv() => {
-                tracing::info!("SIGINT: detaching");
+                tracing::info!("SIGINT: exiting (the data plane stays)");
                 break;
             }
             _ = sig.hup.recv() => match reload(ctl, &mut checks) {
@@ -353,13 +442,13 @@ fn status(
 }
 
 /// For `lb run`: the runtime, the signal handlers first, then [`serve`].
-pub fn main(config_path: &Path, stats_interval: u64) -> anyhow::Result<()> {
+pub fn main(config_path: &Path, stats_interval: u64, replace: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async {
         let sig = Signals::install()?;
-        serve(config_path.to_owned(), stats_interval, sig).await
+        serve(config_path.to_owned(), stats_interval, replace, sig).await
     })
 }

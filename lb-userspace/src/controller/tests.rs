@@ -96,6 +96,8 @@ fn start(dir: &Path, net: &FakeNet) -> Ctl {
         FakeMaps::default(),
         net.clone(),
         FakeIfaces,
+        None,
+        Resolver::default(),
     )
     .unwrap();
     let checked: Vec<BackendId> = c.wanted_checks().keys().copied().collect();
@@ -434,6 +436,8 @@ fn a_one_backend_change_writes_only_the_changed_slots() {
         FakeMaps::default(),
         FakeNet::default(),
         FakeIfaces,
+        None,
+        Resolver::default(),
     )
     .unwrap();
     let w0 = c.maps.writes;

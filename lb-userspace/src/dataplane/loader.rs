@@ -3,16 +3,24 @@
 //! The only file that talks to the kernel's BPF maps: the map handles are taken once, typed,
 //! right after the program is loaded; the controller's policy never sees them.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    programs::{
+        Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
-    Backend, Counters, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey,
-    limits::MAX_SERVICES,
+    Backend, BackendMeta, Counters, FlowKey, FlowValue, LAYOUT_VERSION, META_FLOW_TABLE_SIZE,
+    META_LAYOUT, META_RING_SIZE, META_XDP_MODE, ServiceKey, ServiceValue, VipKey,
+    limits::{MAX_BACKENDS, MAX_SERVICES},
     names,
     rules::{active_connections, counted_and_open},
     stats::{STATS_LEN, Stat},
@@ -67,6 +75,13 @@ pub enum LoaderError {
          its traffic would be black-holed)"
     )]
     ActiveWithoutMac { id: u32 },
+    #[error(
+        "the data plane pinned at {path} was made for another layout or size ({why}); \
+         `lb run --replace` replaces it (migrating what it can), `lb detach` removes it"
+    )]
+    Incompatible { path: PathBuf, why: String },
+    #[error("pinned state at {path}: {why}")]
+    Pinned { path: PathBuf, why: String },
 }
 
 type Result<T> = std::result::Result<T, LoaderError>;
@@ -87,8 +102,90 @@ pub struct Dataplane {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
+/// What a controller finds in the maps pinned by an earlier one.
+#[derive(Clone, Debug, Default)]
+pub struct Adopted {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub vips: Vec<(VipKey, u32)>,
+    /// Backend id, its entry and what it stands for (ids in use only).
+    pub backends: Vec<(u32, Backend, BackendMeta)>,
+    /// How the pinned link was attached.
+    pub mode: Option<AttachedMode>,
+    /// Entries in the connection table.
+    pub flows: usize,
+}
+
+/// Checks that the maps pinned at `pin` fit this `lb` and `dpc`: same layout version, same
+/// table sizes, every map there, and the XDP mode (a link cannot change mode).
+pub fn check_pinned(pin: &Path, dpc: &crate::config::Dataplane) -> std::result::Result<(), String> {
+    for name in names::ALL_MAPS {
+        if !pin.join(name).exists() {
+            return Err(format!("map {name} is missing"));
+        }
+    }
+    let meta = open_pinned_array::<u64>(&pin.join(names::META)).map_err(|e| e.to_string())?;
+    let get = |i| meta.get(&i, 0).map_err(|e| format!("reading LB_META: {e}"));
+    let layout = get(META_LAYOUT)?;
+    if layout != LAYOUT_VERSION {
+        return Err(format!(
+            "layout version {layout}, this lb uses {LAYOUT_VERSION}"
+        ));
+    }
+    let ring = get(META_RING_SIZE)?;
+    if ring != dpc.ring_size as u64 {
+        return Err(format!(
+            "ring_size {ring}, the config says {}",
+            dpc.ring_size
+        ));
+    }
+    let flows = get(META_FLOW_TABLE_SIZE)?;
+    if flows != dpc.flow_table_size as u64 {
+        return Err(format!(
+            "flow_table_size {flows}, the config says {}",
+            dpc.flow_table_size
+        ));
+    }
+    let mode = get(META_XDP_MODE)?;
+    let wanted = match dpc.xdp_mode {
+        XdpMode::Native => Some(1),
+        XdpMode::Generic => Some(2),
+        XdpMode::Auto => None,
+    };
+    if wanted.is_some_and(|w| mode != 0 && w != mode) {
+        return Err(format!(
+            "attached in {} mode, the config says {}",
+            if mode == 1 { "native" } else { "generic" },
+            dpc.xdp_mode
+        ));
+    }
+    Ok(())
+}
+
+fn open_pinned(path: &Path) -> Result<MapData> {
+    MapData::from_pin(path).map_err(|e| LoaderError::Pinned {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn open_pinned_array<V: aya::Pod>(path: &Path) -> Result<Array<MapData, V>> {
+    Array::try_from(Map::Array(open_pinned(path)?)).map_err(|e| LoaderError::Pinned {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn open_pinned_per_cpu<V: aya::Pod>(path: &Path) -> Result<PerCpuArray<MapData, V>> {
+    PerCpuArray::try_from(Map::PerCpuArray(open_pinned(path)?)).map_err(|e| LoaderError::Pinned {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })
+}
+
 /// Every map of `lb_xdp`, typed, taken from the object once.
 struct Handles {
+    meta: Array<MapData, u64>,
+    backend_meta: Array<MapData, BackendMeta>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     vips: HashMap<MapData, VipKey, u32>,
     backends: Array<MapData, Backend>,
@@ -115,6 +212,8 @@ impl Handles {
             T::try_from(map).map_err(map_err(name))
         }
         Ok(Handles {
+            meta: take(ebpf, names::META)?,
+            backend_meta: take(ebpf, names::BACKEND_META)?,
             services: take(ebpf, names::SERVICES)?,
             vips: take(ebpf, names::VIPS)?,
             backends: take(ebpf, names::BACKENDS)?,
@@ -164,13 +263,35 @@ impl Dataplane {
 
     /// Loads `object` (tests pass the embedded one too; kept separate for clarity).
     pub fn load_object(object: &[u8], ring_size: u32, flow_table_size: u32) -> Result<Dataplane> {
+        Dataplane::load_with(object, ring_size, flow_table_size, None)
+    }
+
+    /// Loads the embedded object with its maps pinned under `pin` (reusing the maps already
+    /// pinned there: the caller checked they are compatible).
+    pub fn load_pinned(ring_size: u32, flow_table_size: u32, pin: &Path) -> Result<Dataplane> {
+        Dataplane::load_with(crate::EBPF_OBJECT, ring_size, flow_table_size, Some(pin))
+    }
+
+    fn load_with(
+        object: &[u8],
+        ring_size: u32,
+        flow_table_size: u32,
+        pin: Option<&Path>,
+    ) -> Result<Dataplane> {
         if object.is_empty() {
             return Err(LoaderError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::GLOBAL_RING_SIZE, &ring_size, true)
             .map_max_entries(names::RING, MAX_SERVICES * ring_size)
-            .map_max_entries(names::FLOWS, flow_table_size)
+            .map_max_entries(names::FLOWS, flow_table_size);
+        if let Some(pin) = pin {
+            for name in names::ALL_MAPS {
+                loader.map_pin_path(name, pin.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(object)
             .map_err(|e| LoaderError::Object(Box::new(e)))?;
         // Before the program loads: it refers to the log ring buffer the logger keeps open.
@@ -324,6 +445,209 @@ impl Dataplane {
             .ring
             .set(service_id * ring_size + slot, backend, 0)
             .map_err(map_err(names::RING))
+    }
+
+    /// Records what the pinned maps were made for (a fresh pin directory).
+    pub fn write_meta(&mut self, dpc: &crate::config::Dataplane) -> Result<()> {
+        let m = &mut self.maps.meta;
+        for (i, v) in [
+            (META_LAYOUT, LAYOUT_VERSION),
+            (META_RING_SIZE, dpc.ring_size as u64),
+            (META_FLOW_TABLE_SIZE, dpc.flow_table_size as u64),
+        ] {
+            m.set(i, v, 0).map_err(map_err(names::META))?;
+        }
+        Ok(())
+    }
+
+    /// What the pinned maps hold: services, VIPs, backends in use (with what they stand for).
+    pub fn read_adopted(&mut self) -> Result<Adopted> {
+        let mut a = Adopted::default();
+        for kv in self.maps.services.iter() {
+            a.services.push(kv.map_err(map_err(names::SERVICES))?);
+        }
+        for kv in self.maps.vips.iter() {
+            a.vips.push(kv.map_err(map_err(names::VIPS))?);
+        }
+        for id in 0..MAX_BACKENDS {
+            let meta = self
+                .maps
+                .backend_meta
+                .get(&id, 0)
+                .map_err(map_err(names::BACKEND_META))?;
+            if meta.family == 0 {
+                continue;
+            }
+            let b = self
+                .maps
+                .backends
+                .get(&id, 0)
+                .map_err(map_err(names::BACKENDS))?;
+            a.backends.push((id, b, meta));
+        }
+        a.mode = match self.maps.meta.get(&META_XDP_MODE, 0).unwrap_or(0) {
+            1 => Some(AttachedMode::Native),
+            2 => Some(AttachedMode::Generic),
+            _ => None,
+        };
+        a.flows = self.flow_count()?;
+        Ok(a)
+    }
+
+    /// Copies what can be copied from the maps pinned at `old` (same layout, other sizes): the
+    /// connection table (as much as fits), backends and what they stand for, services, VIPs,
+    /// active-connection counters. Returns a line per map.
+    pub fn migrate_from(&mut self, old: &Path) -> Result<Vec<String>> {
+        let mut report = Vec::new();
+        let layout = open_pinned_array::<u64>(&old.join(names::META))
+            .and_then(|m| m.get(&META_LAYOUT, 0).map_err(map_err(names::META)))
+            .unwrap_or(0);
+        if layout != LAYOUT_VERSION {
+            report.push(format!(
+                "nothing migrated: the old maps have layout {layout}, this lb {LAYOUT_VERSION} \
+                 (established flows are scheduled again)"
+            ));
+            return Ok(report);
+        }
+        let flows: HashMap<MapData, FlowKey, FlowValue> =
+            HashMap::try_from(Map::LruHashMap(open_pinned(&old.join(names::FLOWS))?))
+                .map_err(map_err(names::FLOWS))?;
+        let (mut copied, mut failed) = (0usize, 0usize);
+        for (k, v) in flows.iter().flatten() {
+            match self.maps.flows.insert(k, v, 0) {
+                Ok(()) => copied += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        report.push(format!(
+            "connection table: {copied} flows copied{}",
+            if failed > 0 {
+                format!(", {failed} not (no room)")
+            } else {
+                String::new()
+            }
+        ));
+        let old_meta = open_pinned_array::<BackendMeta>(&old.join(names::BACKEND_META))?;
+        let old_backends = open_pinned_array::<Backend>(&old.join(names::BACKENDS))?;
+        let conns = open_pinned_per_cpu::<u64>(&old.join(names::BACKEND_CONNS))?;
+        let expired = open_pinned_per_cpu::<u64>(&old.join(names::BACKEND_EXPIRED))?;
+        let mut n = 0;
+        for id in 0..MAX_BACKENDS {
+            let meta = old_meta.get(&id, 0).map_err(map_err(names::BACKEND_META))?;
+            if meta.family == 0 {
+                continue;
+            }
+            let b = old_backends.get(&id, 0).map_err(map_err(names::BACKENDS))?;
+            self.maps
+                .backend_meta
+                .set(id, meta, 0)
+                .map_err(map_err(names::BACKEND_META))?;
+            self.set_backend(id, &b)?;
+            let c = conns.get(&id, 0).map_err(map_err(names::BACKEND_CONNS))?;
+            self.maps
+                .backend_conns
+                .set(id, c, 0)
+                .map_err(map_err(names::BACKEND_CONNS))?;
+            let e = expired
+                .get(&id, 0)
+                .map_err(map_err(names::BACKEND_EXPIRED))?;
+            self.maps
+                .backend_expired
+                .set(id, e, 0)
+                .map_err(map_err(names::BACKEND_EXPIRED))?;
+            n += 1;
+        }
+        report.push(format!(
+            "backends: {n} copied with their generations and active connections"
+        ));
+        let services: HashMap<MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(Map::HashMap(open_pinned(&old.join(names::SERVICES))?))
+                .map_err(map_err(names::SERVICES))?;
+        let mut n = 0;
+        for (k, v) in services.iter().flatten() {
+            self.maps
+                .services
+                .insert(k, v, 0)
+                .map_err(map_err(names::SERVICES))?;
+            n += 1;
+        }
+        report.push(format!(
+            "services: {n} keys copied (their tables are rebuilt); traffic counters start from 0"
+        ));
+        Ok(report)
+    }
+
+    /// Attaches through the link pinned at `pin/link`, or at `from` (a pin directory being
+    /// replaced): the program in the link is swapped for this one atomically
+    /// (`bpf_link_update`, no packet goes unprocessed). Without a pinned link, attaches anew and
+    /// pins the link. Returns the mode and whether an existing link was taken over.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        pin: &Path,
+        from: Option<&Path>,
+    ) -> Result<(AttachedMode, bool)> {
+        let link_path = pin.join(names::LINK_PIN);
+        let source = from.map_or(link_path.clone(), |f| f.join(names::LINK_PIN));
+        let pinned_err = |why: String| LoaderError::Pinned {
+            path: source.clone(),
+            why,
+        };
+        if source.exists() {
+            let old_mode = self.maps.meta.get(&META_XDP_MODE, 0).unwrap_or(0);
+            let link = PinnedLink::from_pin(&source).map_err(|e| pinned_err(e.to_string()))?;
+            let link =
+                XdpLink::try_from(FdLink::from(link)).map_err(|e| pinned_err(e.to_string()))?;
+            let id = self
+                .program()
+                .attach_to_link(link)
+                .map_err(|e| pinned_err(format!("replacing the program (bpf_link_update): {e}")))?;
+            if source != link_path {
+                let link = self
+                    .program()
+                    .take_link(id)
+                    .map_err(|e| pinned_err(e.to_string()))?;
+                let fd = FdLink::try_from(link).map_err(|e| pinned_err(e.to_string()))?;
+                fd.pin(&link_path).map_err(|e| pinned_err(e.to_string()))?;
+                std::fs::remove_file(&source).map_err(|e| pinned_err(e.to_string()))?;
+            }
+            let attached = match old_mode {
+                1 => AttachedMode::Native,
+                2 => AttachedMode::Generic,
+                _ => match mode {
+                    XdpMode::Generic => AttachedMode::Generic,
+                    _ => AttachedMode::Native,
+                },
+            };
+            self.set_mode(attached)?;
+            return Ok((attached, true));
+        }
+        let attached = self.attach(interface, mode)?;
+        let (id, _) = self.link.take().expect("just attached");
+        let link = self
+            .program()
+            .take_link(id)
+            .map_err(|e| pinned_err(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| {
+            pinned_err(format!(
+                "the kernel attached without a bpf_link ({e}): XDP links need Linux ≥ 5.9"
+            ))
+        })?;
+        fd.pin(&link_path).map_err(|e| pinned_err(e.to_string()))?;
+        self.set_mode(attached)?;
+        Ok((attached, false))
+    }
+
+    fn set_mode(&mut self, mode: AttachedMode) -> Result<()> {
+        let v = match mode {
+            AttachedMode::Native => 1,
+            AttachedMode::Generic => 2,
+        };
+        self.maps
+            .meta
+            .set(META_XDP_MODE, v, 0)
+            .map_err(map_err(names::META))
     }
 
     /// Number of entries in the connection table.
@@ -480,13 +804,28 @@ impl Maps for Dataplane {
                     .tx_ports
                     .set(*slot, *ifindex, None, 0)
                     .map_err(|e| LoaderError::TxPort(Box::new(e)))?,
-                Op::Backend { id, value, fresh } => {
+                Op::Backend {
+                    id,
+                    value,
+                    fresh,
+                    meta,
+                } => {
                     if *fresh {
                         self.reset_backend_counters(id.0)?;
                     }
+                    self.maps
+                        .backend_meta
+                        .set(id.0, meta, 0)
+                        .map_err(map_err(names::BACKEND_META))?;
                     self.set_backend(id.0, value)?
                 }
-                Op::RetireBackend { id, value } => self.set_backend(id.0, value)?,
+                Op::RetireBackend { id, value } => {
+                    self.set_backend(id.0, value)?;
+                    self.maps
+                        .backend_meta
+                        .set(id.0, BackendMeta::default(), 0)
+                        .map_err(map_err(names::BACKEND_META))?;
+                }
                 Op::Ring { service_id, slots } => {
                     for (slot, backend) in slots {
                         self.set_slot(*service_id, ring_size, *slot, *backend)?;

@@ -4,12 +4,13 @@
 
 pub mod fake;
 pub mod loader;
+pub mod pin;
 
 use std::collections::BTreeMap;
 
 use lb_common::BACKEND_F_ACTIVE;
 
-pub use self::loader::{AttachedMode, Dataplane, LoaderError, SweepStats};
+pub use self::loader::{Adopted, AttachedMode, Dataplane, LoaderError, SweepStats};
 use crate::{
     config::Timeouts,
     desired::{BackendId, DesiredState, Op},
@@ -61,6 +62,7 @@ mod tests {
                 ..Backend::default()
             },
             fresh: false,
+            meta: Default::default(),
         };
         let e = check_op(&op(BACKEND_F_ACTIVE, [0; 6])).unwrap_err();
         assert!(e.to_string().contains("backend id 3"), "{e}");

@@ -90,6 +90,40 @@ impl Ids {
         out
     }
 
+    /// Takes over the ids an earlier controller left in the pinned maps: a service keeps its id
+    /// when its (VIP, port, protocol) is still configured, a backend its id when its service and
+    /// address are. The others stay taken until the next [`Ids::sync`] retires them.
+    pub fn adopt(&mut self, cfg: &Config, a: &crate::dataplane::Adopted) {
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
+        for (key, value) in &a.services {
+            let configured = cfg.services.iter().find(|s| {
+                let (vip, family) = lb_common::rules::addr_key(s.vip);
+                key.vip == vip
+                    && key.family == family
+                    && key.port == s.port.to_be_bytes()
+                    && key.protocol == s.protocol.number()
+            });
+            let name = configured.map_or_else(|| format!("#{}", value.id), |s| s.name.clone());
+            if configured.is_some() {
+                self.services.insert(name.clone(), value.id);
+            }
+            names.insert(value.id, name);
+        }
+        for (id, _, meta) in &a.backends {
+            let addr = match meta.family {
+                lb_common::FAMILY_V4 => {
+                    IpAddr::from([meta.addr[0], meta.addr[1], meta.addr[2], meta.addr[3]])
+                }
+                _ => IpAddr::from(meta.addr),
+            };
+            let service = names
+                .get(&meta.service_id)
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", meta.service_id));
+            self.backends.insert((service, addr), BackendId(*id));
+        }
+    }
+
     /// The id of a configured backend.
     pub fn backend(&self, service: &str, address: IpAddr) -> Option<BackendId> {
         self.backends.get(&(service.to_owned(), address)).copied()

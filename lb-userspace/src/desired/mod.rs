@@ -218,6 +218,17 @@ pub struct RingKey {
     backends: Vec<(BackendId, IpAddr, u16)>,
 }
 
+impl RingKey {
+    /// Matches no real table.
+    fn none() -> RingKey {
+        RingKey {
+            scheduler: Scheduler::Maglev,
+            ring_size: 0,
+            backends: Vec::new(),
+        }
+    }
+}
+
 /// Everything the maps should contain.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredState {
@@ -237,6 +248,9 @@ pub struct DesiredState {
     pub retired: BTreeMap<BackendId, Backend>,
     /// Next generation number to hand out (generations are never reused).
     pub next_generation: u32,
+    /// Read back from pinned maps (an earlier controller's): the next diff rewrites every
+    /// backend and table once.
+    pub adopted: bool,
 }
 
 /// Error building the desired state (the config is valid, but the machine disagrees).
@@ -267,7 +281,39 @@ impl DesiredState {
             flags: 0,
             retired: BTreeMap::new(),
             next_generation: 1,
+            adopted: false,
         }
+    }
+
+    /// What an earlier controller left in the pinned maps, as a previous state: its backends
+    /// keep their ids and generations (so established flows stay), its services and VIPs are
+    /// there to be replaced or removed by the first diff.
+    pub fn from_adopted(ring_size: u32, a: &crate::dataplane::Adopted) -> DesiredState {
+        let mut d = DesiredState::empty(ring_size);
+        for (k, v) in &a.services {
+            d.services.push(DesiredService {
+                name: format!("#{}", v.id),
+                key: *k,
+                value: *v,
+                ring: Vec::new(),
+                backends: Vec::new(),
+                ring_key: RingKey::none(),
+            });
+        }
+        d.vips = a.vips.iter().copied().collect();
+        for (id, b, _) in &a.backends {
+            d.backends.insert(BackendId(*id), *b);
+        }
+        d.next_generation = a
+            .backends
+            .iter()
+            .map(|(_, b, _)| b.generation.saturating_add(1))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        d.flags = u32::MAX; // unknown: written again
+        d.adopted = true;
+        d
     }
 
     /// The state of a fresh data plane for `cfg` alone: ids in config order, configured MACs

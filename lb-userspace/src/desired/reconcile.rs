@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, ServiceKey, ServiceValue, VipKey};
+use lb_common::{Backend, BackendMeta, ServiceKey, ServiceValue, VipKey, rules::addr_key};
 
 use super::{BackendId, DesiredService, DesiredState};
 
@@ -14,11 +14,13 @@ pub enum Op {
         slot: u32,
         ifindex: u32,
     },
-    /// `fresh`: the id is new to this backend: its counters are zeroed first.
+    /// `fresh`: the id is new to this backend: its counters are zeroed first. `meta` says what
+    /// the id stands for (kept beside the data plane for a restarted controller).
     Backend {
         id: BackendId,
         value: Backend,
         fresh: bool,
+        meta: BackendMeta,
     },
     /// Slots of one service's table that change: `(slot, backend id)`.
     Ring {
@@ -113,15 +115,36 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
             });
         }
     }
+    let service_of: BTreeMap<BackendId, u32> = next
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| (*b, s.value.id)))
+        .collect();
+    let meta = |id: &BackendId| {
+        let (addr, family) = next
+            .backend_info
+            .get(id)
+            .map(|i| addr_key(i.address))
+            .unwrap_or_default();
+        BackendMeta {
+            addr,
+            family,
+            _pad: [0; 3],
+            service_id: service_of.get(id).copied().unwrap_or(0),
+        }
+    };
     for (id, b) in &next.backends {
         match prev.backends.get(id) {
-            Some(old) if old == b => {}
-            Some(_) => {
-                sum.backends_updated += 1;
+            Some(old) if old == b && !prev.adopted => {}
+            Some(old) => {
+                if old != b {
+                    sum.backends_updated += 1;
+                }
                 ops.push(Op::Backend {
                     id: *id,
                     value: *b,
                     fresh: false,
+                    meta: meta(id),
                 });
             }
             None => {
@@ -130,6 +153,7 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
                     id: *id,
                     value: *b,
                     fresh: true,
+                    meta: meta(id),
                 });
             }
         }

@@ -56,6 +56,16 @@ impl Health {
         }
     }
 
+    /// A backend that starts down (it was out of the data plane before a restart): it comes
+    /// back after `rise` passing checks.
+    pub fn new_down(now: Instant, reason: &str) -> Health {
+        Health {
+            up: false,
+            reason: reason.to_owned(),
+            ..Health::new(now)
+        }
+    }
+
     /// Feeds one check result (completed at `now`).
     pub fn observe(
         &mut self,
