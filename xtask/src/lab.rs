@@ -556,6 +556,24 @@ impl Lab {
         Ok(out)
     }
 
+    /// Kills `lb run` with SIGKILL (no chance to clean anything up).
+    pub fn kill_lb(&mut self) -> anyhow::Result<()> {
+        let Some(mut p) = self.lb.take() else {
+            bail!("lb is not running");
+        };
+        signal(&p.child, libc::SIGKILL);
+        wait_timeout(&mut p.child, Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// Id of the XDP program attached to `dev` in namespace `ns`.
+    pub fn xdp_prog_id(&self, ns: &str, dev: &str) -> Option<u32> {
+        let out = run("ip", &["-n", ns, "-d", "link", "show", "dev", dev]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let after = text.split("prog/xdp id ").nth(1)?;
+        after.split_whitespace().next()?.parse().ok()
+    }
+
     /// Whether an XDP program is attached to `dev` in namespace `ns`.
     pub fn xdp_attached(&self, ns: &str, dev: &str) -> bool {
         run("ip", &["-n", ns, "-d", "link", "show", "dev", dev])

@@ -308,3 +308,94 @@ pub fn hold(src: IpAddr, target: SocketAddr) -> anyhow::Result<()> {
     println!("done {pings}");
     Ok(())
 }
+
+/// `count` long-lived TCP connections to the echo service (sources taken in turn), each sending
+/// 512 bytes every 50 ms and checking that exactly those bytes come back (a pattern unique to
+/// the connection and offset). Prints `ready <n>` once all are connected. On stdin:
+/// `mark <label>` prints `phase <label> max_stall_ms <m>` (the longest wait for an echo, over
+/// all connections, since the previous mark); end of input stops all and prints one JSON line
+/// per connection: `{"conn":i,"backend":"b1","bytes":n,"error":null}`.
+pub fn stream(sources: &[IpAddr], target: SocketAddr, count: usize) -> anyhow::Result<()> {
+    use std::{
+        io::BufRead as _,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_stall = Arc::new(AtomicU64::new(0));
+    let mut conns = Vec::new();
+    for i in 0..count {
+        let src = sources[i % sources.len()];
+        let s = bound_socket(src, Type::STREAM, Protocol::TCP)?;
+        s.connect_timeout(&target.into(), Duration::from_secs(3))
+            .with_context(|| format!("connection {i}: {src} → {target}"))?;
+        let conn: TcpStream = s.into();
+        conn.set_read_timeout(Some(Duration::from_secs(15)))?;
+        conn.set_nodelay(true)?;
+        let mut reader = std::io::BufReader::new(conn.try_clone()?);
+        let mut greeting = String::new();
+        reader
+            .read_line(&mut greeting)
+            .with_context(|| format!("connection {i}: greeting"))?;
+        conns.push((i, greeting.trim().to_owned(), reader, conn));
+    }
+    println!("ready {count}");
+    std::io::stdout().flush()?;
+    let mut handles = Vec::new();
+    for (i, backend, mut reader, mut writer) in conns {
+        let (stop, max_stall) = (stop.clone(), max_stall.clone());
+        handles.push(thread::spawn(move || {
+            let mut sent = 0u64;
+            let mut buf = [0u8; 512];
+            let mut got = [0u8; 512];
+            let mut error = None;
+            while !stop.load(Ordering::Relaxed) {
+                for (k, b) in buf.iter_mut().enumerate() {
+                    let x = (i as u64)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        .wrapping_add(sent + k as u64);
+                    *b = (x ^ (x >> 29)) as u8;
+                }
+                let t = std::time::Instant::now();
+                if let Err(e) = writer.write_all(&buf) {
+                    error = Some(format!("send at byte {sent}: {e}"));
+                    break;
+                }
+                if let Err(e) = reader.read_exact(&mut got) {
+                    error = Some(format!("echo at byte {sent}: {e}"));
+                    break;
+                }
+                if got != buf {
+                    error = Some(format!("corrupted echo at byte {sent}"));
+                    break;
+                }
+                max_stall.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+                sent += 512;
+                thread::sleep(Duration::from_millis(50));
+            }
+            (i, backend, sent, error)
+        }));
+    }
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        if let Some(label) = line.strip_prefix("mark ") {
+            println!(
+                "phase {label} max_stall_ms {}",
+                max_stall.swap(0, Ordering::Relaxed)
+            );
+            std::io::stdout().flush()?;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let (i, backend, bytes, error) =
+            h.join().map_err(|_| anyhow::anyhow!("thread panicked"))?;
+        println!(
+            "{}",
+            serde_json::json!({"conn": i, "backend": backend, "bytes": bytes, "error": error})
+        );
+    }
+    Ok(())
+}

@@ -116,6 +116,12 @@ fn main() -> ExitCode {
             target,
             sources,
             count,
+        } if kind == "stream" => labnet::stream(&sources, target, count),
+        Task::LabClient {
+            kind,
+            target,
+            sources,
+            count,
         } => labnet::many(&kind, &sources, target, count).map(|t| println!("{}", t.to_json())),
     };
     match r {
