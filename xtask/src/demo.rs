@@ -207,13 +207,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         lab::wait_for_ctrlc();
     }
 
-    step(t0, "stopping lb (SIGTERM → detach)");
+    step(
+        t0,
+        "stopping lb (SIGTERM: the controller exits, lb_xdp stays and forwards)",
+    );
     let report = lab.stop_lb().context("stopping lb")?;
     if let Some(line) = report.lines().find(|l| l.starts_with("counters:")) {
         println!("    final {line}");
     }
-    if lab.xdp_attached(&lab.lb_ns(), "eth0") {
-        problems.push("lb_xdp still attached after lb exited".to_owned());
+    if !lab.xdp_attached(&lab.lb_ns(), "eth0") {
+        problems.push("lb_xdp detached when lb exited (it must stay)".to_owned());
+    }
+    step(t0, "lb detach (the only way to remove the data plane)");
+    let out = cmd::run(
+        cmd::lb_binary().to_str().unwrap_or_default(),
+        &[
+            "detach",
+            "--pin-path",
+            lab.pin_path().to_str().unwrap_or_default(),
+        ],
+    )
+    .context("lb detach")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {line}");
+    }
+    if lab.xdp_attached(&lab.lb_ns(), "eth0") || lab.pin_path().exists() {
+        problems.push("lb detach left lb_xdp attached or pinned".to_owned());
     }
     drop(lab);
     step(t0, "lab removed");

@@ -87,6 +87,8 @@ pub struct Lab {
     servers: std::collections::BTreeMap<String, Child>,
     xtask: PathBuf,
     lb: Option<LbProcess>,
+    /// More arguments for the next `lb run` ([`Lab::start_lb_with`]).
+    extra_args: Vec<String>,
 }
 
 struct LbProcess {
@@ -191,6 +193,7 @@ impl Lab {
             servers: std::collections::BTreeMap::new(),
             xtask: xtask.to_owned(),
             lb: None,
+            extra_args: Vec::new(),
         };
         if let Ok(mut a) = ACTIVE.lock() {
             a.push(lab.prefix.clone());
@@ -469,6 +472,19 @@ impl Lab {
         self.start_lb_signalled(lb, config, None)
     }
 
+    /// [`Lab::start_lb`] with more arguments for `lb run` (e.g. `--replace`).
+    pub fn start_lb_with(
+        &mut self,
+        lb: &Path,
+        config: &str,
+        args: &[&str],
+    ) -> anyhow::Result<String> {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
+        let r = self.start_lb_signalled(lb, config, None);
+        self.extra_args.clear();
+        r
+    }
+
     /// [`Lab::start_lb`], sending `lb run` SIGHUP `after` its start (before it attached).
     pub fn start_lb_signalled(
         &mut self,
@@ -487,6 +503,7 @@ impl Lab {
             .arg("run")
             .arg("--config")
             .arg(&path)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

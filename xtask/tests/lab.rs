@@ -1367,6 +1367,50 @@ fn zero_downtime(mode: Mode) {
     assert!(!lab.xdp_attached(&lab.lb_ns(), "eth0"), "nothing attached");
 }
 
+/// A changed table size does not fit the pinned data plane: `lb run` refuses with the reason,
+/// and `lb run --replace` replaces it, migrating the connection table: an established
+/// connection survives, on its backend.
+fn replace_migrates(mode: Mode) {
+    let mut lab = up(mode, &[100, 100]);
+    let (h, name) = hold(&mut lab, "10.99.0.11");
+    lab.stop_lb().expect("SIGTERM");
+    let bigger = lab
+        .config(mode)
+        .replace("flow_table_size = 65536", "flow_table_size = 131072");
+    let path = lab.dir.join("lb.toml");
+    std::fs::write(&path, &bigger).unwrap();
+    let err = lab
+        .exec(
+            &lab.lb_ns(),
+            &[
+                lb().to_str().unwrap(),
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+            ],
+        )
+        .expect_err("a changed flow_table_size must be refused without --replace")
+        .to_string();
+    assert!(
+        err.contains("flow_table_size 65536, the config says 131072") && err.contains("--replace"),
+        "{err}"
+    );
+    assert!(
+        lab.xdp_attached(&lab.lb_ns(), "eth0"),
+        "the old one still forwards"
+    );
+    lab.start_lb_with(&lb(), &bigger, &["--replace"])
+        .expect("lb run --replace");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out, err) = h.finish(Duration::from_secs(10)).expect("hold ends");
+    assert!(ok, "the connection broke across --replace: {out:?} {err:?}");
+    assert!(out.iter().any(|l| l.starts_with("done ")), "{out:?}");
+    let (_h2, again) = hold(&mut lab, "10.99.0.11");
+    assert!(!again.is_empty() && !name.is_empty());
+    let status = lab.lb_cli(&lb(), &["status", "--json"]).unwrap();
+    assert!(status.contains("\"flow_entries\""), "{status}");
+}
+
 macro_rules! both_modes {
     ($($name:ident),*) => {
         mod native {
@@ -1409,5 +1453,6 @@ both_modes!(
     reloads_keep_health_checks,
     control_socket_is_never_taken,
     early_sighup_is_handled,
-    zero_downtime
+    zero_downtime,
+    replace_migrates
 );

@@ -100,8 +100,9 @@ pub async fn serve(
             }
             .into());
         }
+        // bpffs forbids dots in names.
         let old = pin.with_file_name(format!(
-            "{}.replaced-{}",
+            "{}-replaced-{}",
             pin.file_name().and_then(|n| n.to_str()).unwrap_or("lb"),
             std::process::id()
         ));

@@ -474,3 +474,75 @@ fn every_order_of_disable_enable_and_resolution() {
     ]);
     assert_eq!(n, 120);
 }
+
+/// A restarted controller adopts what the maps hold: the same ids and generations (so
+/// established flows stay), nothing rewritten with another value, and a backend that was out
+/// (its check failed) starts down instead of coming back untested.
+#[test]
+fn a_restarted_controller_adopts_ids_generations_and_health() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    for (a, n) in [(A, 0x21), (B, 0x22)] {
+        c.on_neighbour(NeighEvent::New {
+            ifindex: 2,
+            addr: addr(a),
+            neighbour: Neighbour {
+                mac: Some(mac(n)),
+                state: nud::REACHABLE,
+            },
+        });
+    }
+    // Churn generations: B disabled and enabled again, A's check fails.
+    c.admin("web", addr(B), BackendAction::Disable).unwrap();
+    c.admin("web", addr(B), BackendAction::Enable).unwrap();
+    c.on_check(id(&c, A), Err("refused".into()), Instant::now());
+    let (ida, idb) = (id(&c, A), id(&c, B));
+    let maps = c.maps.clone();
+    assert_eq!(
+        maps.backends[&ida.0].flags & BACKEND_F_ACTIVE,
+        0,
+        "A is out"
+    );
+    let adopted = maps.adopted();
+    assert_eq!(adopted.backends.len(), 2);
+    drop(c);
+
+    let path = d.join("lb.toml");
+    let mut resolver = Resolver::default();
+    for (a, n) in [(A, 0x21), (B, 0x22)] {
+        resolver.apply(&NeighEvent::New {
+            ifindex: 2,
+            addr: addr(a),
+            neighbour: Neighbour {
+                mac: Some(mac(n)),
+                state: nud::REACHABLE,
+            },
+        });
+    }
+    let mut c2: Ctl = Controller::new(
+        &path,
+        Config::load(&path).unwrap(),
+        AdminState::load(&d.join("state.json")).unwrap(),
+        maps.clone(),
+        net.clone(),
+        FakeIfaces,
+        Some(&adopted),
+        resolver,
+    )
+    .unwrap();
+    let checked: Vec<BackendId> = c2.wanted_checks().keys().copied().collect();
+    c2.sync_health(checked);
+    assert_eq!((id(&c2, A), id(&c2, B)), (ida, idb), "same ids");
+    assert_eq!(
+        c2.maps.backends, maps.backends,
+        "same values, generations included"
+    );
+    assert_eq!(c2.maps.table(0, RING), maps.table(0, RING), "same table");
+    let info = &c2.desired.backend_info[&ida];
+    assert_eq!(info.decision.state, desired::State::Down, "A starts down");
+    // A passing check (rise = 1) brings it back with its old generation kept for nobody.
+    c2.on_check(ida, Ok(()), Instant::now());
+    assert_ne!(c2.maps.backends[&ida.0].flags & BACKEND_F_ACTIVE, 0);
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, ServiceKey, ServiceValue, VipKey};
+use lb_common::{Backend, BackendMeta, ServiceKey, ServiceValue, VipKey};
 
 use super::{LoaderError, Maps, SweepStats, check_op};
 use crate::{
@@ -15,6 +15,8 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FakeMaps {
     pub backends: BTreeMap<u32, Backend>,
+    /// `LB_BE_META`.
+    pub meta: BTreeMap<u32, BackendMeta>,
     /// `(service id, slot)` → backend id.
     pub ring: BTreeMap<(u32, u32), u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
@@ -36,8 +38,15 @@ impl Maps for FakeMaps {
                 Op::TxPort { slot, ifindex } => {
                     self.tx_ports.insert(*slot, *ifindex);
                 }
-                Op::Backend { id, value, .. } | Op::RetireBackend { id, value } => {
+                Op::Backend {
+                    id, value, meta, ..
+                } => {
                     self.backends.insert(id.0, *value);
+                    self.meta.insert(id.0, *meta);
+                }
+                Op::RetireBackend { id, value } => {
+                    self.backends.insert(id.0, *value);
+                    self.meta.remove(&id.0);
                 }
                 Op::Ring { service_id, slots } => {
                     for (slot, b) in slots {
@@ -82,6 +91,21 @@ impl Maps for FakeMaps {
 }
 
 impl FakeMaps {
+    /// What a restarted controller would find in these maps.
+    pub fn adopted(&self) -> super::Adopted {
+        super::Adopted {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self
+                .meta
+                .iter()
+                .map(|(id, m)| (*id, self.backends[id], *m))
+                .collect(),
+            mode: None,
+            flows: 0,
+        }
+    }
+
     /// The table of service `id` as the data plane reads it (`ring_size` slots).
     pub fn table(&self, id: u32, ring_size: u32) -> Vec<u32> {
         (0..ring_size)

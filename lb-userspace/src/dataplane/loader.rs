@@ -594,8 +594,26 @@ impl Dataplane {
             path: source.clone(),
             why,
         };
+        let old_mode = match from {
+            Some(f) => open_pinned_array::<u64>(&f.join(names::META))
+                .and_then(|m| m.get(&META_XDP_MODE, 0).map_err(map_err(names::META)))
+                .unwrap_or(0),
+            None => self.maps.meta.get(&META_XDP_MODE, 0).unwrap_or(0),
+        };
+        let wanted = match mode {
+            XdpMode::Native => 1,
+            XdpMode::Generic => 2,
+            XdpMode::Auto => old_mode,
+        };
+        if source.exists() && old_mode != 0 && wanted != old_mode {
+            // A link cannot change its XDP mode: detach the old one, attach anew (a brief gap).
+            tracing::warn!(
+                "the XDP mode changes: detaching the old program before attaching in the new mode \
+                 (a brief gap in forwarding)"
+            );
+            std::fs::remove_file(&source).map_err(|e| pinned_err(e.to_string()))?;
+        }
         if source.exists() {
-            let old_mode = self.maps.meta.get(&META_XDP_MODE, 0).unwrap_or(0);
             let link = PinnedLink::from_pin(&source).map_err(|e| pinned_err(e.to_string()))?;
             let link =
                 XdpLink::try_from(FdLink::from(link)).map_err(|e| pinned_err(e.to_string()))?;
