@@ -851,6 +851,7 @@ fn loader_refuses_an_active_backend_without_mac() {
                 id: BackendId(id),
                 value: bad,
                 fresh: false,
+                meta: Default::default(),
             }],
             f.desired.ring_size,
         )

@@ -1258,7 +1258,7 @@ fn zero_downtime(mode: Mode) {
     assert_eq!(before.iter().sum::<usize>(), 200, "{before:?}");
     let retrans0 = retransmissions(&lab, &cl);
     let mut phases = Vec::new();
-    let mut mark = |streams: &mut Vec<lab::Spawned>, label: &str, phases: &mut Vec<String>| {
+    let mark = |streams: &mut Vec<lab::Spawned>, label: &str, phases: &mut Vec<String>| {
         for (k, s) in streams.iter_mut().enumerate() {
             use std::io::Write as _;
             let stdin = s.child.stdin.as_mut().expect("piped");
