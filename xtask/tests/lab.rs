@@ -1145,10 +1145,13 @@ fn control_socket_is_never_taken(mode: Mode) {
         .expect("the first lb is still reachable on its socket");
 
     let third = lab.dir.join("third.toml");
-    let text = lab.config(mode).replace(
-        &format!("socket = \"{}\"", lab.socket().display()),
-        &format!("socket = \"{}\"", third.display()),
-    );
+    let text = lab
+        .config(mode)
+        .replace(
+            &format!("socket = \"{}\"", lab.socket().display()),
+            &format!("socket = \"{}\"", third.display()),
+        )
+        .replace("/bpf/eth0", "/bpf/third");
     std::fs::write(&third, &text).unwrap();
     let err = lab
         .exec(
