@@ -983,6 +983,10 @@ fn gateway_backend_is_rejected(mode: Mode) {
         !lab.xdp_attached(&lab.lb_ns(), "eth0"),
         "nothing attached after the refusal"
     );
+    assert!(
+        !lab.pin_path().exists(),
+        "a refused start leaves nothing pinned"
+    );
 
     // On-link but nobody answers ARP: lb runs, reports the backend down with that reason, and
     // its service drops (no usable backend) instead of sending to a guessed MAC.

@@ -116,6 +116,10 @@ pub async fn serve(
         replaced = Some(old);
         existing = false;
     }
+    // Maps pinned by this start alone are removed again if it fails before attaching.
+    let mut fresh = FreshPins {
+        path: (!existing && replaced.is_none()).then(|| pin.clone()),
+    };
     let mut dp = Dataplane::load_pinned(dpc.ring_size, dpc.flow_table_size, &pin)?;
     if !existing {
         dp.write_meta(&dpc)?;
@@ -196,6 +200,7 @@ pub async fn serve(
     let (mode, took_over) =
         ctl.maps()
             .attach_pinned(&dpc.interface, dpc.xdp_mode, &pin, replaced.as_deref())?;
+    fresh.path = None;
     if let Some(old) = &replaced {
         match pin::remove(old) {
             Ok(_) => tracing::info!("--replace: removed the old maps at {}", old.display()),
@@ -255,6 +260,25 @@ pub async fn serve(
         print!("{}", crate::report::render(ctl.desired(), &s));
     }
     Ok(())
+}
+
+/// Pinned maps of a start that has not attached yet: removed if it fails.
+struct FreshPins {
+    path: Option<PathBuf>,
+}
+
+impl Drop for FreshPins {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            match pin::remove(&p) {
+                Ok(_) => tracing::info!(
+                    "start failed: removed the maps it had pinned at {}",
+                    p.display()
+                ),
+                Err(e) => tracing::warn!("start failed; removing {}: {e}", p.display()),
+            }
+        }
+    }
 }
 
 async fn event_loop(
