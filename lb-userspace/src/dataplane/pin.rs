@@ -5,7 +5,10 @@ use std::{
     ffi::CString,
     fs,
     io::{Read as _, Seek as _, Write as _},
-    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -163,8 +166,6 @@ impl Lock {
         Ok(Lock { _file: file, path })
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt as _;
 
 /// Removes the pinned link (the program detaches when no one else holds it) and every pinned
 /// map, then the directory. Returns what it removed.
