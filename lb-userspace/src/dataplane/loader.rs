@@ -613,14 +613,26 @@ impl Dataplane {
             );
             std::fs::remove_file(&source).map_err(|e| pinned_err(e.to_string()))?;
         }
+        let mut taken = None;
         if source.exists() {
             let link = PinnedLink::from_pin(&source).map_err(|e| pinned_err(e.to_string()))?;
             let link =
                 XdpLink::try_from(FdLink::from(link)).map_err(|e| pinned_err(e.to_string()))?;
-            let id = self
-                .program()
-                .attach_to_link(link)
-                .map_err(|e| pinned_err(format!("replacing the program (bpf_link_update): {e}")))?;
+            match self.program().attach_to_link(link) {
+                Ok(id) => taken = Some(id),
+                Err(e) => {
+                    // A link whose interface went away (deleted, recreated) cannot be updated:
+                    // it no longer attaches anything. Drop it and attach anew.
+                    tracing::warn!(
+                        "the pinned XDP link at {} cannot take the new program ({e}): its \
+                         interface was probably recreated; attaching anew",
+                        source.display()
+                    );
+                    std::fs::remove_file(&source).map_err(|e| pinned_err(e.to_string()))?;
+                }
+            }
+        }
+        if let Some(id) = taken {
             if source != link_path {
                 let link = self
                     .program()
