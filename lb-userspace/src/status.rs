@@ -33,6 +33,8 @@ pub struct Samples<'a> {
 /// Everything else the report shows about the process.
 pub struct Process<'a> {
     pub xdp_mode: &'a str,
+    /// Took over a pinned data plane.
+    pub adopted: bool,
     pub started: Instant,
     pub flow_entries: u64,
     pub flows_expired: u64,
@@ -119,6 +121,8 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
         uptime_seconds: p.started.elapsed().as_secs(),
         config: v.config_path.display().to_string(),
         state_file: v.cfg.control.state_file.display().to_string(),
+        pin_path: v.cfg.dataplane.pin_path.display().to_string(),
+        adopted: p.adopted,
         services,
         flow_entries: p.flow_entries,
         flows_expired: p.flows_expired,

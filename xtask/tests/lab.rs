@@ -1296,6 +1296,14 @@ fn zero_downtime(mode: Mode) {
         id1, id0,
         "the restart replaced the program (bpf_link_update)"
     );
+    let status: serde_json::Value =
+        serde_json::from_str(&lab.lb_cli(&lb(), &["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["adopted"], true, "{status}");
+    assert_eq!(
+        status["pin_path"].as_str(),
+        lab.pin_path().to_str(),
+        "{status}"
+    );
 
     // A second controller for the same interface is refused, naming the running one.
     let path = lab.dir.join("lb.toml");

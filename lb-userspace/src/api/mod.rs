@@ -101,6 +101,13 @@ pub struct Status {
     pub uptime_seconds: u64,
     pub config: String,
     pub state_file: String,
+    /// Where the data plane is pinned (`dataplane.pin_path`).
+    #[serde(default)]
+    pub pin_path: String,
+    /// This controller took over a pinned data plane (replacing its program in place) rather
+    /// than attaching a new one.
+    #[serde(default)]
+    pub adopted: bool,
     pub services: Vec<ServiceStatus>,
     /// Connection table entries at the last sweep.
     pub flow_entries: u64,

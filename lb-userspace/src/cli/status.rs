@@ -46,6 +46,18 @@ pub fn render(s: &api::Status) -> String {
         s.config,
         s.state_file
     );
+    if !s.pin_path.is_empty() {
+        let _ = writeln!(
+            o,
+            "data plane pinned at {}{}",
+            s.pin_path,
+            if s.adopted {
+                " (taken over from an earlier lb run: program replaced in place)"
+            } else {
+                ""
+            }
+        );
+    }
     for svc in &s.services {
         let t = &svc.traffic;
         let _ = writeln!(

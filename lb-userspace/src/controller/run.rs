@@ -242,7 +242,7 @@ pub async fn serve(
         &mut socket,
         &mut nrx,
         logger,
-        mode,
+        (mode, took_over),
         stats_interval,
     )
     .await;
@@ -287,7 +287,7 @@ async fn event_loop(
     socket: &mut ControlSocket,
     nrx: &mut mpsc::Receiver<NeighEvent>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    mode: AttachedMode,
+    mode: (AttachedMode, bool),
     stats_interval: u64,
 ) -> anyhow::Result<()> {
     let listener = socket
@@ -435,7 +435,7 @@ fn take_sample(ctl: &mut Ctl, samples: &mut [Option<(Instant, Snapshot)>; 2]) {
 fn status(
     ctl: &mut Ctl,
     samples: &mut [Option<(Instant, Snapshot)>; 2],
-    mode: AttachedMode,
+    (mode, adopted): (AttachedMode, bool),
     started: Instant,
     flows: (u64, u64),
 ) -> server::Reply {
@@ -458,6 +458,7 @@ fn status(
         },
         &crate::status::Process {
             xdp_mode: &mode,
+            adopted,
             started,
             flow_entries: flows.0,
             flows_expired: flows.1,
