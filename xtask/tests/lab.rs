@@ -309,6 +309,21 @@ fn lb() -> std::path::PathBuf {
     cmd::lb_binary()
 }
 
+/// Runs `lb run --config <path>` in the LB namespace, which must be refused; returns the error.
+fn refused_run(lab: &Lab, path: &Path, why: &str) -> String {
+    lab.exec(
+        &lab.lb_ns(),
+        &[
+            lb().to_str().unwrap(),
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+    )
+    .expect_err(why)
+    .to_string()
+}
+
 fn http(lab: &Lab, count: usize) -> xtask::labnet::Tally {
     let t = lab
         .clients(
@@ -963,18 +978,7 @@ fn gateway_backend_is_rejected(mode: Mode) {
     );
     let path = lab.dir.join("far.toml");
     std::fs::write(&path, config).unwrap();
-    let err = lab
-        .exec(
-            &lab.lb_ns(),
-            &[
-                lb().to_str().unwrap(),
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-            ],
-        )
-        .expect_err("a backend behind a gateway must be refused")
-        .to_string();
+    let err = refused_run(&lab, &path, "a backend behind a gateway must be refused");
     assert!(
         err.contains("service \"far\": backend \"10.98.0.5\": reached through gateway 10.99.0.21"),
         "{err}"
@@ -1128,18 +1132,11 @@ fn control_socket_is_never_taken(mode: Mode) {
             .replace("/bpf/eth0", "/bpf/lo"),
     )
     .unwrap();
-    let err = lab
-        .exec(
-            &lab.lb_ns(),
-            &[
-                lb().to_str().unwrap(),
-                "run",
-                "--config",
-                second.to_str().unwrap(),
-            ],
-        )
-        .expect_err("a second lb on the same socket must be refused")
-        .to_string();
+    let err = refused_run(
+        &lab,
+        &second,
+        "a second lb on the same socket must be refused",
+    );
     assert!(err.contains("another lb is already serving"), "{err}");
     assert!(
         !lab.xdp_attached(&lab.lb_ns(), "lo"),
@@ -1157,18 +1154,11 @@ fn control_socket_is_never_taken(mode: Mode) {
         )
         .replace("/bpf/eth0", "/bpf/third");
     std::fs::write(&third, &text).unwrap();
-    let err = lab
-        .exec(
-            &lab.lb_ns(),
-            &[
-                lb().to_str().unwrap(),
-                "run",
-                "--config",
-                third.to_str().unwrap(),
-            ],
-        )
-        .expect_err("a control.socket that is a regular file must be refused")
-        .to_string();
+    let err = refused_run(
+        &lab,
+        &third,
+        "a control.socket that is a regular file must be refused",
+    );
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(
         std::fs::read_to_string(&third).unwrap(),
@@ -1307,18 +1297,7 @@ fn zero_downtime(mode: Mode) {
 
     // A second controller for the same interface is refused, naming the running one.
     let path = lab.dir.join("lb.toml");
-    let err = lab
-        .exec(
-            &lab.lb_ns(),
-            &[
-                lb().to_str().unwrap(),
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-            ],
-        )
-        .expect_err("a second lb run must be refused")
-        .to_string();
+    let err = refused_run(&lab, &path, "a second lb run must be refused");
     assert!(err.contains("another lb run (pid "), "{err}");
 
     lab.kill_lb().expect("SIGKILL");
@@ -1394,18 +1373,11 @@ fn replace_migrates(mode: Mode) {
         .replace("flow_table_size = 65536", "flow_table_size = 131072");
     let path = lab.dir.join("lb.toml");
     std::fs::write(&path, &bigger).unwrap();
-    let err = lab
-        .exec(
-            &lab.lb_ns(),
-            &[
-                lb().to_str().unwrap(),
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-            ],
-        )
-        .expect_err("a changed flow_table_size must be refused without --replace")
-        .to_string();
+    let err = refused_run(
+        &lab,
+        &path,
+        "a changed flow_table_size must be refused without --replace",
+    );
     assert!(
         err.contains("flow_table_size 65536, the config says 131072") && err.contains("--replace"),
         "{err}"

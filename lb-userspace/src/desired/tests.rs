@@ -21,16 +21,7 @@ fn build_err(cfg: &Config) -> StateError {
 }
 
 fn try_build(cfg: &Config) -> Result<DesiredState, StateError> {
-    let a = Ids::default().sync(cfg);
-    let inputs = inputs(cfg, &a, |_, _, b| {
-        (
-            Override::default(),
-            HealthInput::Unchecked,
-            b.mac
-                .map_or(MacInput::Unresolved("no mac".into()), MacInput::Config),
-        )
-    });
-    DesiredState::next(&inputs, &cfg.dataplane, &Fake, None)
+    DesiredState::from_config(cfg, &Fake)
 }
 
 struct Fake;
