@@ -1023,33 +1023,26 @@ fn unresolved_backend_stays_out(mode: Mode) {
         lab.socket().display()
     );
     lab.start_lb(&lb(), &config).expect("lb run");
-    let ghost = |lab: &Lab| show(lab, "web", "10.99.0.22");
-    let s = ghost(&lab);
-    assert_eq!(
-        (
-            s["state"].as_str(),
-            s["mac"].as_str(),
-            s["effective_weight"].as_str()
-        ),
-        ("down", "unresolved", "0"),
-        "at start: {s:?}"
-    );
+    let stays_out = |lab: &Lab, when: &str| {
+        let s = show(lab, "web", "10.99.0.22");
+        assert_eq!(
+            (
+                s["state"].as_str(),
+                s["mac"].as_str(),
+                s["effective_weight"].as_str()
+            ),
+            ("down", "unresolved", "0"),
+            "{when}: {s:?}"
+        );
+    };
+    stays_out(&lab, "at start");
     let cap = lab
         .capture(&lab.sw(), "lb", "ether dst 00:00:00:00:00:00")
         .expect("tcpdump");
     // Every path that rebuilds the desired state: an admin change, a reload (SIGHUP and API).
     lab.lb_cli(&lb(), &["backend", "weight", "web", "10.99.0.21", "200"])
         .expect("weight");
-    let s = ghost(&lab);
-    assert_eq!(
-        (
-            s["state"].as_str(),
-            s["mac"].as_str(),
-            s["effective_weight"].as_str()
-        ),
-        ("down", "unresolved", "0"),
-        "after `lb backend weight` of the other backend: {s:?}"
-    );
+    stays_out(&lab, "after `lb backend weight` of the other backend");
     let t = http(&lab, 40);
     assert_eq!(t.total(), 40, "{t:?}");
     lab.reload(&config).expect("SIGHUP reload");
@@ -1058,16 +1051,7 @@ fn unresolved_backend_stays_out(mode: Mode) {
         .expect("drain");
     lab.lb_cli(&lb(), &["backend", "enable", "web", "10.99.0.22"])
         .expect("enable");
-    let s = ghost(&lab);
-    assert_eq!(
-        (
-            s["state"].as_str(),
-            s["mac"].as_str(),
-            s["effective_weight"].as_str()
-        ),
-        ("down", "unresolved", "0"),
-        "after reloads and admin changes: {s:?}"
-    );
+    stays_out(&lab, "after reloads and admin changes");
     let t = http(&lab, 40);
     assert_eq!(t.total(), 40, "{t:?}");
     let zero: Vec<String> = cap

@@ -73,8 +73,6 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
     probes: BTreeMap<IpAddr, (Instant, Duration)>,
     /// Weight overrides the config overruled, for `lb status`.
     weight_notes: BTreeMap<BackendId, String>,
-    /// Map writes since start (table slots included).
-    pub map_writes: usize,
 }
 
 impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
@@ -110,7 +108,6 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             routes: Routes::new(),
             probes: BTreeMap::new(),
             weight_notes: BTreeMap::new(),
-            map_writes: 0,
         };
         c.resolver = resolver;
         if let Some(a) = adopted {
@@ -278,7 +275,6 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
         let r = self.maps.apply_ops(&ops, next.ring_size);
         self.desired = next;
-        self.map_writes += summary.map_writes;
         r.map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -478,13 +474,6 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// A neighbour table or route change from the kernel.
     pub fn on_neighbour(&mut self, ev: NeighEvent) {
         let received = Instant::now();
-        let before: BTreeMap<BackendId, MacInput> = self
-            .desired
-            .backend_info
-            .iter()
-            .filter(|(id, _)| self.routes.contains_key(id))
-            .map(|(id, i)| (*id, i.mac.clone()))
-            .collect();
         let was = match &ev {
             NeighEvent::New { ifindex, addr, .. } | NeighEvent::Del { ifindex, addr } => {
                 Some(self.resolver.resolve(*ifindex, *addr))
@@ -527,6 +516,14 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         if matches!(ev, NeighEvent::Resync) {
             return; // the dump follows; applied entry by entry, then `Synced`
         }
+        // The desired state changes only here: what it said before is the "before" of the log.
+        let before: BTreeMap<BackendId, MacInput> = self
+            .desired
+            .backend_info
+            .iter()
+            .filter(|(id, _)| self.routes.contains_key(id))
+            .map(|(id, i)| (*id, i.mac.clone()))
+            .collect();
         self.refresh("neighbour");
         let took = received.elapsed();
         for (id, was) in before {

@@ -405,19 +405,6 @@ impl Dataplane {
         Ok(attached)
     }
 
-    /// Detaches from the interface (also happens when the `Dataplane` is dropped).
-    pub fn detach(&mut self) -> Result<()> {
-        if let Some((id, _)) = self.link.take() {
-            self.program()
-                .detach(id)
-                .map_err(|source| LoaderError::Program {
-                    name: names::PROGRAM,
-                    source: Box::new(source),
-                })?;
-        }
-        Ok(())
-    }
-
     /// Writes `desired` into empty maps.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<()> {
         let (ops, _) = diff(None, desired);
