@@ -17,13 +17,15 @@ pub const BACKENDS: &str = "LB_BACKENDS";
 pub const FLOWS: &str = "LB_FLOWS";
 /// Egress interfaces for backends behind another interface (devmap, XDP_REDIRECT).
 pub const TX_PORTS: &str = "LB_TX_PORTS";
-/// Active connections per backend id, per CPU (`u64`, wrapping): +1 for a counted new flow,
-/// −1 (wrapping add of `u64::MAX`) when its client sends FIN/RST or it moves to another backend.
+/// Active connections per backend id, one counter shared by all CPUs (`u64`, wrapping, atomic
+/// adds): +1 for a counted new flow, −1 (wrapping add of `u64::MAX`) when its client sends
+/// FIN/RST or it moves to another backend.
 pub const BACKEND_CONNS: &str = "LB_BE_CONNS";
-/// Counted flows the controller expired (idle) per backend id, per CPU (written by the
-/// controller only). Active connections = Σcpu (`LB_BE_CONNS` − `LB_BE_EXPIRED`).
+/// Counted flows the controller expired (idle) per backend id (`u64`, written by the
+/// controller only). Active connections = `LB_BE_CONNS` − `LB_BE_EXPIRED`.
 pub const BACKEND_EXPIRED: &str = "LB_BE_EXPIRED";
-/// Round-robin cursor per service id, per CPU (`u64`): rr/wrr walk their sequence with it.
+/// Round-robin cursor per service id, shared by all CPUs (`u64`, atomic fetch-and-add): rr/wrr
+/// walk their sequence with it.
 pub const RR_CURSOR: &str = "LB_RR_CURSOR";
 /// Global counters by [`crate::stats::Stat`] index (per-CPU array of `u64`).
 pub const STATS: &str = "LB_STATS";

@@ -9,8 +9,8 @@ use crate::{FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowValue};
 
 /// Active connections from the two counters: flows opened (minus those closed by the client,
 /// stored as wrapping `u64::MAX` decrements) and flows the controller expired. Both are
-/// wrapping sums (over CPUs, or of one CPU's share); a negative difference (a share whose
-/// closes happened elsewhere) counts as 0.
+/// wrapping sums; a negative difference (a close counted twice, see lb-ebpf's select.rs)
+/// counts as 0.
 #[inline(always)]
 pub fn active_connections(opened: u64, expired: u64) -> u64 {
     let a = opened.wrapping_sub(expired) as i64;
@@ -27,9 +27,8 @@ pub const WLC_MAX_ACTIVE: u64 = u32::MAX as u64;
 /// best yet", `(u64::MAX, 1)`, loses to every real count). Weights are at most `u32::MAX`
 /// (they come from `u32` fields), so the products fit a `u64` exactly.
 ///
-/// A weight of 0 never wins, and ties keep the current best (the earlier backend): callers test
-/// `weight_a != 0 && wlc_less(..)` (the data plane keeps that test outside, in the shape the
-/// verifier accepts for its unrolled scan).
+/// A weight of 0 never wins, and ties keep the current best (the earlier backend): callers skip
+/// weight-0 backends before comparing.
 #[inline(always)]
 pub fn wlc_less(active_a: u64, weight_a: u64, active_b: u64, weight_b: u64) -> bool {
     clamp_active(active_a) * weight_b < active_b.min(WLC_MAX_ACTIVE + 1) * weight_a
@@ -73,9 +72,9 @@ mod tests {
     fn active_is_opened_minus_expired_never_negative() {
         assert_eq!(active_connections(5, 2), 3);
         assert_eq!(active_connections(2, 5), 0);
-        // A close on another CPU: this CPU's share wrapped below zero.
+        // More closes than opens (a close counted twice): never negative.
         assert_eq!(active_connections(u64::MAX, 0), 0);
-        // Sums over CPUs wrap back: +3 on one, −1 on another.
+        // Wrapping decrements: +3, then −1.
         assert_eq!(active_connections(3u64.wrapping_add(u64::MAX), 0), 2);
     }
 

@@ -73,16 +73,12 @@ pub const SCHED_MAGLEV: u32 = 0;
 /// Source hashing: the same weighted Maglev table, on a hash of the source address only.
 pub const SCHED_SH: u32 = 1;
 /// (Weighted) round robin: the table's first `ring_len` slots hold a smooth weighted sequence
-/// that a per-CPU cursor walks.
+/// that one cursor per service, shared by all CPUs, walks.
 pub const SCHED_WRR: u32 = 2;
 /// Least connections: the table's first `ring_len` slots list the backends taking new flows.
 pub const SCHED_LC: u32 = 3;
 /// Weighted least connections (`conns_i·w_j < conns_j·w_i`), same table shape as LC.
 pub const SCHED_WLC: u32 = 4;
-/// Most backends an lc/wlc service may have: the data plane scans them for every new flow, and
-/// the verifier accepts the scan up to about this bound (64 exceeds its 1M-instruction limit).
-pub const MAX_LC_BACKENDS: u32 = 32;
-
 /// What the data plane knows of a service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -189,7 +185,9 @@ pub const META_LEN: u32 = 8;
 
 /// Version of the maps' layout (names, key and value types, meanings). A controller adopts
 /// pinned maps only of its own layout; bump it with every change of a shared type or map.
-pub const LAYOUT_VERSION: u64 = 1;
+///
+/// 2: `LB_BE_CONNS`, `LB_BE_EXPIRED` and `LB_RR_CURSOR` are shared arrays (were per CPU).
+pub const LAYOUT_VERSION: u64 = 2;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
 #[repr(C)]

@@ -6,7 +6,14 @@
 //! and every pass/drop reason is counted (see `lb_common::stats::Stat`).
 #![no_std]
 #![no_main]
+// Atomic fetch-and-add on shared map values (see atomic.rs); RUSTC_BOOTSTRAP=lb_ebpf allows it.
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "core::intrinsics::atomic_xadd, see atomic.rs"
+)]
 
+mod atomic;
 mod bounds;
 mod maps;
 mod parse;

@@ -52,17 +52,19 @@ pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Active connections per backend, per CPU (see lb_common::names).
+/// Active connections per backend, one counter shared by all CPUs: +1 on a counted new flow,
+/// −1 (wrapping add of `u64::MAX`) on the client's FIN/RST or a move, atomically.
 #[map]
-pub static LB_BE_CONNS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static LB_BE_CONNS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Counted flows expired by the controller per backend, per CPU (controller writes only).
+/// Counted flows the controller expired, per backend (controller writes only; active =
+/// `LB_BE_CONNS − LB_BE_EXPIRED`).
 #[map]
-pub static LB_BE_EXPIRED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static LB_BE_EXPIRED: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Round-robin cursor per service, per CPU.
+/// Round-robin cursor per service, shared by all CPUs (atomic fetch-and-add).
 #[map]
-pub static LB_RR_CURSOR: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static LB_RR_CURSOR: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
 
 /// Egress interfaces for backends behind another interface.
 #[map]

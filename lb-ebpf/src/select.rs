@@ -1,24 +1,27 @@
 //! Backend selection: connection table first, the service's scheduler for new flows; and the
 //! active-connection accounting that goes with it.
 //!
-//! Across CPUs: maglev and sh are stateless (exact); rr/wrr walk their sequence with a per-CPU
-//! cursor (each CPU exact, interleaving approximate across CPUs); lc/wlc compare this CPU's
-//! connection counts (exact on one CPU; with several CPUs each balances its own share, and RSS
-//! spreads flows evenly). Shared counters would need atomics this BPF target lacks.
+//! Exact on every CPU: maglev and sh are stateless; rr/wrr take their position in the sequence
+//! from one cursor per service shared by all CPUs (atomic fetch-and-add); lc/wlc compare the
+//! shared active-connection counters (atomic add/sub), scanning the service's whole list with
+//! `bpf_loop` (no backend cap). Only the statistics stay per CPU.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, generated::bpf_loop},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, MAX_LC_BACKENDS,
-    NO_BACKEND, PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceValue,
+    BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, NO_BACKEND,
+    PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceValue,
     hash::{flow_hash, source_hash},
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
 };
 
 use crate::{
+    atomic,
     maps::{
         LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_RING, LB_RING_SIZE, LB_RR_CURSOR,
     },
@@ -61,7 +64,9 @@ pub fn backend_for_flow(
             && b.generation == generation
         {
             if closing && counted_and_open(flow) {
-                // A flow's packets arrive on one CPU (RSS), so no other CPU closes it meanwhile.
+                // Two CPUs may both see a FIN of this flow (generic mode, RSS changes) and
+                // both subtract: the count is then one low until the controller's next sweep
+                // (idle expiry skips flows already closed). Rare, and never negative (clamped).
                 flow.flags |= FLOW_F_CLOSED;
                 add_conns(id, u64::MAX); // −1
                 flow.last_seen_ns = now;
@@ -104,13 +109,12 @@ pub fn backend_for_flow(
     Some((id, b))
 }
 
-/// Adds `delta` (wrapping: `u64::MAX` is −1) to this CPU's active-connection counter of a
-/// backend. The sum over CPUs is exact; one CPU's value is its own share.
+/// Adds `delta` (wrapping: `u64::MAX` is −1) to a backend's shared active-connection counter.
 #[inline(always)]
 fn add_conns(id: u32, delta: u64) {
     if let Some(p) = LB_BE_CONNS.get_ptr_mut(id) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *p = (*p).wrapping_add(delta) };
+        // SAFETY: a valid, aligned map value; all CPUs update it with atomic adds only.
+        unsafe { atomic::add(p, delta) };
     }
 }
 
@@ -139,12 +143,9 @@ fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
                 return None;
             }
             let cursor = LB_RR_CURSOR.get_ptr_mut(svc.id)?;
-            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-            let c = unsafe {
-                let c = *cursor;
-                *cursor = c.wrapping_add(1);
-                c
-            };
+            // SAFETY: a valid, aligned map value; every CPU takes its position with one atomic
+            // fetch-and-add, so the service's new flows walk the sequence in one global order.
+            let c = unsafe { atomic::fetch_add(cursor, 1) };
             ring_slot(svc.id, ring_size, (c % n as u64) as u32)
         }
         SCHED_LC => least_connections(svc, ring_size, false),
@@ -159,51 +160,85 @@ fn ring_slot(service_id: u32, ring_size: u32, slot: u32) -> Option<u32> {
     if id == NO_BACKEND { None } else { Some(id) }
 }
 
-/// Fewest active connections on this CPU (lc), or fewest per weight (wlc: `a_i·w_j < a_j·w_i`,
-/// no division), over the backends listed in the service's table. Ties go to the earlier one.
-///
-/// Written for the verifier: every iteration runs (no early exit), a slot that cannot win just
-/// does not update the best, so the loop has a single way out.
-#[inline(always)]
-fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Option<u32> {
-    let n = svc.ring_len;
-    let base = svc.id.wrapping_mul(ring_size);
-    let mut best = NO_BACKEND;
-    let (mut best_active, mut best_weight) = (u64::MAX, 1u64);
-    for i in 0..MAX_LC_BACKENDS {
-        let id = if i < n {
-            LB_RING
-                .get(base.wrapping_add(i))
-                .copied()
-                .unwrap_or(NO_BACKEND)
-        } else {
-            NO_BACKEND
-        };
-        let weight = match LB_BACKENDS.get(id) {
-            Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => b.weight as u64,
-            _ => 0,
-        };
-        // Clamped to 32 bits so that products with a 16-bit weight fit u64 exactly (BPF has no
-        // 128-bit multiply).
-        // Clamped so products with a weight fit u64 exactly (BPF has no 128-bit multiply).
-        let active = clamp_active(local_active(id));
-        let better = if weighted {
-            wlc_less(active, weight, best_active, best_weight)
-        } else {
-            active < best_active
-        };
-        if weight != 0 && better {
-            best = id;
-            best_active = active;
-            best_weight = weight;
-        }
-    }
-    if best == NO_BACKEND { None } else { Some(best) }
+/// The scan's state, on the caller's stack; `bpf_loop` hands a pointer to it to [`lc_step`].
+#[repr(C)]
+struct LcScan {
+    base: u32,
+    weighted: u32,
+    best: u32,
+    _pad: u32,
+    best_active: u64,
+    best_weight: u64,
 }
 
-/// This CPU's active connections of a backend (its share; the controller sums all CPUs).
+/// Fewest active connections (lc), or fewest per weight (wlc: `a_i·w_j < a_j·w_i`, no
+/// division), over the `ring_len` backends listed at the start of the service's table. Ties go
+/// to the earlier one. The counters are the shared totals, so every CPU compares the same
+/// numbers.
+///
+/// One `bpf_loop` call: the verifier checks [`lc_step`] once, whatever the number of backends
+/// (up to the ring's `ring_size / 10`, as for Maglev).
 #[inline(always)]
-fn local_active(id: u32) -> u64 {
+fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Option<u32> {
+    let mut scan = LcScan {
+        base: svc.id.wrapping_mul(ring_size),
+        weighted: weighted as u32,
+        best: NO_BACKEND,
+        _pad: 0,
+        best_active: u64::MAX,
+        best_weight: 1,
+    };
+    // SAFETY: `lc_step` has the callback signature bpf_loop expects; `scan` outlives the call
+    // (bpf_loop returns after the last iteration) and only `lc_step` touches it meanwhile.
+    unsafe {
+        bpf_loop(
+            svc.ring_len,
+            lc_step as *mut c_void,
+            &mut scan as *mut LcScan as *mut c_void,
+            0,
+        );
+    }
+    if scan.best == NO_BACKEND {
+        None
+    } else {
+        Some(scan.best)
+    }
+}
+
+/// One step of [`least_connections`]: the `i`th listed backend against the best so far.
+/// Returns 0 (continue).
+#[inline(never)]
+extern "C" fn lc_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `LcScan` that `least_connections` passed to bpf_loop.
+    let scan = unsafe { &mut *(ctx as *mut LcScan) };
+    let Some(id) = LB_RING.get(scan.base.wrapping_add(i as u32)).copied() else {
+        return 0;
+    };
+    let weight = match LB_BACKENDS.get(id) {
+        Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => b.weight as u64,
+        _ => return 0,
+    };
+    if weight == 0 {
+        return 0;
+    }
+    // Clamped so products with a weight fit u64 exactly (BPF has no 128-bit multiply).
+    let active = clamp_active(shared_active(id));
+    let better = if scan.weighted != 0 {
+        wlc_less(active, weight, scan.best_active, scan.best_weight)
+    } else {
+        active < scan.best_active
+    };
+    if better {
+        scan.best = id;
+        scan.best_active = active;
+        scan.best_weight = weight;
+    }
+    0
+}
+
+/// A backend's active connections: opened (shared counter) minus expired by the controller.
+#[inline(always)]
+fn shared_active(id: u32) -> u64 {
     let opened = LB_BE_CONNS.get(id).copied().unwrap_or(0);
     let expired = LB_BE_EXPIRED.get(id).copied().unwrap_or(0);
     active_connections(opened, expired)

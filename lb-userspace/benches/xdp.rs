@@ -130,6 +130,8 @@ fn main() {
     let new_flow = median(rounds_new);
     let base1 = median(rounds_base1);
 
+    let sched_rows = schedulers();
+
     let len = est.len();
     println!("lb_xdp per packet, BPF_PROG_TEST_RUN, {len}-byte TCP SYN, median of {ROUNDS} rounds");
     println!("{:<44} {:>9} {:>10}", "case", "ns/pkt", "× baseline");
@@ -178,7 +180,10 @@ fn main() {
         ),
     ];
     let mut json = Vec::new();
-    for (label, key, ns, b, iters) in rows {
+    let sched_rows = sched_rows
+        .iter()
+        .map(|(label, key, ns, b, n)| (label.as_str(), key.as_str(), *ns, *b, *n));
+    for (label, key, ns, b, iters) in rows.into_iter().chain(sched_rows) {
         println!("{label:<44} {ns:>9.1} {:>10.2}", ns / b);
         json.push(serde_json::json!({
             "case": key, "ns_per_packet": ns, "baseline_ns": b, "ratio": ns / b, "iterations": iters,
@@ -201,4 +206,102 @@ fn main() {
     let path = dir.join("xdp.json");
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).expect("write result");
     println!("results: {}", path.canonicalize().unwrap_or(path).display());
+}
+
+/// New flows per scheduler (rr, wrr, lc/wlc scans of growing services, maglev), one call per
+/// packet, on one CPU and with two CPUs inserting at once (each thread pinned to its CPU, half of
+/// the packets each; the figure is the mean ns per call over both). Rows are
+/// (label, key, ns/packet, baseline ns/packet, packets). A service size the config refuses is
+/// reported and skipped.
+fn schedulers() -> Vec<(String, String, f64, f64, usize)> {
+    const FLOWS: usize = 20_000;
+    let mut rows = Vec::new();
+    let cases: &[(&str, usize)] = &[
+        ("maglev", 10),
+        ("rr", 10),
+        ("wrr", 10),
+        ("wlc", 10),
+        ("wlc", 32),
+        ("wlc", 100),
+        ("wlc", 1000),
+    ];
+    for (sched, n) in cases {
+        let weights: Vec<u16> = (0..*n).map(|i| 100 + (i % 3) as u16 * 100).collect();
+        let toml = sched_config(sched, &weights);
+        let cfg = lb_userspace::config::Config::parse(&toml, std::path::Path::new("bench.toml"));
+        if let Err(e) = cfg {
+            println!("{sched} with {n} backends: refused by the config ({e})");
+            continue;
+        }
+        let mut f = Fixture::new(&toml);
+        let mut one = Vec::new();
+        let mut two = Vec::new();
+        let mut base = Vec::new();
+        for round in 0..ROUNDS {
+            let pkts: Vec<Vec<u8>> = (0..FLOWS)
+                .map(|i| {
+                    let src = Ipv4Addr::new(10, 100 + 2 * round as u8, (i >> 8) as u8, i as u8);
+                    syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
+                })
+                .collect();
+            let before = f.snapshot().get(Stat::FlowNew);
+            one.push(one_per_call(&mut f, "lb_xdp", &pkts, XDP_TX));
+            base.push(one_per_call(&mut f, "lb_baseline_tx", &pkts, XDP_TX));
+            let pkts2: Vec<Vec<u8>> = (0..FLOWS)
+                .map(|i| {
+                    let src = Ipv4Addr::new(10, 101 + 2 * round as u8, (i >> 8) as u8, i as u8);
+                    syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
+                })
+                .collect();
+            two.push(two_cpus(&mut f, &pkts2));
+            let delta = f.snapshot().get(Stat::FlowNew) - before;
+            assert_eq!(
+                delta,
+                2 * FLOWS as u64,
+                "{sched}: every call must be a new flow"
+            );
+        }
+        pin_to_cpu0();
+        let b = median(base);
+        rows.push((
+            format!("new flow, {sched} over {n} backends, 1 CPU"),
+            format!("new_flow_{sched}_{n}"),
+            median(one),
+            b,
+            FLOWS,
+        ));
+        rows.push((
+            format!("new flow, {sched} over {n}, 2 CPUs at once"),
+            format!("new_flow_{sched}_{n}_2cpu"),
+            median(two),
+            b,
+            FLOWS,
+        ));
+    }
+    rows
+}
+
+/// Mean ns per call with the packets split over two threads pinned to CPUs 0 and 1.
+fn two_cpus(f: &mut Fixture, pkts: &[Vec<u8>]) -> f64 {
+    let prog: &Xdp = f.dp.program();
+    let (a, b) = pkts.split_at(pkts.len() / 2);
+    let ns: Vec<f64> = std::thread::scope(|s| {
+        let h: Vec<_> = [(0usize, a), (1usize, b)]
+            .into_iter()
+            .map(|(cpu, part)| {
+                s.spawn(move || {
+                    pin_to_cpu(cpu % cpus());
+                    let mut total = 0u128;
+                    for p in part {
+                        let (v, d) = run(prog, p, 1);
+                        assert_eq!(v, XDP_TX, "verdict");
+                        total += d.as_nanos();
+                    }
+                    total as f64 / part.len() as f64
+                })
+            })
+            .collect();
+        h.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    ns.iter().sum::<f64>() / ns.len() as f64
 }

@@ -636,19 +636,6 @@ impl Validator {
             }
             backends.push(b);
         }
-        if matches!(scheduler, Scheduler::Lc | Scheduler::Wlc)
-            && backends.len() > lb_common::MAX_LC_BACKENDS as usize
-        {
-            return Err(self.err(
-                format!("{loc}: backend"),
-                format!(
-                    "{} backends; scheduler {} scans them for every new flow and takes at most {}",
-                    backends.len(),
-                    scheduler.name(),
-                    lb_common::MAX_LC_BACKENDS
-                ),
-            ));
-        }
         if backends.len() as u64 > dp.ring_size as u64 / 10 {
             return Err(self.err(
                 format!("{loc}: backend"),

@@ -196,8 +196,8 @@ struct Handles {
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
-    backend_conns: PerCpuArray<MapData, u64>,
-    backend_expired: PerCpuArray<MapData, u64>,
+    backend_conns: Array<MapData, u64>,
+    backend_expired: Array<MapData, u64>,
 }
 
 impl Handles {
@@ -489,7 +489,8 @@ impl Dataplane {
         let layout = open_pinned_array::<u64>(&old.join(names::META))
             .and_then(|m| m.get(&META_LAYOUT, 0).map_err(map_err(names::META)))
             .unwrap_or(0);
-        if layout != LAYOUT_VERSION {
+        // Layout 1 differs only in the active-connection counters (per CPU there, summed here).
+        if layout != LAYOUT_VERSION && layout != 1 {
             report.push(format!(
                 "nothing migrated: the old maps have layout {layout}, this lb {LAYOUT_VERSION} \
                  (established flows are scheduled again)"
@@ -516,8 +517,8 @@ impl Dataplane {
         ));
         let old_meta = open_pinned_array::<BackendMeta>(&old.join(names::BACKEND_META))?;
         let old_backends = open_pinned_array::<Backend>(&old.join(names::BACKENDS))?;
-        let conns = open_pinned_per_cpu::<u64>(&old.join(names::BACKEND_CONNS))?;
-        let expired = open_pinned_per_cpu::<u64>(&old.join(names::BACKEND_EXPIRED))?;
+        let conns = OldCounter::open(&old.join(names::BACKEND_CONNS), layout)?;
+        let expired = OldCounter::open(&old.join(names::BACKEND_EXPIRED), layout)?;
         let mut n = 0;
         for id in 0..MAX_BACKENDS {
             let meta = old_meta.get(&id, 0).map_err(map_err(names::BACKEND_META))?;
@@ -530,14 +531,12 @@ impl Dataplane {
                 .set(id, meta, 0)
                 .map_err(map_err(names::BACKEND_META))?;
             self.set_backend(id, &b)?;
-            let c = conns.get(&id, 0).map_err(map_err(names::BACKEND_CONNS))?;
+            let c = conns.get(id, names::BACKEND_CONNS)?;
             self.maps
                 .backend_conns
                 .set(id, c, 0)
                 .map_err(map_err(names::BACKEND_CONNS))?;
-            let e = expired
-                .get(&id, 0)
-                .map_err(map_err(names::BACKEND_EXPIRED))?;
+            let e = expired.get(id, names::BACKEND_EXPIRED)?;
             self.maps
                 .backend_expired
                 .set(id, e, 0)
@@ -672,13 +671,21 @@ impl Dataplane {
         Ok(self.maps.flows.keys().filter(|k| k.is_ok()).count())
     }
 
-    /// Active connections of backends `ids`: Σcpu `LB_BE_CONNS` − Σcpu `LB_BE_EXPIRED`; ids with
+    /// Active connections of backends `ids`: `LB_BE_CONNS` − `LB_BE_EXPIRED`; ids with
     /// none are left out.
     pub fn active_connections(&mut self, ids: &[u32]) -> Result<BTreeMap<u32, u64>> {
         let mut out = BTreeMap::new();
         for id in ids {
-            let opened = per_cpu_sum(&self.maps.backend_conns, names::BACKEND_CONNS, *id)?;
-            let expired = per_cpu_sum(&self.maps.backend_expired, names::BACKEND_EXPIRED, *id)?;
+            let opened = self
+                .maps
+                .backend_conns
+                .get(id, 0)
+                .map_err(map_err(names::BACKEND_CONNS))?;
+            let expired = self
+                .maps
+                .backend_expired
+                .get(id, 0)
+                .map_err(map_err(names::BACKEND_EXPIRED))?;
             let n = active_connections(opened, expired);
             if n > 0 {
                 out.insert(*id, n);
@@ -687,8 +694,9 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Deletes flows idle longer than their timeout; counted ones still open are added to
-    /// `LB_BE_EXPIRED` on the CPU that counted them. `now_ns` is CLOCK_MONOTONIC_COARSE.
+    /// Deletes flows idle longer than their timeout; counted ones still open are added to their
+    /// backend's `LB_BE_EXPIRED` (the controller is its only writer). `now_ns` is
+    /// CLOCK_MONOTONIC_COARSE.
     pub fn sweep(&mut self, now_ns: u64, timeouts: &crate::config::Timeouts) -> Result<SweepStats> {
         use lb_common::{FLOW_F_CLOSED, PROTO_TCP};
         let idle_limit = |k: &FlowKey, v: &FlowValue| -> u64 {
@@ -709,7 +717,7 @@ impl Dataplane {
                 candidates.push((k, v));
             }
         }
-        let mut expired: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
         for (k, v) in candidates {
             // Re-read: a packet since the scan makes it live again (the window left is a
             // packet arriving between this read and the delete).
@@ -720,25 +728,14 @@ impl Dataplane {
             if self.maps.flows.remove(&k).is_ok() {
                 stats.expired += 1;
                 if counted_and_open(&v) {
-                    *expired.entry((v.backend, v.cpu)).or_default() += 1;
+                    *expired.entry(v.backend).or_default() += 1;
                 }
             }
         }
-        let mut by_backend: BTreeMap<u32, Vec<(u32, u64)>> = BTreeMap::new();
-        for ((b, cpu), n) in expired {
-            by_backend.entry(b).or_default().push((cpu, n));
-        }
-        for (b, adds) in by_backend {
+        for (b, n) in expired {
             let map = &mut self.maps.backend_expired;
             let cur = map.get(&b, 0).map_err(map_err(names::BACKEND_EXPIRED))?;
-            let mut vals: Vec<u64> = cur.iter().copied().collect();
-            for (cpu, n) in adds {
-                if let Some(slot) = vals.get_mut(cpu as usize) {
-                    *slot = slot.wrapping_add(n);
-                }
-            }
-            let vals = per_cpu_values(vals, names::BACKEND_EXPIRED)?;
-            map.set(b, vals, 0)
+            map.set(b, cur.wrapping_add(n), 0)
                 .map_err(map_err(names::BACKEND_EXPIRED))?;
         }
         Ok(stats)
@@ -754,8 +751,7 @@ impl Dataplane {
             (&mut m.backend_conns, names::BACKEND_CONNS),
             (&mut m.backend_expired, names::BACKEND_EXPIRED),
         ] {
-            map.set(id, per_cpu_values(vec![0u64; n], name)?, 0)
-                .map_err(map_err(name))?;
+            map.set(id, 0, 0).map_err(map_err(name))?;
         }
         let zeros = per_cpu_values(vec![Counters::default(); n], names::BACKEND_STATS)?;
         m.backend_stats
@@ -887,10 +883,30 @@ impl Maps for Dataplane {
     }
 }
 
-/// The wrapping sum over CPUs of a per-CPU `u64` array slot.
-fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, name: &'static str, id: u32) -> Result<u64> {
-    let v = map.get(&id, 0).map_err(map_err(name))?;
-    Ok(v.iter().fold(0u64, |a, x| a.wrapping_add(*x)))
+/// A counter array of pinned maps being migrated: per CPU in layout 1 (summed), shared since.
+enum OldCounter {
+    PerCpu(PerCpuArray<MapData, u64>),
+    Shared(Array<MapData, u64>),
+}
+
+impl OldCounter {
+    fn open(path: &Path, layout: u64) -> Result<OldCounter> {
+        if layout == 1 {
+            open_pinned_per_cpu(path).map(OldCounter::PerCpu)
+        } else {
+            open_pinned_array(path).map(OldCounter::Shared)
+        }
+    }
+
+    fn get(&self, id: u32, name: &'static str) -> Result<u64> {
+        match self {
+            OldCounter::PerCpu(m) => {
+                let v = m.get(&id, 0).map_err(map_err(name))?;
+                Ok(v.iter().fold(0u64, |a, x| a.wrapping_add(*x)))
+            }
+            OldCounter::Shared(m) => m.get(&id, 0).map_err(map_err(name)),
+        }
+    }
 }
 
 fn per_cpu_values<T: aya::Pod>(

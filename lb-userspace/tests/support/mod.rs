@@ -164,20 +164,30 @@ impl Interfaces for FakeInterfaces {
     }
 }
 
-/// BPF_PROG_TEST_RUN runs on the calling thread's CPU; per-CPU state (rr cursors, lc counts)
-/// is only predictable when every run of a test uses the same CPU.
+/// BPF_PROG_TEST_RUN runs on the calling thread's CPU; per-CPU counters are only predictable
+/// when every run of a test uses the same CPU.
 pub fn pin_to_cpu0() {
+    pin_to_cpu(0);
+}
+
+/// Pins the calling thread to `cpu` (BPF_PROG_TEST_RUN then runs the program there).
+pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; sched_setaffinity(0, ..)
     // applies to the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
             0,
-            "pin to CPU 0"
+            "pin to CPU {cpu}"
         );
     }
+}
+
+/// Number of CPUs this process may run on.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 pub fn require_root() {
@@ -460,13 +470,25 @@ pub fn sched_config(scheduler: &str, weights: &[u16]) -> String {
         "[dataplane]\ninterface = \"lbtest0\"\n\n[[service]]\nname = \"s\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"{scheduler}\"\n"
     );
     for (i, w) in weights.iter().enumerate() {
-        s += &format!(
-            "[[service.backend]]\naddress = \"10.99.0.{}\"\nmac = \"02:00:00:00:00:{:02x}\"\nweight = {w}\n",
-            21 + i,
-            0x21 + i
-        );
+        s += &backend_entry(i, *w);
     }
     s
+}
+
+/// The `i`th backend of a generated config: 10.99.0.21 up (the first 64), then 10.99.1.1 up;
+/// MAC 02:00:00:00:hh:ll with hhll = 0x21 + i.
+pub fn backend_entry(i: usize, weight: u16) -> String {
+    let addr = if i < 64 {
+        format!("10.99.0.{}", 21 + i)
+    } else {
+        format!("10.99.{}.{}", 1 + (i - 64) / 200, 1 + (i - 64) % 200)
+    };
+    let m = 0x21 + i;
+    format!(
+        "[[service.backend]]\naddress = \"{addr}\"\nmac = \"02:00:00:00:{:02x}:{:02x}\"\nweight = {weight}\n",
+        m >> 8,
+        m & 0xff
+    )
 }
 
 impl Fixture {
