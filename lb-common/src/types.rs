@@ -153,7 +153,7 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// `FLOW_F_*`.
     pub flags: u32,
-    /// CPU whose active-connection counter counted this flow (per-CPU counters).
+    /// CPU that recorded the flow (diagnostics: the counters are shared since layout 2).
     pub cpu: u32,
 }
 

@@ -167,6 +167,55 @@ mod tests {
         assert_eq!(active, [100, 300]);
     }
 
+    /// The seed's worked example: servers 1–4 with weights 1:2:2:2.
+    #[test]
+    fn seed_worked_example_1_2_2_2() {
+        let weights = [1u32, 2, 2, 2];
+        // wrr: servers 2–4 get twice as many new connections as server 1, in every cycle.
+        let seq = wrr_sequence(&weights, 65537);
+        let count = |s: &[usize], i| s.iter().filter(|x| **x == i).count();
+        assert_eq!(seq.len(), 7);
+        assert_eq!(
+            (0..4).map(|i| count(&seq, i)).collect::<Vec<_>>(),
+            [1, 2, 2, 2]
+        );
+        let ten: Vec<usize> = seq.iter().cycle().take(70).copied().collect();
+        assert_eq!(
+            (0..4).map(|i| count(&ten, i)).collect::<Vec<_>>(),
+            [10, 20, 20, 20]
+        );
+        // lc: the server with the fewest connections, whatever the weights.
+        let c = [(4, 1), (3, 2), (5, 2), (3, 2)];
+        assert_eq!(
+            least_connections(&c, false),
+            Some(1),
+            "fewest; ties to the earlier"
+        );
+        // wlc: connections in the ratio of the weights (k, 2k, 2k, 2k): the next four new
+        // connections go one to each server, so the ratio holds and all four share evenly.
+        for k in [1u64, 5, 1000] {
+            let mut active = [k, 2 * k, 2 * k, 2 * k];
+            let mut picks = Vec::new();
+            for _ in 0..4 {
+                let c: Vec<(u64, u32)> = active.iter().zip(weights).map(|(a, w)| (*a, w)).collect();
+                let i = least_connections(&c, true).unwrap();
+                picks.push(i);
+                active[i] += 1;
+            }
+            picks.sort();
+            assert_eq!(picks, [0, 1, 2, 3], "k = {k}");
+            // And over a longer run the counts keep the 1:2:2:2 ratio (to within one).
+            for _ in 0..700 {
+                let c: Vec<(u64, u32)> = active.iter().zip(weights).map(|(a, w)| (*a, w)).collect();
+                active[least_connections(&c, true).unwrap()] += 1;
+            }
+            let unit = active[0] as f64;
+            for a in &active[1..] {
+                assert!((*a as f64 - 2.0 * unit).abs() <= 2.0, "{active:?}");
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn wrr_cycle_has_exact_proportions(weights in prop::collection::vec(0u32..20, 1..8)) {

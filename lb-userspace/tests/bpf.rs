@@ -449,6 +449,161 @@ fn wlc_matches_the_host_model() {
     assert_eq!(active, [10, 30, 20]);
 }
 
+// ---- schedulers across CPUs (BPF_PROG_TEST_RUN runs on the calling thread's CPU) ----------
+
+/// The CPUs the tests alternate between: 0 and 1 (this machine kind has two).
+fn two_cpus() -> [usize; 2] {
+    assert!(
+        cpus() >= 2,
+        "the cross-CPU scheduler tests need two CPUs (this machine has {})",
+        cpus()
+    );
+    [0, 1]
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn rr_walks_one_global_sequence_across_cpus() {
+    let cpu = two_cpus();
+    let mut f = Fixture::new(&sched_config("rr", &[100, 100, 100, 100]));
+    // Alternating CPUs, one flow each: the picks are the one cycle, not two interleaved ones.
+    let picks: Vec<usize> = (0..16)
+        .map(|i| f.syn_on(cpu[i % 2], C1, 41000 + 2 * i as u16))
+        .collect();
+    let want: Vec<usize> = (0..16).map(|i| i % 4).collect();
+    assert_eq!(picks, want);
+    // Uneven shares at the same time (301 on one CPU, 99 on the other): every backend gets
+    // exactly a quarter of the 400.
+    let got = f.concurrent_syns(&[(cpu[0], C1, 42000, 301), (cpu[1], C2, 42000, 99)]);
+    let mut n = [0usize; 4];
+    for i in got.iter().flatten() {
+        n[*i] += 1;
+    }
+    assert_eq!(n, [100; 4], "each backend exactly its share");
+}
+
+/// The seed's example: wrr 1:2:2:2 from two CPUs follows the smooth sequence, so servers 2–4
+/// get twice as many new connections as server 1.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn wrr_1_2_2_2_across_cpus() {
+    let cpu = two_cpus();
+    let mut f = Fixture::new(&sched_config("wrr", &[1, 2, 2, 2]));
+    let seq = lb_userspace::sched::wrr_sequence(&[1, 2, 2, 2], 65537);
+    let picks: Vec<usize> = (0..28)
+        .map(|i| f.syn_on(cpu[i % 2], C1, 43000 + 2 * i as u16))
+        .collect();
+    let want: Vec<usize> = seq.iter().cycle().take(28).copied().collect();
+    assert_eq!(picks, want);
+    let got = f.concurrent_syns(&[(cpu[0], C1, 44000, 500), (cpu[1], C2, 44000, 200)]);
+    let mut n = [0usize; 4];
+    for i in got.iter().flatten() {
+        n[*i] += 1;
+    }
+    assert_eq!(n, [100, 200, 200, 200]);
+}
+
+/// lc compares the totals: connections opened on one CPU and closed on the other count where
+/// they are, and the other CPU sees them.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn lc_follows_the_totals_across_cpus() {
+    let cpu = two_cpus();
+    let mut f = Fixture::new(&sched_config("lc", &[100, 100, 100, 100]));
+    // Six flows on CPU 0: backends 0 1 2 3 0 1.
+    let picks: Vec<usize> = (0..6)
+        .map(|i| f.syn_on(cpu[0], C1, 45000 + 2 * i))
+        .collect();
+    assert_eq!(picks, [0, 1, 2, 3, 0, 1]);
+    // CPU 1 sees CPU 0's counts: backends 2 and 3 have the fewest.
+    assert_eq!(f.syn_on(cpu[1], C2, 46000), 2);
+    assert_eq!(f.syn_on(cpu[1], C2, 46002), 3);
+    // Closing both of backend 0's flows on CPU 1 (opened on CPU 0): CPU 0 now picks it twice.
+    f.fin_on(cpu[1], C1, 45000);
+    f.fin_on(cpu[1], C1, 45008);
+    assert_eq!(f.syn_on(cpu[0], C2, 46004), 0);
+    assert_eq!(f.syn_on(cpu[0], C2, 46006), 0);
+    for id in f.service("s").backends {
+        assert_eq!(active(&mut f, id), 2, "backend {id}");
+    }
+}
+
+/// The seed's example for wlc: weights 1:2:2:2, new flows alternating between CPUs and closes
+/// on the CPU that did not open them; every pick is the host model's on the totals.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn wlc_follows_the_totals_across_cpus() {
+    let cpu = two_cpus();
+    let weights = [1u16, 2, 2, 2];
+    let mut f = Fixture::new(&sched_config("wlc", &weights));
+    let mut totals = [0u64; 4];
+    let mut open: Vec<(u16, usize, usize)> = Vec::new(); // (port, backend, cpu)
+    for i in 0..140usize {
+        let c: Vec<(u64, u32)> = totals
+            .iter()
+            .zip(weights)
+            .map(|(a, w)| (*a, w as u32))
+            .collect();
+        let want = lb_userspace::sched::least_connections(&c, true).unwrap();
+        let port = 47000 + 2 * i as u16;
+        let on = cpu[i % 2];
+        let got = f.syn_on(on, C1, port);
+        assert_eq!(got, want, "flow {i} on CPU {on}, totals {totals:?}");
+        totals[got] += 1;
+        open.push((port, got, on));
+        // Every third flow, the oldest open one is closed on the other CPU.
+        if i % 3 == 2 {
+            let (p, b, opened_on) = open.remove(0);
+            f.fin_on(cpu[(opened_on + 1) % 2], C1, p);
+            totals[b] -= 1;
+        }
+    }
+    let ids = f.service("s").backends;
+    for (k, id) in ids.iter().enumerate() {
+        assert_eq!(active(&mut f, *id), totals[k], "backend {k}");
+    }
+    // Close everything (on the other CPU), then from zero: seven flows make 1:2:2:2, and with
+    // counts in the ratio of the weights the next four go one to each server.
+    for (p, _, opened_on) in open.drain(..) {
+        f.fin_on(cpu[(opened_on + 1) % 2], C1, p);
+    }
+    for id in &ids {
+        assert_eq!(active(&mut f, *id), 0);
+    }
+    let picks: Vec<usize> = (0..11)
+        .map(|i| f.syn_on(cpu[i % 2], C2, 48000 + 2 * i as u16))
+        .collect();
+    assert_eq!(picks, [0, 1, 2, 3, 1, 2, 3, 0, 1, 2, 3]);
+}
+
+/// No backend cap: lc over the most backends a service can have (4096, every backend id) and
+/// wlc over 1000, flows from both CPUs at once: each backend gets exactly its share.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn lc_and_wlc_scan_thousands_of_backends() {
+    let cpu = two_cpus();
+    let n = lb_common::limits::MAX_BACKENDS as usize;
+    let mut f = Fixture::new(&sched_config("lc", &vec![100; n]));
+    // Two rounds, one flow at a time from alternating CPUs: exactly 2 on each.
+    let mut count = vec![0usize; n];
+    for i in 0..2 * n {
+        let src = Ipv4Addr::new(10, 77, (i >> 14) as u8, 0);
+        count[f.syn_on(cpu[i % 2], src, 1024 + (i % 16384) as u16 * 2)] += 1;
+    }
+    assert!(count.iter().all(|c| *c == 2), "lc over {n}: {count:?}");
+
+    let w: Vec<u16> = (0..1000).map(|i| 1 + (i % 2) as u16).collect();
+    let mut f = Fixture::new(&sched_config("wlc", &w));
+    // 1500 flows, one at a time: 1 on each weight-1 backend, 2 on each weight-2 one.
+    let mut count = vec![0usize; 1000];
+    for i in 0..1500 {
+        count[f.syn_on(cpu[i % 2], C1, 1024 + 2 * i as u16)] += 1;
+    }
+    for (k, c) in count.iter().enumerate() {
+        assert_eq!(*c, w[k] as usize, "wlc backend {k}");
+    }
+}
+
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn sh_sends_each_source_to_one_backend() {

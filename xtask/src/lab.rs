@@ -34,6 +34,8 @@ use crate::cmd::{run, run_quiet};
 
 /// Namespace name prefix of every lab.
 pub const PREFIX: &str = "lblab-";
+/// Backends per lab (addresses 10.99.0.21–.90 and .101–.224).
+pub const MAX_LAB_BACKENDS: usize = 194;
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
 pub const LB4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
@@ -164,15 +166,21 @@ impl Lab {
             ],
         )
         .context("mounting the lab's bpffs")?;
+        anyhow::ensure!(
+            weights.len() <= MAX_LAB_BACKENDS,
+            "a lab has at most {MAX_LAB_BACKENDS} backends"
+        );
         let backends = weights
             .iter()
             .enumerate()
             .map(|(i, w)| {
                 let k = i as u8 + 1;
+                // .21–.90, then .101 up: the VIP is .100.
+                let host = if k <= 70 { 20 + k } else { 30 + k };
                 Backend {
                     name: format!("b{k}"),
                     ns: format!("{prefix}b{k}"),
-                    v4: Ipv4Addr::new(10, 99, 0, 20 + k),
+                    v4: Ipv4Addr::new(10, 99, 0, host),
                     v6: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x20 + k as u16),
                     mac: format!("02:99:00:00:00:{:02x}", 0x20 + k),
                     weight: *w,

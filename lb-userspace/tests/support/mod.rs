@@ -501,6 +501,62 @@ impl Fixture {
             .expect("frame went to a backend of the service")
     }
 
+    /// Sends a SYN from `src:sport` on CPU `cpu` (the thread stays pinned there) and returns
+    /// the backend index it went to.
+    pub fn syn_on(&mut self, cpu: usize, src: Ipv4Addr, sport: u16) -> usize {
+        pin_to_cpu(cpu);
+        self.syn(src, sport)
+    }
+
+    /// The client's FIN+ACK of `src:sport`, on CPU `cpu`.
+    pub fn fin_on(&mut self, cpu: usize, src: Ipv4Addr, sport: u16) {
+        pin_to_cpu(cpu);
+        let (v, _) = self.run(&tcp4_flags(src, sport, VIP4, 80, "FA"));
+        assert_eq!(v, XDP_TX, "FIN of {src}:{sport}");
+    }
+
+    /// SYNs from several threads at once, each pinned to its CPU and sending its own flows
+    /// (`(cpu, source, first port, count)`); the backend index of every flow, per thread.
+    pub fn concurrent_syns(&mut self, plan: &[(usize, Ipv4Addr, u16, usize)]) -> Vec<Vec<usize>> {
+        let macs: Vec<[u8; 6]> = self
+            .service("s")
+            .backends
+            .iter()
+            .map(|id| self.desired.backends[&BackendId(*id)].mac)
+            .collect();
+        let prog: &aya::programs::Xdp = self.dp.program();
+        let out = std::thread::scope(|s| {
+            let handles: Vec<_> = plan
+                .iter()
+                .map(|&(cpu, src, port, n)| {
+                    let macs = &macs;
+                    s.spawn(move || {
+                        pin_to_cpu(cpu);
+                        (0..n)
+                            .map(|i| {
+                                let pkt = tcp4_flags(src, port + 2 * i as u16, VIP4, 80, "S");
+                                let mut out = vec![0u8; pkt.len() + 512];
+                                let opts = TestRunOptions {
+                                    data_in: Some(&pkt),
+                                    data_out: Some(&mut out),
+                                    ..TestRunOptions::new()
+                                };
+                                let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+                                assert_eq!(r.return_value, XDP_TX);
+                                macs.iter()
+                                    .position(|m| *m == out[0..6])
+                                    .expect("a backend of the service")
+                            })
+                            .collect::<Vec<usize>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        pin_to_cpu0();
+        out
+    }
+
     /// Sends a SYN from `src:sport` and returns the backend index it went to.
     pub fn syn(&mut self, src: Ipv4Addr, sport: u16) -> usize {
         let (v, out) = self.run(&tcp4_flags(src, sport, VIP4, 80, "S"));
