@@ -177,7 +177,7 @@ fn lint() -> anyhow::Result<()> {
                 "warnings",
             ])
             .current_dir(root.join("lb-ebpf"))
-            .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+            .env("RUSTC_BOOTSTRAP", "aya_ebpf,lb_ebpf")
             .status()
             .context("running clippy for lb-ebpf")?;
         if !status.success() {

@@ -1390,7 +1390,7 @@ fn replace_migrates(mode: Mode) {
 /// say (lc: 3 on each; wlc with weights 1 and 2: 1 and 2), and a freed slot is refilled.
 fn schedulers_across_cpus(mode: Mode) {
     const N: usize = 100;
-    let mut lab = Lab::up(mode, &vec![100; N], Path::new(XTASK)).expect("lab up");
+    let mut lab = Lab::up(mode, &[100; N], Path::new(XTASK)).expect("lab up");
     let lbns = lab.lb_ns();
     lab.exec(
         &lbns,

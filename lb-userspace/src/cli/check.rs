@@ -22,5 +22,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.dataplane.interface,
         cfg.dataplane.xdp_mode
     );
+    for w in cfg.warnings() {
+        println!("warning: {w}");
+    }
     Ok(())
 }

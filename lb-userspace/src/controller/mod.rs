@@ -330,6 +330,9 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 format!("{e}; running configuration kept"),
             )
         })?;
+        for w in cfg.warnings() {
+            tracing::warn!("{w}");
+        }
         self.reload(cfg)
     }
 

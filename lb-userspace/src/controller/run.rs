@@ -72,6 +72,9 @@ pub async fn serve(
     mut sig: Signals,
 ) -> anyhow::Result<()> {
     let cfg = Config::load(&config_path)?;
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     let dpc = cfg.dataplane.clone();
     let pin = dpc.pin_path.clone();
     // One controller per pin directory (interface): a lock, held until this process ends.
