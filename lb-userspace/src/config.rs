@@ -193,6 +193,8 @@ pub struct Control {
     pub socket: PathBuf,
     /// Admin overrides (enable/disable/drain/weight), JSON, written atomically.
     pub state_file: PathBuf,
+    /// Where Prometheus metrics are served over HTTP (`GET /metrics`); off when unset.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -306,6 +308,7 @@ struct RawTimeouts {
 struct RawControl {
     socket: Option<PathBuf>,
     state_file: Option<PathBuf>,
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -510,6 +513,7 @@ impl Validator {
         let raw = raw.unwrap_or(RawControl {
             socket: None,
             state_file: None,
+            metrics: None,
         });
         let socket = raw
             .socket
@@ -532,7 +536,22 @@ impl Validator {
         if state_file.as_os_str().is_empty() {
             return Err(self.err("control.state_file", "must not be empty"));
         }
-        Ok(Control { socket, state_file })
+        let metrics = match raw.metrics.as_deref() {
+            None => None,
+            Some(s) => Some(s.parse::<std::net::SocketAddr>().map_err(|_| {
+                self.err(
+                    "control.metrics",
+                    format!(
+                        "`{s}` is not an address:port to listen on (e.g. \"127.0.0.1:9470\" or \"[::1]:9470\")"
+                    ),
+                )
+            })?),
+        };
+        Ok(Control {
+            socket,
+            state_file,
+            metrics,
+        })
     }
 
     fn dataplane(&self, dp: RawDataplane) -> Result<Dataplane, ConfigError> {
@@ -1027,6 +1046,19 @@ mac = "02:00:00:00:00:22"
             .unwrap_err()
             .to_string();
         assert!(e.contains("control.socket: must be a path"), "{e}");
+        assert_eq!(c.control.metrics, None, "metrics off by default");
+        let c = parse(&format!(
+            "{GOOD}\n[control]\nmetrics = \"127.0.0.1:9470\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.control.metrics, Some("127.0.0.1:9470".parse().unwrap()));
+        let e = parse(&format!("{GOOD}\n[control]\nmetrics = \"localhost\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("control.metrics: `localhost` is not an address:port"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`controller`]: the event loop that owns the data plane; [`controller::socket`];
 //! - [`health`]: probes and rise/fall, [`health::tasks`] (check tasks kept across reloads);
 //! - [`neigh`]: MAC resolution (netlink dump + events);
-//! - [`api`]: types, [`api::server`] (typed requests), [`api::client`]; [`status`]: reports.
+//! - [`api`]: types, [`api::server`] (typed requests), [`api::client`]; [`status`]: reports;
+//!   [`metrics`]: the Prometheus exposition.
 //!
 //! Pure logic (config validation, Maglev, schedulers, desired state, diff, the controller's
 //! core through fakes) is host-tested without root.
@@ -20,9 +21,11 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod desired;
+pub mod explain;
 pub mod health;
 pub mod iface;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;
 pub mod report;
 pub mod sched;

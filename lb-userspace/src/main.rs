@@ -38,6 +38,9 @@ enum Command {
     },
     /// Re-read the config, validate it fully and apply only the difference (same as SIGHUP).
     Reload,
+    /// Which backend a flow has (connection table) or would get, and why:
+    /// `lb explain tcp 192.0.2.7 40000 10.0.0.100 80`.
+    Explain(cli::explain::Args),
 }
 
 /// Logging through `tracing` on stderr; `RUST_LOG` filters (default `info`); records of the
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status::run(&cli.socket, args),
         Command::Backend { cmd } => cli::backend::run(&cli.socket, cmd),
         Command::Reload => cli::reload::run(&cli.socket),
+        Command::Explain(args) => cli::explain::run(&cli.socket, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 //! - `POST /v1/backends/{service}/{address}/enable|disable|drain` → [`Message`]
 //! - `POST /v1/backends/{service}/{address}/weight` with `{"weight": N}` → [`Message`]
 //! - `POST /v1/reload` → [`Message`]
+//! - `GET  /v1/explain/{tcp|udp}/{client}/{client_port}/{vip}/{port}` → [`Explain`]
 //!
 //! Errors: a non-2xx status with `{"error": "..."}`.
 
@@ -172,6 +173,44 @@ pub struct Traffic {
     /// Over the last sampling interval (about a second).
     pub packets_per_second: f64,
     pub bits_per_second: f64,
+}
+
+/// `GET /v1/explain/{protocol}/{client}/{client_port}/{vip}/{port}`: where a flow goes and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Explain {
+    pub protocol: String,
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// The service it matches (none: passed to the kernel).
+    pub service: Option<String>,
+    pub scheduler: Option<String>,
+    /// `hit` (connection table), `new` (scheduler), `rescheduled` (its recorded backend is no
+    /// longer usable), `no_backend` (dropped), `no_service` (passed).
+    pub outcome: String,
+    /// `forward`, `drop` or `pass`.
+    pub verdict: String,
+    pub backend: Option<IpAddr>,
+    /// The backend's state (`up`, `draining`, `disabled`, `down`).
+    pub backend_state: Option<String>,
+    /// Destination MAC written into the frame.
+    pub mac: Option<String>,
+    /// Why, in words.
+    pub reason: String,
+    /// The connection table's entry, when there is one.
+    pub connection: Option<ExplainConnection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExplainConnection {
+    pub backend_id: u32,
+    /// Since the entry's last refresh (refreshed at most once a second).
+    pub idle_seconds: f64,
+    /// Counted in the backend's active connections.
+    pub counted: bool,
+    /// The client sent FIN or RST.
+    pub client_closed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,9 @@ use super::{ApiError, BackendAction, Message, WeightBody};
 #[derive(Debug)]
 pub enum Request {
     Status,
+    /// The Prometheus exposition (a JSON string holding the text).
+    Metrics,
+    Explain(crate::explain::Query),
     Reload,
     Backend {
         service: String,
@@ -38,11 +41,15 @@ pub fn router(tx: mpsc::Sender<Envelope>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/reload", post(reload))
+        .route(
+            "/v1/explain/{protocol}/{client}/{client_port}/{vip}/{port}",
+            get(explain),
+        )
         .route("/v1/backends/{service}/{address}/{action}", post(backend))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no such API path (GET /v1/status, POST /v1/reload, POST /v1/backends/{service}/{address}/{enable|disable|drain|weight})",
+                "no such API path (GET /v1/status, POST /v1/reload, POST /v1/backends/{service}/{address}/{enable|disable|drain|weight}, GET /v1/explain/{tcp|udp}/{client}/{client_port}/{vip}/{port})",
             )
         })
         .with_state(tx)
@@ -63,8 +70,101 @@ async fn ask(tx: &mpsc::Sender<Envelope>, req: Request) -> Response {
     }
 }
 
+/// `GET /metrics` on `[control] metrics` (nothing else is served there).
+pub fn metrics_router(tx: mpsc::Sender<Envelope>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "only GET /metrics is served here")
+        })
+        .with_state(tx)
+}
+
+async fn metrics(State(tx): State<mpsc::Sender<Envelope>>) -> Response {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if tx.send((Request::Metrics, reply_tx)).await.is_err() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "lb is shutting down")
+            .into_response();
+    }
+    match reply_rx.await {
+        Ok(Ok(serde_json::Value::String(text))) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Ok(_)) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no exposition").into_response()
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "lb is shutting down").into_response()
+        }
+    }
+}
+
 async fn status(State(tx): State<mpsc::Sender<Envelope>>) -> Response {
     ask(&tx, Request::Status).await
+}
+
+async fn explain(
+    State(tx): State<mpsc::Sender<Envelope>>,
+    UrlPath((protocol, client, client_port, vip, port)): UrlPath<(
+        String,
+        String,
+        String,
+        String,
+        String,
+    )>,
+) -> Response {
+    match explain_query(&protocol, &client, &client_port, &vip, &port) {
+        Ok(q) => ask(&tx, Request::Explain(q)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Parses `lb explain`'s five fields; each error names the field.
+pub fn explain_query(
+    protocol: &str,
+    client: &str,
+    client_port: &str,
+    vip: &str,
+    port: &str,
+) -> Result<crate::explain::Query, ApiError> {
+    let bad = |what: &str, v: &str, why: &str| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("{what} `{v}`: {why}"))
+    };
+    let protocol = match protocol {
+        "tcp" => crate::config::Protocol::Tcp,
+        "udp" => crate::config::Protocol::Udp,
+        p => return Err(bad("protocol", p, "must be tcp or udp")),
+    };
+    let client_ip: IpAddr = client
+        .parse()
+        .map_err(|_| bad("client address", client, "not an IP address"))?;
+    let vip_ip: IpAddr = vip
+        .parse()
+        .map_err(|_| bad("VIP", vip, "not an IP address"))?;
+    if client_ip.is_ipv4() != vip_ip.is_ipv4() {
+        return Err(bad(
+            "client address",
+            client,
+            "must be of the VIP's address family",
+        ));
+    }
+    let port_of = |what: &str, v: &str| {
+        v.parse::<u16>()
+            .map_err(|_| bad(what, v, "not a port (0..=65535)"))
+    };
+    Ok(crate::explain::Query {
+        protocol,
+        client: client_ip,
+        client_port: port_of("client port", client_port)?,
+        vip: vip_ip,
+        port: port_of("port", port)?,
+    })
 }
 
 async fn reload(State(tx): State<mpsc::Sender<Envelope>>) -> Response {

@@ -622,6 +622,64 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     }
 }
 
+impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
+    /// `lb explain`: where the flow `q` goes and why, from the live maps. `now_ns` is
+    /// CLOCK_MONOTONIC_COARSE (the connection table's clock).
+    pub fn explain(
+        &mut self,
+        q: &crate::explain::Query,
+        now_ns: u64,
+    ) -> Result<crate::api::Explain, ApiError> {
+        let ids: Vec<BackendId> = self.desired.backends.keys().copied().collect();
+        let internal = |e: crate::dataplane::LoaderError| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        };
+        let active = self.maps.active_connections(&ids).map_err(internal)?;
+        let mut live = LiveMaps {
+            maps: &mut self.maps,
+            ring_size: self.desired.ring_size,
+            error: None,
+        };
+        let out = crate::explain::explain(&self.desired, &active, &mut live, q, now_ns);
+        match live.error {
+            Some(e) => Err(internal(e)),
+            None => Ok(out),
+        }
+    }
+}
+
+/// The live maps for [`crate::explain`]; the first read error is kept and reported.
+struct LiveMaps<'a, M: Maps> {
+    maps: &'a mut M,
+    ring_size: u32,
+    error: Option<crate::dataplane::LoaderError>,
+}
+
+impl<M: Maps> crate::explain::Live for LiveMaps<'_, M> {
+    fn flow(&mut self, key: &lb_common::FlowKey) -> Option<lb_common::FlowValue> {
+        self.maps.flow_entry(key).unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            None
+        })
+    }
+
+    fn ring(&mut self, service_id: u32, slot: u32) -> u32 {
+        self.maps
+            .ring_entry(service_id, slot, self.ring_size)
+            .unwrap_or_else(|e| {
+                self.error.get_or_insert(e);
+                lb_common::NO_BACKEND
+            })
+    }
+
+    fn rr_cursor(&mut self, service_id: u32) -> u64 {
+        self.maps.rr_cursor(service_id).unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            0
+        })
+    }
+}
+
 /// Backend id → (service index, backend index).
 fn index(a: &Assignment) -> BTreeMap<BackendId, (usize, usize)> {
     let mut out = BTreeMap::new();

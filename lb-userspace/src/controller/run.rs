@@ -91,6 +91,14 @@ pub async fn serve(
     // The socket before the data plane: a second `lb run` on the same socket is refused
     // before it touches anything.
     let mut socket = ControlSocket::bind(&cfg.control.socket)?;
+    let metrics = match cfg.control.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("control.metrics: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
 
     pin::ensure_bpffs(&pin)?;
     let mut replaced: Option<PathBuf> = None;
@@ -247,6 +255,7 @@ pub async fn serve(
         logger,
         (mode, took_over),
         stats_interval,
+        metrics,
     )
     .await;
     watcher.abort();
@@ -292,18 +301,27 @@ async fn event_loop(
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     mode: (AttachedMode, bool),
     stats_interval: u64,
+    metrics: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let listener = socket
         .listener
         .take()
         .context("control socket already served")?;
     let (tx, mut rx) = mpsc::channel::<Envelope>(64);
+    let metrics_server = metrics.map(|l| {
+        let app = server::metrics_router(tx.clone());
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("metrics on http://{a}/metrics");
+        }
+        tokio::spawn(async move { axum::serve(l, app).await })
+    });
     let app = server::router(tx);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(
         "control API on {} (mode 0600)",
         ctl.config().control.socket.display()
     );
+    let telemetry = crate::metrics::Telemetry::default();
 
     let mut logs = match logger {
         // SAFETY: the fd is the logger's ring buffer map fd, owned by the logger that the
@@ -339,16 +357,31 @@ async fn event_loop(
                 break;
             }
             _ = sig.hup.recv() => match reload(ctl, &mut checks) {
-                Ok(summary) => println!("reloaded {summary}"),
-                Err(e) => println!("reload-rejected {e}"),
+                Ok(summary) => {
+                    telemetry.reload(true);
+                    println!("reloaded {summary}")
+                }
+                Err(e) => {
+                    telemetry.reload(false);
+                    println!("reload-rejected {e}")
+                }
             },
             Some((req, reply)) = rx.recv() => {
                 let r = match req {
                     Request::Status => status(ctl, &mut samples, mode, started, flows),
-                    Request::Reload => reload(ctl, &mut checks)
-                        .map(|s| message(format!("reloaded: {s}")))
-                        .map_err(|e| crate::api::ApiError::new(
-                            axum::http::StatusCode::UNPROCESSABLE_ENTITY, e)),
+                    Request::Reload => {
+                        let r = reload(ctl, &mut checks);
+                        telemetry.reload(r.is_ok());
+                        r.map(|s| message(format!("reloaded: {s}")))
+                            .map_err(|e| crate::api::ApiError::new(
+                                axum::http::StatusCode::UNPROCESSABLE_ENTITY, e))
+                    }
+                    Request::Explain(q) => ctl
+                        .explain(&q, coarse_now_ns())
+                        .map(|e| serde_json::to_value(e).expect("serializes")),
+                    Request::Metrics => status_now(ctl, &samples, mode, started, flows)
+                        .map(|st| serde_json::Value::String(
+                            crate::metrics::render(&st, &telemetry))),
                     Request::Backend { service, address, action } => {
                         ctl.admin(&service, address, action).map(message)
                     }
@@ -357,6 +390,14 @@ async fn event_loop(
             }
             Some(res) = check_rx.recv() => {
                 if checks.current(&res) {
+                    if let Some(info) = ctl.desired().backend_info.get(&res.id) {
+                        telemetry.check(
+                            &info.service,
+                            &info.address.to_string(),
+                            res.result.is_ok(),
+                            res.duration.as_secs_f64(),
+                        );
+                    }
                     ctl.on_check(res.id, res.result, res.finished);
                 }
             }
@@ -390,6 +431,9 @@ async fn event_loop(
         }
     }
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     checks.stop_all();
     tracing::info!("health checks stopped");
     Ok(())
@@ -468,6 +512,40 @@ fn status(
         },
     );
     Ok(serde_json::to_value(st).expect("serializes"))
+}
+
+/// The report on a fresh read of the counters (rates against the last periodic sample),
+/// leaving the periodic samples as they are: for a scrape, exact at the time it is made.
+fn status_now(
+    ctl: &mut Ctl,
+    samples: &[Option<(Instant, Snapshot)>; 2],
+    (mode, adopted): (AttachedMode, bool),
+    started: Instant,
+    flows: (u64, u64),
+) -> Result<crate::api::Status, crate::api::ApiError> {
+    let fresh = ctl.snapshot().map_err(|e| {
+        crate::api::ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading counters: {e}"),
+        )
+    })?;
+    let now = Instant::now();
+    let mode = mode.to_string();
+    let view = ctl.status_view()?;
+    Ok(crate::status::build(
+        &view,
+        &crate::status::Samples {
+            now: (now, &fresh),
+            before: samples[1].as_ref().map(|(t, s)| (*t, s)),
+        },
+        &crate::status::Process {
+            xdp_mode: &mode,
+            adopted,
+            started,
+            flow_entries: flows.0,
+            flows_expired: flows.1,
+        },
+    ))
 }
 
 /// For `lb run`: the runtime, the signal handlers first, then [`serve`].

@@ -546,3 +546,104 @@ fn a_restarted_controller_adopts_ids_generations_and_health() {
     assert_ne!(c2.maps.backends[&ida.0].flags & BACKEND_F_ACTIVE, 0);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `lb explain` over the fake maps: no service, a new flow (the Maglev slot the kernel's hash
+/// gives), a hit, a hit on a draining backend, a rescheduled flow after a disable, and a drop
+/// when nothing is usable.
+#[test]
+fn explain_follows_the_kernels_rules() {
+    use crate::explain::Query;
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    for (a, n) in [(A, 0x21), (B, 0x22)] {
+        c.on_neighbour(NeighEvent::New {
+            ifindex: 2,
+            addr: addr(a),
+            neighbour: Neighbour {
+                mac: Some(mac(n)),
+                state: nud::REACHABLE,
+            },
+        });
+        c.on_check(id(&c, a), Ok(()), Instant::now());
+    }
+    let q = Query {
+        protocol: crate::config::Protocol::Tcp,
+        client: addr("192.0.2.7"),
+        client_port: 40000,
+        vip: addr("10.0.0.100"),
+        port: 80,
+    };
+    let e = c.explain(&Query { port: 81, ..q }, 0).unwrap();
+    assert_eq!(
+        (e.outcome.as_str(), e.verdict.as_str()),
+        ("no_service", "pass")
+    );
+
+    let e = c.explain(&q, 0).unwrap();
+    let slot = lb_common::hash::flow_hash(&q.key()) % RING;
+    let want = c.maps.ring[&(c.desired.services[0].value.id, slot)];
+    let want_addr = c.desired.backend_info[&BackendId(want)].address;
+    assert_eq!(
+        (e.outcome.as_str(), e.backend),
+        ("new", Some(want_addr)),
+        "{e:?}"
+    );
+    assert!(
+        e.reason.contains(&format!("slot {slot} of {RING}")),
+        "{}",
+        e.reason
+    );
+
+    // The flow is recorded on the *other* backend (say an earlier table): the table wins.
+    let other = if want_addr == addr(A) { B } else { A };
+    let oid = id(&c, other);
+    let generation = c.maps.backends[&oid.0].generation;
+    c.maps.flows.push((
+        q.key(),
+        lb_common::FlowValue {
+            backend: oid.0,
+            generation,
+            last_seen_ns: 0,
+            flags: lb_common::FLOW_F_COUNTED,
+            cpu: 0,
+        },
+    ));
+    let e = c.explain(&q, 3_000_000_000).unwrap();
+    assert_eq!(
+        (e.outcome.as_str(), e.backend),
+        ("hit", Some(addr(other))),
+        "{e:?}"
+    );
+    assert!(
+        e.connection
+            .as_ref()
+            .is_some_and(|c| c.counted && c.idle_seconds == 3.0)
+    );
+    c.admin("web", addr(other), BackendAction::Drain).unwrap();
+    let e = c.explain(&q, 0).unwrap();
+    assert_eq!(e.outcome, "hit");
+    assert!(e.reason.contains("draining"), "{}", e.reason);
+    c.admin("web", addr(other), BackendAction::Disable).unwrap();
+    let e = c.explain(&q, 0).unwrap();
+    assert_eq!(
+        (e.outcome.as_str(), e.backend),
+        ("rescheduled", Some(addr(if other == A { B } else { A }))),
+        "{e:?}"
+    );
+    assert!(
+        e.reason.contains(&format!("{other} is disabled")),
+        "{}",
+        e.reason
+    );
+    let remaining = if other == A { B } else { A };
+    c.admin("web", addr(remaining), BackendAction::Disable)
+        .unwrap();
+    let e = c.explain(&q, 0).unwrap();
+    assert_eq!(
+        (e.outcome.as_str(), e.verdict.as_str()),
+        ("no_backend", "drop"),
+        "{e:?}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

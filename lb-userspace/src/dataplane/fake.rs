@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendMeta, ServiceKey, ServiceValue, VipKey};
+use lb_common::{Backend, BackendMeta, FlowKey, FlowValue, ServiceKey, ServiceValue, VipKey};
 
 use super::{LoaderError, Maps, SweepStats, check_op};
 use crate::{
@@ -27,6 +27,10 @@ pub struct FakeMaps {
     pub writes: usize,
     /// Active connections to report, by backend id.
     pub active: BTreeMap<BackendId, u64>,
+    /// Connection table entries.
+    pub flows: Vec<(FlowKey, FlowValue)>,
+    /// `LB_RR_CURSOR` by service id.
+    pub rr_cursors: BTreeMap<u32, u64>,
 }
 
 impl Maps for FakeMaps {
@@ -87,6 +91,22 @@ impl Maps for FakeMaps {
 
     fn sweep(&mut self, _now_ns: u64, _timeouts: &Timeouts) -> Result<SweepStats, LoaderError> {
         Ok(SweepStats::default())
+    }
+
+    fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError> {
+        Ok(self.flows.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
+    }
+
+    fn ring_entry(&mut self, service_id: u32, slot: u32, _ring: u32) -> Result<u32, LoaderError> {
+        Ok(self
+            .ring
+            .get(&(service_id, slot))
+            .copied()
+            .unwrap_or(lb_common::NO_BACKEND))
+    }
+
+    fn rr_cursor(&mut self, service_id: u32) -> Result<u64, LoaderError> {
+        Ok(self.rr_cursors.get(&service_id).copied().unwrap_or(0))
     }
 }
 

@@ -198,6 +198,7 @@ struct Handles {
     backend_stats: PerCpuArray<MapData, Counters>,
     backend_conns: Array<MapData, u64>,
     backend_expired: Array<MapData, u64>,
+    rr_cursor: Array<MapData, u64>,
 }
 
 impl Handles {
@@ -226,6 +227,7 @@ impl Handles {
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
             backend_conns: take(ebpf, names::BACKEND_CONNS)?,
             backend_expired: take(ebpf, names::BACKEND_EXPIRED)?,
+            rr_cursor: take(ebpf, names::RR_CURSOR)?,
         })
     }
 }
@@ -880,6 +882,24 @@ impl Maps for Dataplane {
 
     fn sweep(&mut self, now_ns: u64, timeouts: &crate::config::Timeouts) -> Result<SweepStats> {
         Dataplane::sweep(self, now_ns, timeouts)
+    }
+
+    fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        self.flow(key)
+    }
+
+    fn ring_entry(&mut self, service_id: u32, slot: u32, ring_size: u32) -> Result<u32> {
+        self.maps
+            .ring
+            .get(&service_id.wrapping_mul(ring_size).wrapping_add(slot), 0)
+            .map_err(map_err(names::RING))
+    }
+
+    fn rr_cursor(&mut self, service_id: u32) -> Result<u64> {
+        self.maps
+            .rr_cursor
+            .get(&service_id, 0)
+            .map_err(map_err(names::RR_CURSOR))
     }
 }
 

@@ -8,7 +8,7 @@ pub mod pin;
 
 use std::collections::BTreeMap;
 
-use lb_common::BACKEND_F_ACTIVE;
+use lb_common::{BACKEND_F_ACTIVE, FlowKey, FlowValue};
 
 pub use self::loader::{Adopted, AttachedMode, Dataplane, LoaderError, SweepStats};
 use crate::{
@@ -31,6 +31,17 @@ pub trait Maps {
     fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot, LoaderError>;
     /// Deletes flows idle past their timeout.
     fn sweep(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<SweepStats, LoaderError>;
+    /// The connection table's entry for `key`.
+    fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError>;
+    /// `LB_RING[service_id × ring_size + slot]` as the data plane reads it.
+    fn ring_entry(
+        &mut self,
+        service_id: u32,
+        slot: u32,
+        ring_size: u32,
+    ) -> Result<u32, LoaderError>;
+    /// `LB_RR_CURSOR[service_id]`.
+    fn rr_cursor(&mut self, service_id: u32) -> Result<u64, LoaderError>;
 }
 
 /// The bug guard in front of every map write: an active backend must have a MAC. A zero MAC

@@ -15,6 +15,8 @@ pub struct CheckResult {
     pub token: u64,
     pub result: Result<(), String>,
     pub finished: std::time::Instant,
+    /// How long the probe took.
+    pub duration: Duration,
 }
 
 /// What one backend's check task runs.
@@ -133,6 +135,7 @@ async fn check_loop(id: BackendId, token: u64, spec: CheckSpec, tx: mpsc::Sender
             token,
             result,
             finished: std::time::Instant::now(),
+            duration: started.elapsed(),
         };
         if tx.send(msg).await.is_err() {
             return;
@@ -191,6 +194,7 @@ mod tests {
             token: token_a,
             result: Ok(()),
             finished: std::time::Instant::now(),
+            duration: Duration::ZERO,
         };
         assert!(!c.current(&stale));
         c.stop_all();

@@ -1,0 +1,360 @@
+//! Prometheus metrics (OpenMetrics text), served on `[control] metrics` at `GET /metrics`.
+//!
+//! Every scrape is built from one fresh read of the data plane's counters and the controller's
+//! report ([`crate::status::build`], the same one `lb status` shows), plus what only the
+//! controller accumulates ([`Telemetry`]: health check durations, reloads). Names follow the
+//! Prometheus conventions: counters end in `_total`, units in the name (`_bytes`, `_seconds`).
+
+use std::sync::atomic::Ordering;
+
+use lb_common::{LAYOUT_VERSION, stats::Stat};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::Registry,
+};
+
+use crate::api;
+
+type Labels = Vec<(String, String)>;
+
+/// Buckets of `lb_health_check_duration_seconds`: 0.5 ms … 8 s.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 8.0,
+];
+
+/// What the controller accumulates for the metrics over its life.
+#[derive(Clone)]
+pub struct Telemetry {
+    health_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    reloads: Family<Labels, Counter>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        fn histogram() -> Histogram {
+            Histogram::new(DURATION_BUCKETS)
+        }
+        Telemetry {
+            health_duration: Family::new_with_constructor(histogram),
+            reloads: Family::default(),
+        }
+    }
+}
+
+impl Telemetry {
+    /// One finished health check of `backend` in `service`.
+    pub fn check(&self, service: &str, backend: &str, ok: bool, seconds: f64) {
+        self.health_duration
+            .get_or_create(&vec![
+                ("service".to_owned(), service.to_owned()),
+                ("backend".to_owned(), backend.to_owned()),
+                (
+                    "result".to_owned(),
+                    if ok { "success" } else { "failure" }.to_owned(),
+                ),
+            ])
+            .observe(seconds);
+    }
+
+    /// A config reload (SIGHUP, `lb reload`), applied or rejected.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&vec![(
+                "result".to_owned(),
+                if ok { "applied" } else { "rejected" }.to_owned(),
+            )])
+            .inc();
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn set(c: &Counter, v: u64) {
+    c.inner().store(v, Ordering::Relaxed);
+}
+
+/// The exposition for one scrape.
+pub fn render(st: &api::Status, tel: &Telemetry) -> String {
+    let mut r = Registry::default();
+
+    let be_packets = Family::<Labels, Counter>::default();
+    let be_bytes = Family::<Labels, Counter>::default();
+    let be_new = Family::<Labels, Counter>::default();
+    let be_active = Family::<Labels, Gauge>::default();
+    let be_up = Family::<Labels, Gauge>::default();
+    let be_weight = Family::<Labels, Gauge>::default();
+    let be_transitions = Family::<Labels, Counter>::default();
+    let svc_packets = Family::<Labels, Counter>::default();
+    let svc_bytes = Family::<Labels, Counter>::default();
+    let svc_new = Family::<Labels, Counter>::default();
+    for s in &st.services {
+        let sl = labels(&[("service", &s.name)]);
+        set(&svc_packets.get_or_create(&sl), s.traffic.packets);
+        set(&svc_bytes.get_or_create(&sl), s.traffic.bytes);
+        set(&svc_new.get_or_create(&sl), s.traffic.new_flows);
+        for b in &s.backends {
+            let addr = b.address.to_string();
+            let l = labels(&[("service", &s.name), ("backend", &addr)]);
+            set(&be_packets.get_or_create(&l), b.traffic.packets);
+            set(&be_bytes.get_or_create(&l), b.traffic.bytes);
+            set(&be_new.get_or_create(&l), b.traffic.new_flows);
+            set(&be_transitions.get_or_create(&l), b.health_transitions);
+            be_active.get_or_create(&l).set(b.active_connections as i64);
+            be_up
+                .get_or_create(&l)
+                .set(i64::from(b.health != "down" && b.state != "down"));
+            be_weight
+                .get_or_create(&l)
+                .set(i64::from(b.effective_weight));
+        }
+    }
+    r.register(
+        "lb_backend_packets",
+        "Packets forwarded to the backend (frames leaving through XDP_TX/XDP_REDIRECT)",
+        be_packets,
+    );
+    r.register(
+        "lb_backend_bytes",
+        "Bytes forwarded to the backend (whole frames, Ethernet header included)",
+        be_bytes,
+    );
+    r.register(
+        "lb_backend_new_flows",
+        "Flows that chose the backend (new, or moved from another backend)",
+        be_new,
+    );
+    r.register(
+        "lb_backend_active_connections",
+        "Open connections: UDP flows and TCP flows begun with a SYN, until the client's FIN/RST, a move or idle expiry",
+        be_active,
+    );
+    r.register(
+        "lb_backend_up",
+        "1 when the backend's health is up (or unchecked) and its MAC is known, else 0",
+        be_up,
+    );
+    r.register(
+        "lb_backend_weight",
+        "Effective weight for new flows (0 when draining, disabled or down)",
+        be_weight,
+    );
+    r.register(
+        "lb_health_transitions",
+        "Health state changes of the backend since lb run started",
+        be_transitions,
+    );
+    r.register(
+        "lb_service_packets",
+        "Packets forwarded for the service",
+        svc_packets,
+    );
+    r.register(
+        "lb_service_bytes",
+        "Bytes forwarded for the service (whole frames)",
+        svc_bytes,
+    );
+    r.register(
+        "lb_service_new_flows",
+        "Flows that chose a backend of the service",
+        svc_new,
+    );
+
+    let verdicts = Family::<Labels, Counter>::default();
+    let drops = Family::<Labels, Counter>::default();
+    let passes = Family::<Labels, Counter>::default();
+    let flows = Family::<Labels, Counter>::default();
+    for (name, v) in &st.counters {
+        let (family, key, value) = if let Some(x) = name.strip_prefix("verdict_") {
+            (&verdicts, "verdict", x)
+        } else if let Some(x) = name.strip_prefix("drop_") {
+            (&drops, "reason", x)
+        } else if let Some(x) = name.strip_prefix("pass_") {
+            (&passes, "reason", x)
+        } else if let Some(x) = name.strip_prefix("flow_") {
+            (&flows, "event", x)
+        } else {
+            continue;
+        };
+        set(&family.get_or_create(&labels(&[(key, value)])), *v);
+    }
+    r.register(
+        "lb_verdicts",
+        "XDP verdicts of lb_xdp (tx, redirect, pass, drop, aborted)",
+        verdicts,
+    );
+    r.register("lb_drops", "Packets dropped by lb_xdp, by reason", drops);
+    r.register(
+        "lb_passes",
+        "Packets passed to the kernel's stack unchanged, by reason",
+        passes,
+    );
+    r.register(
+        "lb_flow_events",
+        "Connection table events: new, hit, rescheduled, insert_failed",
+        flows,
+    );
+
+    let entries = Gauge::<i64>::default();
+    entries.set(st.flow_entries as i64);
+    r.register(
+        "lb_flow_table_entries",
+        "Connection table entries counted by the controller's last sweep (a full walk of LB_FLOWS, every 1-10 s) minus those it expired",
+        entries,
+    );
+    let expired = Counter::<u64>::default();
+    set(&expired, st.flows_expired);
+    r.register(
+        "lb_flows_expired",
+        "Idle flows removed by the controller's sweep since lb run started",
+        expired,
+    );
+    let mode = Family::<Labels, Gauge>::default();
+    mode.get_or_create(&labels(&[
+        ("interface", &st.interface),
+        ("mode", &st.xdp_mode),
+    ]))
+    .set(1);
+    r.register(
+        "lb_xdp_mode",
+        "1 for the interface lb_xdp is attached to and its mode (native or generic)",
+        mode,
+    );
+    r.register(
+        "lb",
+        "lb's version and the data plane's map layout version",
+        Info::new(labels(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("layout", &LAYOUT_VERSION.to_string()),
+        ])),
+    );
+    let uptime = Gauge::<i64>::default();
+    uptime.set(st.uptime_seconds as i64);
+    r.register(
+        "lb_uptime_seconds",
+        "Seconds since this lb run started",
+        uptime,
+    );
+    r.register(
+        "lb_health_check_duration_seconds",
+        "Time a health check took (connect, request and answer), by result",
+        tel.health_duration.clone(),
+    );
+    r.register(
+        "lb_config_reloads",
+        "Config reloads (SIGHUP, lb reload) by result: applied or rejected",
+        tel.reloads.clone(),
+    );
+    let mut out = String::new();
+    encode(&mut out, &r).expect("writing to a String cannot fail");
+    out
+}
+
+/// The OpenMetrics content type Prometheus negotiates (it reads the classic text format too).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Names of every global counter, so a test can check none is left out of the exposition.
+pub fn counter_names() -> impl Iterator<Item = &'static str> {
+    Stat::ALL.iter().map(|s| s.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> api::Status {
+        let traffic = api::Traffic {
+            packets: 10,
+            bytes: 1500,
+            new_flows: 3,
+            packets_per_second: 0.0,
+            bits_per_second: 0.0,
+        };
+        api::Status {
+            interface: "eth0".into(),
+            xdp_mode: "native".into(),
+            uptime_seconds: 5,
+            config: "lb.toml".into(),
+            state_file: "s.json".into(),
+            pin_path: "/sys/fs/bpf/lb/eth0".into(),
+            adopted: false,
+            services: vec![api::ServiceStatus {
+                name: "web".into(),
+                vip: "10.0.0.1".parse().unwrap(),
+                port: 80,
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                traffic,
+                backends: vec![api::BackendStatus {
+                    address: "10.0.0.21".parse().unwrap(),
+                    mac: "02:00:00:00:00:21".into(),
+                    mac_source: "config".into(),
+                    state: "up".into(),
+                    admin: api::Admin::Enabled,
+                    config_weight: 100,
+                    weight_override: None,
+                    weight_note: None,
+                    effective_weight: 100,
+                    health: "down".into(),
+                    health_reason: "timeout".into(),
+                    health_since_seconds: 1.0,
+                    health_transitions: 2,
+                    active_connections: 7,
+                    traffic,
+                }],
+            }],
+            flow_entries: 42,
+            flows_expired: 1,
+            counters: counter_names()
+                .enumerate()
+                .map(|(i, n)| (n.to_owned(), i as u64))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn exposition_has_every_documented_metric() {
+        let tel = Telemetry::default();
+        tel.check("web", "10.0.0.21", true, 0.002);
+        tel.reload(true);
+        tel.reload(false);
+        let text = render(&status(), &tel);
+        let l = r#"{service="web",backend="10.0.0.21"}"#;
+        for line in [
+            format!("lb_backend_packets_total{l} 10"),
+            format!("lb_backend_bytes_total{l} 1500"),
+            format!("lb_backend_new_flows_total{l} 3"),
+            format!("lb_backend_active_connections{l} 7"),
+            format!("lb_backend_up{l} 0"),
+            format!("lb_backend_weight{l} 100"),
+            format!("lb_health_transitions_total{l} 2"),
+            r#"lb_service_packets_total{service="web"} 10"#.to_owned(),
+            r#"lb_verdicts_total{verdict="tx"} 0"#.to_owned(),
+            r#"lb_drops_total{reason="no_backend"} 10"#.to_owned(),
+            r#"lb_passes_total{reason="not_ip"} 5"#.to_owned(),
+            "lb_flow_table_entries 42".to_owned(),
+            r#"lb_xdp_mode{interface="eth0",mode="native"} 1"#.to_owned(),
+            format!(
+                r#"lb_info{{version="{}",layout="{LAYOUT_VERSION}"}} 1"#,
+                env!("CARGO_PKG_VERSION")
+            ),
+            r#"lb_config_reloads_total{result="applied"} 1"#.to_owned(),
+            r#"lb_config_reloads_total{result="rejected"} 1"#.to_owned(),
+            r#"lb_health_check_duration_seconds_count{service="web",backend="10.0.0.21",result="success"} 1"#
+                .to_owned(),
+        ] {
+            assert!(text.lines().any(|x| x == line), "missing `{line}` in:\n{text}");
+        }
+        // Every global counter appears under one of the families.
+        for n in counter_names() {
+            let suffix = n.split_once('_').map(|(_, s)| s).unwrap();
+            assert!(text.contains(&format!("\"{suffix}\"}}")), "{n} missing");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
