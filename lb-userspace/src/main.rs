@@ -41,6 +41,9 @@ enum Command {
     /// Which backend a flow has (connection table) or would get, and why:
     /// `lb explain tcp 192.0.2.7 40000 10.0.0.100 80`.
     Explain(cli::explain::Args),
+    /// Live view of services and backends (rates, connections, health), refreshed each second;
+    /// `--once` prints one frame.
+    Top(cli::top::Args),
 }
 
 /// Logging through `tracing` on stderr; `RUST_LOG` filters (default `info`); records of the
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Backend { cmd } => cli::backend::run(&cli.socket, cmd),
         Command::Reload => cli::reload::run(&cli.socket),
         Command::Explain(args) => cli::explain::run(&cli.socket, args),
+        Command::Top(args) => cli::top::run(&cli.socket, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

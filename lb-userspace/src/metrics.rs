@@ -274,6 +274,7 @@ mod tests {
             new_flows: 3,
             packets_per_second: 0.0,
             bits_per_second: 0.0,
+            new_flows_per_second: 0.0,
         };
         api::Status {
             interface: "eth0".into(),

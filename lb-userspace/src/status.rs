@@ -43,15 +43,16 @@ pub struct Process<'a> {
 pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Status {
     let (t1, s1) = samples.now;
     let rate = |now: &Counters, before: Option<&Counters>| -> api::Traffic {
-        let (pps, bps) = match (before, samples.before) {
+        let (pps, bps, nps) = match (before, samples.before) {
             (Some(b), Some((t0, _))) => {
                 let dt = t1.duration_since(t0).as_secs_f64().max(1e-3);
                 (
                     now.packets.saturating_sub(b.packets) as f64 / dt,
                     8.0 * now.bytes.saturating_sub(b.bytes) as f64 / dt,
+                    now.new_flows.saturating_sub(b.new_flows) as f64 / dt,
                 )
             }
-            _ => (0.0, 0.0),
+            _ => (0.0, 0.0, 0.0),
         };
         api::Traffic {
             packets: now.packets,
@@ -59,6 +60,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             new_flows: now.new_flows,
             packets_per_second: pps,
             bits_per_second: bps,
+            new_flows_per_second: nps,
         }
     };
     let mut services = Vec::new();

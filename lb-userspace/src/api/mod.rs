@@ -173,6 +173,9 @@ pub struct Traffic {
     /// Over the last sampling interval (about a second).
     pub packets_per_second: f64,
     pub bits_per_second: f64,
+    /// New flows per second over the same interval.
+    #[serde(default)]
+    pub new_flows_per_second: f64,
 }
 
 /// `GET /v1/explain/{protocol}/{client}/{client_port}/{vip}/{port}`: where a flow goes and why.

@@ -5,3 +5,4 @@ pub mod explain;
 pub mod reload;
 pub mod run;
 pub mod status;
+pub mod top;
