@@ -43,6 +43,13 @@ pub const META: &str = "LB_META";
 /// Backend id → [`crate::BackendMeta`] (array); controller only, for adoption after a restart.
 pub const BACKEND_META: &str = "LB_BE_META";
 
+/// `lb trace`'s settings: one [`crate::TraceConfig`] (array).
+pub const TRACE_CFG: &str = "LB_TRACE_CFG";
+/// `lb trace`'s events: [`crate::TraceEvent`]s (ring buffer).
+pub const TRACE: &str = "LB_TRACE";
+/// `lb trace`'s rate limit and loss counts: [`crate::TraceRate`] (per-CPU array of one).
+pub const TRACE_RATE: &str = "LB_TRACE_RATE";
+
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 
@@ -50,7 +57,7 @@ pub const LINK_PIN: &str = "link";
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 18] = [
     META,
     BACKEND_META,
     FLAGS,
@@ -66,6 +73,9 @@ pub const ALL_MAPS: [&str; 15] = [
     STATS,
     SERVICE_STATS,
     BACKEND_STATS,
+    TRACE_CFG,
+    TRACE,
+    TRACE_RATE,
 ];
 
 const _: () = {

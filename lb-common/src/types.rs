@@ -186,7 +186,8 @@ pub const META_LEN: u32 = 8;
 /// Version of the maps' layout (names, key and value types, meanings). A controller adopts
 /// pinned maps only of its own layout; bump it with every change of a shared type or map.
 ///
-/// 2: `LB_BE_CONNS`, `LB_BE_EXPIRED` and `LB_RR_CURSOR` are shared arrays (were per CPU).
+/// 2: `LB_BE_CONNS`, `LB_BE_EXPIRED` and `LB_RR_CURSOR` are shared arrays (were per CPU);
+/// `LB_TRACE`, `LB_TRACE_CFG` and `LB_TRACE_RATE` for `lb trace`.
 pub const LAYOUT_VERSION: u64 = 2;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
@@ -209,6 +210,75 @@ impl Counters {
     }
 }
 
+/// `lb trace`'s settings, `LB_TRACE_CFG[0]`; written by `lb trace`, read by `lb_xdp`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// Tracing runs until this CLOCK_MONOTONIC_COARSE time (ns); 0 = off (the data plane then
+    /// pays one load and one branch). `lb trace` pushes it forward every second, so a killed
+    /// trace stops by itself.
+    pub until_ns: u64,
+    /// Only flows to this VIP ([`TRACE_F_VIP`]).
+    pub vip: [u8; 16],
+    /// Only flows from this client ([`TRACE_F_CLIENT`]).
+    pub client: [u8; 16],
+    /// Only frames sent to this backend MAC ([`TRACE_F_BACKEND`]).
+    pub backend_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `TRACE_F_*`: which filters apply.
+    pub filters: u32,
+    /// Most events per second and CPU; the rest are counted as suppressed.
+    pub rate: u32,
+}
+
+pub const TRACE_F_VIP: u32 = 1;
+pub const TRACE_F_CLIENT: u32 = 2;
+pub const TRACE_F_BACKEND: u32 = 4;
+
+/// Bytes of each traced frame copied into its event (from the start of the frame).
+/// A power of two (the data plane masks lengths with it).
+pub const TRACE_SNAP: usize = 128;
+const _: () = assert!(TRACE_SNAP.is_power_of_two());
+
+/// One decision of `lb_xdp`, as `lb trace` receives it through the `LB_TRACE` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// The 5-tuple (zero where the parser did not get that far).
+    pub key: FlowKey,
+    /// Backend id ([`NO_BACKEND`] when none was chosen).
+    pub backend: u32,
+    /// The XDP verdict (`XDP_TX` = 3, ...).
+    pub action: u32,
+    /// Why: a [`crate::stats::Stat`] index (`flow_hit`, `flow_new`, `pass_no_service`,
+    /// `drop_no_backend`, ...).
+    pub reason: u32,
+    /// CPU that ran the program.
+    pub cpu: u32,
+    /// Length of the whole frame.
+    pub pkt_len: u32,
+    /// Bytes of it in `data` (at most [`TRACE_SNAP`]): the frame as it left, after the MAC
+    /// rewrite (or as it arrived, when passed or dropped).
+    pub cap_len: u32,
+    pub data: [u8; TRACE_SNAP],
+}
+
+/// Per-CPU bookkeeping of the trace rate limit (`LB_TRACE_RATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRate {
+    /// Start of the current one-second window (ns, coarse clock).
+    pub window_ns: u64,
+    /// Events sent in the current window.
+    pub sent: u64,
+    /// Events not sent because of the rate limit, since the trace started.
+    pub suppressed: u64,
+    /// Events lost because the ring buffer was full.
+    pub lost: u64,
+}
+
 // Layout: no implicit padding anywhere (sizes are the sums of the fields).
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<ServiceKey>() == 20);
@@ -218,6 +288,9 @@ const _: () = assert!(size_of::<Backend>() == 32);
 const _: () = assert!(size_of::<FlowValue>() == 24);
 const _: () = assert!(size_of::<Counters>() == 24);
 const _: () = assert!(size_of::<BackendMeta>() == 24);
+const _: () = assert!(size_of::<TraceConfig>() == 56);
+const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
+const _: () = assert!(size_of::<TraceRate>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
@@ -242,7 +315,10 @@ mod user {
         Backend,
         FlowValue,
         Counters,
-        BackendMeta
+        BackendMeta,
+        TraceConfig,
+        TraceEvent,
+        TraceRate
     );
 }
 

@@ -19,11 +19,12 @@ mod maps;
 mod parse;
 mod select;
 mod stats;
+mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, PROTO_TCP, ServiceKey,
-    ServiceValue, VipKey, stats::Stat,
+    BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, NO_BACKEND, PROTO_TCP,
+    ServiceKey, ServiceValue, VipKey, stats::Stat,
 };
 use network_types::eth::EthHdr;
 
@@ -31,11 +32,18 @@ use crate::{
     maps::{LB_FLAGS, LB_SERVICES, LB_TX_PORTS, LB_VIPS},
     parse::Parsed,
     stats::{count, count_backend, count_service},
+    trace::{Decision, maybe_trace},
 };
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let action = process(&ctx);
+    let mut d = Decision {
+        key: FlowKey::default(),
+        backend: NO_BACKEND,
+        backend_mac: [0; 6],
+        reason: 0,
+    };
+    let action = process(&ctx, &mut d);
     count(match action {
         xdp_action::XDP_TX => Stat::VerdictTx,
         xdp_action::XDP_REDIRECT => Stat::VerdictRedirect,
@@ -43,6 +51,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         xdp_action::XDP_DROP => Stat::VerdictDrop,
         _ => Stat::VerdictAborted,
     });
+    maybe_trace(&ctx, &d, action);
     action
 }
 
@@ -54,46 +63,49 @@ pub fn lb_baseline_tx(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> u32 {
-    let mut key = FlowKey::default();
+fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     let mut tcp_flags = 0u8;
-    match parse::parse(ctx, &mut key, &mut tcp_flags) {
+    match parse::parse(ctx, &mut d.key, &mut tcp_flags) {
         Parsed::Flow => {}
-        Parsed::NotIp => return pass(Stat::PassNotIp),
-        Parsed::NotTcpUdp => return pass(Stat::PassNotTcpUdp),
-        Parsed::Malformed => return pass(Stat::PassMalformed),
+        Parsed::NotIp => return pass(d, Stat::PassNotIp),
+        Parsed::NotTcpUdp => return pass(d, Stat::PassNotTcpUdp),
+        Parsed::Malformed => return pass(d, Stat::PassMalformed),
         Parsed::MalformedL4 => {
-            return if is_vip(&key) {
-                drop(ctx, Stat::DropMalformed)
+            return if is_vip(&d.key) {
+                drop(ctx, d, Stat::DropMalformed)
             } else {
-                pass(Stat::PassMalformed)
+                pass(d, Stat::PassMalformed)
             };
         }
         Parsed::Fragment => {
-            return if is_vip(&key) {
-                drop(ctx, Stat::DropFragment)
+            return if is_vip(&d.key) {
+                drop(ctx, d, Stat::DropFragment)
             } else {
-                pass(Stat::PassFragment)
+                pass(d, Stat::PassFragment)
             };
         }
     }
 
-    let Some(svc) = lookup_service(&key) else {
-        return pass(Stat::PassNoService);
+    let Some(svc) = lookup_service(&d.key) else {
+        return pass(d, Stat::PassNoService);
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
 
-    let Some((backend_id, backend)) = select::backend_for_flow(&key, svc, tcp_flags) else {
-        return drop(ctx, Stat::DropNoBackend);
+    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, svc, tcp_flags)
+    else {
+        return drop(ctx, d, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);
+    d.backend = backend_id;
+    d.backend_mac = backend.mac;
+    d.reason = how as u32;
 
     rewrite_macs(ctx, backend);
     if backend.flags & BACKEND_F_REDIRECT != 0 {
         match LB_TX_PORTS.redirect(backend.tx_port, xdp_action::XDP_DROP as u64) {
             Ok(action) => action,
-            Err(_) => drop(ctx, Stat::DropTxPort),
+            Err(_) => drop(ctx, d, Stat::DropTxPort),
         }
     } else {
         xdp_action::XDP_TX
@@ -147,14 +159,16 @@ fn rewrite_macs(ctx: &XdpContext, backend: &Backend) {
 }
 
 #[inline(always)]
-fn pass(reason: Stat) -> u32 {
+fn pass(d: &mut Decision, reason: Stat) -> u32 {
     count(reason);
+    d.reason = reason as u32;
     xdp_action::XDP_PASS
 }
 
 #[inline(always)]
-fn drop(ctx: &XdpContext, reason: Stat) -> u32 {
+fn drop(ctx: &XdpContext, d: &mut Decision, reason: Stat) -> u32 {
     count(reason);
+    d.reason = reason as u32;
     #[cfg(feature = "log")]
     aya_log_ebpf::debug!(ctx, "lb_xdp: XDP_DROP {}", reason.name());
     let _ = ctx;

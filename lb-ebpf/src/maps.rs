@@ -3,10 +3,11 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, BackendMeta, Counters, FlowKey, FlowValue, META_LEN, ServiceKey, ServiceValue, VipKey,
+    Backend, BackendMeta, Counters, FlowKey, FlowValue, META_LEN, ServiceKey, ServiceValue,
+    TraceConfig, TraceRate, VipKey,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
     },
@@ -81,3 +82,15 @@ pub static LB_SVC_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(M
 /// Per-backend counters (per CPU).
 #[map]
 pub static LB_BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// `lb trace`'s settings (index 0); `until_ns == 0`: off.
+#[map]
+pub static LB_TRACE_CFG: Array<TraceConfig> = Array::with_max_entries(1, 0);
+
+/// `lb trace`'s events (`TraceEvent`s).
+#[map]
+pub static LB_TRACE: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// `lb trace`'s rate limit and loss counts, per CPU.
+#[map]
+pub static LB_TRACE_RATE: PerCpuArray<TraceRate> = PerCpuArray::with_max_entries(1, 0);

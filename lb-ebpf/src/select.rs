@@ -35,7 +35,8 @@ const TCP_ACK: u8 = 0x10;
 /// `last_seen_ns` is refreshed when older than this (one write a second per flow at most).
 const TOUCH_NS: u64 = 1_000_000_000;
 
-/// The backend for this packet's flow, or `None` when the service has no usable backend.
+/// The backend for this packet's flow and how it was found (`FlowHit`, `FlowNew`,
+/// `FlowRescheduled`), or `None` when the service has no usable backend.
 ///
 /// A flow in the connection table keeps its backend as long as that backend is active and the
 /// id still belongs to the same backend (generation). Otherwise the flow is scheduled (again)
@@ -50,7 +51,7 @@ pub fn backend_for_flow(
     key: &FlowKey,
     svc: &ServiceValue,
     tcp_flags: u8,
-) -> Option<(u32, &'static Backend)> {
+) -> Option<(u32, &'static Backend, Stat)> {
     // SAFETY: no arguments; reads the coarse monotonic clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let closing = key.protocol == PROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0;
@@ -74,7 +75,7 @@ pub fn backend_for_flow(
                 flow.last_seen_ns = now;
             }
             count(Stat::FlowHit);
-            return Some((id, b));
+            return Some((id, b, Stat::FlowHit));
         }
         if counted_and_open(flow) {
             add_conns(id, u64::MAX); // −1 on the backend it leaves
@@ -106,7 +107,15 @@ pub fn backend_for_flow(
         count(Stat::FlowNew);
     }
     count_new_flow(svc.id, id);
-    Some((id, b))
+    Some((
+        id,
+        b,
+        if moved {
+            Stat::FlowRescheduled
+        } else {
+            Stat::FlowNew
+        },
+    ))
 }
 
 /// Adds `delta` (wrapping: `u64::MAX` is −1) to a backend's shared active-connection counter.

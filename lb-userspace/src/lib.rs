@@ -10,7 +10,7 @@
 //! - [`health`]: probes and rise/fall, [`health::tasks`] (check tasks kept across reloads);
 //! - [`neigh`]: MAC resolution (netlink dump + events);
 //! - [`api`]: types, [`api::server`] (typed requests), [`api::client`]; [`status`]: reports;
-//!   [`metrics`]: the Prometheus exposition.
+//!   [`metrics`]: the Prometheus exposition; [`trace`]: `lb trace`'s maps, decoding, pcapng.
 //!
 //! Pure logic (config validation, Maglev, schedulers, desired state, diff, the controller's
 //! core through fakes) is host-tested without root.
@@ -31,6 +31,7 @@ pub mod report;
 pub mod sched;
 pub mod stats;
 pub mod status;
+pub mod trace;
 
 /// The compiled `lb_xdp` object, embedded at build time (empty if built without bpf-linker).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

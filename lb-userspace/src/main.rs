@@ -44,6 +44,9 @@ enum Command {
     /// Live view of services and backends (rates, connections, health), refreshed each second;
     /// `--once` prints one frame.
     Top(cli::top::Args),
+    /// The data plane's decisions as they happen (filter by VIP, client, backend), with the
+    /// frames as sent after the MAC rewrite in a pcapng file (`--pcap`). Needs root.
+    Trace(cli::trace::Args),
 }
 
 /// Logging through `tracing` on stderr; `RUST_LOG` filters (default `info`); records of the
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Reload => cli::reload::run(&cli.socket),
         Command::Explain(args) => cli::explain::run(&cli.socket, args),
         Command::Top(args) => cli::top::run(&cli.socket, args),
+        Command::Trace(args) => cli::trace::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1020,3 +1020,94 @@ fn loader_refuses_an_active_backend_without_mac() {
     let (pkt, _) = tcp4(C1, u16::from_be_bytes(key.src_port), VIP4, 80);
     f.expect_forward("after the refused write", &pkt, &key, "web4");
 }
+
+// ---- lb trace ---------------------------------------------------------------------------------
+
+/// The trace carries each decision with the frame *as sent* (after the MAC rewrite), obeys its
+/// filters and rate limit, and costs nothing visible when off.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn trace_reports_decisions_with_the_frames_as_sent() {
+    use lb_common::{TRACE_F_BACKEND, TRACE_F_CLIENT, TRACE_F_VIP, TraceConfig};
+    let mut f = Fixture::new(CONFIG);
+    let mut t = f.dp.trace_maps().expect("trace maps");
+    let on = TraceConfig {
+        until_ns: u64::MAX,
+        rate: 1000,
+        ..TraceConfig::default()
+    };
+    // Off: nothing.
+    let (syn, key) = tcp4(C1, 40100, VIP4, 80);
+    f.run(&syn);
+    assert!(t.drain().is_empty(), "tracing is off by default");
+
+    t.set(&on).unwrap();
+    let (syn, key2) = tcp4(C1, 40102, VIP4, 80);
+    let (v, out) = f.run(&syn);
+    assert_eq!(v, XDP_TX);
+    let non_vip = tcp4(C1, 40104, Ipv4Addr::new(10, 99, 0, 1), 22).0;
+    f.run(&non_vip);
+    let evs = t.drain();
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    let e = &evs[0];
+    assert_eq!(e.key, key2);
+    assert_eq!((e.action, e.reason), (XDP_TX, Stat::FlowNew as u32));
+    assert_eq!(e.pkt_len as usize, out.len());
+    assert_eq!(&e.data[..e.cap_len as usize], &out[..], "the frame as sent");
+    let b = f.predict(&key2, "web4");
+    assert_eq!(e.backend, b);
+    assert_eq!(
+        (evs[1].action, evs[1].reason),
+        (XDP_PASS, Stat::PassNoService as u32)
+    );
+    assert_eq!(&evs[1].data[..evs[1].cap_len as usize], &non_vip[..]);
+    let _ = key;
+
+    // Filters: VIP, client, backend MAC.
+    let mut vip_only = on;
+    vip_only.filters = TRACE_F_VIP;
+    vip_only.vip[..4].copy_from_slice(&VIP_ANY.octets());
+    t.set(&vip_only).unwrap();
+    f.run(&tcp4(C1, 40106, VIP4, 80).0);
+    f.run(&tcp4(C1, 40108, VIP_ANY, 443).0);
+    let evs = t.drain();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].key.dst_addr[..4], VIP_ANY.octets());
+    let mut client_only = on;
+    client_only.filters = TRACE_F_CLIENT;
+    client_only.client[..4].copy_from_slice(&C2.octets());
+    t.set(&client_only).unwrap();
+    f.run(&tcp4(C1, 40110, VIP4, 80).0);
+    f.run(&tcp4(C2, 40110, VIP4, 80).0);
+    let evs = t.drain();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].key.src_addr[..4], C2.octets());
+    let mut backend_only = on;
+    backend_only.filters = TRACE_F_BACKEND;
+    backend_only.backend_mac = f.backend_mac(b);
+    t.set(&backend_only).unwrap();
+    let mut sent_to_b = 0;
+    for p in 0..20u16 {
+        let (pkt, k) = tcp4(C2, 41000 + 2 * p, VIP4, 80);
+        f.run(&pkt);
+        if f.predict(&k, "web4") == b {
+            sent_to_b += 1;
+        }
+    }
+    let evs = t.drain();
+    assert!(sent_to_b > 0);
+    assert_eq!(evs.len(), sent_to_b, "only frames to that backend");
+    assert!(evs.iter().all(|e| e.data[..6] == f.backend_mac(b)));
+
+    // Rate limit: 3 per second and CPU; the rest counted as suppressed. Expired: nothing.
+    t.reset().unwrap();
+    t.set(&TraceConfig { rate: 3, ..on }).unwrap();
+    for p in 0..8u16 {
+        f.run(&tcp4(C1, 42000 + 2 * p, VIP4, 80).0);
+    }
+    assert_eq!(t.drain().len(), 3);
+    assert_eq!(t.losses(), (5, 0));
+    t.set(&TraceConfig { until_ns: 1, ..on }).unwrap();
+    f.run(&tcp4(C1, 43000, VIP4, 80).0);
+    assert!(t.drain().is_empty(), "an expired lease traces nothing");
+}

@@ -6,3 +6,4 @@ pub mod reload;
 pub mod run;
 pub mod status;
 pub mod top;
+pub mod trace;

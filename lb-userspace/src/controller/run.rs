@@ -403,7 +403,11 @@ async fn event_loop(
             }
             Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
             _ = probe_tick.tick() => ctl.tick(),
-            _ = sweep.tick() => match ctl.sweep(coarse_now_ns()) {
+            _ = sweep.tick() => match ctl.sweep(coarse_now_ns()).inspect(|_| {
+                if let Ok(true) = ctl.maps().clear_expired_trace(coarse_now_ns()) {
+                    tracing::info!("a trace's lease ran out (its lb trace ended without switching it off): tracing off");
+                }
+            }) {
                 Ok(s) => {
                     flows.0 = s.entries - s.expired;
                     flows.1 += s.expired;

@@ -669,6 +669,31 @@ impl Dataplane {
     }
 
     /// Number of entries in the connection table.
+    /// Switches off a trace whose lease ran out (its `lb trace` died): the packet path is back
+    /// to one branch. `now_coarse_ns` is CLOCK_MONOTONIC_COARSE. Returns whether it did.
+    pub fn clear_expired_trace(&mut self, now_coarse_ns: u64) -> Result<bool> {
+        let Some(map) = self.ebpf.map_mut(names::TRACE_CFG) else {
+            return Ok(false);
+        };
+        let mut cfg: Array<&mut MapData, lb_common::TraceConfig> =
+            Array::try_from(map).map_err(map_err(names::TRACE_CFG))?;
+        let c = cfg.get(&0, 0).map_err(map_err(names::TRACE_CFG))?;
+        if c.until_ns == 0 || c.until_ns >= now_coarse_ns {
+            return Ok(false);
+        }
+        cfg.set(0, lb_common::TraceConfig::default(), 0)
+            .map_err(map_err(names::TRACE_CFG))?;
+        Ok(true)
+    }
+
+    /// Takes the trace maps out of the object (tests read traces of an unpinned program).
+    pub fn trace_maps(&mut self) -> Option<crate::trace::TraceMaps> {
+        let cfg = self.ebpf.take_map(names::TRACE_CFG)?;
+        let ring = self.ebpf.take_map(names::TRACE)?;
+        let rate = self.ebpf.take_map(names::TRACE_RATE)?;
+        crate::trace::TraceMaps::from_maps(cfg, ring, rate).ok()
+    }
+
     pub fn flow_count(&mut self) -> Result<usize> {
         Ok(self.maps.flows.keys().filter(|k| k.is_ok()).count())
     }
