@@ -92,8 +92,7 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
 
-    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, svc, tcp_flags)
-    else {
+    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, svc, tcp_flags) else {
         return drop(ctx, d, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);

@@ -10,8 +10,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FlowKey, TRACE_F_BACKEND, TRACE_F_CLIENT, TRACE_F_VIP, TRACE_SNAP, TraceConfig,
-    TraceEvent,
+    FlowKey, TRACE_F_BACKEND, TRACE_F_CLIENT, TRACE_F_VIP, TRACE_SNAP, TraceConfig, TraceEvent,
 };
 
 use crate::maps::{LB_TRACE, LB_TRACE_CFG, LB_TRACE_RATE};

@@ -401,7 +401,9 @@ mod tests {
     /// The pcapng file reads back (with the same crate's reader) with the frame and comment.
     #[test]
     fn pcapng_round_trip() {
-        use pcap_file::pcapng::{Block, PcapNgReader, blocks::enhanced_packet::EnhancedPacketOption};
+        use pcap_file::pcapng::{
+            Block, PcapNgReader, blocks::enhanced_packet::EnhancedPacketOption,
+        };
         let backends = BTreeMap::new();
         let mut ev = event();
         ev.action = 1;

@@ -207,7 +207,40 @@ fn bound_socket(src: IpAddr, kind: Type, proto: Protocol) -> anyhow::Result<Sock
 
 /// One HTTP GET from `src` to `target`; returns the body (the backend's name).
 pub fn http_get(src: IpAddr, target: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    http_get_from(src, target, timeout).map(|(_, name)| name)
+}
+
+/// `count` HTTP GETs one after another (sources in turn), printing one JSON line each:
+/// `{"src": "...", "sport": n, "backend": "b1"}` (`"error"` instead of `"backend"` on failure).
+pub fn http_detail(sources: &[IpAddr], target: SocketAddr, count: usize) -> anyhow::Result<()> {
+    for i in 0..count {
+        let src = sources[i % sources.len()];
+        match http_get_from(src, target, Duration::from_secs(3)) {
+            Ok((sport, name)) => println!(
+                "{}",
+                serde_json::json!({"src": src, "sport": sport, "backend": name})
+            ),
+            Err(e) => println!(
+                "{}",
+                serde_json::json!({"src": src, "error": format!("{e:#}")})
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// One HTTP GET; the client's port and the body.
+fn http_get_from(
+    src: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
     let s = bound_socket(src, Type::STREAM, Protocol::TCP)?;
+    let sport = s
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .unwrap_or_default();
     s.connect_timeout(&target.into(), timeout)
         .with_context(|| format!("connecting {src} → {target}"))?;
     let mut conn: TcpStream = s.into();
@@ -222,7 +255,7 @@ pub fn http_get(src: IpAddr, target: SocketAddr, timeout: Duration) -> anyhow::R
     if !head.starts_with("HTTP/1.1 200") {
         bail!("HTTP status: {}", head.lines().next().unwrap_or(""));
     }
-    Ok(body.trim().to_owned())
+    Ok((sport, body.trim().to_owned()))
 }
 
 /// One UDP echo from `src` to `target`; returns the backend's name.

@@ -62,7 +62,8 @@ enum Task {
         fail_file: Option<PathBuf>,
     },
     /// (internal) Lab client, run inside the client namespace; prints a JSON tally
-    /// (`--kind http|udp`), or holds one TCP connection to the echo service (`--kind hold`).
+    /// (`--kind http|udp`; `http-detail` prints each request's source port and backend), or holds one
+    /// TCP connection to the echo service (`--kind hold`).
     #[command(hide = true)]
     LabClient {
         #[arg(long)]
@@ -117,6 +118,12 @@ fn main() -> ExitCode {
             sources,
             count,
         } if kind == "stream" => labnet::stream(&sources, target, count),
+        Task::LabClient {
+            kind,
+            target,
+            sources,
+            count,
+        } if kind == "http-detail" => labnet::http_detail(&sources, target, count),
         Task::LabClient {
             kind,
             target,

@@ -1382,6 +1382,391 @@ fn replace_migrates(mode: Mode) {
     assert!(status.contains("\"flow_entries\""), "{status}");
 }
 
+/// Issue #11: metrics scraped over HTTP agree with the traffic sent and with what `lb trace`
+/// saw leave (packets and bytes exactly, per backend); the pcapng file reads with tcpdump and
+/// its frames carry the backends' MACs and the LB's source MAC; each trace filter works;
+/// `lb top --once` lists every service and backend with rates; `lb explain` names the backend
+/// 100 real connections landed on; a killed backend's `lb_backend_up` drops to 0.
+fn observability(mode: Mode) {
+    let (interval, timeout, fall) = (300u64, 200u64, 2u64);
+    let mut lab = Lab::up(mode, &[100, 200, 200], Path::new(XTASK)).expect("lab up");
+    lab.health = vec![(
+        "web".into(),
+        format!(
+            "kind = \"http\"\ninterval_ms = {interval}\ntimeout_ms = {timeout}\nrise = 2\nfall = {fall}\n"
+        ),
+    )];
+    let config = lab.config(mode).replacen(
+        "[control]\n",
+        "[control]\nmetrics = \"127.0.0.1:9470\"\n",
+        1,
+    );
+    lab.start_lb(&lb(), &config).expect("lb run");
+    let lbns = lab.lb_ns();
+    let scrape = |lab: &Lab| -> Metrics {
+        let text = lab
+            .exec(
+                &lbns,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://127.0.0.1:9470/metrics",
+                ],
+            )
+            .expect("scrape");
+        Metrics::parse(&text)
+    };
+    for b in &lab.backends {
+        wait_health(
+            &lab,
+            "web",
+            &b.v4.to_string(),
+            "up",
+            Duration::from_secs(10),
+        );
+    }
+    let pin = lab.pin_path();
+    let pcap = lab.dir.join("trace.pcapng");
+    let trace = |lab: &mut Lab, extra: &[&str]| {
+        let mut args = vec![
+            lb().to_str().unwrap().to_owned(),
+            "trace".into(),
+            "--pin-path".into(),
+            pin.to_str().unwrap().into(),
+            "--json".into(),
+            "--rate".into(),
+            "1000000".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = lab.spawn(&lbns, &args).expect("lb trace");
+        // It switches tracing on before its first poll: give it a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        t
+    };
+    let events = |t: lab::Spawned| -> (Vec<serde_json::Value>, Vec<String>) {
+        let (ok, out, err) = t.finish(Duration::from_secs(60)).expect("lb trace ends");
+        assert!(ok, "lb trace failed: {err:?}");
+        (
+            out.iter()
+                .map(|l| serde_json::from_str(l).expect("JSON line"))
+                .collect(),
+            err,
+        )
+    };
+
+    // 1 000 requests, traced (VIP filter) into a pcapng.
+    let before = scrape(&lab);
+    let t = trace(
+        &mut lab,
+        &[
+            "--vip",
+            &lab::VIP4.to_string(),
+            "--pcap",
+            pcap.to_str().unwrap(),
+            "--seconds",
+            "600",
+        ],
+    );
+    // New flows count connection-table entries: a client port the kernel hands out again
+    // within the flow timeout is the same flow. So: distinct (source, port) per backend.
+    let requests = http_detail(&lab, 1000);
+    let mut flows: std::collections::BTreeMap<String, std::collections::BTreeSet<(String, u64)>> =
+        Default::default();
+    for (src, sport, name) in &requests {
+        flows
+            .entry(name.clone())
+            .or_default()
+            .insert((src.clone(), *sport));
+    }
+    let distinct: usize = flows.values().map(|s| s.len()).sum();
+    std::thread::sleep(Duration::from_millis(300));
+    signal_child(&t, libc::SIGINT);
+    let (evs, err) = events(t);
+    assert!(
+        err.iter()
+            .any(|l| l.contains("0 suppressed by the rate limit, 0 lost")),
+        "trace lost events: {err:?}"
+    );
+    let after = scrape(&lab);
+    let mut new_total = 0u64;
+    for b in &lab.backends {
+        let l = format!("service=\"web\",backend=\"{}\"", b.v4);
+        let d = |m: &str| after.get(m, &l) - before.get(m, &l);
+        let new = d("lb_backend_new_flows_total");
+        new_total += new;
+        assert_eq!(
+            new as usize,
+            flows.get(&b.name).map_or(0, |s| s.len()),
+            "{}: new flows vs distinct connections answered",
+            b.name
+        );
+        // What the trace saw leave for this backend on port 80.
+        let mine: Vec<&serde_json::Value> = evs
+            .iter()
+            .filter(|e| e["port"] == 80 && e["backend"] == b.v4.to_string() && e["verdict"] == "tx")
+            .collect();
+        let bytes: u64 = mine.iter().map(|e| e["len"].as_u64().unwrap()).sum();
+        assert_eq!(
+            d("lb_backend_packets_total"),
+            mine.len() as u64,
+            "{} packets",
+            b.name
+        );
+        assert_eq!(d("lb_backend_bytes_total"), bytes, "{} bytes", b.name);
+        assert!(bytes >= 54 * mine.len() as u64, "at least headers");
+        assert_eq!(after.get("lb_backend_up", &l), 1);
+        println!(
+            "{} metrics: {} new flows, {} packets, {bytes} bytes to {} (= trace)",
+            mode.as_str(),
+            new,
+            mine.len(),
+            b.name
+        );
+    }
+    assert_eq!(
+        new_total as usize, distinct,
+        "new flows add up to the connections"
+    );
+    println!(
+        "{} metrics: 1000 requests, {distinct} distinct 5-tuples (the rest reused a client port), {new_total} new flows",
+        mode.as_str()
+    );
+    assert!(after.get("lb_verdicts_total", "verdict=\"tx\"") > 0);
+    assert_eq!(
+        after.get(
+            "lb_xdp_mode",
+            &format!("interface=\"eth0\",mode=\"{}\"", mode.as_str())
+        ),
+        1
+    );
+
+    // The pcapng reads with tcpdump: frames from the LB's MAC to a backend's MAC.
+    let out =
+        cmd::run("tcpdump", &["-nn", "-e", "-r", pcap.to_str().unwrap()]).expect("tcpdump -r");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let macs: Vec<String> = lab.backends.iter().map(|b| b.mac.clone()).collect();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), evs.len(), "one frame per event");
+    let forwarded = lines
+        .iter()
+        .filter(|l| {
+            macs.iter()
+                .any(|m| l.contains(&format!("{} > {m}", lab::LB_MAC)))
+        })
+        .count();
+    let tx = evs.iter().filter(|e| e["verdict"] == "tx").count();
+    assert_eq!(
+        forwarded, tx,
+        "every forwarded frame: LB MAC → a backend MAC"
+    );
+    println!(
+        "{} trace: {} events ({tx} forwarded) in the pcapng, tcpdump reads it",
+        mode.as_str(),
+        evs.len()
+    );
+
+    // Each filter: client, backend.
+    let c2 = lab.clients4[1];
+    let t = trace(
+        &mut lab,
+        &[
+            "--client",
+            &c2.to_string(),
+            "--count",
+            "20",
+            "--seconds",
+            "60",
+        ],
+    );
+    http(&lab, 100);
+    let (evs, _) = events(t);
+    assert_eq!(evs.len(), 20);
+    assert!(evs.iter().all(|e| e["client"] == c2.to_string()), "{evs:?}");
+    let b1 = lab.backends[0].v4.to_string();
+    let t = trace(
+        &mut lab,
+        &["--backend", &b1, "--count", "20", "--seconds", "60"],
+    );
+    http(&lab, 200);
+    let (evs, _) = events(t);
+    assert_eq!(evs.len(), 20);
+    assert!(evs.iter().all(|e| e["backend"] == b1), "{evs:?}");
+
+    // lb top --once under load: every service and backend, with a rate for web.
+    // (A load far longer than needed, stopped once the frame is taken.)
+    let load = background_load(&mut lab, 1_000_000);
+    std::thread::sleep(Duration::from_millis(2500));
+    let top = lab
+        .lb_cli(&lb(), &["top", "--once"])
+        .expect("lb top --once");
+    drop(load);
+    for s in ["web", "web6", "echo", "uecho", "uecho6"] {
+        assert!(top.contains(&format!("- {s} ")), "{s} missing:\n{top}");
+    }
+    for b in &lab.backends {
+        assert!(
+            top.contains(&b.v4.to_string()) && top.contains(&b.v6.to_string()),
+            "{top}"
+        );
+    }
+    let web = top.lines().find(|l| l.contains("- web ")).unwrap();
+    let pps = web.split_whitespace().rev().nth(3).unwrap();
+    assert!(pps != "0", "web has a packet rate: {web}");
+    assert!(
+        top.lines().all(|l| l.chars().count() <= 80),
+        "80 columns:\n{top}"
+    );
+    println!("{} lb top --once:\n{top}", mode.as_str());
+
+    // lb explain agrees with where 100 real connections landed.
+    let mut agreed = 0;
+    for (src, sport, name) in http_detail(&lab, 100) {
+        let want = lab
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap()
+            .v4
+            .to_string();
+        let sport = sport.to_string();
+        let e = lab
+            .lb_cli(
+                &lb(),
+                &[
+                    "explain",
+                    "tcp",
+                    &src,
+                    &sport,
+                    &lab::VIP4.to_string(),
+                    "80",
+                    "--json",
+                ],
+            )
+            .expect("lb explain");
+        let e: serde_json::Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(e["outcome"], "hit", "{e}");
+        assert_eq!(e["backend"], want.as_str(), "{e}");
+        agreed += 1;
+    }
+    assert_eq!(agreed, 100);
+    let e = lab
+        .lb_cli(
+            &lb(),
+            &[
+                "explain",
+                "tcp",
+                "10.99.0.11",
+                "1",
+                &lab::VIP4.to_string(),
+                "81",
+            ],
+        )
+        .unwrap();
+    assert!(e.contains("no_service"), "{e}");
+    println!(
+        "{} explain: 100 of 100 connections where lb explain says",
+        mode.as_str()
+    );
+
+    // A killed backend: lb_backend_up 0 within the health bound.
+    lab.kill_backend("b3").unwrap();
+    let l = format!("service=\"web\",backend=\"{}\"", lab.backends[2].v4);
+    let start = std::time::Instant::now();
+    while scrape(&lab).get("lb_backend_up", &l) != 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "b3 still up");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let took = start.elapsed();
+    let bound = Duration::from_millis(fall * interval + timeout);
+    println!(
+        "{} metrics: lb_backend_up of the killed b3 is 0 after {took:?} (bound {bound:?})",
+        mode.as_str()
+    );
+    assert!(took <= bound + Duration::from_millis(fall * interval / 10 + 200));
+    let m = scrape(&lab);
+    assert!(m.get("lb_health_transitions_total", &l) >= 1);
+    assert!(
+        m.get(
+            "lb_health_check_duration_seconds_count",
+            &format!("{l},result=\"failure\"")
+        ) >= 1
+    );
+}
+
+/// `count` HTTP requests one after another; (source, client port, backend name) of each.
+fn http_detail(lab: &Lab, count: usize) -> Vec<(String, u64, String)> {
+    let target = format!("{}:{}", lab::VIP4, lab::HTTP_PORT);
+    let n = count.to_string();
+    let mut args = vec![
+        XTASK,
+        "lab-client",
+        "--kind",
+        "http-detail",
+        "--target",
+        &target,
+    ];
+    args.extend(["--count", &n]);
+    let srcs: Vec<String> = lab.clients4.iter().map(|a| a.to_string()).collect();
+    for s in &srcs {
+        args.extend(["--source", s]);
+    }
+    let out = lab.exec(&lab.client(), &args).expect("http-detail");
+    out.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let name = v["backend"]
+                .as_str()
+                .unwrap_or_else(|| panic!("request failed: {v}"));
+            (
+                v["src"].as_str().unwrap().to_owned(),
+                v["sport"].as_u64().unwrap(),
+                name.to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A scraped exposition: `name{labels} value` lines.
+struct Metrics(Vec<(String, String, f64)>);
+
+impl Metrics {
+    fn parse(text: &str) -> Metrics {
+        assert!(
+            text.ends_with("# EOF\n"),
+            "not an OpenMetrics exposition:\n{text}"
+        );
+        Metrics(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let (series, value) = l.rsplit_once(' ')?;
+                    let (name, labels) = match series.split_once('{') {
+                        Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                        None => (series, ""),
+                    };
+                    Some((name.to_owned(), labels.to_owned(), value.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// The value of `name` whose labels contain `labels` (0 when absent).
+    fn get(&self, name: &str, labels: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(n, l, _)| n == name && l.contains(labels))
+            .map_or(0, |(_, _, v)| *v as u64)
+    }
+}
+
+fn signal_child(s: &lab::Spawned, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child we own.
+    unsafe { libc::kill(s.child.id() as i32, sig) };
+}
+
 /// Issue #12: rr, wrr, lc and wlc are exact with flows spread over both CPUs. Generic mode
 /// with RPS on the balancer's interface runs `lb_xdp` on the CPU that RPS picks per flow (the
 /// connection table shows both). rr and wrr: every window of one cycle of consecutive
@@ -1612,6 +1997,7 @@ mod generic_only {
 }
 
 both_modes!(
+    observability,
     dsr,
     distribution,
     affinity,

@@ -146,7 +146,7 @@ pub fn sorted(st: &api::Status, sort: Sort) -> Vec<&api::ServiceStatus> {
 /// One frame, `width` columns (at least 60).
 pub fn frame(st: &api::Status, view: &ViewState, width: usize) -> Vec<FrameLine> {
     let width = width.max(60);
-    let name_w = width - 47;
+    let name_w = width - 49;
     let mut out = Vec::new();
     let mut push = |text: String, service, kind| {
         out.push(FrameLine {
@@ -171,7 +171,7 @@ pub fn frame(st: &api::Status, view: &ViewState, width: usize) -> Vec<FrameLine>
     }
     push(
         format!(
-            "lb top — {} ({}), up {}h{:02}m{:02}s, flows {}  sort: {} [s] fold [f/space] quit [q]",
+            "lb top: {} ({}) up {}h{:02}m{:02}s, {} flows [s]ort: {} [f]old [q]uit",
             st.interface,
             st.xdp_mode,
             up / 3600,

@@ -68,10 +68,12 @@ fn pin_path(a: &Args) -> anyhow::Result<PathBuf> {
         (Some(c), _, _) => Config::load(c)?.dataplane.pin_path,
         (_, Some(i), _) => PathBuf::from(DEFAULT_PIN_ROOT).join(i),
         (_, _, Some(p)) => p.clone(),
-        _ => Config::load(&lb_userspace::config::default_path())
-            .context("no --config, --interface or --pin-path given, and the default config")?
-            .dataplane
-            .pin_path,
+        _ => {
+            Config::load(&lb_userspace::config::default_path())
+                .context("no --config, --interface or --pin-path given, and the default config")?
+                .dataplane
+                .pin_path
+        }
     })
 }
 
@@ -80,7 +82,8 @@ fn backends(pin: &std::path::Path) -> anyhow::Result<BTreeMap<u32, (BackendMeta,
     let open = |name: &str| -> anyhow::Result<MapData> {
         MapData::from_pin(pin.join(name)).with_context(|| format!("opening pinned {name}"))
     };
-    let meta: Array<MapData, BackendMeta> = Array::try_from(Map::Array(open(names::BACKEND_META)?))?;
+    let meta: Array<MapData, BackendMeta> =
+        Array::try_from(Map::Array(open(names::BACKEND_META)?))?;
     let be: Array<MapData, Backend> = Array::try_from(Map::Array(open(names::BACKENDS)?))?;
     let mut out = BTreeMap::new();
     for id in 0..MAX_BACKENDS {
@@ -109,9 +112,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mut maps = TraceMaps::open_pinned(&pin)?;
     let ids = backends(&pin)?;
-    let addrs: BTreeMap<u32, IpAddr> = trace::backend_addresses(
-        &ids.iter().map(|(id, (m, _))| (*id, *m)).collect(),
-    );
+    let addrs: BTreeMap<u32, IpAddr> =
+        trace::backend_addresses(&ids.iter().map(|(id, (m, _))| (*id, *m)).collect());
     let mut cfg = TraceConfig {
         rate: a.rate.max(1),
         ..TraceConfig::default()
@@ -157,7 +159,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "tracing {} (rate {}/s per CPU{}); Ctrl-C stops",
         pin.display(),
         cfg.rate,
-        if a.pcap.is_some() { ", pcapng written" } else { "" }
+        if a.pcap.is_some() {
+            ", pcapng written"
+        } else {
+            ""
+        }
     );
     let started = Instant::now();
     let mut refreshed = Instant::now();
@@ -183,7 +189,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
             if stop.load(Ordering::Relaxed)
-                || a.seconds.is_some_and(|s| started.elapsed() >= Duration::from_secs(s))
+                || a.seconds
+                    .is_some_and(|s| started.elapsed() >= Duration::from_secs(s))
             {
                 return Ok(());
             }
