@@ -37,6 +37,18 @@ use crate::{
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    run::<true>(ctx)
+}
+
+/// `lb_xdp` without the trace check, so `cargo xtask bench` can measure what the check costs
+/// when no trace runs. The controller never loads it.
+#[xdp]
+pub fn lb_xdp_notrace(ctx: XdpContext) -> u32 {
+    run::<false>(ctx)
+}
+
+#[inline(always)]
+fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
     let mut d = Decision {
         key: FlowKey::default(),
         backend: NO_BACKEND,
@@ -51,7 +63,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         xdp_action::XDP_DROP => Stat::VerdictDrop,
         _ => Stat::VerdictAborted,
     });
-    maybe_trace(&ctx, &d, action);
+    if TRACE {
+        maybe_trace(&ctx, &d, action);
+    }
     action
 }
 

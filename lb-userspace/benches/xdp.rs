@@ -38,15 +38,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median over rounds of the kernel-reported mean ns per run.
-fn repeated(f: &mut Fixture, program: &str, pkt: &[u8], want: u32, check: Option<Stat>) -> f64 {
+fn repeated(
+    f: &mut Fixture,
+    program: &'static str,
+    pkt: &[u8],
+    want: u32,
+    check: Option<Stat>,
+) -> f64 {
     let mut samples = Vec::new();
     for _ in 0..ROUNDS {
         let before = check.map(|s| f.snapshot().get(s));
         let prog = if program == "lb_xdp" {
             f.dp.program()
         } else {
-            f.dp.other_program("lb_baseline_tx")
-                .expect("baseline program")
+            f.dp.other_program(program).expect("program in the object")
         };
         let (v, d) = run(prog, pkt, REPEAT);
         assert_eq!(v, want, "{program}: verdict");
@@ -62,6 +67,18 @@ fn repeated(f: &mut Fixture, program: &str, pkt: &[u8], want: u32, check: Option
         samples.push(d.as_nanos() as f64);
     }
     median(samples)
+}
+
+/// One repeated run of `program` on `pkt` (XDP_TX expected): mean ns per run.
+fn repeated_once(f: &mut Fixture, program: &'static str, pkt: &[u8]) -> f64 {
+    let prog = if program == "lb_xdp" {
+        f.dp.program()
+    } else {
+        f.dp.other_program(program).expect("program in the object")
+    };
+    let (v, d) = run(prog, pkt, REPEAT);
+    assert_eq!(v, XDP_TX, "{program}: verdict");
+    d.as_nanos() as f64
 }
 
 /// Mean ns per single-run call over `pkts` (one pass).
@@ -109,6 +126,35 @@ fn main() {
         XDP_PASS,
         Some(Stat::PassNoService),
     );
+    // What `lb trace` costs: the same program without the check, and with a trace running
+    // (filtered out; and tracing every packet, the ring buffer full so each one is counted lost).
+    // Interleaved pairs (this VM's noise drifts more between runs than the check costs): the
+    // median of the per-pair differences.
+    let mut diffs = Vec::new();
+    let mut notraces = Vec::new();
+    for _ in 0..3 * ROUNDS {
+        let a = repeated_once(&mut f, "lb_xdp", &est);
+        let b = repeated_once(&mut f, "lb_xdp_notrace", &est);
+        diffs.push(a - b);
+        notraces.push(b);
+    }
+    let check_cost = median(diffs);
+    let notrace = median(notraces);
+    let mut t = f.dp.trace_maps().expect("trace maps");
+    let mut on = lb_common::TraceConfig {
+        until_ns: u64::MAX,
+        rate: u32::MAX,
+        filters: lb_common::TRACE_F_VIP,
+        ..Default::default()
+    };
+    on.vip[..4].copy_from_slice(&[192, 0, 2, 1]);
+    t.set(&on).unwrap();
+    let trace_filtered = repeated(&mut f, "lb_xdp", &est, XDP_TX, Some(Stat::FlowHit));
+    on.filters = 0;
+    t.set(&on).unwrap();
+    let trace_all = repeated(&mut f, "lb_xdp", &est, XDP_TX, Some(Stat::FlowHit));
+    t.set(&lb_common::TraceConfig::default()).unwrap();
+    let _ = t.reset();
 
     // New flows: a distinct 5-tuple per call, fresh for every round (the table holds 65536
     // flows, so later rounds also pay LRU eviction, as a full table in production does).
@@ -158,6 +204,27 @@ fn main() {
             REPEAT as usize,
         ),
         (
+            "lb_xdp without the trace check (bench only)",
+            "established_v4_notrace",
+            notrace,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "established, a trace running, filtered out",
+            "established_v4_trace_filtered",
+            trace_filtered,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "established, every packet traced (ring full)",
+            "established_v4_trace_all",
+            trace_all,
+            base,
+            REPEAT as usize,
+        ),
+        (
             "lb_xdp non-VIP packet (XDP_PASS)",
             "non_vip_pass",
             pass,
@@ -193,6 +260,10 @@ fn main() {
         "new flow minus per-call overhead: {:.1} ns (lb_xdp {new_flow:.1} − baseline {base1:.1})",
         new_flow - base1
     );
+    println!(
+        "trace check when no trace runs: {check_cost:+.1} ns (median of {} interleaved pairs of lb_xdp − lb_xdp_notrace)",
+        3 * ROUNDS
+    );
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let doc = serde_json::json!({
         "benchmark": "lb_xdp BPF_PROG_TEST_RUN",
@@ -200,6 +271,7 @@ fn main() {
         "rounds": ROUNDS,
         "kernel": kernel.trim(),
         "cases": json,
+        "trace_check_ns": check_cost,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");

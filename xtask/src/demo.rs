@@ -181,6 +181,55 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => problems.push(format!("lb status failed: {e:#}")),
     }
 
+    println!();
+    step(
+        t0,
+        "`lb trace` (decisions and frames as sent, after the MAC rewrite) for one curl, then `lb explain` of that flow:",
+    );
+    let lb = cmd::lb_binary();
+    let pin = lab.pin_path();
+    let vip = lab::VIP4.to_string();
+    let trace = lab.spawn(
+        &lab.lb_ns(),
+        &[
+            lb.to_str().unwrap_or_default(),
+            "trace",
+            "--pin-path",
+            pin.to_str().unwrap_or_default(),
+            "--vip",
+            &vip,
+            "--count",
+            "3",
+            "--seconds",
+            "10",
+        ],
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = lab.exec(
+        &lab.client(),
+        &["curl", "-s", "--max-time", "3", &format!("http://{vip}/")],
+    );
+    let (_, traced, _) = trace.finish(std::time::Duration::from_secs(15))?;
+    for line in &traced {
+        println!("    {line}");
+    }
+    // `<time> cpuN tcp <client>:<port> → <vip>:<port> ...`
+    let client = traced
+        .first()
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|c| c.rsplit_once(':'));
+    match client {
+        Some((addr, port)) => match lab.lb_cli(&lb, &["explain", "tcp", addr, port, &vip, "80"]) {
+            Ok(out) => {
+                for line in out.lines() {
+                    println!("    {line}");
+                }
+            }
+            Err(e) => problems.push(format!("lb explain failed: {e:#}")),
+        },
+        None => problems.push("lb trace showed no packet of the curl".to_owned()),
+    }
+
     if args.keep {
         println!();
         println!("The lab stays up. Poke at it:");

@@ -314,38 +314,35 @@ pub fn run(socket: &Path, a: Args) -> anyhow::Result<()> {
         loop {
             term.draw(|f| draw(f, &st, &view, error.as_deref()))?;
             let wait = Duration::from_secs(1).saturating_sub(fetched.elapsed());
-            if event::poll(wait)? {
-                if let Event::Key(k) = event::read()?
-                    && k.kind == KeyEventKind::Press
-                {
-                    let n = st.services.len();
-                    match k.code {
-                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
-                        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
-                            return Ok(());
-                        }
-                        KeyCode::Char('s') => view.sort = view.sort.next(),
-                        KeyCode::Char('f') => {
-                            if view.folded.len() == n {
-                                view.folded.clear();
-                            } else {
-                                view.folded = st.services.iter().map(|s| s.name.clone()).collect();
-                            }
-                        }
-                        KeyCode::Up => view.selected = view.selected.saturating_sub(1),
-                        KeyCode::Down => {
-                            view.selected = (view.selected + 1).min(n.saturating_sub(1))
-                        }
-                        KeyCode::Char(' ') | KeyCode::Enter => {
-                            if let Some(s) = sorted(&st, view.sort).get(view.selected) {
-                                let name = s.name.clone();
-                                if !view.folded.remove(&name) {
-                                    view.folded.insert(name);
-                                }
-                            }
-                        }
-                        _ => {}
+            if event::poll(wait)?
+                && let Event::Key(k) = event::read()?
+                && k.kind == KeyEventKind::Press
+            {
+                let n = st.services.len();
+                match k.code {
+                    KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                    KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                        return Ok(());
                     }
+                    KeyCode::Char('s') => view.sort = view.sort.next(),
+                    KeyCode::Char('f') => {
+                        if view.folded.len() == n {
+                            view.folded.clear();
+                        } else {
+                            view.folded = st.services.iter().map(|s| s.name.clone()).collect();
+                        }
+                    }
+                    KeyCode::Up => view.selected = view.selected.saturating_sub(1),
+                    KeyCode::Down => view.selected = (view.selected + 1).min(n.saturating_sub(1)),
+                    KeyCode::Char(' ') | KeyCode::Enter => {
+                        if let Some(s) = sorted(&st, view.sort).get(view.selected) {
+                            let name = s.name.clone();
+                            if !view.folded.remove(&name) {
+                                view.folded.insert(name);
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
             if fetched.elapsed() >= Duration::from_secs(1) {

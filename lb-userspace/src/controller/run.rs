@@ -293,6 +293,10 @@ impl Drop for FreshPins {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "what serve() set up, each handed over once"
+)]
 async fn event_loop(
     ctl: &mut Ctl,
     sig: &mut Signals,
