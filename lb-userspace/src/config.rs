@@ -195,6 +195,21 @@ pub struct Control {
     pub state_file: PathBuf,
     /// Where Prometheus metrics are served over HTTP (`GET /metrics`); off when unset.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Members may use every request of the control API (root and `lb run`'s user always may).
+    pub group: Option<crate::api::access::Group>,
+    /// Members may use the read-only requests (status, explain, `lb top`).
+    pub read_group: Option<crate::api::access::Group>,
+}
+
+impl Control {
+    /// The group owning the socket file and its directory (mode 0660 / 0750): the read group
+    /// (everyone who may connect at all must be in it), else the admin group; none: 0600/0700.
+    pub fn socket_group(&self) -> Option<u32> {
+        self.read_group
+            .as_ref()
+            .or(self.group.as_ref())
+            .map(|g| g.gid)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -309,6 +324,8 @@ struct RawControl {
     socket: Option<PathBuf>,
     state_file: Option<PathBuf>,
     metrics: Option<String>,
+    group: Option<String>,
+    read_group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -367,13 +384,38 @@ struct RawBackend {
 }
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads and validates `path`: a regular file (a symlink to one is fine) of at most
+    /// [`MAX_CONFIG_BYTES`], checked before reading (so `/dev/zero` or a FIFO is refused, not
+    /// read until memory runs out).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        use std::io::Read as _;
+        let fail = |why: String| ConfigError {
             file: path.display().to_string(),
             location: String::new(),
-            why: format!("cannot read: {e}"),
-        })?;
+            why,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        if !meta.is_file() {
+            return Err(fail(
+                "not a regular file (a config is read from a file, not a device, FIFO or directory)"
+                    .into(),
+            ));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "{} bytes; a config may have at most {MAX_CONFIG_BYTES} (16 MiB)",
+                meta.len()
+            )));
+        }
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| fail(format!("cannot read: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "grew past {MAX_CONFIG_BYTES} bytes while being read"
+            )));
+        }
         Config::parse(&text, path)
     }
 
@@ -383,7 +425,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.clone(),
             location: String::new(),
-            why: e.to_string().trim_end().to_owned(),
+            why: bounded(e.to_string().trim_end()),
         })?;
         Validator {
             file,
@@ -413,6 +455,23 @@ impl Config {
         }
         out
     }
+}
+
+/// Largest config file accepted (16 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Longest `why` of a parse error: the TOML parser quotes the offending line, which may be
+/// megabytes long.
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// `why`, cut to [`MAX_ERROR_CHARS`] characters.
+fn bounded(why: &str) -> String {
+    if why.chars().count() <= MAX_ERROR_CHARS {
+        return why.to_owned();
+    }
+    let mut s: String = why.chars().take(MAX_ERROR_CHARS).collect();
+    s.push_str(" … (cut)");
+    s
 }
 
 /// Above this many backends `lb check` warns about an lc/wlc service's per-new-flow scan.
@@ -514,6 +573,8 @@ impl Validator {
             socket: None,
             state_file: None,
             metrics: None,
+            group: None,
+            read_group: None,
         });
         let socket = raw
             .socket
@@ -547,10 +608,24 @@ impl Validator {
                 )
             })?),
         };
+        let group = |key: &str, name: Option<String>| match name {
+            None => Ok(None),
+            Some(n) => match crate::api::access::group_id(&n) {
+                Some(gid) => Ok(Some(crate::api::access::Group { name: n, gid })),
+                None => Err(self.err(
+                    format!("control.{key}"),
+                    format!(
+                        "no group `{n}` on this system (create it with groupadd, or remove the key)"
+                    ),
+                )),
+            },
+        };
         Ok(Control {
             socket,
             state_file,
             metrics,
+            group: group("group", raw.group)?,
+            read_group: group("read_group", raw.read_group)?,
         })
     }
 
@@ -916,6 +991,50 @@ mac = "02:00:00:00:00:22"
         assert_eq!(s.vip, "10.99.0.100".parse::<IpAddr>().unwrap());
         assert_eq!(s.backends[0].mac, Some(Mac([2, 0, 0, 0, 0, 0x21])));
         assert_eq!(s.backends[1].weight, 100, "default weight");
+    }
+
+    /// Not a regular file, or too big: refused before reading. A huge invalid line is not
+    /// echoed back whole.
+    #[test]
+    fn hostile_files_are_refused_cheaply() {
+        let e = Config::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("lb-cfg-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = Config::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.join("big.toml");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        let e = Config::load(&big).unwrap_err().to_string();
+        assert!(e.contains("at most 16777216 (16 MiB)"), "{e}");
+        let line = dir.join("line.toml");
+        std::fs::write(&line, format!("x = \"{}", "a".repeat(2_000_000))).unwrap();
+        let e = Config::load(&line).unwrap_err().to_string();
+        assert!(e.len() < 2000, "{} bytes of error", e.len());
+        assert!(e.contains("(cut)"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn control_groups_are_resolved() {
+        let c = parse(&format!(
+            "{GOOD}\n[control]\ngroup = \"root\"\nread_group = \"root\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.control.group.as_ref().map(|g| g.gid), Some(0));
+        assert_eq!(c.control.socket_group(), Some(0));
+        let e = parse(&format!(
+            "{GOOD}\n[control]\nread_group = \"no-such-lb-group\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("control.read_group: no group `no-such-lb-group` on this system"),
+            "{e}"
+        );
     }
 
     /// No backend cap for lc/wlc (the data plane scans with bpf_loop); large scans are named.

@@ -14,7 +14,7 @@ pub enum ClientError {
     )]
     NotRunning { socket: PathBuf, why: String },
     #[error(
-        "permission denied on {socket}: the control socket is mode 0600, owned by the user running `lb run` (usually root)"
+        "permission denied on {socket}: the control socket is mode 0600 (root and the user running `lb run`), or 0660 for control.read_group / control.group when set (see README, Security)"
     )]
     PermissionDenied { socket: PathBuf },
     #[error("{message}")]

@@ -7,8 +7,10 @@
 //! - `POST /v1/reload` → [`Message`]
 //! - `GET  /v1/explain/{tcp|udp}/{client}/{client_port}/{vip}/{port}` → [`Explain`]
 //!
-//! Errors: a non-2xx status with `{"error": "..."}`.
+//! Errors: a non-2xx status with `{"error": "..."}` (every error, unknown paths and methods and
+//! oversized bodies included). Who may call what: [`access`].
 
+pub mod access;
 pub mod client;
 pub mod server;
 

@@ -90,7 +90,7 @@ pub async fn serve(
     let admin = AdminState::load(&state_file)?;
     // The socket before the data plane: a second `lb run` on the same socket is refused
     // before it touches anything.
-    let mut socket = ControlSocket::bind(&cfg.control.socket)?;
+    let mut socket = ControlSocket::bind(&cfg.control.socket, cfg.control.socket_group())?;
     let metrics = match cfg.control.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -320,10 +320,34 @@ async fn event_loop(
         tokio::spawn(async move { axum::serve(l, app).await })
     });
     let app = server::router(tx);
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let policy = crate::api::access::Policy {
+        // SAFETY: geteuid(2) has no preconditions.
+        owner: unsafe { libc::geteuid() },
+        group: ctl.config().control.group.clone(),
+        read_group: ctl.config().control.read_group.clone(),
+    };
+    let server = tokio::spawn(server::serve_unix(
+        listener,
+        app,
+        policy,
+        server::Limits::default(),
+    ));
+    let c = &ctl.config().control;
     tracing::info!(
-        "control API on {} (mode 0600)",
-        ctl.config().control.socket.display()
+        "control API on {} ({}; at most {} connections at once)",
+        c.socket.display(),
+        match (&c.group, &c.read_group) {
+            (None, None) => "mode 0600: root and this user only".to_owned(),
+            (g, r) => format!(
+                "mode 0660; full access: root{}; read-only: {}",
+                g.as_ref()
+                    .map(|g| format!(", group {}", g.name))
+                    .unwrap_or_default(),
+                r.as_ref()
+                    .map_or("none".to_owned(), |g| format!("group {}", g.name))
+            ),
+        },
+        server::Limits::default().connections
     );
     let telemetry = crate::metrics::Telemetry::default();
 
@@ -373,7 +397,8 @@ async fn event_loop(
             Some((req, reply)) = rx.recv() => {
                 let r = match req {
                     Request::Status => status(ctl, &mut samples, mode, started, flows),
-                    Request::Reload => {
+                    Request::Reload { caller } => {
+                        tracing::info!("control API: reload requested by {caller}");
                         let r = reload(ctl, &mut checks);
                         telemetry.reload(r.is_ok());
                         r.map(|s| message(format!("reloaded: {s}")))
@@ -386,8 +411,18 @@ async fn event_loop(
                     Request::Metrics => status_now(ctl, &samples, mode, started, flows)
                         .map(|st| serde_json::Value::String(
                             crate::metrics::render(&st, &telemetry))),
-                    Request::Backend { service, address, action } => {
-                        ctl.admin(&service, address, action).map(message)
+                    Request::Backend { service, address, action, caller } => {
+                        let r = ctl.admin(&service, address, action);
+                        match &r {
+                            Ok(m) => tracing::info!(
+                                "control API: {caller}: backend {action} {service} {address}: {m}"
+                            ),
+                            Err(e) => tracing::warn!(
+                                "control API: {caller}: backend {action} {service} {address} refused: {}",
+                                e.message
+                            ),
+                        }
+                        r.map(message)
                     }
                 };
                 let _ = reply.send(r);

@@ -1,4 +1,6 @@
-//! The control socket: bound with mode 0600, never at the cost of anything else.
+//! The control socket: bound with mode 0600 (0660 and the configured group when
+//! `control.group`/`read_group` is set), in a directory that is not world-writable (created
+//! 0750 when missing), never at the cost of anything else.
 //!
 //! Whatever is at `control.socket` is only replaced if it is a socket nobody answers on (a stale
 //! one of ours). A live socket means another `lb` runs: refused, and its socket is left alone; a
@@ -22,9 +24,35 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+    /// Binds `path`; `group`: the group that may connect (file mode 0660, directory group).
+    pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<ControlSocket> {
+        use std::os::unix::fs::DirBuilderExt as _;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o750)
+                    .create(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let m =
+                std::fs::metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
+            if m.mode() & 0o002 != 0 {
+                bail!(
+                    "{} (the directory of control.socket) is world-writable: anyone could replace \
+                     the socket there; use a directory only root can write, like /run/lb",
+                    dir.display()
+                );
+            }
+            // SAFETY: geteuid(2) has no preconditions.
+            if let Some(gid) = group
+                && m.uid() == unsafe { libc::geteuid() }
+            {
+                std::os::unix::fs::chown(dir, None, Some(gid))
+                    .with_context(|| format!("chgrp {gid} {}", dir.display()))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+                    .with_context(|| format!("chmod 0750 {}", dir.display()))?;
+            }
         }
         match std::fs::symlink_metadata(path) {
             Ok(m) if !m.file_type().is_socket() => bail!(
@@ -53,8 +81,13 @@ impl ControlSocket {
         unsafe { libc::umask(old) };
         let listener =
             l.with_context(|| format!("binding the control socket {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("chgrp {gid} {}", path.display()))?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
         let m = std::fs::symlink_metadata(path)
             .with_context(|| format!("checking {}", path.display()))?;
         Ok(ControlSocket {
@@ -90,8 +123,8 @@ mod tests {
     async fn a_second_bind_is_refused_and_leaves_the_first_alone() {
         let d = dir("second");
         let p = d.join("lb.sock");
-        let first = ControlSocket::bind(&p).unwrap();
-        let e = ControlSocket::bind(&p).err().unwrap().to_string();
+        let first = ControlSocket::bind(&p, None).unwrap();
+        let e = ControlSocket::bind(&p, None).err().unwrap().to_string();
         assert!(e.contains("another lb is already serving"), "{e}");
         assert!(
             std::os::unix::net::UnixStream::connect(&p).is_ok(),
@@ -107,15 +140,39 @@ mod tests {
         let d = dir("file");
         let p = d.join("lb.toml");
         std::fs::write(&p, "precious").unwrap();
-        let e = ControlSocket::bind(&p).err().unwrap().to_string();
+        let e = ControlSocket::bind(&p, None).err().unwrap().to_string();
         assert!(e.contains("is not a socket"), "{e}");
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
         // A stale socket (bound, then its listener gone without removing the file).
         let s = d.join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&s).unwrap());
-        let c = ControlSocket::bind(&s).unwrap();
+        let c = ControlSocket::bind(&s, None).unwrap();
         assert!(std::os::unix::net::UnixStream::connect(&s).is_ok());
         drop(c);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A missing directory is made 0750; a world-writable one is refused; a group makes the
+    /// socket 0660 with that group.
+    #[tokio::test]
+    async fn directory_and_mode() {
+        let d = dir("perm");
+        let p = d.join("sub/lb.sock");
+        let s = ControlSocket::bind(&p, Some(0)).unwrap();
+        let dm = std::fs::metadata(d.join("sub")).unwrap();
+        assert_eq!(dm.mode() & 0o777, 0o750);
+        let sm = std::fs::symlink_metadata(&p).unwrap();
+        assert_eq!((sm.mode() & 0o777, sm.gid()), (0o660, 0));
+        drop(s);
+        let open = d.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ControlSocket::bind(&open.join("lb.sock"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("is world-writable"), "{e}");
+        assert!(!open.join("lb.sock").exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
