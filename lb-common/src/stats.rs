@@ -63,6 +63,12 @@ stats! {
     FlowRescheduled = "flow_rescheduled",
     /// Connection table insert failed (forwarded anyway; next packet chooses again).
     FlowInsertFailed = "flow_insert_failed",
+    /// An ICMP error (destination unreachable, fragmentation needed, packet too big) quoting a
+    /// VIP flow, forwarded to the backend that owns the flow.
+    FlowIcmpError = "flow_icmp_error",
+    /// PASS: ICMP/ICMPv6 not forwarded: echo and other types, or an error for a VIP flow that
+    /// has no owner (not in the connection table, and an rr/wrr/lc/wlc service).
+    PassIcmp = "pass_icmp",
 }
 
 /// Number of global counters (size of the [`crate::names::STATS`] array).

@@ -98,6 +98,8 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
                 pass(d, Stat::PassFragment)
             };
         }
+        Parsed::Icmp => return pass(d, Stat::PassIcmp),
+        Parsed::IcmpError => return icmp_error(ctx, d),
     }
 
     let Some(svc) = lookup_service(&d.key) else {
@@ -110,10 +112,32 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
         return drop(ctx, d, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);
+    d.reason = how as u32;
+    forward(ctx, d, backend_id, backend)
+}
+
+/// An ICMP error quoting a VIP flow goes to the backend that owns the flow (path-MTU discovery
+/// and unreachables reach the server that sent the packet); `d.key` is the quoted flow,
+/// reversed. Without an owner it is passed to the kernel.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, d: &mut Decision) -> u32 {
+    let Some(svc) = lookup_service(&d.key) else {
+        return pass(d, Stat::PassIcmp);
+    };
+    let Some((backend_id, backend)) = select::owner(&d.key, svc) else {
+        return pass(d, Stat::PassIcmp);
+    };
+    count(Stat::FlowIcmpError);
+    count_backend(backend_id, (ctx.data_end() - ctx.data()) as u64);
+    d.reason = Stat::FlowIcmpError as u32;
+    forward(ctx, d, backend_id, backend)
+}
+
+/// MAC rewrite, then out of the same interface (XDP_TX) or the backend's (XDP_REDIRECT).
+#[inline(always)]
+fn forward(ctx: &XdpContext, d: &mut Decision, backend_id: u32, backend: &Backend) -> u32 {
     d.backend = backend_id;
     d.backend_mac = backend.mac;
-    d.reason = how as u32;
-
     rewrite_macs(ctx, backend);
     if backend.flags & BACKEND_F_REDIRECT != 0 {
         match LB_TX_PORTS.redirect(backend.tx_port, xdp_action::XDP_DROP as u64) {

@@ -1,5 +1,6 @@
 //! Header parsing: Ethernet, one optional 802.1Q tag, IPv4 (any valid IHL), IPv6 (with up to
-//! `MAX_IPV6_EXT_HEADERS` extension headers), TCP and UDP → the flow key.
+//! `MAX_IPV6_EXT_HEADERS` extension headers), TCP and UDP → the flow key; ICMP errors → the
+//! flow key of the packet they quote, reversed (the client → VIP direction).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
@@ -46,7 +47,21 @@ pub enum Parsed {
     MalformedL4,
     /// An IPv4 or IPv6 fragment.
     Fragment,
+    /// An ICMP destination-unreachable (v4: incl. fragmentation needed; v6: also packet too
+    /// big) quoting a TCP/UDP packet: the key is that packet's flow seen from the client (its
+    /// destination as source), so it finds the flow's entry.
+    IcmpError,
+    /// Other ICMP/ICMPv6 (echo, other types, errors quoting something else).
+    Icmp,
 }
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// ICMP/ICMPv6 header: type, code, checksum, 4 bytes (unused / MTU).
+const ICMP_HDR_LEN: usize = 8;
 
 /// Fills `key` (and `tcp_flags` for TCP: the flags byte of the header).
 #[inline(always)]
@@ -79,7 +94,76 @@ pub fn parse(ctx: &XdpContext, key: &mut FlowKey, tcp_flags: &mut u8) -> Parsed 
     } else {
         return Parsed::NotIp;
     };
+    if key.protocol == PROTO_ICMP || key.protocol == PROTO_ICMPV6 {
+        return parse_icmp(ctx, l4_off, key);
+    }
     parse_ports(ctx, l4_off, key, tcp_flags)
+}
+
+/// An ICMP error quoting a TCP/UDP packet → `key` := that packet's flow, reversed.
+#[inline(always)]
+fn parse_icmp(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
+    if off > MAX_L4_OFFSET {
+        return Parsed::MalformedL4;
+    }
+    let Some(icmp) = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, off) else {
+        return Parsed::Icmp;
+    };
+    // SAFETY: bounds-checked by `ptr_at`.
+    let kind = unsafe { (*icmp)[0] };
+    let inner = off + ICMP_HDR_LEN;
+    let ports_off = if key.family == FAMILY_V4 {
+        if key.protocol != PROTO_ICMP || kind != ICMP_DEST_UNREACH {
+            return Parsed::Icmp;
+        }
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else {
+            return Parsed::Icmp;
+        };
+        // SAFETY: bounds-checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        // The quoted packet's ports are only there in its first fragment.
+        if ip.vihl >> 4 != 4
+            || ihl < Ipv4Hdr::LEN
+            || u16::from_be_bytes(ip.frags) & 0x1fff != 0
+            || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP)
+        {
+            return Parsed::Icmp;
+        }
+        key.protocol = ip.proto;
+        key.src_addr[..4].copy_from_slice(&ip.dst_addr);
+        key.dst_addr[..4].copy_from_slice(&ip.src_addr);
+        inner + ihl
+    } else {
+        if key.protocol != PROTO_ICMPV6
+            || (kind != ICMPV6_DEST_UNREACH && kind != ICMPV6_PACKET_TOO_BIG)
+        {
+            return Parsed::Icmp;
+        }
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else {
+            return Parsed::Icmp;
+        };
+        // SAFETY: bounds-checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        if ip.vcf[0] >> 4 != 6 || (ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP) {
+            return Parsed::Icmp;
+        }
+        key.protocol = ip.next_hdr;
+        key.src_addr = ip.dst_addr;
+        key.dst_addr = ip.src_addr;
+        inner + Ipv6Hdr::LEN
+    };
+    if ports_off > MAX_L4_OFFSET + 128 {
+        return Parsed::Icmp;
+    }
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, ports_off) else {
+        return Parsed::Icmp;
+    };
+    // SAFETY: bounds-checked by `ptr_at`.
+    let p = unsafe { *ports };
+    key.src_port = [p[2], p[3]];
+    key.dst_port = [p[0], p[1]];
+    Parsed::IcmpError
 }
 
 /// Returns the L4 offset.
@@ -109,7 +193,7 @@ fn parse_ipv4(
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(Parsed::Fragment);
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return Err(Parsed::NotTcpUdp);
     }
     Ok(off + ihl)
@@ -139,7 +223,7 @@ fn parse_ipv6(
         return Err(Parsed::MalformedL4);
     }
     for _ in 0..MAX_IPV6_EXT_HEADERS {
-        if next == PROTO_TCP || next == PROTO_UDP {
+        if next == PROTO_TCP || next == PROTO_UDP || next == PROTO_ICMPV6 {
             break;
         }
         let cur = next;
@@ -165,7 +249,7 @@ fn parse_ipv6(
         }
     }
     match next {
-        PROTO_TCP | PROTO_UDP => Ok(off),
+        PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => Ok(off),
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => Err(Parsed::MalformedL4),
         IPV6_FRAGMENT => Err(Parsed::Fragment),
         _ => Err(Parsed::NotTcpUdp),

@@ -118,6 +118,33 @@ pub fn backend_for_flow(
     ))
 }
 
+/// The backend that owns `key`'s flow, without recording or counting anything: its connection
+/// table entry if still valid, else (maglev, sh) the table's answer, which is where the flow
+/// went unless the backend set changed meanwhile. rr/wrr/lc/wlc have no stateless answer.
+#[inline(always)]
+pub fn owner(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend)> {
+    if let Some(flow) = LB_FLOWS.get_ptr(key) {
+        // SAFETY: a valid map value pointer; a torn read is validated below.
+        let (id, generation) = unsafe { ((*flow).backend, (*flow).generation) };
+        if let Some(b) = usable(id)
+            && b.generation == generation
+        {
+            return Some((id, b));
+        }
+    }
+    let ring_size = LB_RING_SIZE.load();
+    if ring_size == 0 {
+        return None;
+    }
+    let slot = match svc.scheduler {
+        SCHED_SH => source_hash(key) % ring_size,
+        SCHED_WRR | SCHED_LC | SCHED_WLC => return None,
+        _ => flow_hash(key) % ring_size,
+    };
+    let id = ring_slot(svc.id, ring_size, slot)?;
+    Some((id, usable(id)?))
+}
+
 /// Adds `delta` (wrapping: `u64::MAX` is −1) to a backend's shared active-connection counter.
 #[inline(always)]
 fn add_conns(id: u32, delta: u64) {

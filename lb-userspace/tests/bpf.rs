@@ -639,7 +639,7 @@ fn non_vip_arp_and_icmp_pass_unchanged() {
     f.expect_unchanged("ICMPv6 echo to the VIP", &icmp6_echo(C6, VIP6), XDP_PASS);
     f.assert_stat(Stat::PassNoService, 2);
     f.assert_stat(Stat::PassNotIp, 1);
-    f.assert_stat(Stat::PassNotTcpUdp, 2);
+    f.assert_stat(Stat::PassIcmp, 2);
     f.assert_stat(Stat::VerdictPass, 5);
     f.assert_stat(Stat::VerdictTx, 0);
 }
@@ -1110,4 +1110,153 @@ fn trace_reports_decisions_with_the_frames_as_sent() {
     t.set(&TraceConfig { until_ns: 1, ..on }).unwrap();
     f.run(&tcp4(C1, 43000, VIP4, 80).0);
     assert!(t.drain().is_empty(), "an expired lease traces nothing");
+}
+
+// ---- ICMP errors to the flow's owner ------------------------------------------------------------
+
+/// The packet a backend sent to the client (from the VIP), as an ICMP error quotes it: the IP
+/// header and the first 8 bytes of TCP (a router quotes at least that).
+fn quoted4(vip: Ipv4Addr, vport: u16, client: Ipv4Addr, cport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(vip.octets(), client.octets(), 63)
+        .tcp(vport, cport, 7, 64240)
+        .ack(1);
+    let mut full = Vec::new();
+    b.write(&mut full, &[0u8; 1400]).unwrap();
+    full.truncate(20 + 8);
+    full
+}
+
+fn quoted6(vip: Ipv6Addr, vport: u16, client: Ipv6Addr, cport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ipv6(vip.octets(), client.octets(), 63)
+        .tcp(vport, cport, 7, 64240)
+        .ack(1);
+    let mut full = Vec::new();
+    b.write(&mut full, &[0u8; 1400]).unwrap();
+    full.truncate(40 + 8);
+    full
+}
+
+/// ICMPv4 "fragmentation needed" from a router to the VIP, quoting `quoted`.
+fn frag_needed(router: Ipv4Addr, vip: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(router.octets(), vip.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    write(b, quoted)
+}
+
+fn icmp4_unreachable(router: Ipv4Addr, vip: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(router.octets(), vip.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host));
+    write(b, quoted)
+}
+
+fn packet_too_big(router: Ipv6Addr, vip: Ipv6Addr, quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(router.octets(), vip.octets(), 64)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 });
+    write(b, quoted)
+}
+
+fn icmp6_unreachable(router: Ipv6Addr, vip: Ipv6Addr, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::icmpv6::DestUnreachableCode;
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(router.octets(), vip.octets(), 64)
+        .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+            DestUnreachableCode::Address,
+        ));
+    write(b, quoted)
+}
+
+/// Path-MTU discovery through the VIP: an ICMP "fragmentation needed" / "packet too big" (and
+/// a destination unreachable) quoting a packet a backend sent for a VIP flow reaches exactly
+/// that backend, with only the MACs changed, IPv4 and IPv6: the connection table's backend
+/// when the flow is there (even when the table would now say otherwise), else the Maglev
+/// table's. Errors quoting non-VIP packets, and echo, are passed.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn icmp_errors_reach_the_flows_backend() {
+    let mut f = Fixture::new(CONFIG);
+    let router = Ipv4Addr::new(10, 99, 0, 254);
+    // A live flow.
+    let (syn, key) = tcp4(C1, 45000, VIP4, 80);
+    let owner = f.expect_forward("SYN", &syn, &key, "web4");
+    for (desc, pkt) in [
+        ("frag needed", frag_needed(router, VIP4, &quoted4(VIP4, 80, C1, 45000))),
+        ("host unreachable", icmp4_unreachable(router, VIP4, &quoted4(VIP4, 80, C1, 45000))),
+    ] {
+        let mut want = pkt.clone();
+        want[0..6].copy_from_slice(&f.backend_mac(owner));
+        want[6..12].copy_from_slice(&LB_MAC);
+        let (v, out) = f.run(&pkt);
+        assert_eq!(v, XDP_TX, "{desc}");
+        assert_eq!(out, want, "{desc}: only the MACs change");
+    }
+    f.assert_stat(Stat::FlowIcmpError, 2);
+
+    // The flow table wins over the table: record the flow on the other backend.
+    let other = f
+        .service("web4")
+        .backends
+        .into_iter()
+        .find(|b| *b != owner)
+        .unwrap();
+    let (syn2, key2) = tcp4(C2, 45002, VIP4, 80);
+    let first = f.expect_forward("SYN 2", &syn2, &key2, "web4");
+    let _ = first;
+    let mut v = f.dp.flow(&key2).unwrap().unwrap();
+    v.backend = other;
+    v.generation = f.backend(other).generation;
+    f.dp.set_flow(&key2, &v).unwrap();
+    let (verdict, out) = f.run(&frag_needed(router, VIP4, &quoted4(VIP4, 80, C2, 45002)));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out[0..6], f.backend_mac(other), "the connection table's backend");
+
+    // Not in the table: the Maglev answer for that flow.
+    let k3 = key4(C2, 45004, VIP4, 80, 6);
+    let want = f.predict(&k3, "web4");
+    let (verdict, out) = f.run(&frag_needed(router, VIP4, &quoted4(VIP4, 80, C2, 45004)));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out[0..6], f.backend_mac(want));
+    assert!(f.dp.flow(&k3).unwrap().is_none(), "an ICMP error records no flow");
+
+    // IPv6: packet too big and unreachable.
+    let router6: Ipv6Addr = "fd00:99::fe".parse().unwrap();
+    let (syn6, key6) = tcp6(C6, 45010, VIP6, 80);
+    let owner6 = f.expect_forward("SYN v6", &syn6, &key6, "web6");
+    for (desc, pkt) in [
+        ("packet too big", packet_too_big(router6, VIP6, &quoted6(VIP6, 80, C6, 45010))),
+        ("unreachable", icmp6_unreachable(router6, VIP6, &quoted6(VIP6, 80, C6, 45010))),
+    ] {
+        let mut want = pkt.clone();
+        want[0..6].copy_from_slice(&f.backend_mac(owner6));
+        want[6..12].copy_from_slice(&LB_MAC);
+        let (v, out) = f.run(&pkt);
+        assert_eq!(v, XDP_TX, "{desc}");
+        assert_eq!(out, want, "{desc}: only the MACs change");
+    }
+
+    // Errors quoting something that is not a VIP flow, and echo: passed, untouched.
+    let lb4 = Ipv4Addr::new(10, 99, 0, 1);
+    f.expect_unchanged(
+        "frag needed for the LB's own traffic",
+        &frag_needed(router, lb4, &quoted4(lb4, 22, C1, 45000)),
+        XDP_PASS,
+    );
+    f.expect_unchanged(
+        "frag needed quoting another port of the VIP",
+        &frag_needed(router, VIP4, &quoted4(VIP4, 8080, C1, 45000)),
+        XDP_PASS,
+    );
+    f.expect_unchanged("echo to the VIP", &icmp4_echo(C1, VIP4), XDP_PASS);
+    f.expect_unchanged(
+        "an error quoting only 4 bytes of IP",
+        &frag_needed(router, VIP4, &quoted4(VIP4, 80, C1, 45000)[..4]),
+        XDP_PASS,
+    );
+    f.assert_stat(Stat::PassIcmp, 4);
 }

@@ -787,6 +787,14 @@ impl Dataplane {
     }
 
     /// The connection table entry of `key`, if any.
+    /// Writes the connection table entry of `key` (tests, and tools repairing a table).
+    pub fn set_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.maps
+            .flows
+            .insert(key, value, 0)
+            .map_err(map_err(names::FLOWS))
+    }
+
     pub fn flow(&mut self, key: &FlowKey) -> Result<Option<FlowValue>> {
         match self.maps.flows.get(key, 0) {
             Ok(v) => Ok(Some(v)),
