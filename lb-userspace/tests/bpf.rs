@@ -1151,7 +1151,9 @@ fn icmp4_unreachable(router: Ipv4Addr, vip: Ipv4Addr, quoted: &[u8]) -> Vec<u8> 
     use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
         .ipv4(router.octets(), vip.octets(), 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host));
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Host,
+        ));
     write(b, quoted)
 }
 
@@ -1186,8 +1188,14 @@ fn icmp_errors_reach_the_flows_backend() {
     let (syn, key) = tcp4(C1, 45000, VIP4, 80);
     let owner = f.expect_forward("SYN", &syn, &key, "web4");
     for (desc, pkt) in [
-        ("frag needed", frag_needed(router, VIP4, &quoted4(VIP4, 80, C1, 45000))),
-        ("host unreachable", icmp4_unreachable(router, VIP4, &quoted4(VIP4, 80, C1, 45000))),
+        (
+            "frag needed",
+            frag_needed(router, VIP4, &quoted4(VIP4, 80, C1, 45000)),
+        ),
+        (
+            "host unreachable",
+            icmp4_unreachable(router, VIP4, &quoted4(VIP4, 80, C1, 45000)),
+        ),
     ] {
         let mut want = pkt.clone();
         want[0..6].copy_from_slice(&f.backend_mac(owner));
@@ -1214,7 +1222,11 @@ fn icmp_errors_reach_the_flows_backend() {
     f.dp.set_flow(&key2, &v).unwrap();
     let (verdict, out) = f.run(&frag_needed(router, VIP4, &quoted4(VIP4, 80, C2, 45002)));
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out[0..6], f.backend_mac(other), "the connection table's backend");
+    assert_eq!(
+        out[0..6],
+        f.backend_mac(other),
+        "the connection table's backend"
+    );
 
     // Not in the table: the Maglev answer for that flow.
     let k3 = key4(C2, 45004, VIP4, 80, 6);
@@ -1222,15 +1234,24 @@ fn icmp_errors_reach_the_flows_backend() {
     let (verdict, out) = f.run(&frag_needed(router, VIP4, &quoted4(VIP4, 80, C2, 45004)));
     assert_eq!(verdict, XDP_TX);
     assert_eq!(out[0..6], f.backend_mac(want));
-    assert!(f.dp.flow(&k3).unwrap().is_none(), "an ICMP error records no flow");
+    assert!(
+        f.dp.flow(&k3).unwrap().is_none(),
+        "an ICMP error records no flow"
+    );
 
     // IPv6: packet too big and unreachable.
     let router6: Ipv6Addr = "fd00:99::fe".parse().unwrap();
     let (syn6, key6) = tcp6(C6, 45010, VIP6, 80);
     let owner6 = f.expect_forward("SYN v6", &syn6, &key6, "web6");
     for (desc, pkt) in [
-        ("packet too big", packet_too_big(router6, VIP6, &quoted6(VIP6, 80, C6, 45010))),
-        ("unreachable", icmp6_unreachable(router6, VIP6, &quoted6(VIP6, 80, C6, 45010))),
+        (
+            "packet too big",
+            packet_too_big(router6, VIP6, &quoted6(VIP6, 80, C6, 45010)),
+        ),
+        (
+            "unreachable",
+            icmp6_unreachable(router6, VIP6, &quoted6(VIP6, 80, C6, 45010)),
+        ),
     ] {
         let mut want = pkt.clone();
         want[0..6].copy_from_slice(&f.backend_mac(owner6));

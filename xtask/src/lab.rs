@@ -346,6 +346,71 @@ impl Lab {
         Ok(())
     }
 
+    /// A second client (namespace and address) behind a router: the router sits on the bridge
+    /// (10.99.0.3) and reaches the client over a link whose MTU on the router's side is `mtu`
+    /// (the client's own is 1500, so it advertises a 1460-byte MSS). Backends route the
+    /// client's net (10.98.0.0/24) via the router; the router routes the VIP via the LB, so
+    /// its ICMP errors about the backends' replies (sent from the VIP) reach the LB.
+    pub fn add_routed_client(&mut self, mtu: u32) -> anyhow::Result<(String, Ipv4Addr)> {
+        let (rt, c2) = (self.ns("rt"), self.ns("cl2"));
+        let sw = self.sw();
+        for ns in [&rt, &c2] {
+            run("ip", &["netns", "add", ns])?;
+            ipn(ns, &["link", "set", "dev", "lo", "up"])?;
+        }
+        run(
+            "ip",
+            &[
+                "link", "add", "name", "eth0", "netns", &rt, "type", "veth", "peer", "name", "rt",
+                "netns", &sw,
+            ],
+        )?;
+        ipn(&sw, &["link", "set", "dev", "rt", "master", "br0"])?;
+        ipn(&sw, &["link", "set", "dev", "rt", "up"])?;
+        run(
+            "ip",
+            &[
+                "link", "add", "name", "eth1", "netns", &rt, "type", "veth", "peer", "name",
+                "eth0", "netns", &c2,
+            ],
+        )?;
+        ipn(
+            &rt,
+            &["link", "set", "dev", "eth0", "address", "02:99:00:00:00:03"],
+        )?;
+        ipn(&rt, &["addr", "add", "10.99.0.3/24", "dev", "eth0"])?;
+        ipn(&rt, &["addr", "add", "10.98.0.1/24", "dev", "eth1"])?;
+        ipn(
+            &rt,
+            &["link", "set", "dev", "eth1", "mtu", &mtu.to_string()],
+        )?;
+        ipn(&c2, &["addr", "add", "10.98.0.2/24", "dev", "eth0"])?;
+        for (ns, dev) in [(&rt, "eth0"), (&rt, "eth1"), (&c2, "eth0")] {
+            ipn(ns, &["link", "set", "dev", dev, "up"])?;
+            // Complete checksums: XDP_TX in native mode loses a partial one.
+            run(
+                "ip",
+                &["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"],
+            )?;
+        }
+        ipn(&c2, &["route", "add", "default", "via", "10.98.0.1"])?;
+        sysctl(&rt, "net.ipv4.ip_forward", "1")?;
+        ipn(
+            &rt,
+            &[
+                "route",
+                "add",
+                &format!("{VIP4}/32"),
+                "via",
+                &LB4.to_string(),
+            ],
+        )?;
+        for b in self.backends.clone() {
+            ipn(&b.ns, &["route", "add", "10.98.0.0/24", "via", "10.99.0.3"])?;
+        }
+        Ok((c2, Ipv4Addr::new(10, 98, 0, 2)))
+    }
+
     /// While this file exists, backend `name` answers HTTP with 503.
     pub fn fail_file(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.fail"))

@@ -119,11 +119,28 @@ fn answer_http(mut conn: TcpStream, body: &str, failing: bool) -> std::io::Resul
     } else {
         "200 OK"
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    // `GET /bytes/N`: N bytes (large downloads, e.g. across a smaller-MTU hop); the backend's
+    // name in the X-Backend header.
+    let line = String::from_utf8_lossy(&req[..req.len().min(256)]).into_owned();
+    let big = line
+        .strip_prefix("GET /bytes/")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n <= 64 << 20);
+    let payload: std::borrow::Cow<'_, [u8]> = match big {
+        Some(n) => (0..n)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>()
+            .into(),
+        None => body.as_bytes().into(),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {}\r\nConnection: close\r\n\r\n",
+        payload.len(),
+        body.trim()
     );
-    conn.write_all(resp.as_bytes())
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(&payload)
 }
 
 fn echo_tcp(mut conn: TcpStream, greeting: &str) -> std::io::Result<()> {
