@@ -15,3 +15,5 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 pub const MAX_TX_PORTS: u32 = 64;
 /// IPv6 extension headers walked before giving up on finding TCP/UDP.
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// Fragmented datagrams tracked at once (`LB_FRAGS`, LRU: the oldest are forgotten).
+pub const FRAG_TABLE_SIZE: u32 = 16384;

@@ -6,8 +6,8 @@ pub const PROGRAM: &str = "lb_xdp";
 
 /// Services: [`crate::ServiceKey`] → [`crate::ServiceValue`] (hash).
 pub const SERVICES: &str = "LB_SERVICES";
-/// Addresses that are a VIP of at least one service: [`crate::VipKey`] → `u32` count (hash).
-/// Only consulted on rare paths (fragments, truncated L4) to decide PASS vs DROP.
+/// Addresses that are a VIP of at least one service: [`crate::VipKey`] → [`crate::VipValue`]
+/// (hash). Only consulted on rare paths (fragments, truncated L4).
 pub const VIPS: &str = "LB_VIPS";
 /// Maglev lookup tables, one flat array: `service_id * ring_size + slot` → backend id.
 pub const RING: &str = "LB_RING";
@@ -43,6 +43,9 @@ pub const META: &str = "LB_META";
 /// Backend id → [`crate::BackendMeta`] (array); controller only, for adoption after a restart.
 pub const BACKEND_META: &str = "LB_BE_META";
 
+/// Fragmented datagrams in flight: [`crate::FragKey`] → [`crate::FragValue`] (LRU hash): every
+/// fragment of a datagram goes where the first one to arrive went.
+pub const FRAGS: &str = "LB_FRAGS";
 /// `lb trace`'s settings: one [`crate::TraceConfig`] (array).
 pub const TRACE_CFG: &str = "LB_TRACE_CFG";
 /// `lb trace`'s events: [`crate::TraceEvent`]s (ring buffer).
@@ -57,7 +60,7 @@ pub const LINK_PIN: &str = "link";
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     META,
     BACKEND_META,
     FLAGS,
@@ -76,6 +79,7 @@ pub const ALL_MAPS: [&str; 18] = [
     TRACE_CFG,
     TRACE,
     TRACE_RATE,
+    FRAGS,
 ];
 
 const _: () = {

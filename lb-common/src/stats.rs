@@ -49,7 +49,9 @@ stats! {
     PassFragment = "pass_fragment",
     /// DROP: service has no usable backend.
     DropNoBackend = "drop_no_backend",
-    /// DROP: IP fragment addressed to a VIP (no L4 ports to balance on).
+    /// DROP: a later IP fragment to a VIP whose datagram was not seen, and the VIP has no
+    /// fragment service for its protocol (several services and no all-ports one), or no
+    /// usable backend there.
     DropFragment = "drop_fragment",
     /// DROP: malformed or truncated TCP/UDP header addressed to a VIP.
     DropMalformed = "drop_malformed",
@@ -66,6 +68,11 @@ stats! {
     /// An ICMP error (destination unreachable, fragmentation needed, packet too big) quoting a
     /// VIP flow, forwarded to the backend that owns the flow.
     FlowIcmpError = "flow_icmp_error",
+    /// A fragment forwarded where its datagram's first-arriving fragment went (`LB_FRAGS`).
+    FlowFragment = "flow_fragment",
+    /// A fragment whose datagram was not seen yet and has no ports: the backend chosen by a
+    /// hash of the addresses over the VIP's fragment service, then recorded.
+    FlowFragmentHashed = "flow_fragment_hashed",
     /// PASS: ICMP/ICMPv6 not forwarded: echo and other types, or an error for a VIP flow that
     /// has no owner (not in the connection table, and an rr/wrr/lc/wlc service).
     PassIcmp = "pass_icmp",

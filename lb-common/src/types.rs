@@ -102,6 +102,59 @@ pub struct VipKey {
     pub _pad: [u8; 3],
 }
 
+/// Value of the VIP set: how many services the VIP has, and which service takes a fragment
+/// whose datagram's first fragment was not seen (it has no ports): per protocol, the VIP's
+/// all-ports service, else its only service of that protocol; `id == NO_SERVICE`: none
+/// (such fragments are dropped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipValue {
+    pub services: u32,
+    pub _pad: u32,
+    pub frag_tcp: ServiceValue,
+    pub frag_udp: ServiceValue,
+}
+
+/// [`ServiceValue::id`] meaning "no service".
+pub const NO_SERVICE: u32 = u32::MAX;
+
+impl Default for VipValue {
+    fn default() -> Self {
+        let none = ServiceValue {
+            id: NO_SERVICE,
+            ..ServiceValue::default()
+        };
+        VipValue {
+            services: 0,
+            _pad: 0,
+            frag_tcp: none,
+            frag_udp: none,
+        }
+    }
+}
+
+/// Key of the fragment table (`LB_FRAGS`): one datagram being fragmented.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Where a fragmented datagram's fragments go: the backend the first fragment to arrive chose.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub backend: u32,
+    /// [`Backend::generation`] when recorded.
+    pub generation: u32,
+}
+
 /// `LB_FLAGS[0]`: at least one service matches every port (port 0), so a miss on the exact
 /// (VIP, port, protocol) key needs a second lookup. Without it, non-VIP traffic costs one lookup.
 pub const FLAG_ALL_PORTS_SERVICES: u32 = 1;
@@ -187,7 +240,8 @@ pub const META_LEN: u32 = 8;
 /// pinned maps only of its own layout; bump it with every change of a shared type or map.
 ///
 /// 2: `LB_BE_CONNS`, `LB_BE_EXPIRED` and `LB_RR_CURSOR` are shared arrays (were per CPU);
-/// `LB_TRACE`, `LB_TRACE_CFG` and `LB_TRACE_RATE` for `lb trace`.
+/// `LB_TRACE`, `LB_TRACE_CFG` and `LB_TRACE_RATE` for `lb trace`; `LB_VIPS` values are
+/// `VipValue`s; `LB_FRAGS`.
 pub const LAYOUT_VERSION: u64 = 2;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
@@ -289,6 +343,9 @@ const _: () = assert!(size_of::<FlowValue>() == 24);
 const _: () = assert!(size_of::<Counters>() == 24);
 const _: () = assert!(size_of::<BackendMeta>() == 24);
 const _: () = assert!(size_of::<TraceConfig>() == 56);
+const _: () = assert!(size_of::<VipValue>() == 40);
+const _: () = assert!(size_of::<FragKey>() == 40);
+const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
 const _: () = assert!(size_of::<TraceRate>() == 32);
 
@@ -318,7 +375,10 @@ mod user {
         BackendMeta,
         TraceConfig,
         TraceEvent,
-        TraceRate
+        TraceRate,
+        VipValue,
+        FragKey,
+        FragValue
     );
 }
 

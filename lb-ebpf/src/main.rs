@@ -23,14 +23,14 @@ mod trace;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, NO_BACKEND, PROTO_TCP,
-    ServiceKey, ServiceValue, VipKey, stats::Stat,
+    BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, NO_BACKEND, NO_SERVICE,
+    PROTO_TCP, ServiceKey, ServiceValue, VipKey, stats::Stat,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
     maps::{LB_FLAGS, LB_SERVICES, LB_TX_PORTS, LB_VIPS},
-    parse::Parsed,
+    parse::{Frag, Parsed},
     stats::{count, count_backend, count_service},
     trace::{Decision, maybe_trace},
 };
@@ -79,7 +79,8 @@ pub fn lb_baseline_tx(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     let mut tcp_flags = 0u8;
-    match parse::parse(ctx, &mut d.key, &mut tcp_flags) {
+    let mut frag = Frag::default();
+    match parse::parse(ctx, &mut d.key, &mut tcp_flags, &mut frag) {
         Parsed::Flow => {}
         Parsed::NotIp => return pass(d, Stat::PassNotIp),
         Parsed::NotTcpUdp => return pass(d, Stat::PassNotTcpUdp),
@@ -91,29 +92,82 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
                 pass(d, Stat::PassMalformed)
             };
         }
-        Parsed::Fragment => {
-            return if is_vip(&d.key) {
-                drop(ctx, d, Stat::DropFragment)
-            } else {
-                pass(d, Stat::PassFragment)
-            };
-        }
+        Parsed::Fragment => return later_fragment(ctx, d, &frag),
         Parsed::Icmp => return pass(d, Stat::PassIcmp),
         Parsed::IcmpError => return icmp_error(ctx, d),
     }
 
     let Some(svc) = lookup_service(&d.key) else {
-        return pass(d, Stat::PassNoService);
+        return pass(
+            d,
+            if frag.is {
+                Stat::PassFragment
+            } else {
+                Stat::PassNoService
+            },
+        );
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
+    // A first fragment goes where an earlier-arriving fragment of its datagram went.
+    if frag.is
+        && let Some((id, b)) = select::frag_backend(&d.key, frag.id)
+    {
+        count(Stat::FlowFragment);
+        count_backend(id, frame_len);
+        d.reason = Stat::FlowFragment as u32;
+        return forward(ctx, d, id, b);
+    }
 
     let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, svc, tcp_flags) else {
         return drop(ctx, d, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);
     d.reason = how as u32;
+    if frag.is {
+        select::record_frag(&d.key, frag.id, backend_id, backend.generation);
+    }
     forward(ctx, d, backend_id, backend)
+}
+
+/// A later fragment (no ports): where its datagram's first-arriving fragment went; if none was
+/// seen, by the client's address over the VIP's fragment service (recorded, so the rest
+/// follows). Not to a VIP: passed.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, d: &mut Decision, frag: &Frag) -> u32 {
+    let vkey = VipKey {
+        addr: d.key.dst_addr,
+        family: d.key.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: VIP values are only replaced whole by the controller.
+    let Some(vip) = (unsafe { LB_VIPS.get(vkey) }) else {
+        return pass(d, Stat::PassFragment);
+    };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    if let Some((id, b)) = select::frag_backend(&d.key, frag.id) {
+        count(Stat::FlowFragment);
+        count_backend(id, frame_len);
+        d.reason = Stat::FlowFragment as u32;
+        return forward(ctx, d, id, b);
+    }
+    let svc = if d.key.protocol == PROTO_TCP {
+        &vip.frag_tcp
+    } else {
+        &vip.frag_udp
+    };
+    if svc.id == NO_SERVICE {
+        return drop(ctx, d, Stat::DropFragment);
+    }
+    let Some((id, b)) = select::by_address(&d.key, svc) else {
+        return drop(ctx, d, Stat::DropFragment);
+    };
+    select::record_frag(&d.key, frag.id, id, b.generation);
+    count(Stat::FlowFragmentHashed);
+    count_service(svc.id, frame_len);
+    count_backend(id, frame_len);
+    d.reason = Stat::FlowFragmentHashed as u32;
+    forward(ctx, d, id, b)
 }
 
 /// An ICMP error quoting a VIP flow goes to the backend that owns the flow (path-MTU discovery

@@ -6,10 +6,11 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, BackendMeta, Counters, FlowKey, FlowValue, META_LEN, ServiceKey, ServiceValue,
-    TraceConfig, TraceRate, VipKey,
+    Backend, BackendMeta, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN, ServiceKey,
+    ServiceValue, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
-        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
+        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+        MAX_TX_PORTS,
     },
     stats::STATS_LEN,
 };
@@ -37,7 +38,12 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 
 /// VIP addresses (any port/protocol), for fragment and malformed-L4 decisions.
 #[map]
-pub static LB_VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static LB_VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Fragmented datagrams in flight → the backend their fragments go to.
+#[map]
+pub static LB_FRAGS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
 
 /// Maglev tables of all services, flat: `service_id * ring_size + slot` → backend id.
 #[map]

@@ -45,7 +45,8 @@ pub enum Parsed {
     /// Broken after the destination address was known (truncated/bad L3 length, truncated L4,
     /// too many IPv6 extension headers).
     MalformedL4,
-    /// An IPv4 or IPv6 fragment.
+    /// A later IPv4 or IPv6 fragment (no ports): addresses, protocol and `frag` are set. (A
+    /// first fragment parses as `Flow`, with `frag.first` set.)
     Fragment,
     /// An ICMP destination-unreachable (v4: incl. fragmentation needed; v6: also packet too
     /// big) quoting a TCP/UDP packet: the key is that packet's flow seen from the client (its
@@ -53,6 +54,17 @@ pub enum Parsed {
     IcmpError,
     /// Other ICMP/ICMPv6 (echo, other types, errors quoting something else).
     Icmp,
+}
+
+/// The fragment a packet is, if it is one.
+#[derive(Default)]
+pub struct Frag {
+    /// IPv4 identification or IPv6 fragment identification.
+    pub id: u32,
+    /// A fragment at all.
+    pub is: bool,
+    /// The first fragment (offset 0: it carries the L4 header).
+    pub first: bool,
 }
 
 const PROTO_ICMP: u8 = 1;
@@ -63,9 +75,9 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// ICMP/ICMPv6 header: type, code, checksum, 4 bytes (unused / MTU).
 const ICMP_HDR_LEN: usize = 8;
 
-/// Fills `key` (and `tcp_flags` for TCP: the flags byte of the header).
+/// Fills `key` (and `tcp_flags` for TCP: the flags byte of the header; `frag` for fragments).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, key: &mut FlowKey, tcp_flags: &mut u8) -> Parsed {
+pub fn parse(ctx: &XdpContext, key: &mut FlowKey, tcp_flags: &mut u8, frag: &mut Frag) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::Malformed;
     };
@@ -82,12 +94,12 @@ pub fn parse(ctx: &XdpContext, key: &mut FlowKey, tcp_flags: &mut u8) -> Parsed 
     }
     let frame_len = ctx.data_end() - ctx.data();
     let l4_off = if ether_type == ETH_P_IP {
-        match parse_ipv4(ctx, off, frame_len, key) {
+        match parse_ipv4(ctx, off, frame_len, key, frag) {
             Ok(l4) => l4,
             Err(p) => return p,
         }
     } else if ether_type == ETH_P_IPV6 {
-        match parse_ipv6(ctx, off, frame_len, key) {
+        match parse_ipv6(ctx, off, frame_len, key, frag) {
             Ok(l4) => l4,
             Err(p) => return p,
         }
@@ -95,6 +107,10 @@ pub fn parse(ctx: &XdpContext, key: &mut FlowKey, tcp_flags: &mut u8) -> Parsed 
         return Parsed::NotIp;
     };
     if key.protocol == PROTO_ICMP || key.protocol == PROTO_ICMPV6 {
+        // (Fragmented ICMP errors never quote a whole header in the first bytes we need.)
+        if frag.is {
+            return Parsed::Icmp;
+        }
         return parse_icmp(ctx, l4_off, key);
     }
     parse_ports(ctx, l4_off, key, tcp_flags)
@@ -173,6 +189,7 @@ fn parse_ipv4(
     off: usize,
     frame_len: usize,
     key: &mut FlowKey,
+    frag: &mut Frag,
 ) -> Result<usize, Parsed> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, off).ok_or(Parsed::Malformed)?;
     // SAFETY: bounds-checked by `ptr_at`.
@@ -190,8 +207,14 @@ fn parse_ipv4(
         return Err(Parsed::MalformedL4);
     }
     // MF flag or a non-zero fragment offset.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(Parsed::Fragment);
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & 0x3fff != 0 {
+        frag.is = true;
+        frag.id = u16::from_be_bytes(ip.id) as u32;
+        frag.first = frags & 0x1fff == 0;
+        if !frag.first {
+            return Err(Parsed::Fragment);
+        }
     }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return Err(Parsed::NotTcpUdp);
@@ -206,6 +229,7 @@ fn parse_ipv6(
     off: usize,
     frame_len: usize,
     key: &mut FlowKey,
+    frag: &mut Frag,
 ) -> Result<usize, Parsed> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, off).ok_or(Parsed::Malformed)?;
     // SAFETY: bounds-checked by `ptr_at`.
@@ -239,7 +263,25 @@ fn parse_ipv6(
                     (h[1] as usize + 1) * 8
                 }
             }
-            IPV6_FRAGMENT => return Err(Parsed::Fragment),
+            IPV6_FRAGMENT => {
+                // next header, reserved, offset (13 bits) + flags, identification.
+                let h = ptr_at::<[u8; 8]>(ctx, off).ok_or(Parsed::MalformedL4)?;
+                // SAFETY: bounds-checked by `ptr_at`.
+                let h = unsafe { *h };
+                next = h[0];
+                let offlg = u16::from_be_bytes([h[2], h[3]]);
+                // An "atomic fragment" (offset 0, no M flag) is a whole datagram.
+                if offlg & 0xfff9 != 0 {
+                    frag.is = true;
+                    frag.id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                    frag.first = offlg >> 3 == 0;
+                    if !frag.first {
+                        key.protocol = next;
+                        return Err(Parsed::Fragment);
+                    }
+                }
+                8
+            }
             _ => return Err(Parsed::NotTcpUdp),
         };
         key.protocol = next;
@@ -250,8 +292,9 @@ fn parse_ipv6(
     }
     match next {
         PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => Ok(off),
-        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => Err(Parsed::MalformedL4),
-        IPV6_FRAGMENT => Err(Parsed::Fragment),
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {
+            Err(Parsed::MalformedL4)
+        }
         _ => Err(Parsed::NotTcpUdp),
     }
 }

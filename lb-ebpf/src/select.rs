@@ -13,8 +13,9 @@ use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, generated::bpf_loop},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceValue,
+    BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
+    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR,
+    ServiceValue,
     hash::{flow_hash, source_hash},
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
@@ -23,7 +24,8 @@ use lb_common::{
 use crate::{
     atomic,
     maps::{
-        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_RING, LB_RING_SIZE, LB_RR_CURSOR,
+        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RING, LB_RING_SIZE,
+        LB_RR_CURSOR,
     },
     stats::{count, count_new_flow},
 };
@@ -116,6 +118,67 @@ pub fn backend_for_flow(
             Stat::FlowNew
         },
     ))
+}
+
+/// The fragment-table key of `key`'s datagram (`id`: its IP identification).
+#[inline(always)]
+fn frag_key(key: &FlowKey, id: u32) -> FragKey {
+    FragKey {
+        src_addr: key.src_addr,
+        dst_addr: key.dst_addr,
+        id,
+        protocol: key.protocol,
+        family: key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Where this datagram's fragments go, if one of them was seen (and that backend is still the
+/// same and usable).
+#[inline(always)]
+pub fn frag_backend(key: &FlowKey, id: u32) -> Option<(u32, &'static Backend)> {
+    let v = LB_FRAGS.get_ptr(frag_key(key, id))?;
+    // SAFETY: a valid map value pointer; a torn read is validated below.
+    let (b, generation) = unsafe { ((*v).backend, (*v).generation) };
+    let backend = usable(b)?;
+    if backend.generation != generation {
+        return None;
+    }
+    Some((b, backend))
+}
+
+/// Records where this datagram's fragments go.
+#[inline(always)]
+pub fn record_frag(key: &FlowKey, id: u32, backend: u32, generation: u32) {
+    let v = FragValue {
+        backend,
+        generation,
+    };
+    if LB_FRAGS.insert(frag_key(key, id), v, 0).is_err() {
+        count(Stat::FlowInsertFailed);
+    }
+}
+
+/// A backend for a fragment without ports: the client's address hash over the service's table
+/// (maglev, sh: the Maglev table; rr/wrr/lc/wlc: their sequence or list).
+#[inline(always)]
+pub fn by_address(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend)> {
+    let ring_size = LB_RING_SIZE.load();
+    if ring_size == 0 {
+        return None;
+    }
+    let h = source_hash(key);
+    let slot = match svc.scheduler {
+        SCHED_WRR | SCHED_LC | SCHED_WLC => {
+            if svc.ring_len == 0 {
+                return None;
+            }
+            h % svc.ring_len
+        }
+        _ => h % ring_size,
+    };
+    let id = ring_slot(svc.id, ring_size, slot)?;
+    Some((id, usable(id)?))
 }
 
 /// The backend that owns `key`'s flow, without recording or counting anything: its connection

@@ -10,8 +10,8 @@ mod support;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header,
-    Ipv6RawExtHeader, PacketBuilder, TcpHeader, UdpHeader,
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6Header, Ipv6RawExtHeader, PacketBuilder,
+    TcpHeader, UdpHeader,
 };
 use lb_common::{BACKEND_F_ACTIVE, NO_BACKEND, stats::Stat};
 use support::*;
@@ -666,28 +666,218 @@ fn no_usable_backend_drops() {
     f.assert_stat(Stat::VerdictDrop, 2);
 }
 
+/// Every fragment of a datagram goes to one backend (IPv4 and IPv6), in order and out of
+/// order; datagrams are told apart; fragments to non-VIPs pass.
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
-fn fragments_to_a_vip_drop_and_others_pass() {
-    let mut f = Fixture::new(CONFIG);
-    f.expect_unchanged(
-        "IPv4 first fragment (MF) to VIP",
-        &ipv4_fragment(C1, VIP4, true, 0),
-        XDP_DROP,
+fn fragments_of_a_datagram_go_to_one_backend() {
+    let mut f = Fixture::new(&two_udp_backends_config());
+    let udp = |sport: u16| key4(C1, sport, VIP4, 53, 17);
+    // In order: the first fragment (with ports) is scheduled like any packet of the flow; the
+    // later ones follow it.
+    let b = f.predict(&udp(5000), "dns");
+    let first = frag4(C1, VIP4, 7, true, 0, Some(5000));
+    f.expect_mac("first fragment", &first, b);
+    f.expect_mac("middle fragment", &frag4(C1, VIP4, 7, true, 3, None), b);
+    f.expect_mac("last fragment", &frag4(C1, VIP4, 7, false, 6, None), b);
+    f.assert_stat(Stat::FlowFragment, 2);
+    // Out of order: a later fragment first: by the client's address, recorded; the first
+    // fragment and the rest follow it, whatever the 5-tuple's own choice.
+    let by_addr = {
+        let (v, out) = f.run(&frag4(C1, VIP4, 8, false, 6, None));
+        assert_eq!(v, XDP_TX);
+        f.backend_index(&out, "dns")
+    };
+    let by_addr = f.service("dns").backends[by_addr];
+    f.assert_stat(Stat::FlowFragmentHashed, 1);
+    for sport in [5002u16, 5004, 5006, 5008] {
+        // Whatever this 5-tuple would get alone, datagram 8 stays together.
+        f.expect_mac(
+            "first after a later one",
+            &frag4(C1, VIP4, 8, true, 0, Some(sport)),
+            by_addr,
+        );
+    }
+    f.expect_mac("middle", &frag4(C1, VIP4, 8, true, 3, None), by_addr);
+    // Datagrams are told apart by their id: datagram 9 of the same client is on its own.
+    let b9 = f.predict(&udp(5010), "dns");
+    f.expect_mac(
+        "another datagram",
+        &frag4(C1, VIP4, 9, true, 0, Some(5010)),
+        b9,
     );
-    f.expect_unchanged(
-        "IPv4 later fragment to VIP",
-        &ipv4_fragment(C1, VIP4, false, 185),
-        XDP_DROP,
+    f.expect_mac(
+        "its later fragment",
+        &frag4(C1, VIP4, 9, false, 3, None),
+        b9,
     );
-    f.expect_unchanged("IPv6 fragment to VIP", &ipv6_fragment(C6, VIP6), XDP_DROP);
+    // IPv6.
+    let b6 = f.predict(&key6(C6, 5000, VIP6, 53, 17), "dns6");
+    f.expect_mac(
+        "IPv6 first fragment",
+        &frag6(C6, VIP6, 70, true, 0, Some(5000)),
+        b6,
+    );
+    f.expect_mac(
+        "IPv6 later fragment",
+        &frag6(C6, VIP6, 70, false, 2, None),
+        b6,
+    );
+    // Not to a VIP: passed untouched.
     f.expect_unchanged(
-        "IPv4 fragment to a non-VIP",
-        &ipv4_fragment(C1, Ipv4Addr::new(10, 99, 0, 1), true, 0),
+        "fragment to a non-VIP",
+        &frag4(C1, Ipv4Addr::new(10, 99, 0, 1), 7, false, 3, None),
         XDP_PASS,
     );
-    f.assert_stat(Stat::DropFragment, 3);
-    f.assert_stat(Stat::PassFragment, 1);
+    f.expect_unchanged(
+        "first fragment to a non-VIP",
+        &frag4(C1, Ipv4Addr::new(10, 99, 0, 1), 7, true, 0, Some(5000)),
+        XDP_PASS,
+    );
+    f.assert_stat(Stat::PassFragment, 2);
+    f.assert_stat(Stat::DropFragment, 0);
+
+    // TCP fragments on the same VIP: its only TCP service takes them (none here: dropped).
+    f.expect_unchanged(
+        "later TCP fragment, no TCP service on the VIP",
+        &frag4_tcp(C1, VIP4, 11, false, 3),
+        XDP_DROP,
+    );
+    f.assert_stat(Stat::DropFragment, 1);
+
+    // A VIP with two UDP services and no all-ports one has no fragment service: a later
+    // fragment whose datagram was not seen is dropped; one that was seen follows.
+    let mut cfg = two_udp_backends_config();
+    cfg +=
+        "\n[[service]]\nname = \"dns2\"\nvip = \"10.99.0.100\"\nport = 5353\nprotocol = \"udp\"\n";
+    cfg += &backend_entry(0, 100);
+    let mut f = Fixture::new(&cfg);
+    f.expect_unchanged(
+        "later fragment, datagram unseen, ambiguous VIP",
+        &frag4(C1, VIP4, 12, false, 3, None),
+        XDP_DROP,
+    );
+    let b = f.predict(&udp(5020), "dns");
+    f.expect_mac(
+        "first fragment",
+        &frag4(C1, VIP4, 13, true, 0, Some(5020)),
+        b,
+    );
+    f.expect_mac("seen datagram", &frag4(C1, VIP4, 13, false, 3, None), b);
+}
+
+/// Two UDP services on one VIP (ports 53 and 5353), plus IPv6 `dns6`.
+fn two_udp_backends_config() -> String {
+    let mut s = sched_config("maglev", &[100, 100, 100]);
+    s = s.replace("name = \"s\"", "name = \"dns\"").replace(
+        "port = 80\nprotocol = \"tcp\"",
+        "port = 53\nprotocol = \"udp\"",
+    );
+    s += "\n[[service]]\nname = \"dns6\"\nvip = \"fd00:99::100\"\nport = 53\nprotocol = \"udp\"\n";
+    for i in 0..3 {
+        s += &format!(
+            "[[service.backend]]\naddress = \"fd00:99::{:x}\"\nmac = \"02:00:00:00:01:{:02x}\"\n",
+            0x21 + i,
+            0x21 + i
+        );
+    }
+    s
+}
+
+/// An IPv4 UDP fragment of datagram `id`: the first (`Some(sport)`: a UDP header to port 53)
+/// or a later one (offset in 8-byte units, payload only).
+fn frag4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    more: bool,
+    offset_units: u16,
+    sport: Option<u16>,
+) -> Vec<u8> {
+    let payload_len = 24u16;
+    let mut ip =
+        Ipv4Header::new(payload_len, 64, IpNumber::UDP, src.octets(), dst.octets()).unwrap();
+    ip.identification = id;
+    ip.more_fragments = more;
+    ip.fragment_offset = offset_units.try_into().unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    eth(EtherType::IPV4).write(&mut out).unwrap();
+    ip.write(&mut out).unwrap();
+    match sport {
+        Some(p) => {
+            UdpHeader {
+                source_port: p,
+                destination_port: 53,
+                length: 8000,
+                checksum: 0,
+            }
+            .write(&mut out)
+            .unwrap();
+            out.extend_from_slice(&[0xab; 16]);
+        }
+        None => out.extend_from_slice(&[0xcd; 24]),
+    }
+    out
+}
+
+/// A later IPv4 TCP fragment (payload only).
+fn frag4_tcp(src: Ipv4Addr, dst: Ipv4Addr, id: u16, more: bool, offset_units: u16) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(24, 64, IpNumber::TCP, src.octets(), dst.octets()).unwrap();
+    ip.identification = id;
+    ip.more_fragments = more;
+    ip.fragment_offset = offset_units.try_into().unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    eth(EtherType::IPV4).write(&mut out).unwrap();
+    ip.write(&mut out).unwrap();
+    out.extend_from_slice(&[0xcd; 24]);
+    out
+}
+
+/// An IPv6 UDP fragment (fragment header with `id`), first (`Some(sport)`) or later.
+fn frag6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    id: u32,
+    more: bool,
+    offset_units: u16,
+    sport: Option<u16>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    eth(EtherType::IPV6).write(&mut out).unwrap();
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: 8 + 24,
+        next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+        hop_limit: 64,
+        source: src.octets(),
+        destination: dst.octets(),
+    }
+    .write(&mut out)
+    .unwrap();
+    // The fragment header by hand: etherparse 0.16 puts the M flag in bit 7 of the fourth byte
+    // and the offset's low bits below it (RFC 8200: offset << 3 | M).
+    out.push(17);
+    out.push(0);
+    out.extend_from_slice(&((offset_units << 3) | more as u16).to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    match sport {
+        Some(p) => {
+            UdpHeader {
+                source_port: p,
+                destination_port: 53,
+                length: 8000,
+                checksum: 0,
+            }
+            .write(&mut out)
+            .unwrap();
+            out.extend_from_slice(&[0xab; 16]);
+        }
+        None => out.extend_from_slice(&[0xcd; 24]),
+    }
+    out
 }
 
 // ---- malformed --------------------------------------------------------------------------------
@@ -890,55 +1080,6 @@ fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
         .ipv6(src.octets(), dst.octets(), 64)
         .icmpv6_echo_request(1, 1);
     write(b, &[0u8; 32])
-}
-
-fn ipv4_fragment(src: Ipv4Addr, dst: Ipv4Addr, more: bool, offset_units: u16) -> Vec<u8> {
-    let mut ip = Ipv4Header::new(28, 64, IpNumber::UDP, src.octets(), dst.octets()).unwrap();
-    ip.more_fragments = more;
-    ip.fragment_offset = offset_units.try_into().unwrap();
-    ip.header_checksum = ip.calc_header_checksum();
-    let mut out = Vec::new();
-    eth(EtherType::IPV4).write(&mut out).unwrap();
-    ip.write(&mut out).unwrap();
-    UdpHeader {
-        source_port: 5000,
-        destination_port: 53,
-        length: 28,
-        checksum: 0,
-    }
-    .write(&mut out)
-    .unwrap();
-    out.extend_from_slice(&[0xab; 20]);
-    out
-}
-
-fn ipv6_fragment(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
-    let mut out = Vec::new();
-    eth(EtherType::IPV6).write(&mut out).unwrap();
-    Ipv6Header {
-        traffic_class: 0,
-        flow_label: Default::default(),
-        payload_length: 8 + 8 + 16,
-        next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
-        hop_limit: 64,
-        source: src.octets(),
-        destination: dst.octets(),
-    }
-    .write(&mut out)
-    .unwrap();
-    Ipv6FragmentHeader::new(IpNumber::UDP, 0.try_into().unwrap(), true, 7)
-        .write(&mut out)
-        .unwrap();
-    UdpHeader {
-        source_port: 5000,
-        destination_port: 53,
-        length: 24,
-        checksum: 0,
-    }
-    .write(&mut out)
-    .unwrap();
-    out.extend_from_slice(&[0xcd; 16]);
-    out
 }
 
 /// IPv6 with `n` extension headers (hop-by-hop first, then destination options) before TCP.

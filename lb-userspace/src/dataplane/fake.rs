@@ -20,7 +20,7 @@ pub struct FakeMaps {
     /// `(service id, slot)` → backend id.
     pub ring: BTreeMap<(u32, u32), u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub vips: BTreeMap<VipKey, u32>,
+    pub vips: BTreeMap<VipKey, lb_common::VipValue>,
     pub tx_ports: BTreeMap<u32, u32>,
     pub flags: u32,
     /// Map updates performed (one per syscall the real loader would make).
@@ -63,8 +63,8 @@ impl Maps for FakeMaps {
                 Op::RemoveService(key) => {
                     self.services.remove(key);
                 }
-                Op::Vip { key, services } => {
-                    self.vips.insert(*key, *services);
+                Op::Vip { key, value } => {
+                    self.vips.insert(*key, *value);
                 }
                 Op::RemoveVip(key) => {
                     self.vips.remove(key);

@@ -106,7 +106,7 @@ pub struct Dataplane {
 #[derive(Clone, Debug, Default)]
 pub struct Adopted {
     pub services: Vec<(ServiceKey, ServiceValue)>,
-    pub vips: Vec<(VipKey, u32)>,
+    pub vips: Vec<(VipKey, lb_common::VipValue)>,
     /// Backend id, its entry and what it stands for (ids in use only).
     pub backends: Vec<(u32, Backend, BackendMeta)>,
     /// How the pinned link was attached.
@@ -187,7 +187,7 @@ struct Handles {
     meta: Array<MapData, u64>,
     backend_meta: Array<MapData, BackendMeta>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    vips: HashMap<MapData, VipKey, u32>,
+    vips: HashMap<MapData, VipKey, lb_common::VipValue>,
     backends: Array<MapData, Backend>,
     ring: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -887,10 +887,9 @@ impl Maps for Dataplane {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                     Err(e) => return Err(map_err(names::SERVICES)(e)),
                 },
-                Op::Vip { key, services } => m
-                    .vips
-                    .insert(key, services, 0)
-                    .map_err(map_err(names::VIPS))?,
+                Op::Vip { key, value } => {
+                    m.vips.insert(key, value, 0).map_err(map_err(names::VIPS))?
+                }
                 Op::RemoveVip(key) => match m.vips.remove(key) {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                     Err(e) => return Err(map_err(names::VIPS)(e)),

@@ -238,7 +238,7 @@ pub struct DesiredState {
     /// Backend id → what it is and why, for reports.
     pub backend_info: BTreeMap<BackendId, BackendInfo>,
     /// VIP → number of services on it.
-    pub vips: BTreeMap<VipKey, u32>,
+    pub vips: BTreeMap<VipKey, lb_common::VipValue>,
     /// Devmap slot → ifindex.
     pub tx_ports: BTreeMap<u32, u32>,
     pub ring_size: u32,
@@ -376,13 +376,14 @@ impl DesiredState {
                 flags: 0,
                 ring_len: 0,
             };
-            *out.vips
+            out.vips
                 .entry(VipKey {
                     addr: vip,
                     family,
                     _pad: [0; 3],
                 })
-                .or_default() += 1;
+                .or_default()
+                .services += 1;
 
             // fallback = "all": when every backend's check has it down, ignore the checks.
             let fallback_applies = s.cfg.fallback == Fallback::All
@@ -507,6 +508,7 @@ impl DesiredState {
             0
         };
         out.next_generation = next_generation;
+        frag_services(&mut out);
         Ok(out)
     }
 }
@@ -571,3 +573,31 @@ fn padded(ids: impl Iterator<Item = u32>, len: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests;
+
+/// Per VIP and protocol, the service that takes fragments whose datagram was not seen yet: the
+/// all-ports service, else the only service of that protocol on the VIP; none when ambiguous.
+fn frag_services(out: &mut DesiredState) {
+    use lb_common::{PROTO_TCP, PROTO_UDP};
+    for (vk, vv) in out.vips.iter_mut() {
+        for (proto, slot) in [(PROTO_TCP, &mut vv.frag_tcp), (PROTO_UDP, &mut vv.frag_udp)] {
+            let on_vip: Vec<&DesiredService> = out
+                .services
+                .iter()
+                .filter(|s| {
+                    s.key.vip == vk.addr && s.key.family == vk.family && s.key.protocol == proto
+                })
+                .collect();
+            let pick = on_vip
+                .iter()
+                .find(|s| s.key.port == [0, 0])
+                .or(if on_vip.len() == 1 {
+                    on_vip.first()
+                } else {
+                    None
+                });
+            if let Some(s) = pick {
+                *slot = s.value;
+            }
+        }
+    }
+}

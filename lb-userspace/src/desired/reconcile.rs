@@ -33,7 +33,7 @@ pub enum Op {
     },
     Vip {
         key: VipKey,
-        services: u32,
+        value: lb_common::VipValue,
     },
     Flags(u32),
     RemoveService(ServiceKey),
@@ -182,10 +182,7 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
     }
     for (k, n) in &next.vips {
         if prev.vips.get(k) != Some(n) {
-            ops.push(Op::Vip {
-                key: *k,
-                services: *n,
-            });
+            ops.push(Op::Vip { key: *k, value: *n });
         }
     }
     if prev.flags != next.flags || prev.services.is_empty() {

@@ -88,7 +88,14 @@ fn builds_keys_ids_rings_and_ports() {
     assert_eq!(d.tx_ports.get(&b1.tx_port), Some(&3));
     // One VIP address, two services on it.
     assert_eq!(d.vips.len(), 1);
-    assert_eq!(d.vips.values().next(), Some(&2));
+    assert_eq!(d.vips.values().next().map(|v| v.services), Some(2));
+    // Fragments without a seen datagram: TCP to `a` (the only TCP service), UDP to `b` (the
+    // all-ports one).
+    let v = d.vips.values().next().unwrap();
+    assert_eq!(
+        (v.frag_tcp.id, v.frag_udp.id),
+        (d.services[0].value.id, d.services[1].value.id)
+    );
     assert_eq!(d.services[1].key.port, [0, 0]);
     assert!(d.services[1].ring.iter().all(|b| *b == 2));
     assert_eq!(d.flags, FLAG_ALL_PORTS_SERVICES);

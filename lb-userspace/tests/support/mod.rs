@@ -285,6 +285,17 @@ impl Fixture {
         b
     }
 
+    /// Asserts XDP_TX and that the output is the input with only the MACs changed, to backend
+    /// `id`'s and the LB's.
+    pub fn expect_mac(&mut self, desc: &str, pkt: &[u8], id: u32) {
+        let mut want = pkt.to_vec();
+        want[0..6].copy_from_slice(&self.backend_mac(id));
+        want[6..12].copy_from_slice(&LB_MAC);
+        let (v, out) = self.run(pkt);
+        assert_eq!(v, XDP_TX, "{desc}: verdict");
+        assert_eq!(out, want, "{desc}: output bytes");
+    }
+
     /// Asserts the verdict and that the frame is untouched.
     pub fn expect_unchanged(&mut self, desc: &str, pkt: &[u8], verdict: u32) {
         let (v, out) = self.run(pkt);
