@@ -63,7 +63,8 @@ pub fn serve_backend(
     for s in udp {
         let name = name.to_owned();
         thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            // Whole datagrams, fragmented ones (8 KB tests) included.
+            let mut buf = vec![0u8; 65536];
             while let Ok((n, peer)) = s.recv_from(&mut buf) {
                 let mut reply = format!("{name} ").into_bytes();
                 reply.extend_from_slice(&buf[..n]);
@@ -292,6 +293,34 @@ pub fn udp_echo(src: IpAddr, target: SocketAddr, timeout: Duration) -> anyhow::R
     }
 }
 
+/// One UDP echo of an `size`-byte datagram (fragmented on the wire when larger than the MTU):
+/// the echo must carry exactly the bytes sent; returns the backend's name.
+pub fn udp_echo_big(
+    src: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+    size: usize,
+    seed: usize,
+) -> anyhow::Result<String> {
+    let s: UdpSocket = bound_socket(src, Type::DGRAM, Protocol::UDP)?.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.connect(target)?;
+    let payload: Vec<u8> = (0..size).map(|i| b'a' + ((i + seed) % 26) as u8).collect();
+    s.send(&payload)?;
+    let mut buf = vec![0u8; 65536];
+    let n = s
+        .recv(&mut buf)
+        .with_context(|| format!("no answer to a {size}-byte datagram from {target}"))?;
+    let reply = &buf[..n];
+    let Some(sp) = reply.iter().position(|b| *b == b' ') else {
+        bail!("unexpected UDP answer of {n} bytes");
+    };
+    if reply[sp + 1..] != payload[..] {
+        bail!("the echo of {size} bytes came back as {} different bytes", n - sp - 1);
+    }
+    Ok(String::from_utf8_lossy(&reply[..sp]).into_owned())
+}
+
 /// `count` requests, sources taken round-robin.
 pub fn many(
     kind: &str,
@@ -306,6 +335,7 @@ pub fn many(
         let r = match kind {
             "http" => http_get(src, target, timeout),
             "udp" => udp_echo(src, target, timeout),
+            "udp-8k" => udp_echo_big(src, target, timeout, 8000, i),
             other => bail!("unknown client kind {other}"),
         };
         t.add(r);

@@ -1811,6 +1811,50 @@ fn pmtud(mode: Mode) {
     );
 }
 
+/// Issue #14: a UDP service receives 8 KB datagrams, which cross the wire in fragments, from
+/// several clients over IPv4 and IPv6: every echo comes back whole (so every fragment of each
+/// datagram reached the same backend), and the datagrams are spread over the backends.
+fn udp_fragments(mode: Mode) {
+    let lab = up(mode, &[100, 100, 100]);
+    for (target, sources) in [
+        (
+            SocketAddr::new(IpAddr::V4(lab::VIP4), lab::ECHO_PORT),
+            lab::v4s(&lab.clients4),
+        ),
+        (
+            SocketAddr::new(IpAddr::V6(lab::VIP6), lab::ECHO_PORT),
+            lab.clients6.iter().map(|a| IpAddr::V6(*a)).collect(),
+        ),
+    ] {
+        let t = lab
+            .clients(Path::new(XTASK), "udp-8k", target, &sources, 200)
+            .expect("udp-8k client");
+        assert_eq!(t.errors, 0, "{target}: {t:?}");
+        assert_eq!(t.total(), 200);
+        assert!(t.by_backend.len() >= 2, "{target}: spread over backends: {t:?}");
+        println!(
+            "{} udp fragments: 200 datagrams of 8000 bytes to {target} from {} sources echoed whole: {:?}",
+            mode.as_str(),
+            sources.len(),
+            t.by_backend
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = lab.lb_cli(&lb(), &["status", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let get = |name: &str| {
+        v["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c[0] == name)
+            .map_or(0, |c| c[1].as_u64().unwrap())
+    };
+    // Each 8000-byte datagram is 6 fragments: the first scheduled, five following it.
+    assert!(get("flow_fragment") >= 5 * 400, "{st}");
+    assert_eq!(get("drop_fragment"), 0, "{st}");
+}
+
 /// Issue #12: rr, wrr, lc and wlc are exact with flows spread over both CPUs. Generic mode
 /// with RPS on the balancer's interface runs `lb_xdp` on the CPU that RPS picks per flow (the
 /// connection table shows both). rr and wrr: every window of one cycle of consecutive
@@ -2042,6 +2086,7 @@ mod generic_only {
 
 both_modes!(
     pmtud,
+    udp_fragments,
     observability,
     dsr,
     distribution,
