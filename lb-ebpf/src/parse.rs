@@ -139,10 +139,13 @@ fn parse_icmp(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
         let ip = unsafe { &*ip };
         let ihl = ((ip.vihl & 0x0f) as usize) * 4;
         // The quoted packet's ports are only there in its first fragment.
+        // The error is addressed to the quoted packet's source (the VIP): anything else is
+        // not ours to forward (found by the hostile-input property test).
         if ip.vihl >> 4 != 4
             || ihl < Ipv4Hdr::LEN
             || u16::from_be_bytes(ip.frags) & 0x1fff != 0
             || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP)
+            || ip.src_addr != key.dst_addr[..4]
         {
             return Parsed::Icmp;
         }
@@ -161,7 +164,10 @@ fn parse_icmp(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
         };
         // SAFETY: bounds-checked by `ptr_at`.
         let ip = unsafe { &*ip };
-        if ip.vcf[0] >> 4 != 6 || (ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP) {
+        if ip.vcf[0] >> 4 != 6
+            || (ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP)
+            || ip.src_addr != key.dst_addr
+        {
             return Parsed::Icmp;
         }
         key.protocol = ip.next_hdr;

@@ -316,7 +316,10 @@ pub fn udp_echo_big(
         bail!("unexpected UDP answer of {n} bytes");
     };
     if reply[sp + 1..] != payload[..] {
-        bail!("the echo of {size} bytes came back as {} different bytes", n - sp - 1);
+        bail!(
+            "the echo of {size} bytes came back as {} different bytes",
+            n - sp - 1
+        );
     }
     Ok(String::from_utf8_lossy(&reply[..sp]).into_owned())
 }

@@ -1831,7 +1831,10 @@ fn udp_fragments(mode: Mode) {
             .expect("udp-8k client");
         assert_eq!(t.errors, 0, "{target}: {t:?}");
         assert_eq!(t.total(), 200);
-        assert!(t.by_backend.len() >= 2, "{target}: spread over backends: {t:?}");
+        assert!(
+            t.by_backend.len() >= 2,
+            "{target}: spread over backends: {t:?}"
+        );
         println!(
             "{} udp fragments: 200 datagrams of 8000 bytes to {target} from {} sources echoed whole: {:?}",
             mode.as_str(),
