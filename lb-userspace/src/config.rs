@@ -1358,3 +1358,46 @@ protocol = "tcp"
         assert!(!is_prime(65536) && !is_prime(1) && !is_prime(9));
     }
 }
+
+/// Fuzzing the config parser (a proptest harness; `LB_FUZZ_CASES` sets the number of cases,
+/// CI runs the default): any text, and valid configs with bytes overwritten, parse or fail
+/// with a bounded message, never panic.
+#[cfg(test)]
+mod fuzz {
+    use proptest::{prelude::*, test_runner::Config as RunnerConfig};
+
+    use super::*;
+
+    fn cases() -> u32 {
+        std::env::var("LB_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000)
+    }
+
+    const VALID: &str = include_str!("../../lb.example.toml");
+
+    proptest! {
+        #![proptest_config(RunnerConfig { cases: cases(), failure_persistence: None, ..RunnerConfig::default() })]
+
+        #[test]
+        fn any_text(text in ".{0,400}") {
+            if let Err(e) = Config::parse(&text, Path::new("fuzz.toml")) {
+                prop_assert!(e.to_string().len() < 3000);
+            }
+        }
+
+        #[test]
+        fn mutated_valid_configs(edits in prop::collection::vec((0usize..4000, any::<u8>()), 1..6)) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            for (pos, b) in edits {
+                let n = bytes.len();
+                bytes[pos % n] = b;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = Config::parse(&text, Path::new("fuzz.toml")) {
+                prop_assert!(e.to_string().len() < 3000);
+            }
+        }
+    }
+}

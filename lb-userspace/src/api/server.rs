@@ -473,6 +473,44 @@ mod tests {
     }
 }
 
+/// Fuzzing the request handling: any path pieces and bodies parse into a typed request or a
+/// precise error, never a panic; over the socket, any method, path and body gets a JSON answer.
+#[cfg(test)]
+mod fuzz {
+    use proptest::{prelude::*, test_runner::Config as RunnerConfig};
+
+    use super::*;
+
+    fn cases() -> u32 {
+        std::env::var("LB_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000)
+    }
+
+    proptest! {
+        #![proptest_config(RunnerConfig { cases: cases(), failure_persistence: None, ..RunnerConfig::default() })]
+
+        #[test]
+        fn path_pieces(service in ".{0,40}", addr in ".{0,40}", action in "(enable|drain|disable|weight|.{0,10})",
+                       weight in prop::option::of(any::<u32>())) {
+            let body = weight.map(|w| u16::try_from(w).map(|weight| WeightBody { weight }).map_err(|e| e.to_string()));
+            match backend_request(service, &addr, &action, body) {
+                Ok(Request::Backend { .. }) => {}
+                Ok(other) => prop_assert!(false, "unexpected {:?}", other),
+                Err(e) => prop_assert!(e.status.is_client_error() && !e.message.is_empty()),
+            }
+        }
+
+        #[test]
+        fn explain_pieces(p in ".{0,5}", a in ".{0,45}", b in ".{0,7}", c in ".{0,45}", d in ".{0,7}") {
+            if let Err(e) = explain_query(&p, &a, &b, &c, &d) {
+                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            }
+        }
+    }
+}
+
 /// The control socket's server end to end: limits, JSON errors, credentials.
 #[cfg(test)]
 mod serve_tests {
@@ -638,6 +676,50 @@ mod serve_tests {
             assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
             std::thread::sleep(Duration::from_millis(50));
             assert_eq!(get(&p2, "/v1/status").0, 200);
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Random methods, paths and bodies over the socket: every answer is JSON, errors are
+    /// `{"error": ...}` (300 cases; more with `LB_FUZZ_CASES`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_requests_get_json() {
+        use proptest::{
+            prelude::*,
+            strategy::ValueTree,
+            test_runner::{Config as RunnerConfig, TestRunner},
+        };
+        let (p, _h) = start(root_only(), Limits::default()).await;
+        let n: u32 = std::env::var("LB_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(300, |n: u32| n / 10);
+        tokio::task::spawn_blocking(move || {
+            let mut runner = TestRunner::new(RunnerConfig::default());
+            let strategy = (
+                "(GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS)",
+                prop::collection::vec("[a-z0-9.:%{}]{0,12}", 0..6),
+                "[ -~]{0,200}",
+            );
+            for _ in 0..n {
+                let (method, parts, body) = strategy.new_tree(&mut runner).unwrap().current();
+                let path = format!("/{}", parts.join("/"));
+                let req = format!(
+                    "{method} {path} HTTP/1.1\r\nhost: lb\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let (code, text) = raw(&p, &req);
+                assert!(code >= 200, "{method} {path}: no status ({text:?})");
+                if method == "HEAD" {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{method} {path} {body:?}: not JSON ({e}): {text:?}"));
+                if code >= 400 {
+                    assert!(v["error"].is_string(), "{method} {path}: {text}");
+                }
+            }
         })
         .await
         .unwrap();
