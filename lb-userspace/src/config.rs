@@ -221,6 +221,20 @@ pub struct Dataplane {
     /// Where the maps and the XDP link are pinned (a directory on a bpffs), so the data plane
     /// outlives `lb run`: default `/sys/fs/bpf/lb/<interface>`.
     pub pin_path: PathBuf,
+    /// What to do about receive-VLAN offload when attached in native mode.
+    pub rx_vlan_offload: RxVlanOffload,
+}
+
+/// `dataplane.rx_vlan_offload`: with receive-VLAN offload on, a native XDP program never sees
+/// 802.1Q tags and XDP_TX sends tagged traffic out untagged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RxVlanOffload {
+    /// Turn it off at attach (`ethtool -K <if> rxvlan off`), logged.
+    #[default]
+    Off,
+    /// Leave it as it is; a warning says what breaks (no VLAN-tagged VIP traffic here).
+    Keep,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -308,6 +322,8 @@ struct RawDataplane {
     flow_table_size: Option<i64>,
     ring_size: Option<i64>,
     pin_path: Option<PathBuf>,
+    #[serde(default)]
+    rx_vlan_offload: RxVlanOffload,
 }
 
 #[derive(Deserialize)]
@@ -679,6 +695,7 @@ impl Validator {
             flow_table_size,
             ring_size,
             pin_path,
+            rx_vlan_offload: dp.rx_vlan_offload,
         })
     }
 

@@ -33,3 +33,73 @@ impl Interfaces for SystemInterfaces {
         Ok((index, mac))
     }
 }
+
+/// Receive-VLAN offload (`rxvlan`, NETIF_F_HW_VLAN_CTAG_RX) of `name`: with it on, the NIC (or
+/// veth) moves the 802.1Q tag into metadata before a native XDP program sees the frame, and
+/// XDP_TX sends the frame without it. `Ok(None)`: the driver does not say.
+pub fn rx_vlan_offload(name: &str) -> std::io::Result<Option<bool>> {
+    Ok(ethtool_flags(name, ETHTOOL_GFLAGS, 0)?.map(|f| f & ETH_FLAG_RXVLAN != 0))
+}
+
+/// Turns receive-VLAN offload off on `name` (what `ethtool -K <name> rxvlan off` does).
+pub fn disable_rx_vlan_offload(name: &str) -> std::io::Result<()> {
+    let Some(flags) = ethtool_flags(name, ETHTOOL_GFLAGS, 0)? else {
+        return Err(std::io::Error::other("the driver reports no offload flags"));
+    };
+    ethtool_flags(name, ETHTOOL_SFLAGS, flags & !ETH_FLAG_RXVLAN)?;
+    match rx_vlan_offload(name)? {
+        Some(false) => Ok(()),
+        _ => Err(std::io::Error::other("the driver kept it on")),
+    }
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GFLAGS: u32 = 0x25;
+const ETHTOOL_SFLAGS: u32 = 0x26;
+const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// `struct ifreq` with the `ifr_data` member (40 bytes on 64-bit Linux).
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut EthtoolValue,
+    _pad: [u8; 16],
+}
+
+/// One `SIOCETHTOOL` get/set-flags call; `Ok(None)` when the driver does not support it.
+fn ethtool_flags(name: &str, cmd: u32, data: u32) -> std::io::Result<Option<u32>> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other("interface name too long"));
+    }
+    let mut value = EthtoolValue { cmd, data };
+    let mut req = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCETHTOOL reads `req` (a valid ifreq whose data points at `value`, both alive
+    // for the call) and writes `value`; `fd` is ours and closed right after.
+    let r = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req as *mut IfreqData) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        return match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(value.data))
+}

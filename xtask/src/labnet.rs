@@ -482,3 +482,67 @@ pub fn stream(sources: &[IpAddr], target: SocketAddr, count: usize) -> anyhow::R
     }
     Ok(())
 }
+
+/// `count` TCP SYNs to `target` tagged with 802.1Q VLAN `vid`, sent raw (AF_PACKET) out of
+/// `eth0` to `dst_mac` (the LB): the lab has no 8021q module, so no VLAN interfaces.
+pub fn raw_vlan_syns(
+    src: IpAddr,
+    target: SocketAddr,
+    vid: u16,
+    count: usize,
+    dst_mac: [u8; 6],
+) -> anyhow::Result<()> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, target.ip()) else {
+        bail!("raw VLAN SYNs are IPv4 only");
+    };
+    let src_mac = {
+        let t = std::fs::read_to_string("/sys/class/net/eth0/address")?;
+        let b: Vec<u8> = t
+            .trim()
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16))
+            .collect::<Result<_, _>>()?;
+        <[u8; 6]>::try_from(b).map_err(|_| anyhow::anyhow!("bad MAC {t}"))?
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    anyhow::ensure!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the fd was just opened and is owned here.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: a NUL-terminated literal.
+    let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+    anyhow::ensure!(ifindex != 0, "no eth0");
+    for i in 0..count {
+        let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+            .single_vlan(vid.try_into()?)
+            .ipv4(s.octets(), d.octets(), 64)
+            .tcp(40000 + i as u16, target.port(), 1, 64240)
+            .syn();
+        let mut frame = Vec::with_capacity(b.size(0));
+        b.write(&mut frame, &[])?;
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields set are plain integers.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&dst_mac);
+        // SAFETY: sendto(2) reads `frame` and `addr`, both valid for the call.
+        let r = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(r >= 0, "sendto: {}", std::io::Error::last_os_error());
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

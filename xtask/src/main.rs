@@ -117,6 +117,23 @@ fn main() -> ExitCode {
             target,
             sources,
             count,
+        } if kind == "raw-vlan-syn" => labnet::raw_vlan_syns(
+            sources[0],
+            target,
+            100,
+            count,
+            lab::LB_MAC
+                .split(':')
+                .map(|x| u8::from_str_radix(x, 16).unwrap_or(0))
+                .collect::<Vec<u8>>()
+                .try_into()
+                .unwrap_or([0; 6]),
+        ),
+        Task::LabClient {
+            kind,
+            target,
+            sources,
+            count,
         } if kind == "stream" => labnet::stream(&sources, target, count),
         Task::LabClient {
             kind,

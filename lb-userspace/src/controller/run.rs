@@ -212,6 +212,9 @@ pub async fn serve(
         ctl.maps()
             .attach_pinned(&dpc.interface, dpc.xdp_mode, &pin, replaced.as_deref())?;
     fresh.path = None;
+    if mode == AttachedMode::Native {
+        vlan_offload(&dpc);
+    }
     if let Some(old) = &replaced {
         match pin::remove(old) {
             Ok(_) => tracing::info!("--replace: removed the old maps at {}", old.display()),
@@ -272,6 +275,36 @@ pub async fn serve(
         print!("{}", crate::report::render(ctl.desired(), &s));
     }
     Ok(())
+}
+
+/// Native mode: receive-VLAN offload hides 802.1Q tags from XDP, and XDP_TX then sends
+/// tagged traffic out untagged. Turned off (`dataplane.rx_vlan_offload = "off"`, the default)
+/// or warned about (`"keep"`).
+fn vlan_offload(dpc: &crate::config::Dataplane) {
+    use crate::config::RxVlanOffload;
+    let ifname = &dpc.interface;
+    match crate::iface::rx_vlan_offload(ifname) {
+        Ok(Some(true)) => match dpc.rx_vlan_offload {
+            RxVlanOffload::Off => match crate::iface::disable_rx_vlan_offload(ifname) {
+                Ok(()) => tracing::info!(
+                    "receive-VLAN offload on {ifname} turned off (as `ethtool -K {ifname} rxvlan off`;                      dataplane.rx_vlan_offload = \"off\"): with it, native XDP never sees 802.1Q tags \
+                     and tagged VIP traffic would leave untagged"
+                ),
+                Err(e) => tracing::warn!(
+                    "receive-VLAN offload on {ifname} could not be turned off ({e}): VLAN-tagged VIP \
+                     traffic will leave untagged; run `ethtool -K {ifname} rxvlan off` or use \
+                     xdp_mode = \"generic\""
+                ),
+            },
+            RxVlanOffload::Keep => tracing::warn!(
+                "receive-VLAN offload is on for {ifname} and kept (dataplane.rx_vlan_offload = \"keep\"): \
+                 native XDP does not see 802.1Q tags, so VLAN-tagged VIP traffic leaves untagged; \
+                 fine only without tagged VIP traffic (else `ethtool -K {ifname} rxvlan off`)"
+            ),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::debug!("reading the offload flags of {ifname}: {e}"),
+    }
 }
 
 /// Pinned maps of a start that has not attached yet: removed if it fails.
