@@ -1620,6 +1620,45 @@ fn observability(mode: Mode) {
         "80 columns:\n{top}"
     );
     println!("{} lb top --once:\n{top}", mode.as_str());
+    // The live view in a pseudo-terminal (`script`), 80×24: it draws, and `q` ends it with the
+    // terminal restored (alternate screen left).
+    {
+        use std::io::Write as _;
+        let cmdline = format!(
+            "stty cols 80 rows 24; {} --socket {} top",
+            lb().display(),
+            lab.socket().display()
+        );
+        let mut child = std::process::Command::new("script")
+            .args(["-q", "-e", "-c", &cmdline, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("script");
+        std::thread::sleep(Duration::from_millis(2500));
+        child.stdin.as_mut().unwrap().write_all(b"q").unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "lb top did not quit on q"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        let screen = String::from_utf8_lossy(&out.stdout);
+        assert!(status.success(), "lb top exited with {status}: {screen}");
+        assert!(screen.contains("SERVICE / BACKEND"), "it drew: {screen:?}");
+        assert!(screen.contains("\x1b[?1049l"), "alternate screen left");
+        println!(
+            "{} lb top: drew in a pty and quit on q, terminal restored",
+            mode.as_str()
+        );
+    }
 
     // lb explain agrees with where 100 real connections landed.
     let mut agreed = 0;
