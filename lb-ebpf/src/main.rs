@@ -76,6 +76,13 @@ pub fn lb_baseline_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// A trivial XDP_PASS program: the floor `cargo xtask bench` measures passed packets and
+/// one-call-per-packet costs against. The controller never loads it.
+#[xdp]
+pub fn lb_baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[inline(always)]
 fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     let mut tcp_flags = 0u8;

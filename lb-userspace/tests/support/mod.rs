@@ -219,11 +219,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(toml: &str) -> Fixture {
+        Fixture::with_flow_table(toml, 65536)
+    }
+
+    /// As [`Fixture::new`] with a connection table of `flows` entries.
+    pub fn with_flow_table(toml: &str, flows: u32) -> Fixture {
         require_root();
         pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
         let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
-        let mut dp = Dataplane::load(cfg.dataplane.ring_size, 65536)
+        let mut dp = Dataplane::load(cfg.dataplane.ring_size, flows)
             .unwrap_or_else(|e| panic!("load: {e:#}"));
         dp.apply(&desired).expect("apply");
         Fixture { dp, desired }
