@@ -566,7 +566,9 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     }
 
     // Control plane: one Maglev table of 65 537 slots for 1 000 backends.
-    let names: Vec<String> = (0..1000).map(|i| format!("10.1.{}.{}", i / 250, i % 250)).collect();
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("10.1.{}.{}", i / 250, i % 250))
+        .collect();
     let entries: Vec<lb_userspace::maglev::Entry<'_>> = names
         .iter()
         .map(|n| lb_userspace::maglev::Entry {
