@@ -34,6 +34,16 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// Slot of an address in the VIP filter (`LB_VIP_FILTER`, [`crate::limits::VIP_FILTER_SLOTS`]
+/// entries): a packet whose destination's slot is clear is not for any VIP, found with one
+/// array read instead of two hash-map lookups.
+#[inline(always)]
+pub fn vip_slot(addr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let x = w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(14) ^ w(12).rotate_left(21);
+    x.wrapping_mul(0x9e37_79b1) >> (32 - crate::limits::VIP_FILTER_BITS)
+}
+
 /// Hash of the source address (and family) only: the `sh` scheduler. Every connection from one
 /// client address lands on the same backend.
 #[inline(always)]

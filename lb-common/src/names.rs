@@ -43,6 +43,9 @@ pub const META: &str = "LB_META";
 /// Backend id → [`crate::BackendMeta`] (array); controller only, for adoption after a restart.
 pub const BACKEND_META: &str = "LB_BE_META";
 
+/// VIP filter: `hash::vip_slot(address)` → 1 when some VIP has that slot (array of `u8`). A
+/// destination whose slot is 0 is no VIP: passed after one array read.
+pub const VIP_FILTER: &str = "LB_VIP_FILTER";
 /// Fragmented datagrams in flight: [`crate::FragKey`] → [`crate::FragValue`] (LRU hash): every
 /// fragment of a datagram goes where the first one to arrive went.
 pub const FRAGS: &str = "LB_FRAGS";
@@ -60,7 +63,7 @@ pub const LINK_PIN: &str = "link";
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 20] = [
     META,
     BACKEND_META,
     FLAGS,
@@ -80,6 +83,7 @@ pub const ALL_MAPS: [&str; 19] = [
     TRACE,
     TRACE_RATE,
     FRAGS,
+    VIP_FILTER,
 ];
 
 const _: () = {

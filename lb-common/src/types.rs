@@ -241,7 +241,7 @@ pub const META_LEN: u32 = 8;
 ///
 /// 2: `LB_BE_CONNS`, `LB_BE_EXPIRED` and `LB_RR_CURSOR` are shared arrays (were per CPU);
 /// `LB_TRACE`, `LB_TRACE_CFG` and `LB_TRACE_RATE` for `lb trace`; `LB_VIPS` values are
-/// `VipValue`s; `LB_FRAGS`.
+/// `VipValue`s; `LB_FRAGS`; `LB_VIP_FILTER`.
 pub const LAYOUT_VERSION: u64 = 2;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).

@@ -29,7 +29,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{LB_FLAGS, LB_SERVICES, LB_TX_PORTS, LB_VIPS},
+    maps::{LB_FLAGS, LB_SERVICES, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
     parse::{Frag, Parsed},
     stats::{count, count_backend, count_service},
     trace::{Decision, maybe_trace},
@@ -104,6 +104,17 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
         Parsed::IcmpError => return icmp_error(ctx, d),
     }
 
+    // Most traffic through a balancer's interface is not for a VIP: one array read says so.
+    if !maybe_vip(&d.key) {
+        return pass(
+            d,
+            if frag.is {
+                Stat::PassFragment
+            } else {
+                Stat::PassNoService
+            },
+        );
+    }
     let Some(svc) = lookup_service(&d.key) else {
         return pass(
             d,
@@ -231,6 +242,14 @@ fn lookup_service(key: &FlowKey) -> Option<&'static ServiceValue> {
     skey.port = [0, 0];
     // SAFETY: as above.
     unsafe { LB_SERVICES.get(skey) }
+}
+
+/// False when the destination is certainly no VIP (its filter slot is clear).
+#[inline(always)]
+fn maybe_vip(key: &FlowKey) -> bool {
+    LB_VIP_FILTER
+        .get(lb_common::hash::vip_slot(&key.dst_addr))
+        .is_some_and(|v| *v != 0)
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@ use lb_common::{
     ServiceValue, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
-        MAX_TX_PORTS,
+        MAX_TX_PORTS, VIP_FILTER_SLOTS,
     },
     stats::STATS_LEN,
 };
@@ -39,6 +39,10 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// VIP addresses (any port/protocol), for fragment and malformed-L4 decisions.
 #[map]
 pub static LB_VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// `vip_slot(address)` → 1 when some VIP hashes there (see lb_common::names::VIP_FILTER).
+#[map]
+pub static LB_VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 
 /// Fragmented datagrams in flight → the backend their fragments go to.
 #[map]

@@ -31,6 +31,8 @@ pub struct FakeMaps {
     pub flows: Vec<(FlowKey, FlowValue)>,
     /// `LB_RR_CURSOR` by service id.
     pub rr_cursors: BTreeMap<u32, u64>,
+    /// `LB_VIP_FILTER` slots set.
+    pub vip_filter: std::collections::BTreeSet<u32>,
 }
 
 impl Maps for FakeMaps {
@@ -68,6 +70,13 @@ impl Maps for FakeMaps {
                 }
                 Op::RemoveVip(key) => {
                     self.vips.remove(key);
+                }
+                Op::VipFilter { slot, on } => {
+                    if *on {
+                        self.vip_filter.insert(*slot);
+                    } else {
+                        self.vip_filter.remove(slot);
+                    }
                 }
                 Op::Flags(f) => self.flags = *f,
             }

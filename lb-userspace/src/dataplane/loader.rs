@@ -199,6 +199,7 @@ struct Handles {
     backend_conns: Array<MapData, u64>,
     backend_expired: Array<MapData, u64>,
     rr_cursor: Array<MapData, u64>,
+    vip_filter: Array<MapData, u8>,
 }
 
 impl Handles {
@@ -228,6 +229,7 @@ impl Handles {
             backend_conns: take(ebpf, names::BACKEND_CONNS)?,
             backend_expired: take(ebpf, names::BACKEND_EXPIRED)?,
             rr_cursor: take(ebpf, names::RR_CURSOR)?,
+            vip_filter: take(ebpf, names::VIP_FILTER)?,
         })
     }
 }
@@ -895,6 +897,10 @@ impl Maps for Dataplane {
                     Err(e) => return Err(map_err(names::VIPS)(e)),
                 },
                 Op::Flags(flags) => m.flags.set(0, flags, 0).map_err(map_err(names::FLAGS))?,
+                Op::VipFilter { slot, on } => m
+                    .vip_filter
+                    .set(*slot, u8::from(*on), 0)
+                    .map_err(map_err(names::VIP_FILTER))?,
             }
         }
         Ok(())

@@ -38,6 +38,11 @@ pub enum Op {
     Flags(u32),
     RemoveService(ServiceKey),
     RemoveVip(VipKey),
+    /// `LB_VIP_FILTER[slot] := on`.
+    VipFilter {
+        slot: u32,
+        on: bool,
+    },
     /// Deactivate a backend that is gone (its flows are rescheduled at their next packet).
     RetireBackend {
         id: BackendId,
@@ -185,6 +190,20 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
             ops.push(Op::Vip { key: *k, value: *n });
         }
     }
+    // The VIP filter: slots of the new VIPs set before they take traffic (with their
+    // services), slots no VIP uses any more cleared below. An adopted state writes all again.
+    let slots = |d: &DesiredState| -> BTreeSet<u32> {
+        d.vips
+            .keys()
+            .map(|k| lb_common::hash::vip_slot(&k.addr))
+            .collect()
+    };
+    let (prev_slots, next_slots) = (slots(prev), slots(next));
+    for s in &next_slots {
+        if prev.adopted || !prev_slots.contains(s) {
+            ops.push(Op::VipFilter { slot: *s, on: true });
+        }
+    }
     if prev.flags != next.flags || prev.services.is_empty() {
         ops.push(Op::Flags(next.flags));
     }
@@ -203,6 +222,12 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
         if !next.vips.contains_key(k) {
             ops.push(Op::RemoveVip(*k));
         }
+    }
+    for s in prev_slots.difference(&next_slots) {
+        ops.push(Op::VipFilter {
+            slot: *s,
+            on: false,
+        });
     }
     for (id, b) in &next.retired {
         if prev.backends.contains_key(id) {

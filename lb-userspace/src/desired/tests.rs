@@ -262,6 +262,8 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
             Op::RemoveService(_) => "-service",
             Op::RemoveVip(_) => "-vip",
             Op::RetireBackend { .. } => "-backend",
+            Op::VipFilter { on: true, .. } => "filter",
+            Op::VipFilter { on: false, .. } => "-filter",
         })
         .collect()
 }
@@ -273,7 +275,9 @@ fn initial_diff_writes_everything_in_order() {
     let (ops, sum) = diff(None, &s);
     assert_eq!(
         kinds(&ops),
-        ["backend", "backend", "ring", "service", "vip", "flags"]
+        [
+            "backend", "backend", "ring", "service", "vip", "filter", "flags"
+        ]
     );
     assert_eq!(
         (sum.services_added, sum.backends_added, sum.rings_changed),
@@ -393,6 +397,36 @@ fn service_key_change_keeps_the_id() {
     let (ops, _) = diff(Some(&a), &b);
     assert_eq!(kinds(&ops), ["service", "-service"]);
     assert_eq!(ops[1], Op::RemoveService(a.services[0].key));
+}
+
+/// A VIP's filter slot is set when it appears and cleared when it is gone.
+#[test]
+fn vip_filter_follows_the_vips() {
+    let mut ids = Ids::default();
+    let a = state(&mut ids, TWO, None);
+    let moved = TWO.replace("10.0.0.100", "10.0.0.101");
+    let b = state(&mut ids, &moved, Some(&a));
+    let (ops, _) = diff(Some(&a), &b);
+    let slot = |ip: &str| {
+        let (addr, _) = lb_common::rules::addr_key(ip.parse().unwrap());
+        lb_common::hash::vip_slot(&addr)
+    };
+    assert!(ops.contains(&Op::VipFilter {
+        slot: slot("10.0.0.101"),
+        on: true
+    }));
+    assert!(ops.contains(&Op::VipFilter {
+        slot: slot("10.0.0.100"),
+        on: false
+    }));
+    let mut fake = crate::dataplane::fake::FakeMaps::default();
+    use crate::dataplane::Maps as _;
+    fake.apply_ops(&diff(None, &a).0, 251).unwrap();
+    fake.apply_ops(&ops, 251).unwrap();
+    assert_eq!(
+        fake.vip_filter,
+        std::collections::BTreeSet::from([slot("10.0.0.101")])
+    );
 }
 
 #[test]
