@@ -455,6 +455,19 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for s in &self.services {
+            if matches!(
+                s.scheduler,
+                Scheduler::Rr | Scheduler::Wrr | Scheduler::Lc | Scheduler::Wlc
+            ) {
+                out.push(format!(
+                    "service \"{}\": {} decides per node (a cursor, connection counts): with several \
+                     balancers behind ECMP, a connection the router moves to another node may land \
+                     on another backend; maglev and sh pick the same backend on every node built \
+                     from the same config (compare `ring_digest` in lb status)",
+                    s.name,
+                    s.scheduler.name()
+                ));
+            }
             if matches!(s.scheduler, Scheduler::Lc | Scheduler::Wlc)
                 && s.backends.len() > LC_SCAN_WARN
             {
@@ -1070,11 +1083,31 @@ mac = "02:00:00:00:00:22"
             }
             parse(&t).unwrap()
         };
-        let w = svc("wlc", 1000).warnings();
+        let scan = |w: Vec<String>| {
+            w.into_iter()
+                .filter(|w| w.contains("scans all"))
+                .collect::<Vec<_>>()
+        };
+        let w = scan(svc("wlc", 1000).warnings());
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("wlc scans all 1000 backends"), "{w:?}");
-        assert!(svc("lc", 256).warnings().is_empty());
+        assert!(scan(svc("lc", 256).warnings()).is_empty());
         assert!(svc("maglev", 1000).warnings().is_empty());
+        // Per-node schedulers are named for multi-node setups; maglev and sh are not.
+        for (sched, warned) in [
+            ("rr", true),
+            ("wrr", true),
+            ("lc", true),
+            ("wlc", true),
+            ("sh", false),
+        ] {
+            let w = svc(sched, 3).warnings();
+            assert_eq!(
+                w.iter().any(|w| w.contains("decides per node")),
+                warned,
+                "{sched}: {w:?}"
+            );
+        }
     }
 
     #[test]

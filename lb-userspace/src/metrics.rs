@@ -290,6 +290,7 @@ mod tests {
                 port: 80,
                 protocol: "tcp".into(),
                 scheduler: "maglev".into(),
+                ring_digest: String::new(),
                 traffic,
                 backends: vec![api::BackendStatus {
                     address: "10.0.0.21".parse().unwrap(),

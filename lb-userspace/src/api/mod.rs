@@ -127,6 +127,10 @@ pub struct ServiceStatus {
     pub port: u16,
     pub protocol: String,
     pub scheduler: String,
+    /// Digest of the service's table by backend *address* per slot (ids differ between nodes):
+    /// equal on two balancers ⇔ they send every new flow of this service to the same backend.
+    #[serde(default)]
+    pub ring_digest: String,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
 }

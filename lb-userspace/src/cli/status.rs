@@ -62,12 +62,13 @@ pub fn render(s: &api::Status) -> String {
         let t = &svc.traffic;
         let _ = writeln!(
             o,
-            "\nservice {} {}:{}/{} ({}): {} pkt/s {} bit/s, {} packets, {} new flows",
+            "\nservice {} {}:{}/{} ({}, ring_digest {}): {} pkt/s {} bit/s, {} packets, {} new flows",
             svc.name,
             svc.vip,
             svc.port,
             svc.protocol,
             svc.scheduler,
+            svc.ring_digest,
             rate(t.packets_per_second),
             rate(t.bits_per_second),
             t.packets,

@@ -434,6 +434,7 @@ mod tests {
                 port: 80,
                 protocol: "tcp".into(),
                 scheduler: "maglev".into(),
+                ring_digest: String::new(),
                 traffic: t(backends.iter().map(|b| b.traffic.packets_per_second).sum()),
                 backends,
             };

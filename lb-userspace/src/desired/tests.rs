@@ -503,3 +503,92 @@ fn all_down_drops_unless_fallback_all() {
     );
     assert!(d.backends.values().all(|b| b.flags & BACKEND_F_ACTIVE != 0));
 }
+
+/// Issue #10's consistency without shared state: two nodes built from the same config have
+/// byte-identical tables; nodes whose configs list the same services and backends in another
+/// order (so other ids) still send every slot to the same backend address, and `ring_digest`
+/// says so; a different weight changes the digest.
+#[test]
+fn tables_agree_across_nodes() {
+    const NODE: &str = r#"
+[dataplane]
+interface = "eth0"
+ring_size = 65537
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.1"
+mac = "02:00:00:00:01:01"
+[[service.backend]]
+address = "10.0.0.2"
+mac = "02:00:00:00:01:02"
+weight = 200
+[[service.backend]]
+address = "10.0.0.3"
+mac = "02:00:00:00:01:03"
+[[service]]
+name = "dns"
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+scheduler = "sh"
+[[service.backend]]
+address = "10.0.0.4"
+mac = "02:00:00:00:01:04"
+[[service.backend]]
+address = "10.0.0.5"
+mac = "02:00:00:00:01:05"
+"#;
+    let build = |text: &str| {
+        let cfg = config::Config::parse(text, Path::new("node.toml")).unwrap();
+        DesiredState::from_config(&cfg, &Fake).unwrap()
+    };
+    let (a, b) = (build(NODE), build(NODE));
+    for (sa, sb) in a.services.iter().zip(&b.services) {
+        assert_eq!(sa.ring, sb.ring, "{}: the same bytes in LB_RING", sa.name);
+    }
+    // Another order: services swapped, backends reversed.
+    let parts: Vec<&str> = NODE.split("[[service]]").collect();
+    let web_rev = {
+        let mut bs: Vec<&str> = parts[1].split("[[service.backend]]").collect();
+        let head = bs.remove(0);
+        bs.reverse();
+        format!(
+            "{head}[[service.backend]]{}",
+            bs.join("[[service.backend]]")
+        )
+    };
+    let other = format!("{}[[service]]{}[[service]]{}", parts[0], parts[2], web_rev);
+    let c = build(&other);
+    let by_name =
+        |d: &DesiredState, n: &str| d.services.iter().find(|s| s.name == n).unwrap().clone();
+    let addrs = |d: &DesiredState, s: &DesiredService| -> Vec<std::net::IpAddr> {
+        s.ring
+            .iter()
+            .map(|id| d.backend_info[&BackendId(*id)].address)
+            .collect()
+    };
+    for name in ["web", "dns"] {
+        let (sa, sc) = (by_name(&a, name), by_name(&c, name));
+        assert_ne!(sa.backends, sc.backends, "{name}: the ids differ");
+        assert_eq!(
+            addrs(&a, &sa),
+            addrs(&c, &sc),
+            "{name}: same backend per slot"
+        );
+        assert_eq!(
+            crate::status::ring_digest(&a, &sa),
+            crate::status::ring_digest(&c, &sc),
+            "{name}: same digest"
+        );
+    }
+    let changed = build(&NODE.replace("weight = 200", "weight = 300"));
+    assert_ne!(
+        crate::status::ring_digest(&a, &by_name(&a, "web")),
+        crate::status::ring_digest(&changed, &by_name(&changed, "web")),
+        "a weight change shows"
+    );
+}
