@@ -52,7 +52,6 @@ fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
     let mut d = Decision {
         key: FlowKey::default(),
         backend: NO_BACKEND,
-        backend_mac: [0; 6],
         reason: 0,
     };
     let action = process(&ctx, &mut d);
@@ -209,7 +208,6 @@ fn icmp_error(ctx: &XdpContext, d: &mut Decision) -> u32 {
 #[inline(always)]
 fn forward(ctx: &XdpContext, d: &mut Decision, backend_id: u32, backend: &Backend) -> u32 {
     d.backend = backend_id;
-    d.backend_mac = backend.mac;
     rewrite_macs(ctx, backend);
     if backend.flags & BACKEND_F_REDIRECT != 0 {
         match LB_TX_PORTS.redirect(backend.tx_port, xdp_action::XDP_DROP as u64) {

@@ -13,14 +13,12 @@ use lb_common::{
     FlowKey, TRACE_F_BACKEND, TRACE_F_CLIENT, TRACE_F_VIP, TRACE_SNAP, TraceConfig, TraceEvent,
 };
 
-use crate::maps::{LB_TRACE, LB_TRACE_CFG, LB_TRACE_RATE};
+use crate::maps::{LB_BACKENDS, LB_TRACE, LB_TRACE_CFG, LB_TRACE_RATE};
 
 /// What `lb_xdp` decided for one packet (filled along the way).
 pub struct Decision {
     pub key: FlowKey,
     pub backend: u32,
-    /// The backend's entry, once chosen (for the MAC filter).
-    pub backend_mac: [u8; 6],
     /// A `Stat` index: why.
     pub reason: u32,
 }
@@ -48,7 +46,12 @@ fn trace(ctx: &XdpContext, cfg: &TraceConfig, d: &Decision, action: u32) {
     if cfg.filters & TRACE_F_CLIENT != 0 && d.key.src_addr != cfg.client {
         return;
     }
-    if cfg.filters & TRACE_F_BACKEND != 0 && d.backend_mac != cfg.backend_mac {
+    // The backend's MAC is read here, on the trace path, not recorded for every packet.
+    if cfg.filters & TRACE_F_BACKEND != 0
+        && LB_BACKENDS
+            .get(d.backend)
+            .is_none_or(|b| b.mac != cfg.backend_mac)
+    {
         return;
     }
     let Some(rate) = LB_TRACE_RATE.get_ptr_mut(0) else {

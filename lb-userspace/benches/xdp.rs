@@ -48,13 +48,7 @@ fn repeated(
     let mut samples = Vec::new();
     for _ in 0..ROUNDS {
         let before = check.map(|s| f.snapshot().get(s));
-        let prog = if program == "lb_xdp" {
-            f.dp.program()
-        } else {
-            f.dp.other_program(program).expect("program in the object")
-        };
-        let (v, d) = run(prog, pkt, REPEAT);
-        assert_eq!(v, want, "{program}: verdict");
+        let ns = repeat_v(f, program, pkt, want);
         if let (Some(stat), Some(b)) = (check, before) {
             let delta = f.snapshot().get(stat) - b;
             assert_eq!(
@@ -64,31 +58,23 @@ fn repeated(
                 stat.name()
             );
         }
-        samples.push(d.as_nanos() as f64);
+        samples.push(ns);
     }
     median(samples)
 }
 
-/// One repeated run of `program` on `pkt` (XDP_TX expected): mean ns per run.
-fn repeated_once(f: &mut Fixture, program: &'static str, pkt: &[u8]) -> f64 {
-    let prog = if program == "lb_xdp" {
+/// A program of the object: `lb_xdp` or one of the bench-only ones (loaded on first use).
+fn prog<'a>(f: &'a mut Fixture, name: &'static str) -> &'a Xdp {
+    if name == "lb_xdp" {
         f.dp.program()
     } else {
-        f.dp.other_program(program).expect("program in the object")
-    };
-    let (v, d) = run(prog, pkt, REPEAT);
-    assert_eq!(v, XDP_TX, "{program}: verdict");
-    d.as_nanos() as f64
+        f.dp.other_program(name).expect("program in the object")
+    }
 }
 
 /// Mean ns per single-run call over `pkts` (one pass).
-fn one_per_call(f: &mut Fixture, program: &str, pkts: &[Vec<u8>], want: u32) -> f64 {
-    let prog = if program == "lb_xdp" {
-        f.dp.program()
-    } else {
-        f.dp.other_program("lb_baseline_tx")
-            .expect("baseline program")
-    };
+fn one_per_call(f: &mut Fixture, program: &'static str, pkts: &[Vec<u8>], want: u32) -> f64 {
+    let prog = prog(f, program);
     let mut total = 0u128;
     for p in pkts {
         let (v, d) = run(prog, p, 1);
@@ -104,6 +90,16 @@ fn syn4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
         .tcp(sport, dport, 1, 64240)
         .syn();
     write(b, &[])
+}
+
+/// `n` SYNs of distinct new flows from 10.`net`.x.y (a fresh `net` per round keeps them new).
+fn new_flow_syns(net: u8, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let src = Ipv4Addr::new(10, net, (i >> 8) as u8, i as u8);
+            syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
+        })
+        .collect()
 }
 
 fn main() {
@@ -133,8 +129,8 @@ fn main() {
     let mut diffs = Vec::new();
     let mut notraces = Vec::new();
     for _ in 0..3 * ROUNDS {
-        let a = repeated_once(&mut f, "lb_xdp", &est);
-        let b = repeated_once(&mut f, "lb_xdp_notrace", &est);
+        let a = repeat_v(&mut f, "lb_xdp", &est, XDP_TX);
+        let b = repeat_v(&mut f, "lb_xdp_notrace", &est, XDP_TX);
         diffs.push(a - b);
         notraces.push(b);
     }
@@ -161,12 +157,7 @@ fn main() {
     let mut rounds_new = Vec::new();
     let mut rounds_base1 = Vec::new();
     for round in 0..ROUNDS {
-        let pkts: Vec<Vec<u8>> = (0..NEW_FLOWS)
-            .map(|i| {
-                let src = Ipv4Addr::new(10, 100 + round as u8, (i >> 8) as u8, i as u8);
-                syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
-            })
-            .collect();
+        let pkts = new_flow_syns(100 + round as u8, NEW_FLOWS);
         let before = f.snapshot().get(Stat::FlowNew);
         rounds_new.push(one_per_call(&mut f, "lb_xdp", &pkts, XDP_TX));
         let delta = f.snapshot().get(Stat::FlowNew) - before;
@@ -314,21 +305,11 @@ fn schedulers() -> Vec<(String, String, f64, f64, usize)> {
         let mut two = Vec::new();
         let mut base = Vec::new();
         for round in 0..ROUNDS {
-            let pkts: Vec<Vec<u8>> = (0..FLOWS)
-                .map(|i| {
-                    let src = Ipv4Addr::new(10, 100 + 2 * round as u8, (i >> 8) as u8, i as u8);
-                    syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
-                })
-                .collect();
+            let pkts = new_flow_syns(100 + 2 * round as u8, FLOWS);
             let before = f.snapshot().get(Stat::FlowNew);
             one.push(one_per_call(&mut f, "lb_xdp", &pkts, XDP_TX));
             base.push(one_per_call(&mut f, "lb_baseline_tx", &pkts, XDP_TX));
-            let pkts2: Vec<Vec<u8>> = (0..FLOWS)
-                .map(|i| {
-                    let src = Ipv4Addr::new(10, 101 + 2 * round as u8, (i >> 8) as u8, i as u8);
-                    syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
-                })
-                .collect();
+            let pkts2 = new_flow_syns(101 + 2 * round as u8, FLOWS);
             two.push(two_cpus(&mut f, &pkts2));
             let delta = f.snapshot().get(Stat::FlowNew) - before;
             assert_eq!(
@@ -384,12 +365,7 @@ fn two_cpus(f: &mut Fixture, pkts: &[Vec<u8>]) -> f64 {
 
 /// `program` run `REPEAT` times on `pkt` (verdict `want`): mean ns per run.
 fn repeat_v(f: &mut Fixture, program: &'static str, pkt: &[u8], want: u32) -> f64 {
-    let prog = if program == "lb_xdp" {
-        f.dp.program()
-    } else {
-        f.dp.other_program(program).expect("program in the object")
-    };
-    let (v, d) = run(prog, pkt, REPEAT);
+    let (v, d) = run(prog(f, program), pkt, REPEAT);
     assert_eq!(v, want, "{program}: verdict");
     d.as_nanos() as f64
 }
@@ -466,16 +442,11 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     // New flows, one call per packet, against the XDP_PASS floor measured on the same packets.
     let mut above = Vec::new();
     for round in 0..ROUNDS {
-        let pkts: Vec<Vec<u8>> = (0..NEW_FLOWS)
-            .map(|i| {
-                let src = Ipv4Addr::new(10, 150 + round as u8, (i >> 8) as u8, i as u8);
-                syn4(src, 1024 + (i % 50000) as u16, VIP4, 80)
-            })
-            .collect();
+        let pkts = new_flow_syns(150 + round as u8, NEW_FLOWS);
         let before = f.snapshot().get(Stat::FlowNew);
         let lb = one_per_call(f, "lb_xdp", &pkts, XDP_TX);
         assert_eq!(f.snapshot().get(Stat::FlowNew) - before, NEW_FLOWS as u64);
-        let floor = one_per_call_v(f, "lb_baseline_pass", &pkts, XDP_PASS);
+        let floor = one_per_call(f, "lb_baseline_pass", &pkts, XDP_PASS);
         above.push(lb - floor);
     }
     target(
@@ -544,7 +515,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             2 * SAMPLE as u64,
             "every call an established flow"
         );
-        let floor = one_per_call_v(&mut g, "lb_baseline_pass", &hot, XDP_PASS);
+        let floor = one_per_call(&mut g, "lb_baseline_pass", &hot, XDP_PASS);
         many.push(m - floor);
         one.push(h - floor);
     }
@@ -597,18 +568,6 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         "flows_memlock_bytes": memlock,
         "flow_table_entries": 1 << 20,
     })
-}
-
-/// `one_per_call` for any verdict.
-fn one_per_call_v(f: &mut Fixture, program: &'static str, pkts: &[Vec<u8>], want: u32) -> f64 {
-    let prog = f.dp.other_program(program).expect("program in the object");
-    let mut total = 0u128;
-    for p in pkts {
-        let (v, d) = run(prog, p, 1);
-        assert_eq!(v, want, "{program}: verdict");
-        total += d.as_nanos();
-    }
-    total as f64 / pkts.len() as f64
 }
 
 /// Bytes the kernel accounts for the largest `LB_FLOWS` map loaded (bpftool).

@@ -1419,10 +1419,7 @@ mod fuzz {
     use super::*;
 
     fn cases() -> u32 {
-        std::env::var("LB_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000)
+        crate::fuzz_cases(2000)
     }
 
     const VALID: &str = include_str!("../../lb.example.toml");

@@ -33,5 +33,14 @@ pub mod stats;
 pub mod status;
 pub mod trace;
 
+/// Cases of a fuzzing harness: `LB_FUZZ_CASES` when set (long runs), else `default` (CI).
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("LB_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The compiled `lb_xdp` object, embedded at build time (empty if built without bpf-linker).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

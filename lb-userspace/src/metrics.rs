@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 
-use lb_common::{LAYOUT_VERSION, stats::Stat};
+use lb_common::LAYOUT_VERSION;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
@@ -258,14 +258,14 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
 /// The OpenMetrics content type Prometheus negotiates (it reads the classic text format too).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Names of every global counter, so a test can check none is left out of the exposition.
-pub fn counter_names() -> impl Iterator<Item = &'static str> {
-    Stat::ALL.iter().map(|s| s.name())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names of every global counter, so the test can check none is left out.
+    fn counter_names() -> impl Iterator<Item = &'static str> {
+        lb_common::stats::Stat::ALL.iter().map(|s| s.name())
+    }
 
     fn status() -> api::Status {
         let traffic = api::Traffic {

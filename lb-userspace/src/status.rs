@@ -113,7 +113,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             port: cs.port,
             protocol: cs.protocol.to_string(),
             scheduler: cs.scheduler.name().to_owned(),
-            ring_digest: ring_digest(v.desired, ds),
+            ring_digest: format!("{:016x}", ds.ring_digest),
             traffic: rate(&now, before),
             backends,
         });
@@ -134,22 +134,4 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             .map(|s| (s.name().to_owned(), s1.get(*s)))
             .collect(),
     }
-}
-
-/// [`api::ServiceStatus::ring_digest`]: a hash of the table as backend addresses, slot by slot
-/// (the sequence or list for rr/wrr/lc/wlc), so two nodes compare what they would do, not
-/// their ids. 16 hex digits.
-pub fn ring_digest(desired: &DesiredState, s: &crate::desired::DesiredService) -> String {
-    let mut bytes = Vec::with_capacity(s.ring.len() * 17);
-    for id in &s.ring {
-        match desired.backend_info.get(&BackendId(*id)) {
-            Some(info) => {
-                let (addr, family) = lb_common::rules::addr_key(info.address);
-                bytes.push(family);
-                bytes.extend_from_slice(&addr);
-            }
-            None => bytes.push(0),
-        }
-    }
-    format!("{:016x}", lb_common::hash::bytes_hash(0x7269_6e67, &bytes))
 }

@@ -1178,8 +1178,7 @@ fn trace_reports_decisions_with_the_frames_as_sent() {
         ..TraceConfig::default()
     };
     // Off: nothing.
-    let (syn, key) = tcp4(C1, 40100, VIP4, 80);
-    f.run(&syn);
+    f.run(&tcp4(C1, 40100, VIP4, 80).0);
     assert!(t.drain().is_empty(), "tracing is off by default");
 
     t.set(&on).unwrap();
@@ -1202,7 +1201,6 @@ fn trace_reports_decisions_with_the_frames_as_sent() {
         (XDP_PASS, Stat::PassNoService as u32)
     );
     assert_eq!(&evs[1].data[..evs[1].cap_len as usize], &non_vip[..]);
-    let _ = key;
 
     // Filters: VIP, client, backend MAC.
     let mut vip_only = on;
@@ -1338,12 +1336,7 @@ fn icmp_errors_reach_the_flows_backend() {
             icmp4_unreachable(router, VIP4, &quoted4(VIP4, 80, C1, 45000)),
         ),
     ] {
-        let mut want = pkt.clone();
-        want[0..6].copy_from_slice(&f.backend_mac(owner));
-        want[6..12].copy_from_slice(&LB_MAC);
-        let (v, out) = f.run(&pkt);
-        assert_eq!(v, XDP_TX, "{desc}");
-        assert_eq!(out, want, "{desc}: only the MACs change");
+        f.expect_mac(desc, &pkt, owner);
     }
     f.assert_stat(Stat::FlowIcmpError, 2);
 
@@ -1355,8 +1348,7 @@ fn icmp_errors_reach_the_flows_backend() {
         .find(|b| *b != owner)
         .unwrap();
     let (syn2, key2) = tcp4(C2, 45002, VIP4, 80);
-    let first = f.expect_forward("SYN 2", &syn2, &key2, "web4");
-    let _ = first;
+    f.expect_forward("SYN 2", &syn2, &key2, "web4");
     let mut v = f.dp.flow(&key2).unwrap().unwrap();
     v.backend = other;
     v.generation = f.backend(other).generation;
@@ -1394,12 +1386,7 @@ fn icmp_errors_reach_the_flows_backend() {
             icmp6_unreachable(router6, VIP6, &quoted6(VIP6, 80, C6, 45010)),
         ),
     ] {
-        let mut want = pkt.clone();
-        want[0..6].copy_from_slice(&f.backend_mac(owner6));
-        want[6..12].copy_from_slice(&LB_MAC);
-        let (v, out) = f.run(&pkt);
-        assert_eq!(v, XDP_TX, "{desc}");
-        assert_eq!(out, want, "{desc}: only the MACs change");
+        f.expect_mac(desc, &pkt, owner6);
     }
 
     // Errors quoting something that is not a VIP flow, and echo: passed, untouched.

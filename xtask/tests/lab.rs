@@ -1176,7 +1176,8 @@ fn retransmissions(lab: &Lab, ns: &str) -> u64 {
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
-/// Established connections to the echo port on each backend.
+/// Established connections to the echo port on each backend, from clients (not the
+/// controller's health checks, which come from the LB's address).
 fn echo_conns(lab: &Lab) -> Vec<usize> {
     lab.backends
         .iter()
@@ -1187,9 +1188,27 @@ fn echo_conns(lab: &Lab) -> Vec<usize> {
             )
             .expect("ss")
             .lines()
+            .filter(|l| !l.contains(&format!("{}:", lab::LB4)))
             .count()
         })
         .collect()
+}
+
+/// `lb status` counters after their next 1 s sample: name → value (0 when absent), and the
+/// raw answer for messages.
+fn counters(lab: &Lab) -> (impl Fn(&str) -> u64, String) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = lab.lb_cli(&lb(), &["status", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let get = move |name: &str| {
+        v["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c[0] == name)
+            .map_or(0, |c| c[1].as_u64().unwrap())
+    };
+    (get, st)
 }
 
 /// Issue #9: the data plane outlives the controller. 200 long-lived TCP connections stream
@@ -1833,16 +1852,8 @@ fn pmtud(mode: Mode) {
             .unwrap_or_else(|e| panic!("download {i} failed (PMTUD broken?): {e:#}"));
         assert_eq!(out.trim(), "2000000 200", "download {i}");
     }
-    // `lb status` counters are sampled every second.
-    std::thread::sleep(Duration::from_millis(1500));
-    let st = lab.lb_cli(&lb(), &["status", "--json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    let icmp = v["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c[0] == "flow_icmp_error")
-        .map_or(0, |c| c[1].as_u64().unwrap());
+    let (get, st) = counters(&lab);
+    let icmp = get("flow_icmp_error");
     assert!(icmp >= 1, "no ICMP error was forwarded: {st}");
     println!(
         "{} pmtud: 3 downloads of 2 MB across a 1400-byte hop, {icmp} ICMP 'fragmentation needed' forwarded to the flows' backends",
@@ -1881,17 +1892,7 @@ fn udp_fragments(mode: Mode) {
             t.by_backend
         );
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    let st = lab.lb_cli(&lb(), &["status", "--json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    let get = |name: &str| {
-        v["counters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c[0] == name)
-            .map_or(0, |c| c[1].as_u64().unwrap())
-    };
+    let (get, st) = counters(&lab);
     // Each 8000-byte datagram is 6 fragments: the first scheduled, five following it.
     assert!(get("flow_fragment") >= 5 * 400, "{st}");
     assert_eq!(get("drop_fragment"), 0, "{st}");
@@ -2108,29 +2109,13 @@ fn schedulers_across_cpus(mode: Mode) {
             .expect("connections up");
         s
     };
-    // Established echo connections per backend from clients (not the controller's health checks).
-    let per_backend = |lab: &Lab| -> Vec<usize> {
-        lab.backends
-            .iter()
-            .map(|b| {
-                lab.exec(
-                    &b.ns,
-                    &["ss", "-Htn", "state", "established", "sport", "= :7"],
-                )
-                .expect("ss")
-                .lines()
-                .filter(|l| !l.contains(&format!("{}:", lab::LB4)))
-                .count()
-            })
-            .collect()
-    };
     for (sched, weights, n) in [("lc", &lc_weights, 3 * N), ("wlc", &wlc_weights, 3 * N / 2)] {
         if sched == "wlc" {
             lab.reload(&config(&lab, ("rr", &[100; 4]), (sched, weights)))
                 .expect("reload");
         }
         let streams = hold(&mut lab, n);
-        let got = per_backend(&lab);
+        let got = echo_conns(&lab);
         let want: Vec<usize> = weights
             .iter()
             .map(|w| {

@@ -482,10 +482,7 @@ mod fuzz {
     use super::*;
 
     fn cases() -> u32 {
-        std::env::var("LB_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000)
+        crate::fuzz_cases(2000)
     }
 
     proptest! {
@@ -691,10 +688,8 @@ mod serve_tests {
             test_runner::{Config as RunnerConfig, TestRunner},
         };
         let (p, _h) = start(root_only(), Limits::default()).await;
-        let n: u32 = std::env::var("LB_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(300, |n: u32| n / 10);
+        // A tenth of the harness cases: each is a socket round trip.
+        let n = crate::fuzz_cases(3000) / 10;
         tokio::task::spawn_blocking(move || {
             let mut runner = TestRunner::new(RunnerConfig::default());
             let strategy = (

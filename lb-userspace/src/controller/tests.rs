@@ -143,6 +143,18 @@ fn mac(n: u8) -> Mac {
     Mac([2, 0x99, 0, 0, 0, n])
 }
 
+/// The kernel reports backend `a` reachable at MAC `n`.
+fn reachable(c: &mut Ctl, a: &str, n: u8) {
+    c.on_neighbour(NeighEvent::New {
+        ifindex: 2,
+        addr: addr(a),
+        neighbour: Neighbour {
+            mac: Some(mac(n)),
+            state: nud::REACHABLE,
+        },
+    });
+}
+
 fn step(c: &mut Ctl, dir: &Path, ev: Ev, model: &mut BTreeMap<&'static str, Model>) {
     let neigh = |a: &str, mac: Option<Mac>, state| NeighEvent::New {
         ifindex: 2,
@@ -333,14 +345,7 @@ fn an_unresolved_backend_never_becomes_active() {
     let d = dir();
     let net = FakeNet::default();
     let mut c = start(&d, &net);
-    c.on_neighbour(NeighEvent::New {
-        ifindex: 2,
-        addr: addr(A),
-        neighbour: Neighbour {
-            mac: Some(mac(0x21)),
-            state: nud::REACHABLE,
-        },
-    });
+    reachable(&mut c, A, 0x21);
     let b = id(&c, B);
     let inactive = |c: &Ctl| c.maps.backends[&b.0].flags & BACKEND_F_ACTIVE == 0;
     assert!(inactive(&c));
@@ -484,14 +489,7 @@ fn a_restarted_controller_adopts_ids_generations_and_health() {
     let net = FakeNet::default();
     let mut c = start(&d, &net);
     for (a, n) in [(A, 0x21), (B, 0x22)] {
-        c.on_neighbour(NeighEvent::New {
-            ifindex: 2,
-            addr: addr(a),
-            neighbour: Neighbour {
-                mac: Some(mac(n)),
-                state: nud::REACHABLE,
-            },
-        });
+        reachable(&mut c, a, n);
     }
     // Churn generations: B disabled and enabled again, A's check fails.
     c.admin("web", addr(B), BackendAction::Disable).unwrap();
@@ -557,14 +555,7 @@ fn explain_follows_the_kernels_rules() {
     let net = FakeNet::default();
     let mut c = start(&d, &net);
     for (a, n) in [(A, 0x21), (B, 0x22)] {
-        c.on_neighbour(NeighEvent::New {
-            ifindex: 2,
-            addr: addr(a),
-            neighbour: Neighbour {
-                mac: Some(mac(n)),
-                state: nud::REACHABLE,
-            },
-        });
+        reachable(&mut c, a, n);
         c.on_check(id(&c, a), Ok(()), Instant::now());
     }
     let q = Query {

@@ -205,6 +205,10 @@ pub struct DesiredService {
     pub ring: Vec<u32>,
     /// Backend ids of this service, in config order.
     pub backends: Vec<BackendId>,
+    /// Hash of `ring` as backend *addresses*, slot by slot (ids differ between nodes): equal
+    /// on two balancers ⇔ they send every new flow of the service to the same backend. Made
+    /// with the table (reused with it), not per report.
+    pub ring_digest: u64,
     /// What `ring` was computed from: an unchanged key reuses it (a MAC or health change of
     /// another service, or one that leaves the weights as they are, rebuilds no table).
     pub ring_key: RingKey,
@@ -297,6 +301,7 @@ impl DesiredState {
                 value: *v,
                 ring: Vec::new(),
                 backends: Vec::new(),
+                ring_digest: 0,
                 ring_key: RingKey::none(),
             });
         }
@@ -473,12 +478,21 @@ impl DesiredState {
             let reuse = prev
                 .and_then(|p| p.services.iter().find(|o| o.value.id == s.id))
                 .filter(|o| o.ring_key == ring_key);
-            let ring = match reuse {
+            let (ring, ring_digest) = match reuse {
                 Some(o) => {
                     value.ring_len = o.value.ring_len;
-                    o.ring.clone()
+                    (o.ring.clone(), o.ring_digest)
                 }
-                None => ring(s.cfg, &ids, &weights, ring_size, &mut value),
+                None => {
+                    let r = ring(s.cfg, &ids, &weights, ring_size, &mut value);
+                    let addrs: BTreeMap<u32, IpAddr> = ring_key
+                        .backends
+                        .iter()
+                        .map(|(id, a, _)| (id.0, *a))
+                        .collect();
+                    let d = table_digest(&r, &addrs);
+                    (r, d)
+                }
             };
             out.services.push(DesiredService {
                 name: s.cfg.name.clone(),
@@ -486,6 +500,7 @@ impl DesiredState {
                 value,
                 ring,
                 backends: ids,
+                ring_digest,
                 ring_key,
             });
         }
@@ -600,4 +615,20 @@ fn frag_services(out: &mut DesiredState) {
             }
         }
     }
+}
+
+/// [`DesiredService::ring_digest`] of `ring`, whose ids stand for `addrs`.
+fn table_digest(ring: &[u32], addrs: &BTreeMap<u32, IpAddr>) -> u64 {
+    let mut bytes = Vec::with_capacity(ring.len() * 17);
+    for id in ring {
+        match addrs.get(id) {
+            Some(a) => {
+                let (addr, family) = addr_key(*a);
+                bytes.push(family);
+                bytes.extend_from_slice(&addr);
+            }
+            None => bytes.push(0),
+        }
+    }
+    lb_common::hash::bytes_hash(0x7269_6e67, &bytes)
 }
