@@ -56,6 +56,13 @@ pub const TRACE: &str = "LB_TRACE";
 /// `lb trace`'s rate limit and loss counts: [`crate::TraceRate`] (per-CPU array of one).
 pub const TRACE_RATE: &str = "LB_TRACE_RATE";
 
+/// Flow sharing: new connection-table entries ([`crate::SyncEvent`], ring buffer).
+pub const SYNC: &str = "LB_SYNC";
+/// Flow sharing settings: [`crate::SyncConfig`] (array of one).
+pub const SYNC_CFG: &str = "LB_SYNC_CFG";
+/// Flow sharing's per-CPU rate limit and loss counts: [`crate::TraceRate`] (per-CPU array of one).
+pub const SYNC_RATE: &str = "LB_SYNC_RATE";
+
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 
@@ -63,7 +70,7 @@ pub const LINK_PIN: &str = "link";
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 23] = [
     META,
     BACKEND_META,
     FLAGS,
@@ -84,6 +91,9 @@ pub const ALL_MAPS: [&str; 20] = [
     TRACE_RATE,
     FRAGS,
     VIP_FILTER,
+    SYNC,
+    SYNC_CFG,
+    SYNC_RATE,
 ];
 
 const _: () = {

@@ -76,6 +76,10 @@ stats! {
     /// PASS: ICMP/ICMPv6 not forwarded: echo and other types, or an error for a VIP flow that
     /// has no owner (not in the connection table, and an rr/wrr/lc/wlc service).
     PassIcmp = "pass_icmp",
+    /// Flow sharing: a new connection-table entry reported to the controller (`LB_SYNC`).
+    FlowSyncReported = "flow_sync_reported",
+    /// Flow sharing: a new entry not reported (the per-CPU rate limit, or the ring was full).
+    FlowSyncSuppressed = "flow_sync_suppressed",
 }
 
 /// Number of global counters (size of the [`crate::names::STATS`] array).

@@ -333,6 +333,32 @@ pub struct TraceRate {
     pub lost: u64,
 }
 
+/// One new connection-table entry, reported through the `LB_SYNC` ring buffer for flow sharing
+/// (`[flow_sync]`): the controller sends it to the other balancer nodes, which insert it into
+/// their own tables (by backend address: ids differ between nodes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncEvent {
+    pub key: FlowKey,
+    /// Backend id on this node.
+    pub backend: u32,
+    /// [`Backend::generation`] of that id when the flow was recorded.
+    pub generation: u32,
+}
+
+/// `LB_SYNC_CFG[0]`: flow sharing settings, written by the controller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Most new flows reported per second and CPU; 0 = flow sharing off (one load and one
+    /// branch per new flow).
+    pub rate: u32,
+    pub _pad: u32,
+}
+
+/// [`FlowValue::cpu`] of an entry a peer node shared (it was not recorded by a CPU here).
+pub const FLOW_CPU_PEER: u32 = u32::MAX;
+
 // Layout: no implicit padding anywhere (sizes are the sums of the fields).
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<ServiceKey>() == 20);
@@ -348,6 +374,8 @@ const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
 const _: () = assert!(size_of::<TraceRate>() == 32);
+const _: () = assert!(size_of::<SyncEvent>() == 48);
+const _: () = assert!(size_of::<SyncConfig>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -378,7 +406,9 @@ mod user {
         TraceRate,
         VipValue,
         FragKey,
-        FragValue
+        FragValue,
+        SyncEvent,
+        SyncConfig
     );
 }
 

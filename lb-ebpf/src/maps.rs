@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendMeta, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN, ServiceKey,
-    ServiceValue, TraceConfig, TraceRate, VipKey, VipValue,
+    ServiceValue, SyncConfig, SyncEvent, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS, VIP_FILTER_SLOTS,
@@ -104,3 +104,15 @@ pub static LB_TRACE: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// `lb trace`'s rate limit and loss counts, per CPU.
 #[map]
 pub static LB_TRACE_RATE: PerCpuArray<TraceRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flow sharing settings (index 0); `rate == 0`: off.
+#[map]
+pub static LB_SYNC_CFG: Array<SyncConfig> = Array::with_max_entries(1, 0);
+
+/// Flow sharing: new connection-table entries (`SyncEvent`s) for the controller.
+#[map]
+pub static LB_SYNC: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+
+/// Flow sharing's rate limit, per CPU.
+#[map]
+pub static LB_SYNC_RATE: PerCpuArray<TraceRate> = PerCpuArray::with_max_entries(1, 0);

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
     FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR,
-    ServiceValue,
+    ServiceValue, SyncEvent,
     hash::{flow_hash, source_hash},
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
@@ -25,7 +25,7 @@ use crate::{
     atomic,
     maps::{
         LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RING, LB_RING_SIZE,
-        LB_RR_CURSOR,
+        LB_RR_CURSOR, LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE,
     },
     stats::{count, count_new_flow},
 };
@@ -107,6 +107,7 @@ pub fn backend_for_flow(
             add_conns(id, 1);
         }
         count(Stat::FlowNew);
+        report_new_flow(key, id, b.generation, now);
     }
     count_new_flow(svc.id, id);
     Some((
@@ -118,6 +119,44 @@ pub fn backend_for_flow(
             Stat::FlowNew
         },
     ))
+}
+
+/// Flow sharing: reports a new connection-table entry through `LB_SYNC`, at most
+/// `LB_SYNC_CFG.rate` per second and CPU. Off (`rate == 0`): one load and one branch.
+#[inline(always)]
+fn report_new_flow(key: &FlowKey, backend: u32, generation: u32, now: u64) {
+    let Some(cfg) = LB_SYNC_CFG.get(0) else {
+        return;
+    };
+    if cfg.rate == 0 {
+        return;
+    }
+    let Some(rate) = LB_SYNC_RATE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; only this CPU writes it while the program runs.
+    let rate = unsafe { &mut *rate };
+    if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {
+        rate.window_ns = now;
+        rate.sent = 0;
+    }
+    if rate.sent >= cfg.rate as u64 {
+        rate.suppressed += 1;
+        count(Stat::FlowSyncSuppressed);
+        return;
+    }
+    let ev = SyncEvent {
+        key: *key,
+        backend,
+        generation,
+    };
+    if LB_SYNC.output::<SyncEvent>(&ev, 0).is_err() {
+        rate.lost += 1;
+        count(Stat::FlowSyncSuppressed);
+        return;
+    }
+    rate.sent += 1;
+    count(Stat::FlowSyncReported);
 }
 
 /// The fragment-table key of `key`'s datagram (`id`: its IP identification).

@@ -64,6 +64,9 @@ impl std::fmt::Display for DroppedOverride {
 pub struct AdminState {
     #[serde(default)]
     pub backends: BTreeMap<String, BTreeMap<IpAddr, Override>>,
+    /// VIPs an operator withdrew (`lb vip withdraw`): not announced until `lb vip announce`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub withdrawn_vips: std::collections::BTreeSet<IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +208,8 @@ impl AdminState {
             m.retain(|addr, _| s.backends.iter().any(|b| b.address == *addr));
             !m.is_empty()
         });
+        self.withdrawn_vips
+            .retain(|v| cfg.services.iter().any(|s| s.vip == *v));
     }
 }
 

@@ -162,6 +162,57 @@ pub struct Config {
     pub control: Control,
     pub timeouts: Timeouts,
     pub services: Vec<Service>,
+    /// `[announce]`: VIPs announced over BGP through BIRD (off when absent).
+    pub announce: Option<Announce>,
+    /// `[flow_sync]`: new flows shared with the other balancer nodes (off when absent).
+    pub flow_sync: Option<FlowSync>,
+}
+
+/// `[announce]`: how `lb run` announces its VIPs through BIRD (see [`crate::announce`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Announce {
+    /// The file lb writes: BIRD static protocols `lb_vips4` and `lb_vips6` (include it from
+    /// bird.conf). Written atomically, then `birdc configure`.
+    pub include_file: PathBuf,
+    /// BIRD's control socket (`birdc -s`).
+    pub bird_socket: PathBuf,
+    /// The birdc program.
+    pub birdc: PathBuf,
+    /// The TUN device that exists exactly while `lb run` runs: the announced routes go via it,
+    /// so they vanish with the process (crash included).
+    pub interface: String,
+    /// This node's AS number, prepended while a VIP drains (`lb vip withdraw --graceful`).
+    pub local_as: u32,
+    /// How many times `local_as` is prepended while draining.
+    pub graceful_prepend: u32,
+    /// A draining VIP is withdrawn once no new flow arrived for this long...
+    pub drain_quiet_ms: u32,
+    /// ...or after this long at most.
+    pub drain_timeout_ms: u32,
+}
+
+/// `[flow_sync]`: flow sharing with the other nodes (see [`crate::flowsync`]).
+#[derive(Clone, PartialEq)]
+pub struct FlowSync {
+    /// Where this node receives the peers' datagrams (its address on the LB segment).
+    pub listen: std::net::SocketAddr,
+    /// The other nodes' `listen` addresses.
+    pub peers: Vec<std::net::SocketAddr>,
+    /// The shared key (HMAC-SHA256), from `key` or `key_file`.
+    pub key: Vec<u8>,
+    /// Most new flows reported per second and CPU by the data plane.
+    pub rate: u32,
+}
+
+impl fmt::Debug for FlowSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowSync")
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("key", &"(hidden)")
+            .field("rate", &self.rate)
+            .finish()
+    }
 }
 
 /// `[timeouts]`: idle time (seconds) after which the controller removes a flow from the
@@ -247,6 +298,8 @@ pub struct Service {
     pub scheduler: Scheduler,
     /// What to do when no backend is healthy.
     pub fallback: Fallback,
+    /// The VIP is announced (`[announce]`) while at least this many backends are healthy.
+    pub min_healthy: u32,
     pub backends: Vec<Backend>,
 }
 
@@ -311,6 +364,32 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     #[serde(default)]
     service: Vec<RawService>,
+    announce: Option<RawAnnounce>,
+    flow_sync: Option<RawFlowSync>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    include_file: Option<PathBuf>,
+    bird_socket: Option<PathBuf>,
+    birdc: Option<PathBuf>,
+    interface: Option<String>,
+    local_as: Option<i64>,
+    graceful_prepend: Option<i64>,
+    drain_quiet_ms: Option<i64>,
+    drain_timeout_ms: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowSync {
+    listen: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+    rate: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +432,7 @@ struct RawService {
     protocol: Option<Protocol>,
     scheduler: Option<String>,
     fallback: Option<Fallback>,
+    min_healthy: Option<i64>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -571,11 +651,158 @@ impl Validator {
                 format!("{total_backends} backends in all; at most {MAX_BACKENDS} are supported"),
             ));
         }
+        let announce = raw.announce.map(|a| self.announce(a)).transpose()?;
+        let flow_sync = raw.flow_sync.map(|f| self.flow_sync(f)).transpose()?;
         Ok(Config {
             dataplane,
             control,
             timeouts,
             services,
+            announce,
+            flow_sync,
+        })
+    }
+
+    fn announce(&self, a: RawAnnounce) -> Result<Announce, ConfigError> {
+        let include_file = a.include_file.ok_or_else(|| {
+            self.err(
+                "announce.include_file",
+                "required (the file lb writes for BIRD, e.g. \"/run/lb/bird-vips.conf\", included from bird.conf)",
+            )
+        })?;
+        if !include_file.is_absolute() {
+            return Err(self.err(
+                "announce.include_file",
+                format!("{} is not an absolute path", include_file.display()),
+            ));
+        }
+        let interface = a.interface.unwrap_or_else(|| "lb-alive".to_owned());
+        check_ifname(&interface).map_err(|why| self.err("announce.interface", why))?;
+        let local_as = match a.local_as {
+            None => {
+                return Err(self.err(
+                    "announce.local_as",
+                    "required (this node's BGP AS number, prepended while a VIP drains)",
+                ));
+            }
+            Some(n) if (1..=u32::MAX as i64).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(self.err(
+                    "announce.local_as",
+                    format!("{n} is out of range 1..=4294967295"),
+                ));
+            }
+        };
+        let range = |key: &str, v: Option<i64>, default: u32, lo: i64, hi: i64| match v {
+            None => Ok(default),
+            Some(n) if (lo..=hi).contains(&n) => Ok(n as u32),
+            Some(n) => Err(self.err(
+                format!("announce.{key}"),
+                format!("{n} is out of range {lo}..={hi}"),
+            )),
+        };
+        let drain_quiet_ms = range("drain_quiet_ms", a.drain_quiet_ms, 2000, 100, 600_000)?;
+        let drain_timeout_ms = range(
+            "drain_timeout_ms",
+            a.drain_timeout_ms,
+            60_000,
+            100,
+            3_600_000,
+        )?;
+        if drain_timeout_ms < drain_quiet_ms {
+            return Err(self.err(
+                "announce.drain_timeout_ms",
+                format!("{drain_timeout_ms} is below drain_quiet_ms ({drain_quiet_ms})"),
+            ));
+        }
+        Ok(Announce {
+            include_file,
+            bird_socket: a
+                .bird_socket
+                .unwrap_or_else(|| PathBuf::from("/run/bird/bird.ctl")),
+            birdc: a.birdc.unwrap_or_else(|| PathBuf::from("birdc")),
+            interface,
+            local_as,
+            graceful_prepend: range("graceful_prepend", a.graceful_prepend, 3, 1, 16)?,
+            drain_quiet_ms,
+            drain_timeout_ms,
+        })
+    }
+
+    fn flow_sync(&self, f: RawFlowSync) -> Result<FlowSync, ConfigError> {
+        let addr = |key: &str, s: &str| {
+            s.parse::<std::net::SocketAddr>().map_err(|_| {
+                self.err(
+                    format!("flow_sync.{key}"),
+                    format!("`{s}` is not an address:port (e.g. \"10.99.0.2:4790\")"),
+                )
+            })
+        };
+        let listen = addr(
+            "listen",
+            f.listen.as_deref().ok_or_else(|| {
+                self.err(
+                    "flow_sync.listen",
+                    "required (this node's address:port on the LB segment)",
+                )
+            })?,
+        )?;
+        let mut peers = Vec::with_capacity(f.peers.len());
+        for p in &f.peers {
+            let a = addr("peers", p)?;
+            if a == listen || peers.contains(&a) {
+                return Err(self.err(
+                    "flow_sync.peers",
+                    format!("{a} is listed twice (or is this node's own listen address)"),
+                ));
+            }
+            peers.push(a);
+        }
+        if peers.len() > 64 {
+            return Err(self.err("flow_sync.peers", "at most 64 peers"));
+        }
+        let key = match (f.key, f.key_file) {
+            (Some(k), None) => k.into_bytes(),
+            (None, Some(p)) => {
+                let text = std::fs::read_to_string(&p).map_err(|e| {
+                    self.err(
+                        "flow_sync.key_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                text.trim().as_bytes().to_vec()
+            }
+            _ => {
+                return Err(self.err(
+                    "flow_sync",
+                    "exactly one of `key` and `key_file` (the shared secret of all nodes)",
+                ));
+            }
+        };
+        if key.len() < 16 {
+            return Err(self.err(
+                "flow_sync.key",
+                format!(
+                    "{} bytes; the shared key needs at least 16 (e.g. `openssl rand -hex 32`)",
+                    key.len()
+                ),
+            ));
+        }
+        let rate = match f.rate {
+            None => 20_000,
+            Some(n) if (1..=1_000_000).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(self.err(
+                    "flow_sync.rate",
+                    format!("{n} is out of range 1..=1000000 (new flows per second and CPU)"),
+                ));
+            }
+        };
+        Ok(FlowSync {
+            listen,
+            peers,
+            key,
+            rate,
         })
     }
 
@@ -795,6 +1022,19 @@ impl Validator {
                 ),
             ));
         }
+        let min_healthy = match rs.min_healthy {
+            None => 1,
+            Some(n) if n >= 0 && n as u64 <= backends.len().max(1) as u64 => n as u32,
+            Some(n) => {
+                return Err(self.err(
+                    format!("{loc}: min_healthy"),
+                    format!(
+                        "{n} is out of range 0..={} (the service's backends; more would never announce the VIP)",
+                        backends.len().max(1)
+                    ),
+                ));
+            }
+        };
         Ok(Service {
             name,
             vip,
@@ -802,6 +1042,7 @@ impl Validator {
             protocol,
             scheduler,
             fallback: rs.fallback.unwrap_or_default(),
+            min_healthy,
             backends,
         })
     }

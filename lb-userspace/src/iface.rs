@@ -103,3 +103,86 @@ fn ethtool_flags(name: &str, cmd: u32, data: u32) -> std::io::Result<Option<u32>
     }
     Ok(Some(value.data))
 }
+
+/// `struct ifreq` with the `ifr_flags` member (40 bytes on 64-bit Linux).
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl IfreqFlags {
+    fn new(name: &str, flags: libc::c_short) -> std::io::Result<IfreqFlags> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(std::io::Error::other("interface name must be 1..=15 bytes"));
+        }
+        let mut r = IfreqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        r.name[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(r)
+    }
+}
+
+/// A TUN device that exists exactly as long as this value (and so this process) does: the
+/// kernel deletes a non-persistent TUN device when its last file descriptor closes, which
+/// happens on any exit, a crash or SIGKILL included. `[announce]` routes VIPs via it, so
+/// BIRD withdraws them the moment `lb run` is gone.
+#[derive(Debug)]
+pub struct Tun {
+    _fd: std::os::fd::OwnedFd,
+    pub name: String,
+}
+
+impl Tun {
+    /// Creates device `name` (in this network namespace) and sets it up. Fails with
+    /// `EBUSY` when a device of that name exists (another `lb run` holds it).
+    pub fn create(name: &str) -> std::io::Result<Tun> {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        let mut req = IfreqFlags::new(name, (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short)?;
+        // SAFETY: open(2) of a constant, NUL-terminated path.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just opened and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: TUNSETIFF reads and writes `req`, a valid ifreq alive for the call.
+        if unsafe { libc::ioctl(raw, TUNSETIFF as _, &mut req as *mut IfreqFlags) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        set_up(name)?;
+        Ok(Tun {
+            _fd: fd,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// `ip link set dev <name> up`.
+fn set_up(name: &str) -> std::io::Result<()> {
+    let mut req = IfreqFlags::new(name, 0)?;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, a valid ifreq alive for the
+    // calls; `fd` is ours and closed right after.
+    let r = unsafe {
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req as *mut IfreqFlags);
+        if r == 0 {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &mut req as *mut IfreqFlags);
+        }
+        r
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    if r < 0 { Err(err) } else { Ok(()) }
+}

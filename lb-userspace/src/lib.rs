@@ -16,12 +16,14 @@
 //! core through fakes) is host-tested without root.
 
 pub mod admin;
+pub mod announce;
 pub mod api;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod desired;
 pub mod explain;
+pub mod flowsync;
 pub mod health;
 pub mod iface;
 pub mod maglev;

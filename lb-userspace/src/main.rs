@@ -47,6 +47,11 @@ enum Command {
     /// The data plane's decisions as they happen (filter by VIP, client, backend), with the
     /// frames as sent after the MAC rewrite in a pcapng file (`--pcap`). Needs root.
     Trace(cli::trace::Args),
+    /// BGP announcement of the VIPs (`[announce]`): list, announce, withdraw [--graceful].
+    Vip {
+        #[command(subcommand)]
+        cmd: cli::vip::Command,
+    },
 }
 
 /// Logging through `tracing` on stderr; `RUST_LOG` filters (default `info`); records of the
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => cli::explain::run(&cli.socket, args),
         Command::Top(args) => cli::top::run(&cli.socket, args),
         Command::Trace(args) => cli::trace::run(args),
+        Command::Vip { cmd } => cli::vip::run(&cli.socket, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -316,6 +316,8 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| (n.to_owned(), i as u64))
                 .collect(),
+            vips: None,
+            flow_sync: None,
         }
     }
 

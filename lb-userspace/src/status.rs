@@ -133,5 +133,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             .iter()
             .map(|s| (s.name().to_owned(), s1.get(*s)))
             .collect(),
+        vips: None,
+        flow_sync: None,
     }
 }

@@ -1556,3 +1556,82 @@ fn hostile_frames_are_harmless() {
     );
     f.assert_stat(Stat::VerdictAborted, 0);
 }
+
+// ---- flow sharing -------------------------------------------------------------------------------
+
+/// `LB_SYNC`: off by default; on, each new connection-table entry is reported once (key,
+/// backend id, generation), known flows are not, at most `rate` per second and CPU (the rest
+/// counted). An entry a peer shared decides the flow's backend here, whatever the scheduler
+/// would say, and a local entry is never overwritten by a shared one.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn new_flows_are_reported_and_shared_flows_are_followed() {
+    use lb_userspace::dataplane::Maps as _;
+    let mut f = Fixture::new(&sched_config("rr", &[100, 100, 100]));
+    let mut sync = f.dp.take_sync_maps().expect("sync maps");
+    let events = |sync: &mut lb_userspace::flowsync::SyncMaps| {
+        let mut out = Vec::new();
+        while let Some(item) = sync.ring.next() {
+            assert_eq!(item.len(), size_of::<lb_common::SyncEvent>());
+            // SAFETY: the item is one SyncEvent (length checked), plain old data.
+            out.push(unsafe {
+                std::ptr::read_unaligned(item.as_ptr().cast::<lb_common::SyncEvent>())
+            });
+        }
+        out
+    };
+    f.syn(C1, 50000);
+    assert!(events(&mut sync).is_empty(), "off by default");
+
+    sync.set_rate(1000).unwrap();
+    let (syn, key) = tcp4(C1, 50002, VIP4, 80);
+    let (v, out) = f.run(&syn);
+    assert_eq!(v, XDP_TX);
+    let b = f.service("s").backends[f.backend_index(&out, "s")];
+    f.run(&syn); // the same flow again: a hit, not reported
+    let evs = events(&mut sync);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].key, key);
+    assert_eq!(evs[0].backend, b);
+    assert_eq!(evs[0].generation, f.backend(b).generation);
+    f.assert_stat(Stat::FlowSyncReported, 1);
+
+    // Rate: 3 per second and CPU.
+    sync.set_rate(3).unwrap();
+    for p in 0..8u16 {
+        f.syn(C1, 51000 + 2 * p);
+    }
+    assert_eq!(
+        events(&mut sync).len(),
+        2,
+        "3 in this second, one used above"
+    );
+    f.assert_stat(Stat::FlowSyncSuppressed, 6);
+
+    // A shared entry: the flow goes where the peer sent it (rr would pick by its cursor).
+    sync.set_rate(0).unwrap();
+    let ids = f.service("s").backends.clone();
+    for (i, target) in ids.iter().cycle().take(6).enumerate() {
+        let (pkt, key) = tcp4(C2, 52000 + 2 * i as u16, VIP4, 80);
+        let value = lb_common::FlowValue {
+            backend: *target,
+            generation: f.backend(*target).generation,
+            last_seen_ns: 0,
+            flags: 0,
+            cpu: lb_common::FLOW_CPU_PEER,
+        };
+        assert!(f.dp.insert_shared_flow(&key, &value).unwrap(), "inserted");
+        f.expect_mac("a shared flow", &pkt, *target);
+        let other = ids[(ids.iter().position(|x| x == target).unwrap() + 1) % ids.len()];
+        let moved = lb_common::FlowValue {
+            backend: other,
+            ..value
+        };
+        assert!(
+            !f.dp.insert_shared_flow(&key, &moved).unwrap(),
+            "an existing entry stays"
+        );
+        f.expect_mac("still where it was", &pkt, *target);
+    }
+    assert!(events(&mut sync).is_empty(), "off again");
+}

@@ -118,6 +118,12 @@ pub struct Status {
     pub flows_expired: u64,
     /// Global counters by name (`verdict_tx`, `drop_no_backend`, ...).
     pub counters: Vec<(String, u64)>,
+    /// `[announce]`: each VIP's route (absent without `[announce]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vips: Option<Vec<crate::announce::VipStatus>>,
+    /// `[flow_sync]`: flow sharing counters (absent without `[flow_sync]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_sync: Option<crate::flowsync::SyncStats>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

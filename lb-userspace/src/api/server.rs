@@ -38,6 +38,39 @@ pub enum Request {
         action: BackendAction,
         caller: String,
     },
+    /// `lb vip list`.
+    Vips,
+    /// `lb vip announce|withdraw [--graceful] <service>`.
+    Vip {
+        service: String,
+        action: VipAction,
+        caller: String,
+    },
+}
+
+/// What `lb vip` asks for a service's VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VipAction {
+    Announce,
+    Withdraw { graceful: bool },
+}
+
+impl std::fmt::Display for VipAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VipAction::Announce => "announce",
+            VipAction::Withdraw { graceful: false } => "withdraw",
+            VipAction::Withdraw { graceful: true } => "withdraw --graceful",
+        })
+    }
+}
+
+/// Body of `POST /v1/vips/{service}/withdraw` (optional).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WithdrawBody {
+    #[serde(default)]
+    pub graceful: bool,
 }
 
 pub type Reply = Result<serde_json::Value, ApiError>;
@@ -76,6 +109,8 @@ pub fn router(tx: mpsc::Sender<Envelope>) -> Router {
             get(explain),
         )
         .route("/v1/backends/{service}/{address}/{action}", post(backend))
+        .route("/v1/vips", get(vips))
+        .route("/v1/vips/{service}/{action}", post(vip))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -351,6 +386,72 @@ async fn reload(
 ) -> Response {
     let caller = caller.map_or_else(|| "a test".to_owned(), |Extension(c)| c.name());
     ask(&tx, Request::Reload { caller }).await
+}
+
+async fn vips(State(tx): State<mpsc::Sender<Envelope>>) -> Response {
+    ask(&tx, Request::Vips).await
+}
+
+/// Parses `POST /v1/vips/{service}/{action}` into a typed request.
+pub fn vip_request(
+    service: String,
+    action: &str,
+    body: Option<Result<WithdrawBody, String>>,
+) -> Result<Request, ApiError> {
+    let action = match action {
+        "announce" => VipAction::Announce,
+        "withdraw" => match body {
+            None => VipAction::Withdraw { graceful: false },
+            Some(Ok(b)) => VipAction::Withdraw {
+                graceful: b.graceful,
+            },
+            Some(Err(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("withdraw: expected no body or {{\"graceful\": true|false}} ({e})"),
+                ));
+            }
+        },
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown action `{other}` (announce, withdraw)"),
+            ));
+        }
+    };
+    Ok(Request::Vip {
+        service,
+        action,
+        caller: String::new(),
+    })
+}
+
+async fn vip(
+    State(tx): State<mpsc::Sender<Envelope>>,
+    caller: Option<Extension<Caller>>,
+    UrlPath((service, action)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body = (!body.is_empty())
+        .then(|| serde_json::from_slice::<WithdrawBody>(&body).map_err(|e| e.to_string()));
+    match vip_request(service, &action, body) {
+        Ok(Request::Vip {
+            service, action, ..
+        }) => {
+            let caller = caller.map_or_else(|| "a test".to_owned(), |Extension(c)| c.name());
+            ask(
+                &tx,
+                Request::Vip {
+                    service,
+                    action,
+                    caller,
+                },
+            )
+            .await
+        }
+        Ok(other) => ask(&tx, other).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Parses the path and body into a typed request.

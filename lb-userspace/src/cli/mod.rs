@@ -7,3 +7,4 @@ pub mod run;
 pub mod status;
 pub mod top;
 pub mod trace;
+pub mod vip;

@@ -6,6 +6,7 @@
 //! and the interfaces, so host tests drive it through fakes. [`run`] wraps it in the async
 //! event loop (signals, control API, check tasks, netlink events).
 
+pub mod cluster;
 pub mod run;
 pub mod socket;
 #[cfg(test)]
@@ -302,11 +303,15 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// Re-reads nothing itself: applies `cfg` (already loaded) with the current admin state.
     /// Nothing changes on any error.
     pub fn reload(&mut self, cfg: Config) -> Result<DiffSummary, ApiError> {
-        if cfg.dataplane != self.cfg.dataplane || cfg.control != self.cfg.control {
+        if cfg.dataplane != self.cfg.dataplane
+            || cfg.control != self.cfg.control
+            || cfg.announce != self.cfg.announce
+            || cfg.flow_sync != self.cfg.flow_sync
+        {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!(
-                    "{}: [dataplane] or [control] changed: restart lb to apply it; running configuration kept",
+                    "{}: [dataplane], [control], [announce] or [flow_sync] changed: restart lb to apply it; running configuration kept",
                     self.config_path.display()
                 ),
             ));
@@ -695,5 +700,190 @@ fn describe(o: &Override) -> String {
     match (o.admin, o.weight) {
         (a, Some(w)) => format!("{a}, weight {w} (override)"),
         (a, None) => format!("{a}"),
+    }
+}
+
+/// What became of one flow a peer shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shared {
+    Inserted,
+    /// This node has an entry for it already.
+    Existing,
+    /// No such service or backend here, or the backend is not usable.
+    Unknown,
+}
+
+impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
+    /// Healthy backends of service `si` for the announcement rule: enabled, weight above 0,
+    /// MAC known, and health up after at least one passing check (or not checked).
+    fn healthy_backends(&self, si: usize) -> u32 {
+        let Some((_, bids)) = self.assignment.services.get(si) else {
+            return 0;
+        };
+        bids.iter()
+            .filter(|id| {
+                let Some(info) = self.desired.backend_info.get(id) else {
+                    return false;
+                };
+                let checked_ok = match info.health {
+                    HealthInput::Unchecked => true,
+                    HealthInput::Up => self
+                        .health
+                        .get(id)
+                        .is_some_and(|h| h.up && h.last_ok.is_some()),
+                    HealthInput::Down(_) => false,
+                };
+                checked_ok
+                    && info.decision.state == desired::State::Up
+                    && info.decision.effective_weight > 0
+            })
+            .count() as u32
+    }
+
+    /// Every VIP with its services' health, for [`crate::announce`].
+    pub fn vip_inputs(&self) -> BTreeMap<IpAddr, Vec<crate::announce::ServiceHealth>> {
+        let mut out: BTreeMap<IpAddr, Vec<crate::announce::ServiceHealth>> = BTreeMap::new();
+        for (si, s) in self.cfg.services.iter().enumerate() {
+            out.entry(s.vip)
+                .or_default()
+                .push(crate::announce::ServiceHealth {
+                    name: s.name.clone(),
+                    healthy: self.healthy_backends(si),
+                    backends: s.backends.len() as u32,
+                    min_healthy: s.min_healthy,
+                });
+        }
+        out
+    }
+
+    /// New flows so far per VIP (its services' counters summed).
+    pub fn vip_new_flows(&self, snap: &Snapshot) -> BTreeMap<IpAddr, u64> {
+        let mut out = BTreeMap::new();
+        for (s, d) in self.cfg.services.iter().zip(&self.desired.services) {
+            let n = snap.services.get(&d.value.id).map_or(0, |c| c.new_flows);
+            *out.entry(s.vip).or_insert(0) += n;
+        }
+        out
+    }
+
+    /// The VIPs the operator withdrew (persisted).
+    pub fn withdrawn_vips(&self) -> &std::collections::BTreeSet<IpAddr> {
+        &self.admin.withdrawn_vips
+    }
+
+    /// `lb vip announce|withdraw <service>`: persists the operator's choice for the service's
+    /// VIP. Returns the VIP and the services sharing it.
+    pub fn vip_admin(
+        &mut self,
+        service: &str,
+        withdraw: bool,
+    ) -> Result<(IpAddr, Vec<String>), ApiError> {
+        let Some(svc) = self.cfg.services.iter().find(|s| s.name == service) else {
+            let names: Vec<&str> = self.cfg.services.iter().map(|s| s.name.as_str()).collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown service \"{service}\" (services: {})",
+                    names.join(", ")
+                ),
+            ));
+        };
+        let vip = svc.vip;
+        let sharing: Vec<String> = self
+            .cfg
+            .services
+            .iter()
+            .filter(|s| s.vip == vip)
+            .map(|s| s.name.clone())
+            .collect();
+        let mut admin = self.admin.clone();
+        if withdraw {
+            admin.withdrawn_vips.insert(vip);
+        } else {
+            admin.withdrawn_vips.remove(&vip);
+        }
+        if admin != self.admin {
+            admin.save(&self.cfg.control.state_file).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{e}; nothing changed"),
+                )
+            })?;
+            self.admin = admin;
+        }
+        Ok((vip, sharing))
+    }
+
+    /// Flow sharing: this node's new flow `ev` (from `LB_SYNC`) as peers understand it, or
+    /// `None` if its backend id no longer stands for the same backend.
+    pub fn shared_of(&self, ev: &lb_common::SyncEvent) -> Option<crate::flowsync::SharedFlow> {
+        let id = BackendId(ev.backend);
+        let b = self.desired.backends.get(&id)?;
+        if b.generation != ev.generation {
+            return None;
+        }
+        let info = self.desired.backend_info.get(&id)?;
+        Some(crate::flowsync::SharedFlow {
+            key: ev.key,
+            backend: info.address,
+        })
+    }
+
+    /// Flow sharing: inserts a flow a peer shared, mapped to this node's backend id of the
+    /// same address in the service the flow belongs to. `now_ns`: the table's clock.
+    pub fn accept_shared(
+        &mut self,
+        f: &crate::flowsync::SharedFlow,
+        now_ns: u64,
+    ) -> Result<Shared, crate::dataplane::LoaderError> {
+        let k = &f.key;
+        let vip = match k.family {
+            lb_common::FAMILY_V4 => {
+                IpAddr::from([k.dst_addr[0], k.dst_addr[1], k.dst_addr[2], k.dst_addr[3]])
+            }
+            _ => IpAddr::from(k.dst_addr),
+        };
+        let port = u16::from_be_bytes(k.dst_port);
+        let proto = k.protocol;
+        let matches = |s: &&crate::config::Service| s.vip == vip && s.protocol.number() == proto;
+        // The exact port first, then an all-ports service (as the data plane looks them up).
+        let si = self
+            .cfg
+            .services
+            .iter()
+            .position(|s| matches(&s) && s.port == port)
+            .or_else(|| {
+                self.cfg
+                    .services
+                    .iter()
+                    .position(|s| matches(&s) && s.port == 0)
+            });
+        let Some(si) = si else {
+            return Ok(Shared::Unknown);
+        };
+        let s = &self.cfg.services[si];
+        let Some(bi) = s.backends.iter().position(|b| b.address == f.backend) else {
+            return Ok(Shared::Unknown);
+        };
+        let id = self.assignment.services[si].1[bi];
+        let Some(b) = self.desired.backends.get(&id) else {
+            return Ok(Shared::Unknown);
+        };
+        if b.flags & lb_common::BACKEND_F_ACTIVE == 0 {
+            return Ok(Shared::Unknown);
+        }
+        let value = lb_common::FlowValue {
+            backend: id.0,
+            generation: b.generation,
+            last_seen_ns: now_ns,
+            // Not counted here: its opening was counted on the node that saw it.
+            flags: 0,
+            cpu: lb_common::FLOW_CPU_PEER,
+        };
+        Ok(if self.maps.insert_shared_flow(k, &value)? {
+            Shared::Inserted
+        } else {
+            Shared::Existing
+        })
     }
 }

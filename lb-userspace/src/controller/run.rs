@@ -154,6 +154,13 @@ pub async fn serve(
         None
     };
     let logger = dp.take_logger();
+    let sync_maps = match &cfg.flow_sync {
+        Some(_) => Some(dp.take_sync_maps().context(
+            "flow_sync: the data plane has no LB_SYNC maps (an older pinned data plane? run `lb run --replace`)",
+        )?),
+        None => None,
+    };
+    let (announce_cfg, sync_cfg) = (cfg.announce.clone(), cfg.flow_sync.clone());
 
     // The neighbour table first: a backend without `mac` must not look unresolved (and lose
     // its flows) just because the dump has not arrived yet.
@@ -250,6 +257,20 @@ pub async fn serve(
         dpc.interface
     );
 
+    // Several nodes: the announcement's liveness device, flow sharing.
+    let mut cluster = Cluster {
+        announcer: announce_cfg
+            .map(crate::announce::Announcer::new)
+            .transpose()?,
+        sync: None,
+        shared: None,
+    };
+    if let (Some(fs), Some(maps)) = (&sync_cfg, sync_maps) {
+        let (s, rx) = super::cluster::Sync::start(fs, maps)?;
+        cluster.sync = Some(s);
+        cluster.shared = Some(rx);
+    }
+
     let result = event_loop(
         &mut ctl,
         &mut sig,
@@ -259,8 +280,15 @@ pub async fn serve(
         (mode, took_over),
         stats_interval,
         metrics,
+        &mut cluster,
     )
     .await;
+    if let Some(a) = cluster.announcer.take() {
+        a.shutdown().await;
+    }
+    if let Some(s) = cluster.sync.take() {
+        s.stop();
+    }
     watcher.abort();
     let snap = ctl.snapshot();
     tracing::info!(
@@ -307,6 +335,93 @@ fn vlan_offload(dpc: &crate::config::Dataplane) {
     }
 }
 
+/// What runs only with several nodes: `[announce]` and `[flow_sync]`.
+struct Cluster {
+    announcer: Option<crate::announce::Announcer>,
+    sync: Option<super::cluster::Sync>,
+    /// Flows the peers shared, authenticated by the receiver task.
+    shared: Option<mpsc::Receiver<Vec<crate::flowsync::SharedFlow>>>,
+}
+
+impl Cluster {
+    /// Decides the VIPs again and tells BIRD what changed. `snap`: new-flow counters (drains).
+    async fn announce(&mut self, ctl: &Ctl, snap: Option<&Snapshot>) {
+        let Some(a) = self.announcer.as_mut() else {
+            return;
+        };
+        let flows = snap.map(|s| ctl.vip_new_flows(s)).unwrap_or_default();
+        a.update(&ctl.vip_inputs(), ctl.withdrawn_vips(), &flows)
+            .await;
+    }
+
+    fn extra(&self) -> Extra {
+        (
+            self.announcer.as_ref().map(|a| a.status().to_vec()),
+            self.sync.as_ref().map(|s| s.stats()),
+        )
+    }
+}
+
+/// What `lb status` adds for several nodes.
+type Extra = (
+    Option<Vec<crate::announce::VipStatus>>,
+    Option<crate::flowsync::SyncStats>,
+);
+
+/// `lb vip announce|withdraw`.
+async fn vip_request(
+    ctl: &mut Ctl,
+    cluster: &mut Cluster,
+    samples: &[Option<(Instant, Snapshot)>; 2],
+    service: &str,
+    action: crate::api::server::VipAction,
+    caller: &str,
+) -> server::Reply {
+    use crate::api::server::VipAction;
+    if cluster.announcer.is_none() {
+        return Err(not_announcing());
+    }
+    let withdraw = matches!(action, VipAction::Withdraw { .. });
+    let (vip, sharing) = ctl.vip_admin(service, withdraw)?;
+    if let Some(a) = cluster.announcer.as_mut() {
+        match action {
+            VipAction::Withdraw { graceful: true } => a.drain(vip),
+            _ => a.cancel_drain(vip),
+        }
+    }
+    let fresh = ctl.snapshot().ok();
+    let snap = fresh.as_ref().or(samples[1].as_ref().map(|(_, s)| s));
+    cluster.announce(ctl, snap).await;
+    let a = cluster.announcer.as_ref().expect("checked");
+    let st = a.status().iter().find(|s| s.vip == vip);
+    let (route, reason) = st.map_or(("unknown".to_owned(), String::new()), |s| {
+        (s.route.to_string(), s.reason.clone())
+    });
+    tracing::info!("control API: {caller}: vip {action} {service}: VIP {vip} {route}");
+    let mut m = format!("VIP {vip} {route}: {reason}");
+    if sharing.len() > 1 {
+        m.push_str(&format!(
+            " (the VIP carries services {})",
+            sharing.join(", ")
+        ));
+    }
+    if let Some(e) = a.last_error() {
+        m.push_str(&format!("; BIRD not updated yet: {e}"));
+    }
+    Ok(serde_json::json!({
+        "message": m,
+        "vip": vip,
+        "route": route,
+    }))
+}
+
+fn not_announcing() -> crate::api::ApiError {
+    crate::api::ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "this lb does not announce VIPs: add an [announce] section to the config (README, Running several nodes)",
+    )
+}
+
 /// Pinned maps of a start that has not attached yet: removed if it fails.
 struct FreshPins {
     path: Option<PathBuf>,
@@ -339,6 +454,7 @@ async fn event_loop(
     mode: (AttachedMode, bool),
     stats_interval: u64,
     metrics: Option<tokio::net::TcpListener>,
+    cluster: &mut Cluster,
 ) -> anyhow::Result<()> {
     let listener = socket
         .listener
@@ -407,6 +523,14 @@ async fn event_loop(
     let every = (t.tcp.min(t.tcp_fin).min(t.udp) / 2).clamp(1, 10);
     let mut sweep = tokio::time::interval(Duration::from_secs(every as u64));
     let mut printed = Instant::now();
+    let mut flush = tokio::time::interval(Duration::from_millis(10));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(100));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    take_sample(ctl, &mut samples);
+    cluster
+        .announce(ctl, samples[1].as_ref().map(|(_, s)| s))
+        .await;
     loop {
         tokio::select! {
             _ = sig.term.recv() => {
@@ -420,6 +544,7 @@ async fn event_loop(
             _ = sig.hup.recv() => match reload(ctl, &mut checks) {
                 Ok(summary) => {
                     telemetry.reload(true);
+                    cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
                     println!("reloaded {summary}")
                 }
                 Err(e) => {
@@ -429,11 +554,31 @@ async fn event_loop(
             },
             Some((req, reply)) = rx.recv() => {
                 let r = match req {
-                    Request::Status => status(ctl, &mut samples, mode, started, flows),
+                    Request::Status => status(ctl, &mut samples, mode, started, flows, cluster.extra()),
+                    Request::Vips => match &cluster.announcer {
+                        Some(a) => Ok(serde_json::json!({
+                            "vips": a.status(),
+                            "bird_error": a.last_error(),
+                        })),
+                        None => Err(not_announcing()),
+                    },
+                    Request::Vip { service, action, caller } => {
+                        let r = vip_request(ctl, cluster, &samples, &service, action, &caller).await;
+                        if let Err(e) = &r {
+                            tracing::warn!(
+                                "control API: {caller}: vip {action} {service} refused: {}",
+                                e.message
+                            );
+                        }
+                        r
+                    }
                     Request::Reload { caller } => {
                         tracing::info!("control API: reload requested by {caller}");
                         let r = reload(ctl, &mut checks);
                         telemetry.reload(r.is_ok());
+                        if r.is_ok() {
+                            cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
+                        }
                         r.map(|s| message(format!("reloaded: {s}")))
                             .map_err(|e| crate::api::ApiError::new(
                                 axum::http::StatusCode::UNPROCESSABLE_ENTITY, e))
@@ -441,7 +586,7 @@ async fn event_loop(
                     Request::Explain(q) => ctl
                         .explain(&q, coarse_now_ns())
                         .map(|e| serde_json::to_value(e).expect("serializes")),
-                    Request::Metrics => status_now(ctl, &samples, mode, started, flows)
+                    Request::Metrics => status_now(ctl, &samples, mode, started, flows, cluster.extra())
                         .map(|st| serde_json::Value::String(
                             crate::metrics::render(&st, &telemetry))),
                     Request::Backend { service, address, action, caller } => {
@@ -454,6 +599,9 @@ async fn event_loop(
                                 "control API: {caller}: backend {action} {service} {address} refused: {}",
                                 e.message
                             ),
+                        }
+                        if r.is_ok() {
+                            cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
                         }
                         r.map(message)
                     }
@@ -471,7 +619,34 @@ async fn event_loop(
                         );
                     }
                     ctl.on_check(res.id, res.result, res.finished);
+                    // A VIP waiting for its backends is announced as soon as they pass.
+                    if cluster.announcer.as_ref().is_some_and(|a| {
+                        a.status().iter().any(|s| s.route != crate::announce::Route::Announced)
+                    }) {
+                        cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
+                    }
                 }
+            }
+            ready = async { cluster.sync.as_mut().expect("guarded").ring.readable_mut().await }, if cluster.sync.is_some() => {
+                match ready {
+                    Ok(mut g) => g.clear_ready(),
+                    Err(e) => tracing::warn!("flow sharing: LB_SYNC: {e}"),
+                }
+                if let Some(s) = cluster.sync.as_mut() {
+                    s.drain_ring(|ev| ctl.shared_of(ev));
+                }
+            }
+            _ = flush.tick(), if cluster.sync.as_ref().is_some_and(|s| s.pending()) => {
+                if let Some(s) = cluster.sync.as_mut() {
+                    s.flush();
+                }
+            }
+            Some(batch) = async { cluster.shared.as_mut().expect("guarded").recv().await }, if cluster.shared.is_some() => {
+                accept_shared(ctl, cluster, &batch);
+            }
+            _ = drain_tick.tick(), if cluster.announcer.as_ref().is_some_and(|a| a.draining()) => {
+                let fresh = ctl.snapshot().ok();
+                cluster.announce(ctl, fresh.as_ref()).await;
             }
             Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
             _ = probe_tick.tick() => ctl.tick(),
@@ -491,6 +666,7 @@ async fn event_loop(
             },
             _ = sample.tick() => {
                 take_sample(ctl, &mut samples);
+                cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
                 if stats_interval > 0 && printed.elapsed() >= Duration::from_secs(stats_interval) {
                     printed = Instant::now();
                     if let Some((_, s)) = &samples[1] {
@@ -513,6 +689,30 @@ async fn event_loop(
     checks.stop_all();
     tracing::info!("health checks stopped");
     Ok(())
+}
+
+/// Inserts flows the peers shared (already authenticated) and counts what became of them.
+fn accept_shared(ctl: &mut Ctl, cluster: &mut Cluster, batch: &[crate::flowsync::SharedFlow]) {
+    use super::Shared;
+    let now = coarse_now_ns();
+    let (mut inserted, mut existing, mut unknown) = (0u64, 0u64, 0u64);
+    for f in batch {
+        match ctl.accept_shared(f, now) {
+            Ok(Shared::Inserted) => inserted += 1,
+            Ok(Shared::Existing) => existing += 1,
+            Ok(Shared::Unknown) => unknown += 1,
+            Err(e) => {
+                tracing::warn!("flow sharing: inserting a shared flow: {e}");
+                unknown += 1;
+            }
+        }
+    }
+    if let Some(s) = &cluster.sync {
+        let mut st = s.stats.lock().expect("not poisoned");
+        st.inserted += inserted;
+        st.existing += existing;
+        st.unknown += unknown;
+    }
 }
 
 /// Starts, keeps or stops check tasks to match the config, and the health table with them.
@@ -561,6 +761,7 @@ fn status(
     (mode, adopted): (AttachedMode, bool),
     started: Instant,
     flows: (u64, u64),
+    extra: Extra,
 ) -> server::Reply {
     if samples[1].is_none() {
         take_sample(ctl, samples);
@@ -573,7 +774,7 @@ fn status(
     };
     let mode = mode.to_string();
     let view = ctl.status_view()?;
-    let st = crate::status::build(
+    let mut st = crate::status::build(
         &view,
         &crate::status::Samples {
             now: (*t1, s1),
@@ -587,6 +788,7 @@ fn status(
             flows_expired: flows.1,
         },
     );
+    (st.vips, st.flow_sync) = extra;
     Ok(serde_json::to_value(st).expect("serializes"))
 }
 
@@ -598,6 +800,7 @@ fn status_now(
     (mode, adopted): (AttachedMode, bool),
     started: Instant,
     flows: (u64, u64),
+    extra: Extra,
 ) -> Result<crate::api::Status, crate::api::ApiError> {
     let fresh = ctl.snapshot().map_err(|e| {
         crate::api::ApiError::new(
@@ -608,7 +811,7 @@ fn status_now(
     let now = Instant::now();
     let mode = mode.to_string();
     let view = ctl.status_view()?;
-    Ok(crate::status::build(
+    let mut st = crate::status::build(
         &view,
         &crate::status::Samples {
             now: (now, &fresh),
@@ -621,7 +824,9 @@ fn status_now(
             flow_entries: flows.0,
             flows_expired: flows.1,
         },
-    ))
+    );
+    (st.vips, st.flow_sync) = extra;
+    Ok(st)
 }
 
 /// For `lb run`: the runtime, the signal handlers first, then [`serve`].

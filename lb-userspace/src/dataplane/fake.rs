@@ -117,6 +117,19 @@ impl Maps for FakeMaps {
     fn rr_cursor(&mut self, service_id: u32) -> Result<u64, LoaderError> {
         Ok(self.rr_cursors.get(&service_id).copied().unwrap_or(0))
     }
+
+    fn insert_shared_flow(
+        &mut self,
+        key: &FlowKey,
+        value: &FlowValue,
+    ) -> Result<bool, LoaderError> {
+        if self.flows.iter().any(|(k, _)| k == key) {
+            return Ok(false);
+        }
+        self.flows.push((*key, *value));
+        self.writes += 1;
+        Ok(true)
+    }
 }
 
 impl FakeMaps {

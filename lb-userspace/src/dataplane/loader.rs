@@ -688,6 +688,13 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// Takes the flow-sharing maps out of the object (`lb run` with `[flow_sync]`).
+    pub fn take_sync_maps(&mut self) -> Option<crate::flowsync::SyncMaps> {
+        let cfg = self.ebpf.take_map(names::SYNC_CFG)?;
+        let ring = self.ebpf.take_map(names::SYNC)?;
+        crate::flowsync::SyncMaps::from_maps(cfg, ring).ok()
+    }
+
     /// Takes the trace maps out of the object (tests read traces of an unpinned program).
     pub fn trace_maps(&mut self) -> Option<crate::trace::TraceMaps> {
         let cfg = self.ebpf.take_map(names::TRACE_CFG)?;
@@ -931,6 +938,19 @@ impl Maps for Dataplane {
             .ring
             .get(&service_id.wrapping_mul(ring_size).wrapping_add(slot), 0)
             .map_err(map_err(names::RING))
+    }
+
+    fn insert_shared_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {
+        // BPF_NOEXIST: an entry this node recorded (or an earlier share) stays.
+        match self.maps.flows.insert(key, value, 1) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(map_err(names::FLOWS)(e)),
+        }
     }
 
     fn rr_cursor(&mut self, service_id: u32) -> Result<u64> {

@@ -42,6 +42,10 @@ pub trait Maps {
     ) -> Result<u32, LoaderError>;
     /// `LB_RR_CURSOR[service_id]`.
     fn rr_cursor(&mut self, service_id: u32) -> Result<u64, LoaderError>;
+    /// Flow sharing: inserts an entry a peer node reported, unless the table already has one
+    /// for `key` (this node's own decision wins). Returns whether it was inserted.
+    fn insert_shared_flow(&mut self, key: &FlowKey, value: &FlowValue)
+    -> Result<bool, LoaderError>;
 }
 
 /// The bug guard in front of every map write: an active backend must have a MAC. A zero MAC
