@@ -69,6 +69,10 @@ pub const LINK_PIN: &str = "link";
 /// Load-time global (`u32`): slots per Maglev table (a prime).
 pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
 
+/// Load-time global (`[u8; 6]`): the MAC of the interface lb_xdp is attached to (all zeros: no
+/// check of the destination MAC).
+pub const GLOBAL_IF_MAC: &str = "LB_IF_MAC";
+
 /// Every map name, for tests and diagnostics.
 pub const ALL_MAPS: [&str; 23] = [
     META,

@@ -80,6 +80,9 @@ stats! {
     FlowSyncReported = "flow_sync_reported",
     /// Flow sharing: a new entry not reported (the per-CPU rate limit, or the ring was full).
     FlowSyncSuppressed = "flow_sync_suppressed",
+    /// PASS: a unicast frame to another host's MAC (flooded by a bridge, or seen in
+    /// promiscuous mode): never forwarded.
+    PassOtherHost = "pass_other_host",
 }
 
 /// Number of global counters (size of the [`crate::names::STATS`] array).

@@ -29,7 +29,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{LB_FLAGS, LB_SERVICES, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
+    maps::{LB_FLAGS, LB_IF_MAC, LB_SERVICES, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
     parse::{Frag, Parsed},
     stats::{count, count_backend, count_service},
     trace::{Decision, maybe_trace},
@@ -82,8 +82,26 @@ pub fn lb_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Whether the frame is addressed to this interface (its unicast MAC, or a group address). A
+/// frame to another host's MAC reaches XDP when a bridge floods it to a veth or the interface
+/// is promiscuous (tcpdump): the kernel would drop it, and a balancer must not forward it (two
+/// nodes would send the same packet to a backend).
+#[inline(always)]
+fn for_this_host(ctx: &XdpContext) -> bool {
+    let own = LB_IF_MAC.load();
+    let Some(eth) = bounds::ptr_at::<EthHdr>(ctx, 0) else {
+        return true; // the parser passes it
+    };
+    // SAFETY: bounds-checked above.
+    let dst = unsafe { (*eth).dst_addr };
+    dst[0] & 1 != 0 || own == [0; 6] || dst == own
+}
+
 #[inline(always)]
 fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
+    if !for_this_host(ctx) {
+        return pass(d, Stat::PassOtherHost);
+    }
     let mut tcp_flags = 0u8;
     let mut frag = Frag::default();
     match parse::parse(ctx, &mut d.key, &mut tcp_flags, &mut frag) {

@@ -19,6 +19,11 @@ use lb_common::{
 #[unsafe(no_mangle)]
 pub static LB_RING_SIZE: Global<u32> = Global::new(DEFAULT_RING_SIZE);
 
+/// This interface's MAC, set at load: a unicast frame to another MAC (a bridge flooding it to a
+/// veth, promiscuous mode) is not ours to forward. All zeros: no check.
+#[unsafe(no_mangle)]
+pub static LB_IF_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+
 /// Layout version and sizes of the pinned maps (controller only; never read here).
 #[map]
 pub static LB_META: Array<u64> = Array::with_max_entries(META_LEN, 0);

@@ -292,12 +292,13 @@ impl Announcer {
     }
 
     /// Decides every VIP from `inputs` (VIP → its services), the operator's withdrawals and
-    /// the VIPs' new-flow counters (drains), then tells BIRD if anything changed.
+    /// the VIPs' new-flow counters (drains advance only with a fresh reading: `Some`), then
+    /// tells BIRD if anything changed.
     pub async fn update(
         &mut self,
         inputs: &BTreeMap<IpAddr, Vec<ServiceHealth>>,
         withdrawn: &BTreeSet<IpAddr>,
-        new_flows: &BTreeMap<IpAddr, u64>,
+        new_flows: Option<&BTreeMap<IpAddr, u64>>,
     ) {
         let now = Instant::now();
         self.drains.retain(|v, _| inputs.contains_key(v));
@@ -305,11 +306,12 @@ impl Announcer {
         for (vip, services) in inputs {
             let (mut route, mut reason) = decide(services, withdrawn.contains(vip));
             if let Some(d) = self.drains.get_mut(vip) {
-                let count = new_flows.get(vip).copied().unwrap_or(0);
-                let done = match d.started {
-                    None => false, // BIRD has not taken the prepended route yet
-                    Some(t0) => {
-                        if d.count != Some(count) {
+                let count = new_flows.map(|m| m.get(vip).copied().unwrap_or(0));
+                let done = match (d.started, count) {
+                    // BIRD has not taken the prepended route yet, or no fresh counters.
+                    (None, _) | (_, None) => false,
+                    (Some(t0), Some(count)) => {
+                        if d.count.is_none_or(|c| count > c) {
                             if d.count.is_some() {
                                 d.last_change = Some(now);
                             }
@@ -324,7 +326,7 @@ impl Announcer {
                                 .last_change
                                 .map_or(0, |t| t.duration_since(t0).as_millis() as u64),
                             withdrawn_ms: None,
-                            new_flows: count - d.first_count.unwrap_or(count),
+                            new_flows: count.saturating_sub(d.first_count.unwrap_or(count)),
                             timed_out,
                         };
                         self.reports.insert(*vip, report);

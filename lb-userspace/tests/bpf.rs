@@ -1635,3 +1635,26 @@ fn new_flows_are_reported_and_shared_flows_are_followed() {
     }
     assert!(events(&mut sync).is_empty(), "off again");
 }
+
+/// A unicast frame to another host's MAC (a bridge flooding it, promiscuous mode) is never
+/// forwarded, even to a VIP: passed untouched and counted. Broadcast/multicast destinations
+/// take the normal path (ARP).
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn frames_to_another_mac_are_not_forwarded() {
+    let mut f = Fixture::new(CONFIG);
+    let (mut pkt, key) = tcp4(C1, 40000, VIP4, 80);
+    pkt[0..6].copy_from_slice(&[0x02, 0x99, 0, 0, 1, 2]);
+    f.expect_unchanged("to another node's MAC", &pkt, XDP_PASS);
+    f.assert_stat(Stat::PassOtherHost, 1);
+    f.assert_stat(Stat::FlowNew, 0);
+    pkt[0..6].copy_from_slice(&LB_MAC);
+    f.expect_forward("to this interface's MAC", &pkt, &key, "web4");
+    f.expect_unchanged(
+        "broadcast ARP",
+        &arp_request(C1, Ipv4Addr::new(10, 99, 0, 2)),
+        XDP_PASS,
+    );
+    f.assert_stat(Stat::PassNotIp, 1);
+    f.assert_stat(Stat::PassOtherHost, 1);
+}

@@ -98,9 +98,9 @@ struct LbProcess {
     stdout: mpsc::Receiver<String>,
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub(crate) static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Prefixes of the labs alive in this process (for the Ctrl-C handler).
-static ACTIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+pub(crate) static ACTIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// On Ctrl-C/SIGTERM: remove every lab of this process, then exit 130 (or, while
@@ -823,12 +823,12 @@ pub fn down_all() -> anyhow::Result<Vec<String>> {
 }
 
 /// Unmounts a lab's bpffs: its pinned maps and XDP link go with it.
-fn unmount_bpffs(path: &Path) {
+pub(crate) fn unmount_bpffs(path: &Path) {
     run_quiet("umount", &["-l", path.to_str().unwrap_or_default()]);
 }
 
 /// Removes `lb run`'s lock files for pin paths under `dir` (`/run/lb/locks/<escaped path>.lock`).
-fn remove_locks(dir: &Path) {
+pub(crate) fn remove_locks(dir: &Path) {
     let escaped: String = dir
         .to_string_lossy()
         .trim_matches('/')
@@ -863,7 +863,7 @@ fn lab_mounts() -> Vec<String> {
         .collect()
 }
 
-fn remove_namespaces(prefix: &str) {
+pub(crate) fn remove_namespaces(prefix: &str) {
     let Ok(out) = run("ip", &["netns", "list"]) else {
         return;
     };
@@ -876,7 +876,7 @@ fn remove_namespaces(prefix: &str) {
     }
 }
 
-fn kill_netns_pids(ns: &str) {
+pub(crate) fn kill_netns_pids(ns: &str) {
     if let Ok(out) = run("ip", &["netns", "pids", ns]) {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
@@ -887,7 +887,7 @@ fn kill_netns_pids(ns: &str) {
     }
 }
 
-fn check_tools(mode: Mode) -> anyhow::Result<()> {
+pub(crate) fn check_tools(mode: Mode) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the lab needs root (network namespaces, XDP)");
@@ -903,13 +903,13 @@ fn check_tools(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ipn(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ipn(ns: &str, args: &[&str]) -> anyhow::Result<()> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     run("ip", &full).map(|_| ())
 }
 
-fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+pub(crate) fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     run(
         "ip",
         &[
@@ -924,12 +924,12 @@ fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     .map(|_| ())
 }
 
-fn signal(child: &Child, sig: i32) {
+pub(crate) fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid; no memory involved.
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(s) = child.try_wait()? {
@@ -943,7 +943,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<std::pro
 }
 
 /// Lines of a child's output, read on a thread.
-fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
+pub(crate) fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
@@ -955,7 +955,7 @@ fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
     rx
 }
 
-fn wait_for_line(
+pub(crate) fn wait_for_line(
     rx: &mpsc::Receiver<String>,
     needle: &str,
     timeout: Duration,

@@ -131,7 +131,15 @@ pub async fn serve(
     let mut fresh = FreshPins {
         path: (!existing && replaced.is_none()).then(|| pin.clone()),
     };
-    let mut dp = Dataplane::load_pinned(dpc.ring_size, dpc.flow_table_size, &pin)?;
+    // The interface's MAC: lb_xdp forwards only frames addressed to it.
+    let if_mac = {
+        use crate::iface::Interfaces as _;
+        SystemInterfaces
+            .lookup(&dpc.interface)
+            .map_err(|e| anyhow::anyhow!("dataplane.interface: {e}"))?
+            .1
+    };
+    let mut dp = Dataplane::load_pinned(dpc.ring_size, dpc.flow_table_size, &pin, if_mac.0)?;
     if !existing {
         dp.write_meta(&dpc)?;
     }
@@ -344,13 +352,14 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Decides the VIPs again and tells BIRD what changed. `snap`: new-flow counters (drains).
-    async fn announce(&mut self, ctl: &Ctl, snap: Option<&Snapshot>) {
+    /// Decides the VIPs again and tells BIRD what changed. `fresh`: counters read just now
+    /// (drains advance on them only: an older sample could look like counters going back).
+    async fn announce(&mut self, ctl: &Ctl, fresh: Option<&Snapshot>) {
         let Some(a) = self.announcer.as_mut() else {
             return;
         };
-        let flows = snap.map(|s| ctl.vip_new_flows(s)).unwrap_or_default();
-        a.update(&ctl.vip_inputs(), ctl.withdrawn_vips(), &flows)
+        let flows = fresh.map(|s| ctl.vip_new_flows(s));
+        a.update(&ctl.vip_inputs(), ctl.withdrawn_vips(), flows.as_ref())
             .await;
     }
 
@@ -372,7 +381,6 @@ type Extra = (
 async fn vip_request(
     ctl: &mut Ctl,
     cluster: &mut Cluster,
-    samples: &[Option<(Instant, Snapshot)>; 2],
     service: &str,
     action: crate::api::server::VipAction,
     caller: &str,
@@ -390,8 +398,7 @@ async fn vip_request(
         }
     }
     let fresh = ctl.snapshot().ok();
-    let snap = fresh.as_ref().or(samples[1].as_ref().map(|(_, s)| s));
-    cluster.announce(ctl, snap).await;
+    cluster.announce(ctl, fresh.as_ref()).await;
     let a = cluster.announcer.as_ref().expect("checked");
     let st = a.status().iter().find(|s| s.vip == vip);
     let (route, reason) = st.map_or(("unknown".to_owned(), String::new()), |s| {
@@ -544,7 +551,7 @@ async fn event_loop(
             _ = sig.hup.recv() => match reload(ctl, &mut checks) {
                 Ok(summary) => {
                     telemetry.reload(true);
-                    cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
+                    cluster.announce(ctl, None).await;
                     println!("reloaded {summary}")
                 }
                 Err(e) => {
@@ -563,7 +570,7 @@ async fn event_loop(
                         None => Err(not_announcing()),
                     },
                     Request::Vip { service, action, caller } => {
-                        let r = vip_request(ctl, cluster, &samples, &service, action, &caller).await;
+                        let r = vip_request(ctl, cluster, &service, action, &caller).await;
                         if let Err(e) = &r {
                             tracing::warn!(
                                 "control API: {caller}: vip {action} {service} refused: {}",
@@ -577,7 +584,7 @@ async fn event_loop(
                         let r = reload(ctl, &mut checks);
                         telemetry.reload(r.is_ok());
                         if r.is_ok() {
-                            cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
+                            cluster.announce(ctl, None).await;
                         }
                         r.map(|s| message(format!("reloaded: {s}")))
                             .map_err(|e| crate::api::ApiError::new(
@@ -601,7 +608,7 @@ async fn event_loop(
                             ),
                         }
                         if r.is_ok() {
-                            cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
+                            cluster.announce(ctl, None).await;
                         }
                         r.map(message)
                     }
@@ -623,7 +630,7 @@ async fn event_loop(
                     if cluster.announcer.as_ref().is_some_and(|a| {
                         a.status().iter().any(|s| s.route != crate::announce::Route::Announced)
                     }) {
-                        cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;
+                        cluster.announce(ctl, None).await;
                     }
                 }
             }

@@ -267,13 +267,36 @@ impl Dataplane {
 
     /// Loads `object` (tests pass the embedded one too; kept separate for clarity).
     pub fn load_object(object: &[u8], ring_size: u32, flow_table_size: u32) -> Result<Dataplane> {
-        Dataplane::load_with(object, ring_size, flow_table_size, None)
+        Dataplane::load_with(object, ring_size, flow_table_size, None, [0; 6])
     }
 
     /// Loads the embedded object with its maps pinned under `pin` (reusing the maps already
     /// pinned there: the caller checked they are compatible).
-    pub fn load_pinned(ring_size: u32, flow_table_size: u32, pin: &Path) -> Result<Dataplane> {
-        Dataplane::load_with(crate::EBPF_OBJECT, ring_size, flow_table_size, Some(pin))
+    /// `if_mac`: the interface's MAC (frames to other unicast MACs are never forwarded).
+    pub fn load_pinned(
+        ring_size: u32,
+        flow_table_size: u32,
+        pin: &Path,
+        if_mac: [u8; 6],
+    ) -> Result<Dataplane> {
+        Dataplane::load_with(
+            crate::EBPF_OBJECT,
+            ring_size,
+            flow_table_size,
+            Some(pin),
+            if_mac,
+        )
+    }
+
+    /// As [`Dataplane::load`], forwarding only frames addressed to `if_mac` (tests).
+    pub fn load_for_mac(ring_size: u32, flow_table_size: u32, if_mac: [u8; 6]) -> Result<Dataplane> {
+        Dataplane::load_with(
+            crate::EBPF_OBJECT,
+            ring_size,
+            flow_table_size,
+            None,
+            if_mac,
+        )
     }
 
     fn load_with(
@@ -281,6 +304,7 @@ impl Dataplane {
         ring_size: u32,
         flow_table_size: u32,
         pin: Option<&Path>,
+        if_mac: [u8; 6],
     ) -> Result<Dataplane> {
         if object.is_empty() {
             return Err(LoaderError::NoObject);
@@ -288,6 +312,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(names::GLOBAL_RING_SIZE, &ring_size, true)
+            .override_global(names::GLOBAL_IF_MAC, &if_mac, true)
             .map_max_entries(names::RING, MAX_SERVICES * ring_size)
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {

@@ -228,7 +228,7 @@ impl Fixture {
         pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
         let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
-        let mut dp = Dataplane::load(cfg.dataplane.ring_size, flows)
+        let mut dp = Dataplane::load_for_mac(cfg.dataplane.ring_size, flows, LB_MAC)
             .unwrap_or_else(|e| panic!("load: {e:#}"));
         dp.apply(&desired).expect("apply");
         Fixture { dp, desired }
