@@ -3,7 +3,8 @@
 # Fast (well under a second) when everything is already present.
 #
 #   Debian packages: Debian's rustc/cargo 1.96 with a prebuilt core for bpfel-unknown-none,
-#                    llvm-22-dev (for bpf-linker), clippy for the eBPF crate, lab tools.
+#                    llvm-22-dev (for bpf-linker), clippy for the eBPF crate, lab tools,
+#                    bird2 (BGP + BFD: `[announce]`, the multi-node lab).
 #   bpf-linker 0.13.0 built against LLVM 22 (cargo install, crates.io).
 #   rustup toolchain link `debian-web` -> /usr (local, downloads nothing).
 #
@@ -12,7 +13,7 @@ set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 PKGS=(rustc-web cargo-web libstd-rust-web-dev-bpf rust-web-clippy llvm-22-dev
-      bpftool xdp-tools tcpdump ethtool iproute2 iputils-ping curl python3 shellcheck)
+      bpftool xdp-tools tcpdump ethtool iproute2 iputils-ping curl python3 shellcheck bird2)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -36,6 +37,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q >/dev/null || die "apt-get update failed (network/registry?)"
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
+  if [[ " ${missing[*]} " == *" bird2 "* ]]; then
+    # The package may start a system BIRD with Debian's default config: not ours to run
+    # (lb's lab and demo start their own, each in its namespace).
+    { $SUDO systemctl disable --now bird.service || $SUDO service bird stop; } >/dev/null 2>&1 || true
+  fi
   did=1
 fi
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendMeta, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN, ServiceKey,
-    ServiceValue, SyncConfig, SyncEvent, TraceConfig, TraceRate, VipKey, VipValue,
+    ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS, VIP_FILTER_SLOTS,

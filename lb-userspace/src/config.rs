@@ -542,10 +542,15 @@ impl Config {
                 out.push(format!(
                     "service \"{}\": {} decides per node (a cursor, connection counts): with several \
                      balancers behind ECMP, a connection the router moves to another node may land \
-                     on another backend; maglev and sh pick the same backend on every node built \
+                     on another backend{}; maglev and sh pick the same backend on every node built \
                      from the same config (compare `ring_digest` in lb status)",
                     s.name,
-                    s.scheduler.name()
+                    s.scheduler.name(),
+                    if self.flow_sync.is_some() {
+                        " unless [flow_sync] shared it in time"
+                    } else {
+                        " (unless [flow_sync] shares the node's flows)"
+                    }
                 ));
             }
             if matches!(s.scheduler, Scheduler::Lc | Scheduler::Wlc)
@@ -1245,6 +1250,66 @@ mac = "02:00:00:00:00:22"
         parse(&GOOD.replacen(from, to, 1))
             .expect_err("must be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn announce_flow_sync_and_min_healthy() {
+        let c = parse(GOOD).unwrap();
+        assert!(
+            c.announce.is_none() && c.flow_sync.is_none(),
+            "off unless configured"
+        );
+        assert_eq!(c.services[0].min_healthy, 1, "default");
+        let more = format!(
+            "{GOOD}\n[announce]\ninclude_file = \"/run/lb/bird/lb-vips.conf\"\nlocal_as = 65001\n\n\
+             [flow_sync]\nlisten = \"10.0.0.2:4790\"\npeers = [\"10.0.0.3:4790\"]\nkey = \"0123456789abcdef\"\n"
+        );
+        let c = parse(&more).unwrap();
+        let a = c.announce.unwrap();
+        assert_eq!(a.interface, "lb-alive");
+        assert_eq!(a.bird_socket, PathBuf::from("/run/bird/bird.ctl"));
+        assert_eq!(
+            (a.graceful_prepend, a.drain_quiet_ms, a.drain_timeout_ms),
+            (3, 2000, 60000)
+        );
+        let f = c.flow_sync.unwrap();
+        assert_eq!(f.peers.len(), 1);
+        assert_eq!(f.rate, 20_000);
+        assert!(
+            !format!("{f:?}").contains("0123456789abcdef"),
+            "the key is not logged"
+        );
+        let bad = |from: &str, to: &str| {
+            parse(&more.replacen(from, to, 1))
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        let e = bad("local_as = 65001\n", "");
+        assert!(e.contains("announce.local_as: required"), "{e}");
+        let e = bad(
+            "include_file = \"/run/lb/bird/lb-vips.conf\"",
+            "include_file = \"vips.conf\"",
+        );
+        assert!(
+            e.contains("announce.include_file: vips.conf is not an absolute path"),
+            "{e}"
+        );
+        let e = bad("key = \"0123456789abcdef\"", "key = \"short\"");
+        assert!(
+            e.contains("flow_sync.key: 5 bytes; the shared key needs at least 16"),
+            "{e}"
+        );
+        let e = bad("peers = [\"10.0.0.3:4790\"]", "peers = [\"10.0.0.2:4790\"]");
+        assert!(e.contains("flow_sync.peers"), "{e}");
+        let e = bad("listen = \"10.0.0.2:4790\"", "listen = \"nowhere\"");
+        assert!(
+            e.contains("flow_sync.listen: `nowhere` is not an address:port"),
+            "{e}"
+        );
+        let e = bad("key = \"0123456789abcdef\"\n", "");
+        assert!(e.contains("exactly one of `key` and `key_file`"), "{e}");
+        let e = err_of("protocol = \"tcp\"", "protocol = \"tcp\"\nmin_healthy = 9");
+        assert!(e.contains("min_healthy: 9 is out of range 0..="), "{e}");
     }
 
     #[test]

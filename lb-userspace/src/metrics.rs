@@ -200,6 +200,53 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
         flows,
     );
 
+    if let Some(vips) = &st.vips {
+        let announced = Family::<Labels, Gauge>::default();
+        for v in vips {
+            let vip = v.vip.to_string();
+            let route = v.route.to_string();
+            announced
+                .get_or_create(&labels(&[("vip", &vip), ("route", &route)]))
+                .set(i64::from(v.route != crate::announce::Route::Withdrawn));
+        }
+        r.register(
+            "lb_vip_announced",
+            "1 while this node announces the VIP over BGP ([announce]; route: announced or draining), 0 when withdrawn",
+            announced,
+        );
+    }
+    if let Some(fs) = &st.flow_sync {
+        let sync = Family::<Labels, Counter>::default();
+        for (what, v) in [
+            ("sent", fs.sent),
+            ("received", fs.received),
+            ("inserted", fs.inserted),
+            ("existing", fs.existing),
+            ("unknown", fs.unknown),
+            ("dropped", fs.dropped),
+        ] {
+            set(&sync.get_or_create(&labels(&[("event", what)])), v);
+        }
+        r.register(
+            "lb_flow_sync_flows",
+            "Flow sharing ([flow_sync]): flows sent to the peers, received, inserted, already present, unknown here, dropped by the receive limit",
+            sync,
+        );
+        let dg = Family::<Labels, Counter>::default();
+        for (what, v) in [
+            ("sent", fs.datagrams_sent),
+            ("send_error", fs.send_errors),
+            ("rejected", fs.rejected),
+        ] {
+            set(&dg.get_or_create(&labels(&[("event", what)])), v);
+        }
+        r.register(
+            "lb_flow_sync_datagrams",
+            "Flow sharing datagrams: sent, failed to send, refused (authentication, timestamp, replay)",
+            dg,
+        );
+    }
+
     let entries = Gauge::<i64>::default();
     entries.set(st.flow_entries as i64);
     r.register(

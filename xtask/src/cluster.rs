@@ -97,10 +97,7 @@ impl Cluster {
                 bail!("`{tool}` not found (Debian package bird2): run scripts/bootstrap.sh");
             }
         }
-        anyhow::ensure!(
-            (1..=MAX_NODES).contains(&nodes),
-            "1..={MAX_NODES} nodes"
-        );
+        anyhow::ensure!((1..=MAX_NODES).contains(&nodes), "1..={MAX_NODES} nodes");
         anyhow::ensure!(weights.len() <= 60, "at most 60 backends");
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{}{}-{n}-", lab::PREFIX, std::process::id());
@@ -109,7 +106,12 @@ impl Cluster {
             .with_context(|| format!("creating {}", dir.display()))?;
         run(
             "mount",
-            &["-t", "bpf", "bpf", dir.join("bpf").to_str().unwrap_or_default()],
+            &[
+                "-t",
+                "bpf",
+                "bpf",
+                dir.join("bpf").to_str().unwrap_or_default(),
+            ],
         )
         .context("mounting the lab's bpffs")?;
         let mut c = Cluster {
@@ -196,12 +198,21 @@ impl Cluster {
             ipn(&cl, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
         }
         ipn(&rt, &["addr", "add", "10.98.0.1/24", "dev", "eth1"])?;
-        ipn(&rt, &["link", "set", "dev", "eth0", "address", "02:99:00:00:00:01"])?;
-        ipn(&rt, &["addr", "add", &format!("{ROUTER}/24"), "dev", "eth0"])?;
+        ipn(
+            &rt,
+            &["link", "set", "dev", "eth0", "address", "02:99:00:00:00:01"],
+        )?;
+        ipn(
+            &rt,
+            &["addr", "add", &format!("{ROUTER}/24"), "dev", "eth0"],
+        )?;
         for (ns, dev) in [(&cl, "eth0"), (&rt, "eth0"), (&rt, "eth1")] {
             ipn(ns, &["link", "set", "dev", dev, "up"])?;
             // Complete checksums: XDP_TX in native mode loses a partial one.
-            run("ip", &["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"])?;
+            run(
+                "ip",
+                &["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"],
+            )?;
         }
         ipn(&cl, &["route", "add", "default", "via", "10.98.0.1"])?;
         sysctl(&rt, "net.ipv4.ip_forward", "1")?;
@@ -209,13 +220,26 @@ impl Cluster {
         sysctl(&rt, "net.ipv4.fib_multipath_hash_policy", "1")?;
         for n in self.nodes.clone() {
             ipn(&n.ns, &["link", "set", "dev", "eth0", "address", &n.mac])?;
-            ipn(&n.ns, &["addr", "add", &format!("{}/24", n.addr), "dev", "eth0"])?;
+            ipn(
+                &n.ns,
+                &["addr", "add", &format!("{}/24", n.addr), "dev", "eth0"],
+            )?;
             ipn(&n.ns, &["link", "set", "dev", "eth0", "up"])?;
             if self.mode == Mode::Native {
                 // veth: XDP_TX frames reach the peer only if it runs an XDP program.
                 ipn(
                     &sw,
-                    &["link", "set", "dev", &n.name, "xdpdrv", "obj", PEER_XDP_OBJECT, "sec", "xdp"],
+                    &[
+                        "link",
+                        "set",
+                        "dev",
+                        &n.name,
+                        "xdpdrv",
+                        "obj",
+                        PEER_XDP_OBJECT,
+                        "sec",
+                        "xdp",
+                    ],
                 )?;
             }
             std::fs::create_dir_all(self.node_dir(&n.name).join("bird"))?;
@@ -223,7 +247,10 @@ impl Cluster {
         for b in self.backends.clone() {
             let ns = &b.ns;
             ipn(ns, &["link", "set", "dev", "eth0", "address", &b.mac])?;
-            ipn(ns, &["addr", "add", &format!("{}/24", b.addr), "dev", "eth0"])?;
+            ipn(
+                ns,
+                &["addr", "add", &format!("{}/24", b.addr), "dev", "eth0"],
+            )?;
             ipn(ns, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             for (k, v) in [
                 ("net.ipv4.conf.all.arp_ignore", "1"),
@@ -265,7 +292,11 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("bird.conf");
         std::fs::write(&path, conf)?;
-        let out = Command::new("bird").arg("-p").arg("-c").arg(&path).output()?;
+        let out = Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&path)
+            .output()?;
         if !out.status.success() {
             bail!(
                 "{}: {}",
@@ -466,7 +497,11 @@ impl Cluster {
 
     /// `lb status --json` of node `i`.
     pub fn status(&self, i: usize, lb: &Path) -> anyhow::Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.lb_cli(i, lb, &["status", "--json"])?)?)
+        Ok(serde_json::from_str(&self.lb_cli(
+            i,
+            lb,
+            &["status", "--json"],
+        )?)?)
     }
 
     /// New flows node `i`'s data plane saw so far (all services).
@@ -515,7 +550,9 @@ impl Cluster {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > timeout {
-                bail!("the router's next hops for {VIP} are {now:?}, not {want:?}, after {timeout:?}");
+                bail!(
+                    "the router's next hops for {VIP} are {now:?}, not {want:?}, after {timeout:?}"
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -569,8 +606,17 @@ impl Cluster {
         let count = count.to_string();
         let srcs: Vec<String> = self.clients.iter().map(|a| a.to_string()).collect();
         let mut args = vec![
-            "netns", "exec", &self.client(), xtask, "lab-client", "--kind", "http", "--target",
-            &target, "--count", &count,
+            "netns",
+            "exec",
+            &self.client(),
+            xtask,
+            "lab-client",
+            "--kind",
+            "http",
+            "--target",
+            &target,
+            "--count",
+            &count,
         ]
         .into_iter()
         .map(str::to_owned)

@@ -22,6 +22,20 @@ pub struct Args {
     /// Keep the lab up after the demo (Ctrl-C to tear it down).
     #[arg(long)]
     keep: bool,
+    /// Balancer nodes: 1 is the single-node demo; 2..=8 run several nodes behind an ECMP
+    /// router, announced with BGP (BIRD + BFD), and kill one in the middle of 100 streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    nodes: u8,
+}
+
+impl Args {
+    /// The demo with `n` balancer nodes, the rest default.
+    pub fn nodes(n: u8) -> Args {
+        Args {
+            nodes: n,
+            ..Args::default()
+        }
+    }
 }
 
 impl Default for Args {
@@ -30,6 +44,7 @@ impl Default for Args {
             mode: "native".to_owned(),
             requests: 300,
             keep: false,
+            nodes: 1,
         }
     }
 }
@@ -54,6 +69,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::build()?;
     lab::install_ctrlc_cleanup();
     let xtask = crate::self_exe()?;
+    if args.nodes > 1 {
+        return nodes(&args, mode, &xtask, t0);
+    }
 
     step(
         t0,
@@ -289,6 +307,181 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("the demo found problems:\n  - {}", problems.join("\n  - "));
     }
     println!("demo OK");
+    Ok(())
+}
+
+/// `cargo xtask demo --nodes N`: N balancer nodes behind an ECMP router (BIRD, BGP + BFD),
+/// new connections spread over nodes and backends, then one node dies in the middle of 100
+/// long-lived streams. Ends with `survived: S/T connections ...`.
+fn nodes(args: &Args, mode: Mode, xtask: &std::path::Path, t0: Instant) -> anyhow::Result<()> {
+    use std::time::Duration;
+    use xtask::cluster::{self, Cluster};
+    let n = args.nodes as usize;
+    let lb = cmd::lb_binary();
+    step(
+        t0,
+        &format!(
+            "lab: client → router (BIRD, ECMP by 5-tuple, BFD) → {n} balancer nodes (BIRD + lb run) → 3 backends; replies go backend → router (DSR)"
+        ),
+    );
+    let mut c = Cluster::up(mode, n, &WEIGHTS, xtask)?;
+    let health =
+        "kind = \"tcp\"\nport = 7\ninterval_ms = 200\ntimeout_ms = 200\nrise = 1\nfall = 1";
+    let services = c.services("maglev", Some(health));
+    for i in 0..n {
+        let cfg = c.config(i, &services, true);
+        c.start_lb(i, &lb, &cfg)?;
+    }
+    let names: Vec<String> = c.nodes.iter().map(|x| x.name.clone()).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let took = c.wait_next_hops(&all, Duration::from_secs(30))?;
+    step(
+        t0,
+        &format!(
+            "every node announces {} (lb vip list on n1 below); the router has {n} next hops after {} ms",
+            cluster::VIP,
+            took.as_millis()
+        ),
+    );
+    for line in c.lb_cli(0, &lb, &["vip", "list"])?.lines() {
+        println!("    {line}");
+    }
+    println!(
+        "    router: {}",
+        cmd::run(
+            "ip",
+            &[
+                "-n",
+                &c.router(),
+                "route",
+                "show",
+                &format!("{}/32", cluster::VIP)
+            ]
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " "))
+        .unwrap_or_default()
+        .trim()
+    );
+    let flows = |c: &Cluster| -> Vec<u64> {
+        std::thread::sleep(Duration::from_millis(1100));
+        (0..n).map(|i| c.new_flows(i, &lb).unwrap_or(0)).collect()
+    };
+    let before = flows(&c);
+    step(
+        t0,
+        &format!(
+            "{} HTTP requests to http://{}/",
+            args.requests,
+            cluster::VIP
+        ),
+    );
+    let tally = c.http(args.requests)?;
+    let after = flows(&c);
+    let mut problems = Vec::new();
+    println!(
+        "    new flows per node:    {}",
+        names
+            .iter()
+            .zip(after.iter().zip(&before))
+            .map(|(nm, (a, b))| format!("{nm} {}", a - b))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "    answers per backend:   {} (weights {})",
+        tally
+            .by_backend
+            .iter()
+            .map(|(b, k)| format!("{b} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        WEIGHTS
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    );
+    if tally.errors > 0 {
+        problems.push(format!("{} requests failed", tally.errors));
+    }
+    if after.iter().zip(&before).any(|(a, b)| a == b) {
+        problems.push("a node took no new flow".to_owned());
+    }
+    let digests: Vec<String> = (0..n)
+        .map(|i| {
+            c.status(i, &lb)
+                .map(|s| s["services"][0]["ring_digest"].to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    println!(
+        "    ring_digest per node:  {} (equal: every node picks the same backend)",
+        digests.join(" ")
+    );
+    if digests.iter().any(|d| *d != digests[0]) {
+        problems.push("the nodes' tables differ".to_owned());
+    }
+
+    step(
+        t0,
+        "100 long-lived streaming connections (512 bytes every 50 ms each, every echo checked)",
+    );
+    let mut s = c.streams(100)?;
+    std::thread::sleep(Duration::from_secs(2));
+    cluster::mark(&mut s, "steady")?;
+    let victim = n / 2;
+    step(
+        t0,
+        &format!(
+            "node {} dies: link down, processes killed (no BGP goodbye: the router's BFD notices)",
+            names[victim]
+        ),
+    );
+    let killed = Instant::now();
+    c.kill_node(victim)?;
+    let rest: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|x| *x != names[victim])
+        .collect();
+    let failover = c.wait_next_hops(&rest, Duration::from_secs(10))?;
+    step(
+        t0,
+        &format!(
+            "the router dropped {} {} ms after it died",
+            names[victim],
+            failover.as_millis()
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(killed.elapsed()));
+    let stall = cluster::mark(&mut s, "after")?;
+    let (_, out, _) = s.finish(Duration::from_secs(30))?;
+    let (total, ok, bytes, errors) = cluster::stream_results(&out);
+    for i in (0..n).filter(|i| *i != victim) {
+        if let Ok(st) = c.status(i, &lb) {
+            println!("    {} flow sharing: {}", names[i], st["flow_sync"]);
+        }
+    }
+    if !errors.is_empty() {
+        problems.push(format!("broken connections: {}", errors.join("; ")));
+    }
+    if args.keep {
+        println!(
+            "The lab stays up (namespaces {}*). Ctrl-C tears it down.",
+            c.prefix
+        );
+        lab::wait_for_ctrlc();
+    }
+    drop(c);
+    step(t0, "lab removed");
+    if !problems.is_empty() {
+        bail!("the demo found problems:\n  - {}", problems.join("\n  - "));
+    }
+    println!(
+        "survived: {ok}/{total} connections ({bytes} bytes echoed and verified, {} lost); longest stall {stall} ms; node failover (BFD) {} ms",
+        if ok == total { "none" } else { "some" },
+        failover.as_millis()
+    );
     Ok(())
 }
 

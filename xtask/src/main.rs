@@ -284,6 +284,8 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
                 "xtask",
                 "--test",
                 "lab",
+                "--test",
+                "cluster",
                 "--",
                 "--ignored",
                 "--test-threads=1",
@@ -293,6 +295,8 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
         )?;
         println!("==> tier 3: the README's demo (`cargo xtask demo`)");
         demo::run(demo::Args::default())?;
+        println!("==> tier 3: several nodes (`cargo xtask demo --nodes 3`)");
+        demo::run(demo::Args::nodes(3))?;
         let left = lab::down_all()?;
         if !left.is_empty() {
             bail!("lab tests left namespaces behind: {}", left.join(" "));

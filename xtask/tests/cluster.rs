@@ -58,8 +58,14 @@ fn nodes_share_traffic_and_weights_hold() {
     assert_eq!(t.errors, 0, "{t:?}");
     let after = new_flows(&c);
     let per_node: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    println!("cluster: 1200 requests, new flows per node {per_node:?}, per backend {:?}", t.by_backend);
-    assert!(per_node.iter().all(|n| *n >= 200), "both nodes take new flows: {per_node:?}");
+    println!(
+        "cluster: 1200 requests, new flows per node {per_node:?}, per backend {:?}",
+        t.by_backend
+    );
+    assert!(
+        per_node.iter().all(|n| *n >= 200),
+        "both nodes take new flows: {per_node:?}"
+    );
     let share = |b: &str| *t.by_backend.get(b).unwrap_or(&0) as f64 / 1200.0;
     for (b, want) in [("b1", 1.0 / 6.0), ("b2", 2.0 / 6.0), ("b3", 3.0 / 6.0)] {
         assert!(
@@ -76,7 +82,10 @@ fn nodes_share_traffic_and_weights_hold() {
         .collect();
     assert_eq!(digests[0], digests[1], "identical tables on both nodes");
     let list = c.lb_cli(0, &lb(), &["vip", "list"]).expect("vip list");
-    assert!(list.contains("10.99.0.100") && list.contains("announced"), "{list}");
+    assert!(
+        list.contains("10.99.0.100") && list.contains("announced"),
+        "{list}"
+    );
 }
 
 /// One node dies (link down, then its processes: no BGP notification, BFD detects it) in the
@@ -162,13 +171,19 @@ fn unhealthy_or_stopped_node_withdraws() {
         .expect("n1 withdraws");
     println!("cluster: n1 lost its backends; withdrawn from the router in {t:?}");
     let list = c.lb_cli(0, &lb(), &["vip", "list"]).expect("vip list");
-    assert!(list.contains("withdrawn") && list.contains("too few healthy"), "{list}");
+    assert!(
+        list.contains("withdrawn") && list.contains("too few healthy"),
+        "{list}"
+    );
     let before = new_flows(&c);
     let r = c.http(200).expect("http");
     assert_eq!(r.errors, 0, "{r:?}");
     let after = new_flows(&c);
     assert_eq!(after[0], before[0], "no new flow reaches n1");
-    assert!(after[1] >= before[1] + 200, "n2 takes them: {before:?} → {after:?}");
+    assert!(
+        after[1] >= before[1] + 200,
+        "n2 takes them: {before:?} → {after:?}"
+    );
 
     // Healthy again: announced again.
     let good = c.services("maglev", Some(HEALTH));
@@ -233,15 +248,59 @@ fn graceful_withdraw_moves_new_flows_first() {
     let r = c.http(200).expect("http");
     assert_eq!(r.errors, 0, "{r:?}");
     let after = new_flows(&c);
-    assert_eq!(after[0], before[0], "no new flow reaches n1 after the drain");
+    assert_eq!(
+        after[0], before[0],
+        "no new flow reaches n1 after the drain"
+    );
     let stall = mark(&mut s, "after").expect("mark");
     let (_, out, _) = s.finish(Duration::from_secs(30)).expect("streams end");
     let (total, ok, bytes, errors) = stream_results(&out);
-    println!("cluster: graceful withdraw: survived {ok}/{total}, {bytes} bytes, longest stall {stall} ms");
+    println!(
+        "cluster: graceful withdraw: survived {ok}/{total}, {bytes} bytes, longest stall {stall} ms"
+    );
     assert_eq!((total, ok), (60, 60), "{errors:?}");
-    let list = c.lb_cli(0, &lb(), &["vip", "list", "--json"]).expect("vip list");
+    let list = c
+        .lb_cli(0, &lb(), &["vip", "list", "--json"])
+        .expect("vip list");
     let v: serde_json::Value = serde_json::from_str(&list).expect("json");
     assert_eq!(v["vips"][0]["route"], "withdrawn", "{v}");
-    assert!(v["vips"][0]["drain"]["withdrawn_ms"].as_u64().is_some(), "{v}");
+    assert!(
+        v["vips"][0]["drain"]["withdrawn_ms"].as_u64().is_some(),
+        "{v}"
+    );
     let _ = cluster::VIP;
+}
+
+/// The BIRD configs shipped in scripts/bird parse (bird -p), with the node's include pointing at
+/// what `lb run` writes.
+#[test]
+#[ignore = "needs bird2: run by `cargo xtask test`"]
+fn shipped_bird_configs_parse() {
+    let root = xtask::cmd::workspace_root().join("scripts/bird");
+    let dir = std::env::temp_dir().join(format!("lb-bird-parse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("lb-vips.conf"),
+        "protocol static lb_vips4 {\n  ipv4;\n  route 10.99.0.100/32 via \"lb-alive\" { bgp_path.prepend(65001); };\n}\nprotocol static lb_vips6 {\n  ipv6;\n}\n",
+    )
+    .unwrap();
+    for name in ["router.conf", "node.conf"] {
+        let text = std::fs::read_to_string(root.join(name))
+            .unwrap()
+            .replace("/run/lb/bird", dir.to_str().unwrap());
+        let path = dir.join(format!("{name}.test"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .expect("bird");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

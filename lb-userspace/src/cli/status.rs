@@ -123,6 +123,24 @@ pub fn render(s: &api::Status) -> String {
             }
         }
     }
+    for v in s.vips.iter().flatten() {
+        let _ = writeln!(o, "\nVIP {} {} over BGP: {}", v.vip, v.route, v.reason);
+    }
+    if let Some(f) = &s.flow_sync {
+        let _ = writeln!(
+            o,
+            "\nflow sharing: {} flows sent ({} datagrams, {} send errors); {} received: {} inserted, {} present already, {} unknown here, {} dropped; {} datagrams refused",
+            f.sent,
+            f.datagrams_sent,
+            f.send_errors,
+            f.received,
+            f.inserted,
+            f.existing,
+            f.unknown,
+            f.dropped,
+            f.rejected
+        );
+    }
     let nonzero: Vec<String> = s
         .counters
         .iter()

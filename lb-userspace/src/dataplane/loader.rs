@@ -289,14 +289,12 @@ impl Dataplane {
     }
 
     /// As [`Dataplane::load`], forwarding only frames addressed to `if_mac` (tests).
-    pub fn load_for_mac(ring_size: u32, flow_table_size: u32, if_mac: [u8; 6]) -> Result<Dataplane> {
-        Dataplane::load_with(
-            crate::EBPF_OBJECT,
-            ring_size,
-            flow_table_size,
-            None,
-            if_mac,
-        )
+    pub fn load_for_mac(
+        ring_size: u32,
+        flow_table_size: u32,
+        if_mac: [u8; 6],
+    ) -> Result<Dataplane> {
+        Dataplane::load_with(crate::EBPF_OBJECT, ring_size, flow_table_size, None, if_mac)
     }
 
     fn load_with(
