@@ -102,9 +102,25 @@ fn new_flow_syns(net: u8, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The tests' services with every backend at the LB's own MAC. Repeat mode feeds the program
+/// its own output (the frame after the MAC rewrite): with the backends at another MAC, every
+/// repetition after the first would be a frame for another host, which lb_xdp passes. This
+/// way each repetition takes the full path, the destination-MAC check included.
+fn bench_config() -> String {
+    let lb = LB_MAC.map(|b| format!("{b:02x}")).join(":");
+    let mut c = CONFIG.to_owned();
+    for i in 0x21..=0x2f {
+        c = c.replace(
+            &format!("mac = \"02:00:00:00:00:{i:02x}\""),
+            &format!("mac = \"{lb}\""),
+        );
+    }
+    c
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
-    let mut f = Fixture::new(CONFIG);
+    let mut f = Fixture::new(&bench_config());
     let est = syn4(C1, 40000, VIP4, 80);
     let est6 = tcp6(C6, 40000, VIP6, 80).0;
     let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
@@ -166,6 +182,8 @@ fn main() {
     }
     let new_flow = median(rounds_new);
     let base1 = median(rounds_base1);
+
+    let (sync_off, sync_on) = flow_sharing_cost(&mut f);
 
     let sched_rows = schedulers();
     let issue13 = targets(&mut f, &est, &non_vip);
@@ -237,6 +255,20 @@ fn main() {
             base1,
             NEW_FLOWS,
         ),
+        (
+            "new flow, flow sharing off (paired)",
+            "new_flow_v4_sync_off",
+            sync_off,
+            base1,
+            NEW_FLOWS / 2,
+        ),
+        (
+            "new flow, flow sharing on (each reported)",
+            "new_flow_v4_sync_on",
+            sync_on,
+            base1,
+            NEW_FLOWS / 2,
+        ),
     ];
     let mut json = Vec::new();
     let sched_rows = sched_rows
@@ -253,6 +285,10 @@ fn main() {
         new_flow - base1
     );
     println!(
+        "flow sharing: {:+.1} ns per new flow when on (each reported to LB_SYNC; off {sync_off:.1}, on {sync_on:.1})",
+        sync_on - sync_off
+    );
+    println!(
         "trace check when no trace runs: {check_cost:+.1} ns (median of {} interleaved pairs of lb_xdp − lb_xdp_notrace)",
         3 * ROUNDS
     );
@@ -264,6 +300,7 @@ fn main() {
         "kernel": kernel.trim(),
         "cases": json,
         "trace_check_ns": check_cost,
+        "flow_sync_cost_ns": sync_on - sync_off,
         "targets": issue13,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -273,6 +310,40 @@ fn main() {
     let path = dir.join("results.json");
     std::fs::write(&path, &text).expect("write result");
     println!("results: {}", path.canonicalize().unwrap_or(path).display());
+}
+
+/// What flow sharing costs a new flow: interleaved halves of fresh SYNs with reporting off and
+/// on (every flow reported: the rate is unlimited, the ring drained between chunks so that no
+/// event takes the "ring full" path). Returns (off, on) mean ns per call.
+fn flow_sharing_cost(f: &mut Fixture) -> (f64, f64) {
+    const CHUNK: usize = 2_000; // 112 KiB of events: fits the 256 KiB ring
+    let mut sync = f.dp.take_sync_maps().expect("sync maps");
+    let (mut offs, mut ons) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let pkts = new_flow_syns(200 + round as u8, NEW_FLOWS);
+        let (a, b) = pkts.split_at(NEW_FLOWS / 2);
+        let (mut off, mut on) = (0.0, 0.0);
+        for (ca, cb) in a.chunks(CHUNK).zip(b.chunks(CHUNK)) {
+            sync.set_rate(0).unwrap();
+            off += one_per_call(f, "lb_xdp", ca, XDP_TX) * ca.len() as f64;
+            sync.set_rate(u32::MAX).unwrap();
+            let before = f.snapshot().get(Stat::FlowSyncReported);
+            on += one_per_call(f, "lb_xdp", cb, XDP_TX) * cb.len() as f64;
+            sync.set_rate(0).unwrap();
+            let mut n = 0;
+            while sync.ring.next().is_some() {
+                n += 1;
+            }
+            assert_eq!(n, cb.len(), "every new flow reported");
+            assert_eq!(
+                f.snapshot().get(Stat::FlowSyncReported) - before,
+                cb.len() as u64
+            );
+        }
+        offs.push(off / a.len() as f64);
+        ons.push(on / b.len() as f64);
+    }
+    (median(offs), median(ons))
 }
 
 /// New flows per scheduler (rr, wrr, lc/wlc scans of growing services, maglev), one call per

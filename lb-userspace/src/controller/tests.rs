@@ -638,3 +638,106 @@ fn explain_follows_the_kernels_rules() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The announcement's inputs: a checked backend counts as healthy only after a passing check
+/// (not at start), and while its MAC is known, enabled and weighted; `lb vip withdraw` is
+/// persisted and survives a restart of the controller.
+#[test]
+fn vip_inputs_count_only_verified_backends_and_withdrawals_persist() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    let vip = addr("10.0.0.100");
+    let healthy = |c: &Ctl| c.vip_inputs()[&vip][0].healthy;
+    reachable(&mut c, A, 1);
+    reachable(&mut c, B, 2);
+    assert_eq!(healthy(&c), 0, "no check has passed yet");
+    c.on_check(id(&c, A), Ok(()), Instant::now());
+    assert_eq!(healthy(&c), 1);
+    c.on_check(id(&c, B), Ok(()), Instant::now());
+    assert_eq!(healthy(&c), 2);
+    c.admin("web", addr(B), BackendAction::Drain).unwrap();
+    assert_eq!(healthy(&c), 1, "a draining backend takes no new flows");
+    c.on_check(id(&c, A), Err("refused".into()), Instant::now());
+    assert_eq!(healthy(&c), 0);
+    assert_eq!(c.vip_inputs()[&vip][0].min_healthy, 1);
+
+    let (v, sharing) = c.vip_admin("web", true).unwrap();
+    assert_eq!((v, sharing), (vip, vec!["web".to_owned()]));
+    assert!(c.withdrawn_vips().contains(&vip));
+    let saved = AdminState::load(&d.join("state.json")).unwrap();
+    assert!(saved.withdrawn_vips.contains(&vip), "persisted");
+    c.vip_admin("web", false).unwrap();
+    assert!(c.withdrawn_vips().is_empty());
+    let e = c.vip_admin("nope", true).unwrap_err();
+    assert_eq!(e.status, StatusCode::NOT_FOUND);
+    assert!(
+        e.message.contains("unknown service \"nope\""),
+        "{}",
+        e.message
+    );
+}
+
+/// Flow sharing: a peer's flow is mapped to this node's id of the same backend address and
+/// inserted (not counted), an existing entry is kept, unknown services/backends and inactive
+/// backends are refused; this node's own event is described by address.
+#[test]
+fn shared_flows_map_by_address() {
+    use crate::flowsync::SharedFlow;
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    reachable(&mut c, A, 1);
+    let key = |port: u16, dport: u16| {
+        let mut k = lb_common::FlowKey {
+            protocol: lb_common::PROTO_TCP,
+            family: lb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        k.src_addr[..4].copy_from_slice(&[10, 98, 0, 1]);
+        k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+        k.src_port = port.to_be_bytes();
+        k.dst_port = dport.to_be_bytes();
+        k
+    };
+    let f = SharedFlow {
+        key: key(40000, 80),
+        backend: addr(A),
+    };
+    assert_eq!(c.accept_shared(&f, 7).unwrap(), Shared::Inserted);
+    let v = c.maps().flows.last().unwrap().1;
+    assert_eq!(v.backend, id(&c, A).0);
+    assert_eq!(v.flags, 0, "not counted here");
+    assert_eq!(v.cpu, lb_common::FLOW_CPU_PEER);
+    assert_eq!(c.accept_shared(&f, 8).unwrap(), Shared::Existing);
+    // B has no MAC yet: not usable, refused.
+    let to_b = SharedFlow {
+        backend: addr(B),
+        key: key(40001, 80),
+    };
+    assert_eq!(c.accept_shared(&to_b, 7).unwrap(), Shared::Unknown);
+    let other_port = SharedFlow {
+        key: key(40002, 443),
+        ..f
+    };
+    assert_eq!(c.accept_shared(&other_port, 7).unwrap(), Shared::Unknown);
+    let stranger = SharedFlow {
+        backend: addr("10.0.0.99"),
+        key: key(40003, 80),
+    };
+    assert_eq!(c.accept_shared(&stranger, 7).unwrap(), Shared::Unknown);
+    // This node's event → by address; a stale generation → nothing.
+    let a = id(&c, A);
+    let generation = c.desired().backends[&a].generation;
+    let ev = lb_common::SyncEvent {
+        key: key(40004, 80),
+        backend: a.0,
+        generation,
+    };
+    assert_eq!(c.shared_of(&ev).unwrap().backend, addr(A));
+    let stale = lb_common::SyncEvent {
+        generation: generation.wrapping_add(1),
+        ..ev
+    };
+    assert!(c.shared_of(&stale).is_none());
+}
