@@ -162,6 +162,13 @@ pub const FLAG_ALL_PORTS_SERVICES: u32 = 1;
 /// Ring slot value meaning "no backend" (empty service, or every weight 0).
 pub const NO_BACKEND: u32 = u32::MAX;
 
+/// `LB_RING` entries of maglev and sh services: set on a slot whose backend changed while
+/// flows recorded with the old one may still live. Established TCP packets of a slot without it
+/// skip the connection table (the slot's backend is the one every flow of the slot has had);
+/// with it they look their flow up. The controller clears it once no entry of the slot names
+/// another backend. Backend ids stay below it ([`crate::limits::MAX_BACKENDS`]).
+pub const RING_DIRTY: u32 = 1 << 31;
+
 /// [`Backend::flags`]: the backend may receive traffic (exists and is not down).
 pub const BACKEND_F_ACTIVE: u32 = 1;
 /// [`Backend::flags`]: forward with XDP_REDIRECT through `TX_PORTS[tx_port]` instead of XDP_TX.

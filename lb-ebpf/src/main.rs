@@ -144,6 +144,15 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
+    // Established TCP of maglev/sh through an unchanged slot: the table slot alone decides.
+    if !frag.is
+        && let Some((id, b)) = select::stateless(&d.key, svc, tcp_flags)
+    {
+        count(Stat::FlowStateless);
+        count_backend(id, frame_len);
+        d.reason = Stat::FlowStateless as u32;
+        return forward(ctx, d, id, b);
+    }
     // A first fragment goes where an earlier-arriving fragment of its datagram went.
     if frag.is
         && let Some((id, b)) = select::frag_backend(&d.key, frag.id)

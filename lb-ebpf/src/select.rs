@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
-    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, SCHED_LC, SCHED_SH, SCHED_WLC, SCHED_WRR,
-    ServiceValue, SyncEvent,
+    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, SCHED_LC, SCHED_MAGLEV, SCHED_SH,
+    SCHED_WLC, SCHED_WRR, ServiceValue, SyncEvent,
     hash::{flow_hash, source_hash},
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
@@ -292,10 +292,50 @@ fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
     }
 }
 
+/// The backend id in a table slot (without [`RING_DIRTY`]), or `None` for an empty slot.
 #[inline(always)]
 fn ring_slot(service_id: u32, ring_size: u32, slot: u32) -> Option<u32> {
     let id = *LB_RING.get(service_id.wrapping_mul(ring_size).wrapping_add(slot))?;
-    if id == NO_BACKEND { None } else { Some(id) }
+    if id == NO_BACKEND {
+        None
+    } else {
+        Some(id & !RING_DIRTY)
+    }
+}
+
+/// The fast path of an established TCP packet (no SYN, FIN or RST) of a maglev or sh service:
+/// when its table slot never changed ([`RING_DIRTY`] clear), every flow of the slot has had the
+/// slot's backend, so the slot answers without a connection-table lookup. `None`: take the
+/// full path (other packets, other schedulers, a changed slot, an inactive backend).
+///
+/// What skipping the table means (README, "Connection table"): the flow's entry is not
+/// touched, so the controller does not expire open entries of unchanged slots by idleness
+/// (their LRU order ages instead); when a slot changes, its entries get a full idle timeout
+/// from that moment; opening (SYN) and closing (FIN/RST) still go through the table, so active
+/// connections are counted as before.
+#[inline(always)]
+pub fn stateless(
+    key: &FlowKey,
+    svc: &ServiceValue,
+    tcp_flags: u8,
+) -> Option<(u32, &'static Backend)> {
+    if key.protocol != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    let h = match svc.scheduler {
+        SCHED_MAGLEV => flow_hash(key),
+        SCHED_SH => source_hash(key),
+        _ => return None,
+    };
+    let ring_size = LB_RING_SIZE.load();
+    if ring_size == 0 {
+        return None;
+    }
+    let e = *LB_RING.get(svc.id.wrapping_mul(ring_size).wrapping_add(h % ring_size))?;
+    if e & RING_DIRTY != 0 {
+        return None; // a changed slot, or an empty one (NO_BACKEND has every bit)
+    }
+    Some((e, usable(e)?))
 }
 
 /// The scan's state, on the caller's stack; `bpf_loop` hands a pointer to it to [`lc_step`].

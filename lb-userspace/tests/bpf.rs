@@ -14,6 +14,7 @@ use etherparse::{
     TcpHeader, UdpHeader,
 };
 use lb_common::{BACKEND_F_ACTIVE, NO_BACKEND, stats::Stat};
+use lb_userspace::dataplane::NoSlots;
 use support::*;
 
 // ---- forwarding -------------------------------------------------------------------------------
@@ -326,10 +327,12 @@ fn a_moved_flow_leaves_its_count_behind() {
     b.flags = 0;
     b.generation += 1;
     f.dp.set_backend(svc.backends[0], &b).unwrap();
+    // The controller's new table: every slot changed (marked), so established packets consult
+    // the connection table.
     f.dp.set_ring(
         svc.value.id,
         f.desired.ring_size,
-        &vec![svc.backends[1]; f.desired.ring_size as usize],
+        &vec![svc.backends[1] | lb_common::RING_DIRTY; f.desired.ring_size as usize],
     )
     .unwrap();
     f.run(&tcp4_flags(C1, sport, VIP4, 80, "A"));
@@ -363,14 +366,14 @@ fn sweep_expires_idle_flows_and_their_counts() {
         udp: 5,
     };
     // 6 s later: only the UDP flow is past its timeout.
-    let s = f.dp.sweep(seen + 6_000_000_000, &t).unwrap();
+    let s = f.dp.sweep(seen + 6_000_000_000, &t, &NoSlots).unwrap();
     assert_eq!((s.entries, s.expired), (2, 1));
     assert!(f.dp.flow(&ukey).unwrap().is_none());
     assert!(f.dp.flow(&key).unwrap().is_some());
     assert_eq!(active(&mut f, ub), 0, "expired UDP flow no longer active");
     assert_eq!(active(&mut f, b), 1);
     // 101 s later the TCP flow goes too, and its backend's count with it.
-    let s = f.dp.sweep(seen + 101_000_000_000, &t).unwrap();
+    let s = f.dp.sweep(seen + 101_000_000_000, &t, &NoSlots).unwrap();
     assert_eq!(s.expired, 1);
     assert_eq!(active(&mut f, b), 0);
     // The same 5-tuple later starts over as a new flow.
@@ -1657,4 +1660,142 @@ fn frames_to_another_mac_are_not_forwarded() {
     );
     f.assert_stat(Stat::PassNotIp, 1);
     f.assert_stat(Stat::PassOtherHost, 1);
+}
+
+// ---- stateless slots (maglev/sh) ----------------------------------------------------------------
+
+/// Established TCP (no SYN/FIN/RST) of a maglev service through an unchanged slot is forwarded
+/// by the slot alone: a (deliberately wrong) connection-table entry is not even read. SYN,
+/// FIN, RST and UDP go through the table; a changed slot (`RING_DIRTY`) consults it too, and a
+/// new flow there follows the slot's backend.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn established_tcp_of_an_unchanged_slot_skips_the_table() {
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    let (syn, key) = tcp4(C1, 45000, VIP4, 80);
+    let b = f.expect_forward("SYN", &syn, &key, "web4");
+    let other = *svc.backends.iter().find(|x| **x != b).unwrap();
+    let mut wrong = f.dp.flow(&key).unwrap().expect("recorded at the SYN");
+    wrong.backend = other;
+    wrong.generation = f.backend(other).generation;
+    f.dp.set_flow(&key, &wrong).unwrap();
+    let ack = tcp4_flags(C1, 45000, VIP4, 80, "A");
+    f.expect_mac("ACK through an unchanged slot: the slot decides", &ack, b);
+    f.assert_stat(Stat::FlowStateless, 1);
+    f.assert_stat(Stat::FlowHit, 0);
+    let psh = tcp4_flags(C1, 45000, VIP4, 80, "PA");
+    f.expect_mac("data", &psh, b);
+    f.assert_stat(Stat::FlowStateless, 2);
+    for flags in ["S", "FA", "R"] {
+        f.expect_mac(
+            &format!("{flags}: the table decides"),
+            &tcp4_flags(C1, 45000, VIP4, 80, flags),
+            other,
+        );
+    }
+    f.assert_stat(Stat::FlowStateless, 2);
+    // UDP: always the table.
+    let (udp, ukey) = udp4(C1, 45001, VIP4, 53);
+    let ub = f.expect_forward("UDP", &udp, &ukey, "dns4");
+    let dns = f.service("dns4");
+    let uother = *dns.backends.iter().find(|x| **x != ub).unwrap();
+    let mut uwrong = f.dp.flow(&ukey).unwrap().unwrap();
+    uwrong.backend = uother;
+    uwrong.generation = f.backend(uother).generation;
+    f.dp.set_flow(&ukey, &uwrong).unwrap();
+    f.expect_mac("UDP: the table decides", &udp, uother);
+
+    // The slot changes (marked): the table decides the ACK.
+    let ring = f.desired.ring_size;
+    let slot = lb_common::hash::flow_hash(&key) % ring;
+    f.dp.set_slot(svc.value.id, ring, slot, b | lb_common::RING_DIRTY)
+        .unwrap();
+    f.expect_mac("ACK through a changed slot: its flow's entry", &ack, other);
+    f.assert_stat(Stat::FlowStateless, 2);
+    // Another flow on the same slot (searched by hash: one in ring_size).
+    let same_slot = |skip: usize| {
+        (0..8u8)
+            .flat_map(|h| (1024..=65535u16).map(move |p| (Ipv4Addr::new(10, 98, 1, h), p)))
+            .map(|(a, p)| (a, p, key4(a, p, VIP4, 80, 6)))
+            .filter(|(_, _, k)| lb_common::hash::flow_hash(k) % ring == slot)
+            .nth(skip)
+            .expect("a flow on the same slot")
+    };
+    // A new flow through a changed slot: the slot's backend (without the mark), recorded.
+    let (a2, p2, key2) = same_slot(0);
+    let syn2 = tcp4(a2, p2, VIP4, 80).0;
+    f.expect_mac("new flow through a changed slot", &syn2, b);
+    assert_eq!(f.dp.flow(&key2).unwrap().unwrap().backend, b);
+    // No entry, changed slot, mid-stream: scheduled by the slot and recorded.
+    f.dp.set_slot(svc.value.id, ring, slot, other | lb_common::RING_DIRTY)
+        .unwrap();
+    let (a3, p3, key3) = same_slot(1);
+    let ack3 = tcp4_flags(a3, p3, VIP4, 80, "A");
+    f.expect_mac("mid-stream, no entry, changed slot", &ack3, other);
+    assert_eq!(f.dp.flow(&key3).unwrap().unwrap().backend, other);
+}
+
+/// The sweep and stateless slots: an open entry of an unchanged slot is never expired by
+/// idleness (its packets do not touch it), a closed one is; once its slot changes it gets a
+/// full idle timeout from the change; an entry naming another backend keeps its slot changed.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn sweep_keeps_open_flows_of_unchanged_slots() {
+    use std::collections::BTreeMap;
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    let (syn, key) = tcp4(C1, 47000, VIP4, 80);
+    let b = f.expect_forward("open", &syn, &key, "web4");
+    let (syn2, key2) = tcp4(C1, 47002, VIP4, 80);
+    f.run(&syn2);
+    f.run(&tcp4_flags(C1, 47002, VIP4, 80, "FA"));
+    let seen = f.dp.flow(&key).unwrap().unwrap().last_seen_ns;
+    let t = lb_userspace::config::Timeouts {
+        tcp: 100,
+        tcp_fin: 10,
+        udp: 5,
+    };
+    let mut changed = BTreeMap::new();
+    let view = lb_userspace::desired::TableView::new(&f.desired, &changed);
+    let s = f.dp.sweep(seen + 10_000_000_000_000, &t, &view).unwrap();
+    assert_eq!((s.entries, s.exempt, s.expired), (2, 1, 1), "{s:?}");
+    assert!(
+        f.dp.flow(&key).unwrap().is_some(),
+        "open, unchanged slot: kept"
+    );
+    assert!(f.dp.flow(&key2).unwrap().is_none(), "closed: expired");
+    assert!(s.still_dirty.is_empty());
+
+    // The slot changes at t0: a full timeout from then.
+    let ring = f.desired.ring_size;
+    let slot = lb_common::hash::flow_hash(&key) % ring;
+    let web4 = f
+        .desired
+        .services
+        .iter()
+        .position(|s| s.name == "web4")
+        .unwrap();
+    f.desired.services[web4].dirty.insert(slot);
+    let t0 = seen + 20_000_000_000_000;
+    changed.insert(svc.value.id, t0);
+    let view = lb_userspace::desired::TableView::new(&f.desired, &changed);
+    let s = f.dp.sweep(t0 + 50_000_000_000, &t, &view).unwrap();
+    assert_eq!((s.expired, s.exempt), (0, 0), "{s:?}");
+    assert!(
+        s.still_dirty.is_empty(),
+        "its entry names the slot's backend"
+    );
+    // An entry naming another backend keeps the slot changed.
+    let other = *svc.backends.iter().find(|x| **x != b).unwrap();
+    let mut v = f.dp.flow(&key).unwrap().unwrap();
+    v.backend = other;
+    v.generation = f.backend(other).generation;
+    f.dp.set_flow(&key, &v).unwrap();
+    let s = f.dp.sweep(t0 + 50_000_000_000, &t, &view).unwrap();
+    assert!(s.still_dirty.contains(&(svc.value.id, slot)), "{s:?}");
+    // Past the timeout from the change: expired.
+    let s = f.dp.sweep(t0 + 101_000_000_000, &t, &view).unwrap();
+    assert_eq!(s.expired, 1);
+    assert!(s.still_dirty.is_empty());
 }

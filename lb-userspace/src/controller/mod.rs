@@ -74,6 +74,9 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
     probes: BTreeMap<IpAddr, (Instant, Duration)>,
     /// Weight overrides the config overruled, for `lb status`.
     weight_notes: BTreeMap<BackendId, String>,
+    /// Service id → when its table last gained a changed slot (coarse clock, ns): entries of
+    /// changed slots get a full idle timeout from then (see [`crate::dataplane::SlotView`]).
+    ring_changed: BTreeMap<u32, u64>,
 }
 
 impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
@@ -109,6 +112,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             routes: Routes::new(),
             probes: BTreeMap::new(),
             weight_notes: BTreeMap::new(),
+            ring_changed: BTreeMap::new(),
         };
         c.resolver = resolver;
         if let Some(a) = adopted {
@@ -274,6 +278,22 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// maps then hold parts of it).
     fn write(&mut self, next: DesiredState) -> Result<DiffSummary, ApiError> {
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
+        let now = crate::trace::clocks().0;
+        for s in &next.services {
+            let before = self
+                .desired
+                .services
+                .iter()
+                .find(|o| o.value.id == s.value.id);
+            if s.dirty
+                .iter()
+                .any(|i| before.is_none_or(|o| !o.dirty.contains(i)))
+            {
+                self.ring_changed.insert(s.value.id, now);
+            }
+        }
+        self.ring_changed
+            .retain(|id, _| next.services.iter().any(|s| s.value.id == *id));
         let r = self.maps.apply_ops(&ops, next.ring_size);
         self.desired = next;
         r.map_err(|e| {
@@ -597,10 +617,52 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         ids.len()
     }
 
-    /// Sweeps the connection table.
+    /// Sweeps the connection table, then clears the changed-slot mark of every slot no entry
+    /// names another backend for any more: its established packets skip the table again.
     pub fn sweep(&mut self, now_ns: u64) -> Result<SweepStats, crate::dataplane::LoaderError> {
         let timeouts = self.cfg.timeouts.clone();
-        self.maps.sweep(now_ns, &timeouts)
+        let view = desired::TableView::new(&self.desired, &self.ring_changed);
+        let stats = self.maps.sweep(now_ns, &timeouts, &view)?;
+        let mut ops = Vec::new();
+        for s in &mut self.desired.services {
+            let cleared: Vec<u32> = s
+                .dirty
+                .iter()
+                .filter(|i| !stats.still_dirty.contains(&(s.value.id, *i)))
+                .collect();
+            if cleared.is_empty() {
+                continue;
+            }
+            for i in &cleared {
+                s.dirty.remove(*i);
+            }
+            tracing::debug!(
+                "service \"{}\": {} changed slots have no flow of another backend left: stateless again ({} still changed)",
+                s.name,
+                cleared.len(),
+                s.dirty.len()
+            );
+            ops.push(desired::Op::Ring {
+                service_id: s.value.id,
+                slots: cleared
+                    .iter()
+                    .filter_map(|i| Some((*i, s.slot_value(*i as usize)?)))
+                    .collect(),
+            });
+        }
+        if !ops.is_empty() {
+            self.maps.apply_ops(&ops, self.desired.ring_size)?;
+        }
+        Ok(stats)
+    }
+
+    /// Changed slots per service name (`lb status`).
+    pub fn changed_slots(&self) -> BTreeMap<String, usize> {
+        self.desired
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.dirty.len()))
+            .collect()
     }
 
     /// A counter snapshot.
@@ -669,12 +731,18 @@ impl<M: Maps> crate::explain::Live for LiveMaps<'_, M> {
     }
 
     fn ring(&mut self, service_id: u32, slot: u32) -> u32 {
-        self.maps
+        let v = self
+            .maps
             .ring_entry(service_id, slot, self.ring_size)
             .unwrap_or_else(|e| {
                 self.error.get_or_insert(e);
                 lb_common::NO_BACKEND
-            })
+            });
+        if v == lb_common::NO_BACKEND {
+            v
+        } else {
+            v & !lb_common::RING_DIRTY
+        }
     }
 
     fn rr_cursor(&mut self, service_id: u32) -> u64 {
@@ -880,6 +948,33 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             flags: 0,
             cpu: lb_common::FLOW_CPU_PEER,
         };
+        // A maglev/sh flow on another backend than its slot's here: the slot must consult the
+        // table (changed), or its packets would follow the slot.
+        if let Some(ds) = self.desired.services.iter_mut().find(|d| d.name == s.name)
+            && ds.stateless()
+            && self.desired.ring_size > 0
+        {
+            let h = if ds.value.scheduler == lb_common::SCHED_SH {
+                lb_common::hash::source_hash(k)
+            } else {
+                lb_common::hash::flow_hash(k)
+            };
+            let slot = h % self.desired.ring_size;
+            if ds.ring.get(slot as usize) != Some(&id.0) && !ds.dirty.contains(slot) {
+                ds.dirty.insert(slot);
+                let op = desired::Op::Ring {
+                    service_id: ds.value.id,
+                    slots: ds
+                        .slot_value(slot as usize)
+                        .map(|v| (slot, v))
+                        .into_iter()
+                        .collect(),
+                };
+                self.ring_changed
+                    .insert(ds.value.id, crate::trace::clocks().0);
+                self.maps.apply_ops(&[op], self.desired.ring_size)?;
+            }
+        }
         Ok(if self.maps.insert_shared_flow(k, &value)? {
             Shared::Inserted
         } else {

@@ -573,7 +573,7 @@ fn explain_follows_the_kernels_rules() {
 
     let e = c.explain(&q, 0).unwrap();
     let slot = lb_common::hash::flow_hash(&q.key()) % RING;
-    let want = c.maps.ring[&(c.desired.services[0].value.id, slot)];
+    let want = c.maps.ring[&(c.desired.services[0].value.id, slot)] & !lb_common::RING_DIRTY;
     let want_addr = c.desired.backend_info[&BackendId(want)].address;
     assert_eq!(
         (e.outcome.as_str(), e.backend),
@@ -740,4 +740,104 @@ fn shared_flows_map_by_address() {
         ..ev
     };
     assert!(c.shared_of(&stale).is_none());
+}
+
+/// Stateless slots: a table change marks exactly the slots whose backend changed (and keeps
+/// earlier marks); a sweep clears every mark but those of slots where an entry still names
+/// another backend; a restart that adopts the maps marks every slot (nothing is known).
+#[test]
+fn changed_slots_are_marked_and_cleared_by_the_sweep() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    reachable(&mut c, A, 1);
+    reachable(&mut c, B, 2);
+    let (a, b) = (id(&c, A), id(&c, B));
+    let sid = c.desired.services[0].value.id;
+    // B's resolution took slots from A: changed, and cleared by a sweep (no flows yet).
+    assert!(!c.maps.changed(sid).is_empty());
+    c.sweep(0).unwrap();
+    assert!(
+        c.maps.changed(sid).is_empty(),
+        "no flow: nothing stays changed"
+    );
+    let before = c.maps.table(sid, RING);
+    // A flow on one of A's slots.
+    let key = (0..5000u16)
+        .map(|p| {
+            let mut k = lb_common::FlowKey {
+                protocol: lb_common::PROTO_TCP,
+                family: lb_common::FAMILY_V4,
+                ..Default::default()
+            };
+            k.src_addr[..4].copy_from_slice(&[10, 98, 0, 1]);
+            k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+            k.src_port = p.to_be_bytes();
+            k.dst_port = 80u16.to_be_bytes();
+            k
+        })
+        .find(|k| before[(lb_common::hash::flow_hash(k) % RING) as usize] == a.0)
+        .unwrap();
+    let kslot = lb_common::hash::flow_hash(&key) % RING;
+    let gen_a = c.desired.backends[&a].generation;
+    c.maps.flows.push((
+        key,
+        lb_common::FlowValue {
+            backend: a.0,
+            generation: gen_a,
+            last_seen_ns: 0,
+            flags: lb_common::FLOW_F_COUNTED,
+            cpu: 0,
+        },
+    ));
+
+    c.admin("web", addr(A), BackendAction::Drain).unwrap();
+    let after = c.maps.table(sid, RING);
+    let mut want: Vec<u32> = (0..RING)
+        .filter(|i| before[*i as usize] != after[*i as usize])
+        .collect();
+    let mut got = c.maps.changed(sid);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "exactly the slots that changed");
+    assert!(want.contains(&kslot) && after[kslot as usize] == b.0);
+
+    c.sweep(1).unwrap();
+    assert_eq!(
+        c.maps.changed(sid),
+        vec![kslot],
+        "only the slot whose flow names A stays changed"
+    );
+    // Back to A: its slots change again; the flow's slot names A again, so nothing is left.
+    c.admin("web", addr(A), BackendAction::Enable).unwrap();
+    assert!(c.maps.changed(sid).len() >= want.len() - 1);
+    c.sweep(2).unwrap();
+    assert!(c.maps.changed(sid).is_empty());
+
+    // A restart that adopts the maps: every slot changed until the first sweep.
+    let adopted = c.maps.adopted();
+    let path = d.join("lb.toml");
+    let cfg = Config::load(&path).unwrap();
+    let mut c2 = Controller::new(
+        &path,
+        cfg,
+        AdminState::default(),
+        FakeMaps::default(),
+        net.clone(),
+        FakeIfaces,
+        Some(&adopted),
+        Resolver::default(),
+    )
+    .unwrap();
+    reachable(&mut c2, A, 1);
+    reachable(&mut c2, B, 2);
+    let s2 = c2.desired.services[0].value.id;
+    assert_eq!(
+        c2.maps.changed(s2).len(),
+        RING as usize,
+        "adopted: all changed"
+    );
+    c2.sweep(3).unwrap();
+    assert!(c2.maps.changed(s2).is_empty());
+    std::fs::remove_dir_all(&d).unwrap();
 }

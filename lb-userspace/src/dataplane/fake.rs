@@ -98,8 +98,26 @@ impl Maps for FakeMaps {
         Ok(Snapshot::default())
     }
 
-    fn sweep(&mut self, _now_ns: u64, _timeouts: &Timeouts) -> Result<SweepStats, LoaderError> {
-        Ok(SweepStats::default())
+    fn sweep(
+        &mut self,
+        _now_ns: u64,
+        _timeouts: &Timeouts,
+        slots: &dyn super::SlotView,
+    ) -> Result<SweepStats, LoaderError> {
+        // No expiry here; which changed slots still have an entry of another backend.
+        let mut stats = SweepStats {
+            entries: self.flows.len() as u64,
+            ..SweepStats::default()
+        };
+        for (k, v) in &self.flows {
+            if let Some(si) = slots.slot(k)
+                && si.dirty
+                && (v.backend != si.backend || v.generation != si.generation)
+            {
+                stats.still_dirty.insert((si.service_id, si.slot));
+            }
+        }
+        Ok(stats)
     }
 
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError> {
@@ -149,14 +167,24 @@ impl FakeMaps {
     }
 
     /// The table of service `id` as the data plane reads it (`ring_size` slots).
+    /// Service `id`'s table as backend ids (the changed-slot mark left out).
     pub fn table(&self, id: u32, ring_size: u32) -> Vec<u32> {
         (0..ring_size)
-            .map(|slot| {
-                self.ring
-                    .get(&(id, slot))
-                    .copied()
-                    .unwrap_or(lb_common::NO_BACKEND)
+            .map(|slot| match self.ring.get(&(id, slot)).copied() {
+                None | Some(lb_common::NO_BACKEND) => lb_common::NO_BACKEND,
+                Some(v) => v & !lb_common::RING_DIRTY,
             })
+            .collect()
+    }
+
+    /// The slots of service `id` marked changed (`RING_DIRTY`, an empty slot excepted).
+    pub fn changed(&self, id: u32) -> Vec<u32> {
+        self.ring
+            .iter()
+            .filter(|((s, _), v)| {
+                *s == id && **v != lb_common::NO_BACKEND && **v & lb_common::RING_DIRTY != 0
+            })
+            .map(|((_, slot), _)| *slot)
             .collect()
     }
 }

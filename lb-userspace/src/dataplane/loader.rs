@@ -235,12 +235,18 @@ impl Handles {
 }
 
 /// What a sweep of the connection table did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepStats {
     /// Entries seen.
     pub entries: u64,
     /// Idle entries deleted.
     pub expired: u64,
+    /// Open entries of unchanged maglev/sh slots, kept whatever their idle time (see
+    /// [`super::SlotView`]).
+    pub exempt: u64,
+    /// Changed slots `(service id, slot)` that still have an entry naming another backend (or
+    /// another generation of it): they stay changed.
+    pub still_dirty: std::collections::BTreeSet<(u32, u32)>,
 }
 
 /// How the program got attached.
@@ -454,7 +460,13 @@ impl Dataplane {
         Ok(())
     }
 
-    fn set_slot(&mut self, service_id: u32, ring_size: u32, slot: u32, backend: u32) -> Result<()> {
+    pub fn set_slot(
+        &mut self,
+        service_id: u32,
+        ring_size: u32,
+        slot: u32,
+        backend: u32,
+    ) -> Result<()> {
         self.maps
             .ring
             .set(service_id * ring_size + slot, backend, 0)
@@ -756,7 +768,12 @@ impl Dataplane {
     /// Deletes flows idle longer than their timeout; counted ones still open are added to their
     /// backend's `LB_BE_EXPIRED` (the controller is its only writer). `now_ns` is
     /// CLOCK_MONOTONIC_COARSE.
-    pub fn sweep(&mut self, now_ns: u64, timeouts: &crate::config::Timeouts) -> Result<SweepStats> {
+    pub fn sweep(
+        &mut self,
+        now_ns: u64,
+        timeouts: &crate::config::Timeouts,
+        slots: &dyn super::SlotView,
+    ) -> Result<SweepStats> {
         use lb_common::{FLOW_F_CLOSED, PROTO_TCP};
         let idle_limit = |k: &FlowKey, v: &FlowValue| -> u64 {
             let secs = if k.protocol != PROTO_TCP {
@@ -768,27 +785,49 @@ impl Dataplane {
             };
             secs as u64 * 1_000_000_000
         };
+        // An entry of a changed slot naming another backend keeps the slot changed.
+        let mismatch = |v: &FlowValue, si: &super::SlotInfo| {
+            si.dirty && (v.backend != si.backend || v.generation != si.generation)
+        };
         let mut stats = SweepStats::default();
         let mut candidates = Vec::new();
         for (k, v) in self.maps.flows.iter().flatten() {
             stats.entries += 1;
-            if now_ns.saturating_sub(v.last_seen_ns) > idle_limit(&k, &v) {
-                candidates.push((k, v));
+            let info = slots.slot(&k);
+            let mut seen = v.last_seen_ns;
+            if let Some(si) = &info {
+                let open = v.flags & FLOW_F_CLOSED == 0;
+                if !si.dirty && open && v.backend == si.backend && v.generation == si.generation {
+                    stats.exempt += 1;
+                    continue;
+                }
+                if si.dirty {
+                    seen = seen.max(si.changed_ns);
+                }
+            }
+            if now_ns.saturating_sub(seen) > idle_limit(&k, &v) {
+                candidates.push((k, v, info));
+            } else if let Some(si) = info.filter(|si| mismatch(&v, si)) {
+                stats.still_dirty.insert((si.service_id, si.slot));
             }
         }
         let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
-        for (k, v) in candidates {
+        for (k, v, info) in candidates {
             // Re-read: a packet since the scan makes it live again (the window left is a
             // packet arriving between this read and the delete).
-            match self.maps.flows.get(&k, 0) {
-                Ok(now_v) if now_v == v => {}
-                _ => continue,
-            }
-            if self.maps.flows.remove(&k).is_ok() {
-                stats.expired += 1;
-                if counted_and_open(&v) {
-                    *expired.entry(v.backend).or_default() += 1;
+            let removed = match self.maps.flows.get(&k, 0) {
+                Ok(now_v) if now_v == v => self.maps.flows.remove(&k).is_ok(),
+                _ => false,
+            };
+            if !removed {
+                if let Some(si) = info.filter(|si| mismatch(&v, si)) {
+                    stats.still_dirty.insert((si.service_id, si.slot));
                 }
+                continue;
+            }
+            stats.expired += 1;
+            if counted_and_open(&v) {
+                *expired.entry(v.backend).or_default() += 1;
             }
         }
         for (b, n) in expired {
@@ -948,8 +987,13 @@ impl Maps for Dataplane {
         Dataplane::snapshot(self, desired)
     }
 
-    fn sweep(&mut self, now_ns: u64, timeouts: &crate::config::Timeouts) -> Result<SweepStats> {
-        Dataplane::sweep(self, now_ns, timeouts)
+    fn sweep(
+        &mut self,
+        now_ns: u64,
+        timeouts: &crate::config::Timeouts,
+        slots: &dyn super::SlotView,
+    ) -> Result<SweepStats> {
+        Dataplane::sweep(self, now_ns, timeouts, slots)
     }
 
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>> {

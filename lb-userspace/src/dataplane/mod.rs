@@ -17,6 +17,37 @@ use crate::{
     stats::Snapshot,
 };
 
+/// A flow's maglev/sh table slot as the controller has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub service_id: u32,
+    pub slot: u32,
+    /// The slot's backend id (`NO_BACKEND`: none) and that id's current generation.
+    pub backend: u32,
+    pub generation: u32,
+    /// The slot changed (`RING_DIRTY`): its packets consult the table.
+    pub dirty: bool,
+    /// When the service's table last gained a changed slot (CLOCK_MONOTONIC_COARSE ns).
+    pub changed_ns: u64,
+}
+
+/// The sweep's view of the tables. Established packets of an unchanged maglev/sh slot skip the
+/// connection table, so an open entry there is never touched: its idle time says nothing, and
+/// it is not expired by idleness (the LRU bounds the table). When the slot changes, its entries
+/// are looked up again and get a full idle timeout from the change (`changed_ns`).
+pub trait SlotView {
+    fn slot(&self, key: &FlowKey) -> Option<SlotInfo>;
+}
+
+/// No stateless slots: every entry expires by idleness.
+pub struct NoSlots;
+
+impl SlotView for NoSlots {
+    fn slot(&self, _key: &FlowKey) -> Option<SlotInfo> {
+        None
+    }
+}
+
 /// What the controller needs of a data plane.
 pub trait Maps {
     /// Performs `ops` in order (see [`crate::desired::diff`] for why the order is safe). Each
@@ -29,8 +60,15 @@ pub trait Maps {
     ) -> Result<BTreeMap<BackendId, u64>, LoaderError>;
     /// Every counter, summed over CPUs.
     fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot, LoaderError>;
-    /// Deletes flows idle past their timeout.
-    fn sweep(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<SweepStats, LoaderError>;
+    /// Deletes flows idle past their timeout (open entries of unchanged maglev/sh slots
+    /// excepted: see [`SlotView`]) and says which changed slots still have entries naming
+    /// another backend.
+    fn sweep(
+        &mut self,
+        now_ns: u64,
+        timeouts: &Timeouts,
+        slots: &dyn SlotView,
+    ) -> Result<SweepStats, LoaderError>;
     /// The connection table's entry for `key`.
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError>;
     /// `LB_RING[service_id × ring_size + slot]` as the data plane reads it.

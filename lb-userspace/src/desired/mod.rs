@@ -11,8 +11,8 @@ pub mod reconcile;
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, NO_BACKEND, SCHED_LC,
-    SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceKey, ServiceValue, VipKey,
+    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, NO_BACKEND, RING_DIRTY,
+    SCHED_LC, SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceKey, ServiceValue, VipKey,
     limits::MAX_TX_PORTS, rules::addr_key,
 };
 
@@ -212,6 +212,93 @@ pub struct DesiredService {
     /// What `ring` was computed from: an unchanged key reuses it (a MAC or health change of
     /// another service, or one that leaves the weights as they are, rebuilds no table).
     pub ring_key: RingKey,
+    /// maglev/sh: the slots whose backend changed while flows recorded with the old one may
+    /// live ([`RING_DIRTY`] in the map): their established packets consult the connection
+    /// table; the others are forwarded by the slot alone. Cleared by
+    /// [`crate::controller::Controller::sweep`] once no entry of the slot names another backend.
+    pub dirty: Slots,
+}
+
+impl DesiredService {
+    /// `LB_RING`'s value for slot `i`: the backend id, with [`RING_DIRTY`] on a changed slot.
+    pub fn slot_value(&self, i: usize) -> Option<u32> {
+        let id = *self.ring.get(i)?;
+        Some(if id != NO_BACKEND && self.dirty.contains(i as u32) {
+            id | RING_DIRTY
+        } else {
+            id
+        })
+    }
+
+    /// Whether established packets of this service may skip the connection table.
+    pub fn stateless(&self) -> bool {
+        matches!(self.value.scheduler, SCHED_MAGLEV | SCHED_SH)
+    }
+}
+
+/// A set of table slots (a bitset).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slots(Vec<u64>);
+
+impl Slots {
+    pub fn new(n: usize) -> Slots {
+        Slots(vec![0; n.div_ceil(64)])
+    }
+
+    pub fn contains(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    pub fn insert(&mut self, i: u32) {
+        let w = i as usize / 64;
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        self.0[w] |= 1 << (i % 64);
+    }
+
+    pub fn remove(&mut self, i: u32) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// Every slot in the set, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().flat_map(|(k, w)| {
+            (0..64u32)
+                .filter(move |b| w >> b & 1 == 1)
+                .map(move |b| k as u32 * 64 + b)
+        })
+    }
+}
+
+/// The changed slots of a maglev/sh table `ring` built after `old` (the service's previous
+/// state): a slot whose backend differs from a backend it had (an empty slot that gets one has
+/// no flows to protect, unless it was changed before), one changed before and not cleared yet,
+/// and every slot when the old table's meaning differs (another scheduler, or unknown: adopted
+/// from the maps). An empty slot may be in the set (its flows' entries are still waited for);
+/// its map value is `NO_BACKEND` either way.
+fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
+    let comparable = old.value.scheduler == scheduler && old.ring.len() == ring.len();
+    let mut d = Slots::new(ring.len());
+    for (i, id) in ring.iter().enumerate() {
+        let was = old.ring.get(i).copied().unwrap_or(NO_BACKEND);
+        if !comparable || old.dirty.contains(i as u32) || (was != NO_BACKEND && was != *id) {
+            d.insert(i as u32);
+        }
+    }
+    d
 }
 
 /// The inputs of a service's table.
@@ -303,6 +390,7 @@ impl DesiredState {
                 backends: Vec::new(),
                 ring_digest: 0,
                 ring_key: RingKey::none(),
+                dirty: Slots::default(),
             });
         }
         d.vips = a.vips.iter().copied().collect();
@@ -494,6 +582,13 @@ impl DesiredState {
                     (r, d)
                 }
             };
+            let dirty = match prev.and_then(|p| p.services.iter().find(|o| o.value.id == s.id)) {
+                Some(o) if matches!(value.scheduler, SCHED_MAGLEV | SCHED_SH) => {
+                    dirty_after(o, value.scheduler, &ring)
+                }
+                // A new service has no flows yet; rr/wrr/lc/wlc always use the table.
+                _ => Slots::default(),
+            };
             out.services.push(DesiredService {
                 name: s.cfg.name.clone(),
                 key,
@@ -502,6 +597,7 @@ impl DesiredState {
                 backends: ids,
                 ring_digest,
                 ring_key,
+                dirty,
             });
         }
 
@@ -631,4 +727,70 @@ fn table_digest(ring: &[u32], addrs: &BTreeMap<u32, IpAddr>) -> u64 {
         }
     }
     lb_common::hash::bytes_hash(0x7269_6e67, &bytes)
+}
+
+/// The sweep's view of the tables of `desired` (see [`crate::dataplane::SlotView`]).
+pub struct TableView<'a> {
+    desired: &'a DesiredState,
+    by_key: std::collections::HashMap<ServiceKey, usize>,
+    changed_ns: &'a BTreeMap<u32, u64>,
+}
+
+impl<'a> TableView<'a> {
+    /// `changed_ns`: service id → when its table last gained a changed slot.
+    pub fn new(desired: &'a DesiredState, changed_ns: &'a BTreeMap<u32, u64>) -> TableView<'a> {
+        TableView {
+            by_key: desired
+                .services
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.key, i))
+                .collect(),
+            desired,
+            changed_ns,
+        }
+    }
+}
+
+impl crate::dataplane::SlotView for TableView<'_> {
+    fn slot(&self, key: &lb_common::FlowKey) -> Option<crate::dataplane::SlotInfo> {
+        let mut k = ServiceKey {
+            vip: key.dst_addr,
+            port: key.dst_port,
+            protocol: key.protocol,
+            family: key.family,
+        };
+        let i = match self.by_key.get(&k) {
+            Some(i) => *i,
+            None if self.desired.flags & FLAG_ALL_PORTS_SERVICES != 0 => {
+                k.port = [0, 0];
+                *self.by_key.get(&k)?
+            }
+            None => return None,
+        };
+        let s = &self.desired.services[i];
+        let ring_size = self.desired.ring_size;
+        if !s.stateless() || ring_size == 0 || s.ring.len() != ring_size as usize {
+            return None;
+        }
+        let h = if s.value.scheduler == SCHED_SH {
+            lb_common::hash::source_hash(key)
+        } else {
+            lb_common::hash::flow_hash(key)
+        };
+        let slot = h % ring_size;
+        let backend = s.ring[slot as usize];
+        Some(crate::dataplane::SlotInfo {
+            service_id: s.value.id,
+            slot,
+            backend,
+            generation: self
+                .desired
+                .backends
+                .get(&BackendId(backend))
+                .map_or(0, |b| b.generation),
+            dirty: s.dirty.contains(slot),
+            changed_ns: self.changed_ns.get(&s.value.id).copied().unwrap_or(0),
+        })
+    }
 }

@@ -90,16 +90,17 @@ impl std::fmt::Display for DiffSummary {
     }
 }
 
-/// The table slots of `next` that differ from `prev` (all of them when there is no `prev`).
+/// The table slots of `next` whose map value ([`DesiredService::slot_value`]: the backend id,
+/// and the changed-slot bit) differs from `prev`'s (all of them when there is no `prev`).
 fn ring_changes(prev: Option<&DesiredService>, next: &DesiredService) -> Vec<(u32, u32)> {
-    if prev.is_some_and(|p| p.ring == next.ring) {
+    if prev.is_some_and(|p| p.ring == next.ring && p.dirty == next.dirty) {
         return Vec::new();
     }
-    next.ring
-        .iter()
-        .enumerate()
-        .filter(|(i, id)| prev.and_then(|p| p.ring.get(*i)) != Some(*id))
-        .map(|(i, id)| (i as u32, *id))
+    (0..next.ring.len())
+        .filter_map(|i| {
+            let v = next.slot_value(i)?;
+            (prev.and_then(|p| p.slot_value(i)) != Some(v)).then_some((i as u32, v))
+        })
         .collect()
 }
 

@@ -474,6 +474,7 @@ pub fn tcp4_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &
             'A' => b.ack(1),
             'F' => b.fin(),
             'R' => b.rst(),
+            'P' => b.psh(),
             other => panic!("flag {other}"),
         };
     }
