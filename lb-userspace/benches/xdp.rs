@@ -194,6 +194,7 @@ fn main() {
     let base1 = median(rounds_base1);
 
     let (sync_off, sync_on) = flow_sharing_cost(&mut f);
+    let flood = syn_flood();
 
     let sched_rows = schedulers();
     let issue13 = targets(&mut f, &est_ack, &non_vip);
@@ -318,6 +319,7 @@ fn main() {
         "cases": json,
         "trace_check_ns": check_cost,
         "flow_sync_cost_ns": sync_on - sync_off,
+        "syn_flood": flood,
         "targets": issue13,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -327,6 +329,69 @@ fn main() {
     let path = dir.join("results.json");
     std::fs::write(&path, &text).expect("write result");
     println!("results: {}", path.canonicalize().unwrap_or(path).display());
+}
+
+/// A SYN flood: new 5-tuples without end into a 65 536-entry table (every insert evicts once it
+/// is full), interleaved with the ACKs of 10 000 established flows. Figures (one call per
+/// packet): a new flow into a table with room vs under the flood, an established packet
+/// without vs with the flood. Checked through the counters: every flood packet a new flow,
+/// every ACK the stateless path.
+fn syn_flood() -> serde_json::Value {
+    const EST: usize = 10_000;
+    const CHUNK: usize = 20_000;
+    let mut f = Fixture::with_flow_table(&bench_config(), 65_536);
+    let est: Vec<(Vec<u8>, Vec<u8>)> = (0..EST)
+        .map(|i| {
+            let src = Ipv4Addr::new(10, 210, (i >> 8) as u8, i as u8);
+            let sport = 2000 + (i % 50_000) as u16;
+            (
+                syn4(src, sport, VIP4, 80),
+                tcp4_flags(src, sport, VIP4, 80, "A"),
+            )
+        })
+        .collect();
+    let syns: Vec<Vec<u8>> = est.iter().map(|(s, _)| s.clone()).collect();
+    let acks: Vec<Vec<u8>> = est.iter().map(|(_, a)| a.clone()).collect();
+    // Room: the established flows' SYNs, then their ACKs, in a table far from full.
+    let new_room = one_per_call(&mut f, "lb_xdp", &syns, XDP_TX);
+    let before = f.snapshot().get(Stat::FlowStateless);
+    let est_quiet = one_per_call(&mut f, "lb_xdp", &acks, XDP_TX);
+    assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, EST as u64);
+    let mut new_flood = Vec::new();
+    let mut est_flood = Vec::new();
+    let mut n = 0u32;
+    for round in 0..2 * ROUNDS {
+        let flood: Vec<Vec<u8>> = (0..CHUNK)
+            .map(|_| {
+                n += 1;
+                let src = Ipv4Addr::new(10, 220 + (n >> 20) as u8, (n >> 12) as u8, (n >> 4) as u8);
+                syn4(src, 1024 + (n % 60_000) as u16, VIP4, 80)
+            })
+            .collect();
+        let before = f.snapshot().get(Stat::FlowNew);
+        let c = one_per_call(&mut f, "lb_xdp", &flood, XDP_TX);
+        assert_eq!(f.snapshot().get(Stat::FlowNew) - before, CHUNK as u64);
+        let before = f.snapshot().get(Stat::FlowStateless);
+        let e = one_per_call(&mut f, "lb_xdp", &acks, XDP_TX);
+        assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, EST as u64);
+        // The first rounds fill the table; measure once every insert evicts.
+        if round >= 4 {
+            new_flood.push(c);
+            est_flood.push(e);
+        }
+    }
+    let (new_flood, est_flood) = (median(new_flood), median(est_flood));
+    println!(
+        "SYN flood (65 536-entry table, {} new flows): new flow {new_room:.1} ns with room, {new_flood:.1} ns evicting; established ACK {est_quiet:.1} ns quiet, {est_flood:.1} ns under the flood",
+        n
+    );
+    serde_json::json!({
+        "new_flow_with_room_ns": new_room,
+        "new_flow_evicting_ns": new_flood,
+        "established_quiet_ns": est_quiet,
+        "established_under_flood_ns": est_flood,
+        "flood_syns": n,
+    })
 }
 
 /// What flow sharing costs a new flow: interleaved halves of fresh SYNs with reporting off and

@@ -13,7 +13,7 @@ use etherparse::{
     EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6Header, Ipv6RawExtHeader, PacketBuilder,
     TcpHeader, UdpHeader,
 };
-use lb_common::{BACKEND_F_ACTIVE, NO_BACKEND, stats::Stat};
+use lb_common::{BACKEND_F_ACTIVE, FlowKey, NO_BACKEND, stats::Stat};
 use lb_userspace::dataplane::NoSlots;
 use support::*;
 
@@ -1798,4 +1798,42 @@ fn sweep_keeps_open_flows_of_unchanged_slots() {
     let s = f.dp.sweep(t0 + 101_000_000_000, &t, &view).unwrap();
     assert_eq!(s.expired, 1);
     assert!(s.still_dirty.is_empty());
+}
+
+/// A SYN flood (ten times the connection table's size in distinct new 5-tuples) evicts the
+/// established flows' entries, yet their packets keep their backends: their slots never
+/// changed, so the slot decides (issue #13, SYN flood). The flood's own SYNs are all forwarded.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn established_flows_keep_their_backend_through_a_syn_flood() {
+    let mut f = Fixture::with_flow_table(CONFIG, 1024);
+    let flows: Vec<(u16, FlowKey, u32)> = (0..50u16)
+        .map(|i| {
+            let (syn, key) = tcp4(C1, 30000 + 2 * i, VIP4, 80);
+            let b = f.expect_forward("establish", &syn, &key, "web4");
+            (30000 + 2 * i, key, b)
+        })
+        .collect();
+    for i in 0..10_240u32 {
+        let src = Ipv4Addr::new(10, 97, (i >> 8) as u8, i as u8);
+        let (v, _) = f.run(&tcp4(src, 1024 + (i % 50_000) as u16, VIP4, 80).0);
+        assert_eq!(v, XDP_TX, "a flood SYN is a new flow like any other");
+    }
+    let evicted = flows
+        .iter()
+        .filter(|(_, k, _)| f.dp.flow(k).unwrap().is_none())
+        .count();
+    assert!(
+        evicted > 40,
+        "the flood evicted the entries ({evicted} of 50)"
+    );
+    let before = f.snapshot().get(Stat::FlowStateless);
+    for (port, _, b) in &flows {
+        f.expect_mac(
+            "established after the flood",
+            &tcp4_flags(C1, *port, VIP4, 80, "A"),
+            *b,
+        );
+    }
+    assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, 50);
 }
