@@ -363,6 +363,16 @@ pub struct SyncConfig {
     pub _pad: u32,
 }
 
+/// Bench only: `LB_BENCH_GEN[0]`, the live-frames generator's settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchGen {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// Distinct flows to cycle through (source address bytes 2-3 and port).
+    pub flows: u32,
+}
+
 /// [`FlowValue::cpu`] of an entry a peer node shared (it was not recorded by a CPU here).
 pub const FLOW_CPU_PEER: u32 = u32::MAX;
 
@@ -383,6 +393,7 @@ const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
 const _: () = assert!(size_of::<TraceRate>() == 32);
 const _: () = assert!(size_of::<SyncEvent>() == 48);
 const _: () = assert!(size_of::<SyncConfig>() == 8);
+const _: () = assert!(size_of::<BenchGen>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -415,7 +426,8 @@ mod user {
         FragKey,
         FragValue,
         SyncEvent,
-        SyncConfig
+        SyncConfig,
+        BenchGen
     );
 }
 

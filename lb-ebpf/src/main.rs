@@ -14,6 +14,7 @@
 )]
 
 mod atomic;
+mod bench;
 mod bounds;
 mod maps;
 mod parse;
@@ -95,6 +96,23 @@ fn for_this_host(ctx: &XdpContext) -> bool {
     // SAFETY: bounds-checked above.
     let dst = unsafe { (*eth).dst_addr };
     dst[0] & 1 != 0 || own == [0; 6] || dst == own
+}
+
+/// Bench only: the live-frames traffic generator (see bench.rs). XDP_TX sends each frame out of
+/// the interface the test run names.
+#[xdp]
+pub fn lb_bench_gen(ctx: XdpContext) -> u32 {
+    match bench::generate(&ctx) {
+        Some(()) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// Bench only: counts what arrives by destination MAC and drops it.
+#[xdp]
+pub fn lb_bench_sink(ctx: XdpContext) -> u32 {
+    bench::sink(&ctx);
+    xdp_action::XDP_DROP
 }
 
 #[inline(always)]

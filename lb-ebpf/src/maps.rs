@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, BackendMeta, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN, ServiceKey,
-    ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
+    Backend, BackendMeta, BenchGen, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN,
+    ServiceKey, ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS, VIP_FILTER_SLOTS,
@@ -121,3 +121,15 @@ pub static LB_SYNC: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
 /// Flow sharing's rate limit, per CPU.
 #[map]
 pub static LB_SYNC_RATE: PerCpuArray<TraceRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bench only: the live-frames generator's settings (index 0).
+#[map]
+pub static LB_BENCH_GEN: Array<BenchGen> = Array::with_max_entries(1, 0);
+
+/// Bench only: the generator's per-CPU sequence.
+#[map]
+pub static LB_BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bench only: frames the sink saw, by the last byte of their destination MAC.
+#[map]
+pub static LB_BENCH_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(256, 0);

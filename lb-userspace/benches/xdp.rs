@@ -119,7 +119,11 @@ fn bench_config() -> String {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing to parse.
+    // `cargo bench` passes --bench; nothing to parse. LB_BENCH_ONLY=live: the live-frames part.
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("live") {
+        println!("{}", live_frames().unwrap_or_default());
+        return;
+    }
     let mut f = Fixture::new(&bench_config());
     // A SYN of a recorded flow takes the connection-table path (a hit); an ACK of a flow
     // whose slot never changed takes the stateless path (README, Stateless slots).
@@ -195,6 +199,7 @@ fn main() {
 
     let (sync_off, sync_on) = flow_sharing_cost(&mut f);
     let flood = syn_flood();
+    let live = live_frames();
 
     let sched_rows = schedulers();
     let issue13 = targets(&mut f, &est_ack, &non_vip);
@@ -320,6 +325,7 @@ fn main() {
         "trace_check_ns": check_cost,
         "flow_sync_cost_ns": sync_on - sync_off,
         "syn_flood": flood,
+        "live_frames": live,
         "targets": issue13,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -328,6 +334,7 @@ fn main() {
     std::fs::write(dir.join("xdp.json"), &text).expect("write result");
     let path = dir.join("results.json");
     std::fs::write(&path, &text).expect("write result");
+    plots(&doc, &dir);
     println!("results: {}", path.canonicalize().unwrap_or(path).display());
 }
 
@@ -661,9 +668,10 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     let hot: Vec<Vec<u8>> = (0..SAMPLE).map(|_| ack(7)).collect();
     // Stateless (every slot unchanged), then with every slot marked changed: the table path
     // (what a service pays right after its backends changed, or lc/wlc always).
+    // Interleaved rounds; the ratio is the median of the per-round ratios (this VM drifts).
     let measure = |g: &mut Fixture, stat: Stat| {
-        let (mut many, mut one) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
+        let (mut many, mut one, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..2 * ROUNDS {
             let before = g.snapshot().get(stat);
             let m = one_per_call(g, "lb_xdp", &random, XDP_TX);
             let h = one_per_call(g, "lb_xdp", &hot, XDP_TX);
@@ -676,10 +684,11 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             let floor = one_per_call(g, "lb_baseline_pass", &hot, XDP_PASS);
             many.push(m - floor);
             one.push(h - floor);
+            ratios.push((m - floor) / (h - floor));
         }
-        (median(many), median(one))
+        (median(many), median(one), median(ratios))
     };
-    let (m, o) = measure(&mut g, Stat::FlowStateless);
+    let (m, o, ratio) = measure(&mut g, Stat::FlowStateless);
     let web4 = g.service("web4");
     let marked: Vec<u32> = web4
         .ring
@@ -688,20 +697,60 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         .collect();
     g.dp.set_ring(web4.value.id, g.desired.ring_size, &marked)
         .expect("mark every slot");
-    let (tm, to) = measure(&mut g, Stat::FlowHit);
+    let (tm, to, _) = measure(&mut g, Stat::FlowHit);
     println!(
         "established with every slot changed (connection table consulted): {tm:.1} ns above the floor with 1M flows, {to:.1} ns with one ({:.2}×)",
         tm / to
     );
     target(
         "established_1m_flows_vs_one_flow",
-        m / o,
+        ratio,
         1.5,
         "×",
         format!(
             "{m:.1} ns above the floor with 1M flows (random), {o:.1} ns with one (TCP ACKs, unchanged slots: stateless); with every slot changed {tm:.1} vs {to:.1} ns; table filled in {fill:.1?}"
         ),
     );
+    // Cost against the number of live flows packets go to (random over the first n of the 1M
+    // in the table), table path (every slot marked changed) and stateless (none marked).
+    let floor = median(
+        (0..ROUNDS)
+            .map(|_| one_per_call(&mut g, "lb_baseline_pass", &hot, XDP_PASS))
+            .collect(),
+    );
+    let mut curve = Vec::new();
+    for n in [1u32, 1_000, 10_000, 100_000, 1_000_000] {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let pkts: Vec<Vec<u8>> = (0..SAMPLE / 2)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ack((x % n as u64) as u32)
+            })
+            .collect();
+        let mut row = serde_json::json!({ "flows": n });
+        for (ring, stat, name) in [
+            (&marked, Stat::FlowHit, "table_ns"),
+            (&web4.ring, Stat::FlowStateless, "stateless_ns"),
+        ] {
+            g.dp.set_ring(web4.value.id, g.desired.ring_size, ring)
+                .expect("ring");
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                let before = g.snapshot().get(stat);
+                v.push(one_per_call(&mut g, "lb_xdp", &pkts, XDP_TX) - floor);
+                assert_eq!(g.snapshot().get(stat) - before, pkts.len() as u64);
+            }
+            row[name] = serde_json::json!(median(v));
+        }
+        println!(
+            "established over {n:>7} live flows: {:.1} ns through the table, {:.1} ns stateless (above the floor)",
+            row["table_ns"].as_f64().unwrap_or(0.0),
+            row["stateless_ns"].as_f64().unwrap_or(0.0)
+        );
+        curve.push(row);
+    }
     let memlock = flows_memlock();
     if let Some(bytes) = memlock {
         println!(
@@ -738,6 +787,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     );
     serde_json::json!({
         "targets": out,
+        "cost_vs_flows": curve,
         "flows_memlock_bytes": memlock,
         "flow_table_entries": 1 << 20,
     })
@@ -755,4 +805,359 @@ fn flows_memlock() -> Option<u64> {
         .filter(|m| m["name"] == "LB_FLOWS")
         .filter_map(|m| m["bytes_memlock"].as_u64())
         .max()
+}
+
+/// The plots of BENCHMARKS.md from the results: ns/packet per path (bars, with the baselines)
+/// and established cost against the number of live flows (lines, log x). Plain SVG text.
+fn plots(doc: &serde_json::Value, dir: &std::path::Path) {
+    let case = |k: &str| {
+        doc["cases"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["case"] == k))
+            .and_then(|c| c["ns_per_packet"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let bars = [
+        ("trivial XDP_TX", case("baseline_tx")),
+        ("established, stateless", case("established_v4_stateless")),
+        ("established, table hit", case("established_v4")),
+        ("established IPv6", case("established_v6")),
+        ("non-VIP (XDP_PASS)", case("non_vip_pass")),
+        ("per-call floor", case("baseline_tx_single")),
+        ("new flow (1 call)", case("new_flow_v4")),
+    ];
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
+    let mut svg = String::from(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"300\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"18\" font-size=\"14\">lb_xdp ns per packet (BPF_PROG_TEST_RUN, median of rounds)</text>\n",
+    );
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = 34.0 + i as f64 * 36.0;
+        let w = 460.0 * v / max;
+        svg += &format!(
+            "<text x=\"10\" y=\"{:.0}\">{label}</text><rect x=\"190\" y=\"{:.0}\" width=\"{w:.1}\" height=\"22\" fill=\"#4a7bd0\"/><text x=\"{:.0}\" y=\"{:.0}\">{v:.1} ns</text>\n",
+            y + 15.0,
+            y,
+            196.0 + w,
+            y + 15.0
+        );
+    }
+    svg += "</svg>\n";
+    let _ = std::fs::write(dir.join("paths.svg"), svg);
+
+    let curve = doc["targets"]["cost_vs_flows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let pts = |k: &str| -> Vec<(f64, f64)> {
+        curve
+            .iter()
+            .filter_map(|r| Some((r["flows"].as_f64()?.max(1.0).log10(), r[k].as_f64()?)))
+            .collect()
+    };
+    let (table, stateless) = (pts("table_ns"), pts("stateless_ns"));
+    let ymax = table
+        .iter()
+        .chain(&stateless)
+        .map(|p| p.1)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let (x0, y0, w, h) = (60.0, 250.0, 600.0, 200.0);
+    let sx = |x: f64| x0 + w * x / 6.0;
+    let sy = |y: f64| y0 - h * y / ymax;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"300\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"18\" font-size=\"14\">established packet, ns above the XDP_PASS floor, against live flows (random)</text>\n<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{}\" y2=\"{y0}\" stroke=\"black\"/><line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{}\" stroke=\"black\"/>\n",
+        x0 + w,
+        y0 - h
+    );
+    for e in 0..=6 {
+        svg += &format!(
+            "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"middle\">1e{e}</text>\n",
+            sx(e as f64),
+            y0 + 16.0
+        );
+    }
+    for k in 0..=4 {
+        let v = ymax * k as f64 / 4.0;
+        svg += &format!(
+            "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">{v:.0}</text>\n",
+            x0 - 6.0,
+            sy(v) + 4.0
+        );
+    }
+    for (pts, color, name, ly) in [
+        (
+            &table,
+            "#d04a4a",
+            "connection table consulted (slot changed)",
+            40.0,
+        ),
+        (&stateless, "#4a7bd0", "stateless (slot unchanged)", 58.0),
+    ] {
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{:.0}\" y=\"{ly}\" fill=\"{color}\">{name}</text>\n",
+            path.join(" "),
+            x0 + 20.0
+        );
+    }
+    svg += "</svg>\n";
+    let _ = std::fs::write(dir.join("flows.svg"), svg);
+}
+
+/// Live frames (issue #13, throughput): a generator program run through BPF_PROG_TEST_RUN
+/// with `BPF_F_TEST_XDP_LIVE_FRAMES` sends real frames out of veth `va` (namespace A); the
+/// forwarder under test runs in native mode on its peer `vb` (namespace B) and sends them back
+/// with XDP_TX; a sink program on `va` counts them per destination MAC and drops them.
+/// Generator, forwarder and sink share one CPU (the thread is pinned; veth runs the peer's NAPI
+/// on the sending CPU). Forwarders: `lb_xdp` (this object, the tests' services) and the trivial
+/// MAC-swap-free XDP_TX program, in alternation, with 1 flow and with 100 000 flows, UDP (the
+/// connection table on every packet) and TCP ACKs (established: the stateless path). The
+/// sink's per-MAC counts are checked against lb_xdp's per-backend counters.
+fn live_frames() -> Option<serde_json::Value> {
+    use aya::programs::{TestRunAttrs, XdpMode};
+    const FRAMES: u32 = 2_000_000;
+    let tag = format!("lbbench{}", std::process::id() % 100_000);
+    let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
+    let _guard = Netns(vec![na.clone(), nb.clone()]);
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &na]);
+    ip(&["netns", "add", &nb]);
+    for n in [&na, &nb] {
+        // No IPv6 neighbour discovery or MLD frames among the measured ones.
+        ip(&[
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+        ]);
+        ip(&[
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+    }
+    ip(&[
+        "link", "add", "va", "netns", &na, "type", "veth", "peer", "name", "vb", "netns", &nb,
+    ]);
+    let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    ip(&[
+        "-n",
+        &na,
+        "link",
+        "set",
+        "va",
+        "address",
+        &mac(CLIENT_MAC),
+        "up",
+    ]);
+    ip(&[
+        "-n",
+        &nb,
+        "link",
+        "set",
+        "vb",
+        "address",
+        &mac(LB_MAC),
+        "up",
+    ]);
+    let orig = std::fs::File::open("/proc/self/ns/net").expect("own netns");
+    let enter = |ns: &str| {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
+        // SAFETY: setns(2) on a namespace fd we hold; affects only this thread.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {ns}");
+    };
+    let leave = || {
+        // SAFETY: as above, back to the namespace we started in.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&orig), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns back");
+    };
+    pin_to_cpu0();
+    // The default connection table (1 048 576 entries): 100 000 flows fit.
+    let mut f = Fixture::with_flow_table(CONFIG, 1 << 20);
+    enter(&na);
+    // SAFETY: a NUL-terminated constant name.
+    let va = unsafe { libc::if_nametoindex(c"va".as_ptr()) };
+    let sink_link =
+        f.dp.other_program("lb_bench_sink")
+            .expect("sink")
+            .attach("va", XdpMode::Driver)
+            .expect("attach the sink to va (native)");
+    leave();
+    let mut results = Vec::new();
+    for (proto, flows) in [
+        ("udp", 1u32),
+        ("udp", 100_000),
+        ("tcp", 1),
+        ("tcp", 100_000),
+    ] {
+        let (frame, dport) = if proto == "udp" {
+            (udp4(C1, 40000, VIP4, 53).0, 53)
+        } else {
+            (tcp4_flags(C1, 40000, VIP4, 80, "A"), 80)
+        };
+        let _ = dport;
+        let (mut lb_pps, mut triv_pps) = (Vec::new(), Vec::new());
+        for round in 0..3 {
+            for forwarder in ["lb_xdp", "lb_baseline_tx"] {
+                enter(&nb);
+                let link = if forwarder == "lb_xdp" {
+                    f.dp.program().attach("vb", XdpMode::Driver)
+                } else {
+                    f.dp.other_program(forwarder)
+                        .expect("program")
+                        .attach("vb", XdpMode::Driver)
+                }
+                .expect("attach the forwarder to vb (native)");
+                leave();
+                let setup = BenchGenSetup {
+                    dst_mac: LB_MAC,
+                    src_mac: CLIENT_MAC,
+                    flows,
+                };
+                setup.write(&mut f);
+                let sink0 = sink_counts(&mut f);
+                let be0 = f.snapshot().backends.clone();
+                enter(&na);
+                let mut ctx = [0u32; 6];
+                ctx[1] = frame.len() as u32; // data_end
+                ctx[3] = va; // ingress_ifindex
+                let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                let prog = f.dp.other_program("lb_bench_gen").expect("generator");
+                let t0 = std::time::Instant::now();
+                let r = prog.test_run(aya::programs::TestRunOptions {
+                    data_in: Some(&frame),
+                    ctx_in: Some(&ctx_bytes),
+                    repeat: FRAMES,
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..aya::programs::TestRunOptions::new()
+                });
+                let elapsed = t0.elapsed().as_secs_f64();
+                leave();
+                if let Err(e) = r {
+                    println!("live frames: BPF_PROG_TEST_RUN with live frames failed: {e}");
+                    return None;
+                }
+                // Let the last batch drain through the veth pair.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let sink1 = sink_counts(&mut f);
+                let got: u64 = (0..256).map(|i| sink1[i] - sink0[i]).sum();
+                let pps = got as f64 / elapsed;
+                if forwarder == "lb_xdp" {
+                    // The sink's count per backend MAC equals lb_xdp's per-backend counter.
+                    // (Backends of different services may share a MAC: summed by MAC.)
+                    let be1 = f.snapshot().backends.clone();
+                    let mut by_mac: std::collections::BTreeMap<usize, u64> = Default::default();
+                    for (id, c) in &be1 {
+                        let before = be0.get(id).map_or(0, |c| c.packets);
+                        *by_mac.entry(f.backend_mac(*id)[5] as usize).or_default() +=
+                            c.packets - before;
+                    }
+                    for (last, n) in &by_mac {
+                        assert_eq!(
+                            sink1[*last] - sink0[*last],
+                            *n,
+                            "MAC ..:{last:02x}: sink count vs lb_xdp's backend counters"
+                        );
+                    }
+                    assert_eq!(
+                        by_mac.values().sum::<u64>(),
+                        FRAMES as u64,
+                        "every frame to a backend"
+                    );
+                    lb_pps.push(pps);
+                } else {
+                    triv_pps.push(pps);
+                }
+                enter(&nb);
+                let detached = if forwarder == "lb_xdp" {
+                    f.dp.program().detach(link)
+                } else {
+                    f.dp.other_program(forwarder).expect("program").detach(link)
+                };
+                leave();
+                detached.expect("detach");
+                let _ = round;
+            }
+        }
+        let (l, t) = (median(lb_pps), median(triv_pps));
+        println!(
+            "live frames {proto} {flows:>6} flows: lb_xdp {:.2} Mpps, trivial XDP_TX {:.2} Mpps: {:.2}×",
+            l / 1e6,
+            t / 1e6,
+            l / t
+        );
+        results.push(serde_json::json!({
+            "protocol": proto, "flows": flows, "lb_pps": l, "trivial_pps": t, "ratio": l / t,
+        }));
+    }
+    enter(&na);
+    let _ =
+        f.dp.other_program("lb_bench_sink")
+            .expect("sink")
+            .detach(sink_link);
+    leave();
+    Some(serde_json::json!(results))
+}
+
+/// The generator's settings.
+struct BenchGenSetup {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    flows: u32,
+}
+
+impl BenchGenSetup {
+    fn write(&self, f: &mut Fixture) {
+        let map = f.dp.map_mut("LB_BENCH_GEN").expect("LB_BENCH_GEN");
+        let mut a: aya::maps::Array<&mut aya::maps::MapData, lb_common::BenchGen> =
+            aya::maps::Array::try_from(map).expect("array");
+        a.set(
+            0,
+            lb_common::BenchGen {
+                dst_mac: self.dst_mac,
+                src_mac: self.src_mac,
+                flows: self.flows,
+            },
+            0,
+        )
+        .expect("set");
+    }
+}
+
+/// The sink's counts per last MAC byte, summed over CPUs.
+fn sink_counts(f: &mut Fixture) -> Vec<u64> {
+    let map = f.dp.map_mut("LB_BENCH_SINK").expect("LB_BENCH_SINK");
+    let a: aya::maps::PerCpuArray<&mut aya::maps::MapData, u64> =
+        aya::maps::PerCpuArray::try_from(map).expect("per-cpu array");
+    (0..256u32)
+        .map(|i| a.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+        .collect()
+}
+
+/// Namespaces removed when dropped.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
 }

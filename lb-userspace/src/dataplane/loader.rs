@@ -723,6 +723,11 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// A map of the object by name (benchmarks configure their bench-only maps with it).
+    pub fn map_mut(&mut self, name: &str) -> Option<&mut Map> {
+        self.ebpf.map_mut(name)
+    }
+
     /// Takes the flow-sharing maps out of the object (`lb run` with `[flow_sync]`).
     pub fn take_sync_maps(&mut self) -> Option<crate::flowsync::SyncMaps> {
         let cfg = self.ebpf.take_map(names::SYNC_CFG)?;
