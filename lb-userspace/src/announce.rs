@@ -442,6 +442,7 @@ mod tests {
             birdc: PathBuf::from("birdc"),
             interface: "lb-alive".into(),
             local_as: 65001,
+            min_healthy: 1,
             graceful_prepend: 2,
             drain_quiet_ms: 2000,
             drain_timeout_ms: 60000,

@@ -183,6 +183,8 @@ pub struct Announce {
     pub interface: String,
     /// This node's AS number, prepended while a VIP drains (`lb vip withdraw --graceful`).
     pub local_as: u32,
+    /// Default of every service's `min_healthy`.
+    pub min_healthy: u32,
     /// How many times `local_as` is prepended while draining.
     pub graceful_prepend: u32,
     /// A draining VIP is withdrawn once no new flow arrived for this long...
@@ -376,6 +378,7 @@ struct RawAnnounce {
     birdc: Option<PathBuf>,
     interface: Option<String>,
     local_as: Option<i64>,
+    min_healthy: Option<i64>,
     graceful_prepend: Option<i64>,
     drain_quiet_ms: Option<i64>,
     drain_timeout_ms: Option<i64>,
@@ -619,6 +622,9 @@ impl Validator {
         let dataplane = self.dataplane(dp)?;
         let control = self.control(raw.control)?;
         let timeouts = self.timeouts(raw.timeouts)?;
+        let announce = raw.announce.map(|a| self.announce(a)).transpose()?;
+        // A service's min_healthy defaults to [announce] min_healthy, else 1.
+        let default_min_healthy = announce.as_ref().map_or(1, |a| a.min_healthy);
         if raw.service.len() > MAX_SERVICES as usize {
             return Err(self.err(
                 "service",
@@ -633,7 +639,7 @@ impl Validator {
         let mut services = Vec::with_capacity(raw.service.len());
         let mut total_backends = 0usize;
         for (i, rs) in raw.service.into_iter().enumerate() {
-            let s = self.service(i, rs, &dataplane)?;
+            let s = self.service(i, rs, &dataplane, default_min_healthy)?;
             let loc = format!("service \"{}\"", s.name);
             if !names.insert(s.name.clone()) {
                 return Err(self.err(format!("{loc}: name"), "duplicate service name"));
@@ -656,7 +662,6 @@ impl Validator {
                 format!("{total_backends} backends in all; at most {MAX_BACKENDS} are supported"),
             ));
         }
-        let announce = raw.announce.map(|a| self.announce(a)).transpose()?;
         let flow_sync = raw.flow_sync.map(|f| self.flow_sync(f)).transpose()?;
         Ok(Config {
             dataplane,
@@ -729,6 +734,7 @@ impl Validator {
             interface,
             local_as,
             graceful_prepend: range("graceful_prepend", a.graceful_prepend, 3, 1, 16)?,
+            min_healthy: range("min_healthy", a.min_healthy, 1, 0, 4096)?,
             drain_quiet_ms,
             drain_timeout_ms,
         })
@@ -949,6 +955,7 @@ impl Validator {
         index: usize,
         rs: RawService,
         dp: &Dataplane,
+        default_min_healthy: u32,
     ) -> Result<Service, ConfigError> {
         let name = rs
             .name
@@ -1028,7 +1035,7 @@ impl Validator {
             ));
         }
         let min_healthy = match rs.min_healthy {
-            None => 1,
+            None => default_min_healthy.min(backends.len().max(1) as u32),
             Some(n) if n >= 0 && n as u64 <= backends.len().max(1) as u64 => n as u32,
             Some(n) => {
                 return Err(self.err(
@@ -1308,6 +1315,12 @@ mac = "02:00:00:00:00:22"
         );
         let e = bad("key = \"0123456789abcdef\"\n", "");
         assert!(e.contains("exactly one of `key` and `key_file`"), "{e}");
+        let with_default = more.replace("local_as = 65001", "local_as = 65001\nmin_healthy = 2");
+        assert_eq!(
+            parse(&with_default).unwrap().services[0].min_healthy,
+            2,
+            "[announce] default"
+        );
         let e = err_of("protocol = \"tcp\"", "protocol = \"tcp\"\nmin_healthy = 9");
         assert!(e.contains("min_healthy: 9 is out of range 0..="), "{e}");
     }
