@@ -243,7 +243,9 @@ fn graceful_withdraw_moves_new_flows_first() {
     println!("cluster: lb vip withdraw --graceful: {}", out.trim());
     assert!(out.contains("draining"), "{out}");
     assert!(out.contains("withdrawn after"), "{out}");
-    assert_eq!(c.next_hops(), ["n2"], "withdrawn in the end");
+    // BIRD has the withdrawal; the router follows within a BGP update.
+    c.wait_next_hops(&["n2"], Duration::from_secs(5))
+        .expect("withdrawn in the end");
     let before = new_flows(&c);
     let r = c.http(200).expect("http");
     assert_eq!(r.errors, 0, "{r:?}");
