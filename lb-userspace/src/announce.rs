@@ -127,7 +127,10 @@ pub fn decide(services: &[ServiceHealth], operator_withdrawn: bool) -> (Route, S
 /// A drain in progress.
 #[derive(Clone, Copy, Debug)]
 struct Drain {
-    /// When BIRD took the less-preferred route (None until then).
+    /// When the operator asked for it.
+    requested: Instant,
+    /// When BIRD took the less-preferred route (None until then; the request time when BIRD
+    /// cannot be reached: it announces nothing then, so there is nothing to wait for).
     started: Option<Instant>,
     /// The VIP's new-flow counter at the last change, and when it changed.
     count: Option<u64>,
@@ -276,6 +279,7 @@ impl Announcer {
             self.drains.insert(
                 vip,
                 Drain {
+                    requested: Instant::now(),
                     started: None,
                     count: None,
                     first_count: None,
@@ -306,10 +310,16 @@ impl Announcer {
         for (vip, services) in inputs {
             let (mut route, mut reason) = decide(services, withdrawn.contains(vip));
             if let Some(d) = self.drains.get_mut(vip) {
+                if d.started.is_none() && self.last_error.is_some() {
+                    d.started = Some(d.requested);
+                }
                 let count = new_flows.map(|m| m.get(vip).copied().unwrap_or(0));
+                // drain_timeout_ms counts from the request, whatever happens meanwhile.
+                let timed_out = now.duration_since(d.requested)
+                    >= Duration::from_millis(self.cfg.drain_timeout_ms as u64);
                 let done = match (d.started, count) {
                     // BIRD has not taken the prepended route yet, or no fresh counters.
-                    (None, _) | (_, None) => false,
+                    (None, _) | (_, None) => timed_out,
                     (Some(t0), Some(count)) => {
                         if d.count.is_none_or(|c| count > c) {
                             if d.count.is_some() {
@@ -319,22 +329,26 @@ impl Announcer {
                             d.first_count.get_or_insert(count);
                         }
                         let quiet = now.duration_since(d.last_change.unwrap_or(t0));
-                        let timed_out = now.duration_since(t0)
-                            >= Duration::from_millis(self.cfg.drain_timeout_ms as u64);
-                        let report = DrainReport {
-                            last_new_flow_ms: d
-                                .last_change
-                                .map_or(0, |t| t.duration_since(t0).as_millis() as u64),
-                            withdrawn_ms: None,
-                            new_flows: count.saturating_sub(d.first_count.unwrap_or(count)),
-                            timed_out,
-                        };
-                        self.reports.insert(*vip, report);
                         quiet >= Duration::from_millis(self.cfg.drain_quiet_ms as u64) || timed_out
                     }
                 };
+                let t0 = d.started.unwrap_or(d.requested);
+                self.reports.insert(
+                    *vip,
+                    DrainReport {
+                        last_new_flow_ms: d
+                            .last_change
+                            .map_or(0, |t| t.duration_since(t0).as_millis() as u64),
+                        withdrawn_ms: None,
+                        new_flows: match (count, d.first_count) {
+                            (Some(c), Some(f)) => c.saturating_sub(f),
+                            _ => 0,
+                        },
+                        timed_out,
+                    },
+                );
                 if done {
-                    let t0 = d.started.expect("started");
+                    let t0 = d.started.unwrap_or(d.requested);
                     if let Some(r) = self.reports.get_mut(vip) {
                         r.withdrawn_ms = Some(now.duration_since(t0).as_millis() as u64);
                         tracing::info!(
