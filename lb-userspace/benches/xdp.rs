@@ -124,6 +124,31 @@ fn main() {
         println!("{}", live_frames().unwrap_or_default());
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("paths") {
+        // The per-path figures alone (quick A/B of a data-plane change).
+        let mut f = Fixture::new(&bench_config());
+        let est = tcp4_flags(C1, 40000, VIP4, 80, "A");
+        let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
+        f.run(&syn4(C1, 40000, VIP4, 80));
+        for _ in 0..3 {
+            let (e, t, r) = paired(
+                &mut f,
+                ("lb_xdp", XDP_TX, Stat::FlowStateless),
+                ("lb_baseline_tx", XDP_TX),
+                &est,
+            );
+            let (p, q, r2) = paired(
+                &mut f,
+                ("lb_xdp", XDP_PASS, Stat::PassNoService),
+                ("lb_baseline_pass", XDP_PASS),
+                &non_vip,
+            );
+            println!(
+                "established {e:.1} ns vs {t:.1} ({r:.2}×); non-VIP {p:.1} vs {q:.1} ({r2:.2}×)"
+            );
+        }
+        return;
+    }
     let mut f = Fixture::new(&bench_config());
     // A SYN of a recorded flow takes the connection-table path (a hit); an ACK of a flow
     // whose slot never changed takes the stateless path (README, Stateless slots).
