@@ -93,8 +93,10 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
     let svc_packets = Family::<Labels, Counter>::default();
     let svc_bytes = Family::<Labels, Counter>::default();
     let svc_new = Family::<Labels, Counter>::default();
+    let svc_changed = Family::<Labels, Gauge>::default();
     for s in &st.services {
         let sl = labels(&[("service", &s.name)]);
+        svc_changed.get_or_create(&sl).set(s.changed_slots as i64);
         set(&svc_packets.get_or_create(&sl), s.traffic.packets);
         set(&svc_bytes.get_or_create(&sl), s.traffic.bytes);
         set(&svc_new.get_or_create(&sl), s.traffic.new_flows);
@@ -163,6 +165,11 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
         "lb_service_new_flows",
         "Flows that chose a backend of the service",
         svc_new,
+    );
+    r.register(
+        "lb_service_changed_slots",
+        "maglev/sh: table slots whose backend changed while flows of the old one may live; their established packets consult the connection table",
+        svc_changed,
     );
 
     let verdicts = Family::<Labels, Counter>::default();
@@ -338,6 +345,7 @@ mod tests {
                 protocol: "tcp".into(),
                 scheduler: "maglev".into(),
                 ring_digest: String::new(),
+                changed_slots: 0,
                 traffic,
                 backends: vec![api::BackendStatus {
                     address: "10.0.0.21".parse().unwrap(),

@@ -114,6 +114,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             protocol: cs.protocol.to_string(),
             scheduler: cs.scheduler.name().to_owned(),
             ring_digest: format!("{:016x}", ds.ring_digest),
+            changed_slots: ds.dirty.len() as u64,
             traffic: rate(&now, before),
             backends,
         });

@@ -137,6 +137,10 @@ pub struct ServiceStatus {
     /// equal on two balancers ⇔ they send every new flow of this service to the same backend.
     #[serde(default)]
     pub ring_digest: String,
+    /// maglev/sh: table slots marked changed (`RING_DIRTY`): their established packets consult
+    /// the connection table until a sweep finds no flow of another backend there.
+    #[serde(default)]
+    pub changed_slots: u64,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
 }

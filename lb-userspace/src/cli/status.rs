@@ -62,13 +62,18 @@ pub fn render(s: &api::Status) -> String {
         let t = &svc.traffic;
         let _ = writeln!(
             o,
-            "\nservice {} {}:{}/{} ({}, ring_digest {}): {} pkt/s {} bit/s, {} packets, {} new flows",
+            "\nservice {} {}:{}/{} ({}, ring_digest {}{}): {} pkt/s {} bit/s, {} packets, {} new flows",
             svc.name,
             svc.vip,
             svc.port,
             svc.protocol,
             svc.scheduler,
             svc.ring_digest,
+            if svc.changed_slots > 0 {
+                format!(", {} changed slots", svc.changed_slots)
+            } else {
+                String::new()
+            },
             rate(t.packets_per_second),
             rate(t.bits_per_second),
             t.packets,

@@ -435,6 +435,7 @@ mod tests {
                 protocol: "tcp".into(),
                 scheduler: "maglev".into(),
                 ring_digest: String::new(),
+                changed_slots: 0,
                 traffic: t(backends.iter().map(|b| b.traffic.packets_per_second).sum()),
                 backends,
             };
