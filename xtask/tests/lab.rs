@@ -215,6 +215,20 @@ fn affinity(mode: Mode) {
     lab.reload(&lab.config_with(mode, &w))
         .expect("reload draining the held backend");
     std::thread::sleep(Duration::from_millis(500));
+    // The slots that changed are marked: the held connection's packets consult the connection
+    // table (README, Stateless slots), which keeps it on its drained backend.
+    let st: serde_json::Value =
+        serde_json::from_str(&lab.lb_cli(&lb(), &["status", "--json"]).unwrap()).unwrap();
+    let echo = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo")
+        .expect("echo service");
+    assert!(
+        echo["changed_slots"].as_u64().unwrap_or(0) > 0,
+        "the echo table changed twice: {echo}"
+    );
 
     // New connections: none to the drained backend, some to the new one.
     let t = http(&lab, 200);
