@@ -124,6 +124,14 @@ fn main() {
         println!("{}", live_frames().unwrap_or_default());
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("flows") {
+        // The 1M-flows part alone.
+        let mut f = Fixture::new(&bench_config());
+        let est = tcp4_flags(C1, 40000, VIP4, 80, "A");
+        let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
+        let _ = targets(&mut f, &est, &non_vip);
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("paths") {
         // The per-path figures alone (quick A/B of a data-plane change).
         let mut f = Fixture::new(&bench_config());
@@ -646,7 +654,16 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     // 1M live flows, random lookups, against the same path with one hot flow.
     const FLOWS: u32 = 1_000_000;
     const SAMPLE: usize = 100_000;
-    let mut g = Fixture::with_flow_table(CONFIG, 1 << 20);
+    // LB_BENCH_RING: another dataplane.ring_size for this part (the Maglev tables' size).
+    let ring_cfg = match std::env::var("LB_BENCH_RING") {
+        Ok(r) => CONFIG.replacen(
+            "[dataplane]\n",
+            &format!("[dataplane]\nring_size = {r}\n"),
+            1,
+        ),
+        Err(_) => CONFIG.to_owned(),
+    };
+    let mut g = Fixture::with_flow_table(&ring_cfg, 1 << 20);
     let (coarse, _) = lb_userspace::trace::clocks();
     let key_of = |i: u32| {
         key4(
@@ -776,6 +793,34 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         );
         curve.push(row);
     }
+    // The same with smaller Maglev tables (dataplane.ring_size = 4099: 16 KiB per service,
+    // cache-resident), which is what the stateless path's remaining growth comes from.
+    let small = CONFIG.replacen("[dataplane]\n", "[dataplane]\nring_size = 4099\n", 1);
+    let mut h = Fixture::with_flow_table(&small, 1 << 20);
+    let web4s = h.service("web4");
+    for i in 0..FLOWS {
+        let k = key_of(i);
+        let b = web4s.ring[(lb_common::hash::flow_hash(&k) % h.desired.ring_size) as usize];
+        let v = lb_common::FlowValue {
+            backend: b,
+            generation: h.backend(b).generation,
+            last_seen_ns: coarse,
+            flags: 0,
+            cpu: 0,
+        };
+        h.dp.set_flow(&k, &v).expect("insert flow");
+    }
+    let (sm, so, sratio) = measure(&mut h, Stat::FlowStateless);
+    target(
+        "established_1m_flows_vs_one_flow_ring_4099",
+        sratio,
+        1.5,
+        "×",
+        format!(
+            "the same with dataplane.ring_size = 4099 (Maglev tables of 16 KiB): {sm:.1} vs {so:.1} ns above the floor"
+        ),
+    );
+    drop(h);
     let memlock = flows_memlock();
     if let Some(bytes) = memlock {
         println!(
