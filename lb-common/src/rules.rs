@@ -64,6 +64,17 @@ pub fn addr_key(addr: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
+/// The address a key's 16 bytes and family stand for (the inverse of [`addr_key`]); `None` for
+/// an unknown family (0: unused).
+#[inline(always)]
+pub fn key_addr(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        FAMILY_V6 => Some(IpAddr::from(*bytes)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,12 +136,7 @@ fn report_new_flow(key: &FlowKey, backend: u32, generation: u32, now: u64) {
     };
     // SAFETY: this CPU's slot; only this CPU writes it while the program runs.
     let rate = unsafe { &mut *rate };
-    if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {
-        rate.window_ns = now;
-        rate.sent = 0;
-    }
-    if rate.sent >= cfg.rate as u64 {
-        rate.suppressed += 1;
+    if !crate::trace::admit(rate, now, cfg.rate) {
         count(Stat::FlowSyncSuppressed);
         return;
     }

@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     FlowKey, TRACE_F_BACKEND, TRACE_F_CLIENT, TRACE_F_VIP, TRACE_SNAP, TraceConfig, TraceEvent,
+    TraceRate,
 };
 
 use crate::maps::{LB_BACKENDS, LB_TRACE, LB_TRACE_CFG, LB_TRACE_RATE};
@@ -31,6 +32,22 @@ pub fn maybe_trace(ctx: &XdpContext, d: &Decision, action: u32) {
     {
         trace(ctx, cfg, d, action);
     }
+}
+
+/// A per-CPU limit of `limit` events a second (a window of one second from the first event):
+/// whether one more may go. A refused one is counted in `rate.suppressed`; the caller counts
+/// `sent` (or `lost`) once it tried. Used by `lb trace` and by flow sharing.
+#[inline(always)]
+pub fn admit(rate: &mut TraceRate, now: u64, limit: u32) -> bool {
+    if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {
+        rate.window_ns = now;
+        rate.sent = 0;
+    }
+    if rate.sent >= limit as u64 {
+        rate.suppressed += 1;
+        return false;
+    }
+    true
 }
 
 #[inline(always)]
@@ -59,12 +76,7 @@ fn trace(ctx: &XdpContext, cfg: &TraceConfig, d: &Decision, action: u32) {
     };
     // SAFETY: this CPU's slot; only this CPU writes it while the program runs.
     let rate = unsafe { &mut *rate };
-    if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {
-        rate.window_ns = now;
-        rate.sent = 0;
-    }
-    if rate.sent >= cfg.rate as u64 {
-        rate.suppressed += 1;
+    if !admit(rate, now, cfg.rate) {
         return;
     }
     let Some(mut entry) = LB_TRACE.reserve::<TraceEvent>(0) else {

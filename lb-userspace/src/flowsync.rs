@@ -21,14 +21,14 @@
 //! HMAC-SHA256 [32] over everything before it
 //! ```
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::maps::{Array, Map, MapData, RingBuf};
 use hmac::{Hmac, Mac as _};
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, SyncConfig};
+use lb_common::{
+    FlowKey, SyncConfig,
+    rules::{addr_key, key_addr},
+};
 use sha2::Sha256;
 
 pub const MAGIC: &[u8; 4] = b"LBF1";
@@ -101,26 +101,6 @@ fn mac(key: &[u8]) -> Hmac<Sha256> {
     Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length")
 }
 
-fn addr_bytes(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v4) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v4.octets());
-            b
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn addr_of(family: u8, b: &[u8]) -> Option<IpAddr> {
-    let b: [u8; 16] = b.try_into().ok()?;
-    match family {
-        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
-        FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(b))),
-        _ => None,
-    }
-}
-
 /// One datagram carrying `flows` (at most [`MAX_PER_DATAGRAM`]; the rest are ignored).
 pub fn encode(key: &[u8], sender: u64, seq: u64, time_ms: u64, flows: &[SharedFlow]) -> Vec<u8> {
     let flows = &flows[..flows.len().min(MAX_PER_DATAGRAM)];
@@ -140,7 +120,7 @@ pub fn encode(key: &[u8], sender: u64, seq: u64, time_ms: u64, flows: &[SharedFl
         out.extend_from_slice(&f.key.dst_addr);
         out.extend_from_slice(&f.key.src_port);
         out.extend_from_slice(&f.key.dst_port);
-        out.extend_from_slice(&addr_bytes(f.backend));
+        out.extend_from_slice(&addr_key(f.backend).0);
     }
     let mut m = mac(key);
     m.update(&out);
@@ -177,7 +157,8 @@ pub fn decode(key: &[u8], d: &[u8], now_ms: u64) -> Result<Datagram, DecodeError
     let mut flows = Vec::with_capacity(count);
     for (i, e) in body[HEADER..].chunks_exact(ENTRY).enumerate() {
         let (family, protocol) = (e[0], e[1]);
-        let backend = addr_of(family, &e[40..56]).ok_or(DecodeError::Entry(i))?;
+        let bytes: [u8; 16] = e[40..56].try_into().expect("16 bytes");
+        let backend = key_addr(&bytes, family).ok_or(DecodeError::Entry(i))?;
         let mut key = FlowKey {
             protocol,
             family,
@@ -288,6 +269,10 @@ pub fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use lb_common::{FAMILY_V4, FAMILY_V6};
+
     use super::*;
 
     fn flow(i: u8, v6: bool) -> SharedFlow {

@@ -16,8 +16,8 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 use lb_common::{
-    BackendMeta, FAMILY_V4, FlowKey, NO_BACKEND, PROTO_TCP, TraceConfig, TraceEvent, TraceRate,
-    names, stats::Stat,
+    BackendMeta, FlowKey, NO_BACKEND, PROTO_TCP, TraceConfig, TraceEvent, TraceRate, names,
+    stats::Stat,
 };
 
 /// How far ahead `until_ns` is set each time the reader refreshes it.
@@ -176,14 +176,6 @@ pub struct Record {
     pub frame: Vec<u8>,
 }
 
-fn addr(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
-    match family {
-        FAMILY_V4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
-        0 => None,
-        _ => Some(IpAddr::from(*bytes)),
-    }
-}
-
 fn mac(b: &[u8]) -> String {
     if b.len() < 6 {
         return String::new();
@@ -194,7 +186,7 @@ fn mac(b: &[u8]) -> String {
 /// What backend ids stand for (`LB_BE_META`).
 pub fn backend_addresses(meta: &BTreeMap<u32, BackendMeta>) -> BTreeMap<u32, IpAddr> {
     meta.iter()
-        .filter_map(|(id, m)| addr(&m.addr, m.family).map(|a| (*id, a)))
+        .filter_map(|(id, m)| lb_common::rules::key_addr(&m.addr, m.family).map(|a| (*id, a)))
         .collect()
 }
 
@@ -212,9 +204,9 @@ pub fn decode(ev: &TraceEvent, mono_to_unix_ns: i128, backends: &BTreeMap<u32, I
             17 => "udp",
             _ => "other",
         },
-        client: addr(&k.src_addr, k.family),
+        client: lb_common::rules::key_addr(&k.src_addr, k.family),
         client_port: u16::from_be_bytes(k.src_port),
-        vip: addr(&k.dst_addr, k.family),
+        vip: lb_common::rules::key_addr(&k.dst_addr, k.family),
         port: u16::from_be_bytes(k.dst_port),
         verdict: match ev.action {
             0 => "aborted",
@@ -357,7 +349,7 @@ mod tests {
             src_port: 40000u16.to_be_bytes(),
             dst_port: 80u16.to_be_bytes(),
             protocol: PROTO_TCP,
-            family: FAMILY_V4,
+            family: lb_common::FAMILY_V4,
             ..FlowKey::default()
         };
         key.src_addr[..4].copy_from_slice(&[10, 99, 0, 11]);

@@ -21,7 +21,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{atomic::Ordering, mpsc},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -31,8 +31,8 @@ use anyhow::{Context as _, bail};
 use crate::{
     cmd::{run, run_quiet},
     lab::{
-        self, ACTIVE, COUNTER, Mode, PEER_XDP_OBJECT, Spawned, ipn, lines, remove_locks,
-        remove_namespaces, signal, sysctl, unmount_bpffs, wait_for_line, wait_timeout,
+        self, Mode, PEER_XDP_OBJECT, Spawned, ipn, lines, signal, sysctl, wait_for_line,
+        wait_timeout,
     },
 };
 
@@ -99,21 +99,7 @@ impl Cluster {
         }
         anyhow::ensure!((1..=MAX_NODES).contains(&nodes), "1..={MAX_NODES} nodes");
         anyhow::ensure!(weights.len() <= 60, "at most 60 backends");
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("{}{}-{n}-", lab::PREFIX, std::process::id());
-        let dir = std::env::temp_dir().join(prefix.trim_end_matches('-'));
-        std::fs::create_dir_all(dir.join("bpf"))
-            .with_context(|| format!("creating {}", dir.display()))?;
-        run(
-            "mount",
-            &[
-                "-t",
-                "bpf",
-                "bpf",
-                dir.join("bpf").to_str().unwrap_or_default(),
-            ],
-        )
-        .context("mounting the lab's bpffs")?;
+        let (prefix, dir) = lab::new_lab()?;
         let mut c = Cluster {
             nodes: (1..=nodes)
                 .map(|i| Node {
@@ -146,9 +132,6 @@ impl Cluster {
             birds: BTreeMap::new(),
             lbs: BTreeMap::new(),
         };
-        if let Ok(mut a) = ACTIVE.lock() {
-            a.push(c.prefix.clone());
-        }
         c.build()?;
         for b in c.backends.clone() {
             c.start_backend(&b)?;
@@ -271,19 +254,9 @@ impl Cluster {
     }
 
     fn start_backend(&mut self, b: &Backend) -> anyhow::Result<()> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &b.ns])
-            .arg(&self.xtask)
-            .args(["lab-backend", "--name", &b.name, "--vip", &VIP.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting a lab backend")?;
-        let rx = lines(child.stdout.take().expect("piped"));
+        let child =
+            lab::start_backend_server(&self.xtask, &b.ns, &b.name, &[IpAddr::V4(VIP)], None)?;
         self.servers.insert(b.name.clone(), child);
-        wait_for_line(&rx, "ready", Duration::from_secs(10))
-            .with_context(|| format!("backend {} did not start", b.name))?;
         Ok(())
     }
 
@@ -477,22 +450,8 @@ impl Cluster {
 
     /// `lb --socket <node i's> <args>`: stdout, or the error.
     pub fn lb_cli(&self, i: usize, lb: &Path, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(lb)
-            .arg("--socket")
-            .arg(self.socket(i))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running lb")?;
-        if !out.status.success() {
-            bail!(
-                "lb {} on {}: {}",
-                args.join(" "),
-                self.nodes[i].name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        lab::lb_cli_at(lb, &self.socket(i), args)
+            .with_context(|| format!("on node {}", self.nodes[i].name))
     }
 
     /// `lb status --json` of node `i`.
@@ -560,17 +519,7 @@ impl Cluster {
 
     /// Starts `args` in namespace `ns` with piped stdio (killed when dropped).
     pub fn spawn(&self, ns: &str, args: &[&str]) -> anyhow::Result<Spawned> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {args:?} in {ns}"))?;
-        let out = lines(child.stdout.take().expect("piped"));
-        let err = lines(child.stderr.take().expect("piped"));
-        Ok(Spawned { child, out, err })
+        lab::spawn_in(ns, args)
     }
 
     /// `count` long-lived streaming connections to the echo service (see
@@ -601,36 +550,14 @@ impl Cluster {
 
     /// `count` HTTP requests from the client through the VIP: the tally by backend.
     pub fn http(&self, count: usize) -> anyhow::Result<crate::labnet::Tally> {
-        let xtask = self.xtask.to_str().context("non-UTF-8 path")?;
-        let target = format!("{VIP}:80");
-        let count = count.to_string();
-        let srcs: Vec<String> = self.clients.iter().map(|a| a.to_string()).collect();
-        let mut args = vec![
-            "netns",
-            "exec",
+        lab::client_tally(
             &self.client(),
-            xtask,
-            "lab-client",
-            "--kind",
+            &self.xtask,
             "http",
-            "--target",
-            &target,
-            "--count",
-            &count,
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        for s in &srcs {
-            args.push("--source".into());
-            args.push(s.clone());
-        }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = run("ip", &argv)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(text.trim())
-            .with_context(|| format!("lab-client output {text:?}"))?;
-        crate::labnet::Tally::from_json(&v)
+            std::net::SocketAddr::new(IpAddr::V4(VIP), 80),
+            &addrs(&self.clients),
+            count,
+        )
     }
 
     fn cleanup(&mut self) {
@@ -647,13 +574,7 @@ impl Cluster {
         }
         self.birds.clear();
         self.servers.clear();
-        remove_namespaces(&self.prefix);
-        unmount_bpffs(&self.dir.join("bpf"));
-        remove_locks(&self.dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Ok(mut a) = ACTIVE.lock() {
-            a.retain(|p| *p != self.prefix);
-        }
+        lab::remove_lab(&self.prefix, &self.dir);
     }
 }
 

@@ -98,9 +98,9 @@ struct LbProcess {
     stdout: mpsc::Receiver<String>,
 }
 
-pub(crate) static COUNTER: AtomicU32 = AtomicU32::new(0);
+static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Prefixes of the labs alive in this process (for the Ctrl-C handler).
-pub(crate) static ACTIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static ACTIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// On Ctrl-C/SIGTERM: remove every lab of this process, then exit 130 (or, while
@@ -149,27 +149,11 @@ impl Lab {
     /// (`xtask` is the path of the xtask binary, which serves `lab-backend`).
     pub fn up(mode: Mode, weights: &[u16], xtask: &Path) -> anyhow::Result<Lab> {
         check_tools(mode)?;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
-        let dir = std::env::temp_dir().join(prefix.trim_end_matches('-'));
-        std::fs::create_dir_all(dir.join("bpf"))
-            .with_context(|| format!("creating {}", dir.display()))?;
-        // A bpffs of the lab's own for `lb run`'s pinned state: visible from every `ip netns
-        // exec` (which remounts /sys), removed with the lab.
-        run(
-            "mount",
-            &[
-                "-t",
-                "bpf",
-                "bpf",
-                dir.join("bpf").to_str().unwrap_or_default(),
-            ],
-        )
-        .context("mounting the lab's bpffs")?;
         anyhow::ensure!(
             weights.len() <= MAX_LAB_BACKENDS,
             "a lab has at most {MAX_LAB_BACKENDS} backends"
         );
+        let (prefix, dir) = new_lab()?;
         let backends = weights
             .iter()
             .enumerate()
@@ -203,9 +187,6 @@ impl Lab {
             lb: None,
             extra_args: Vec::new(),
         };
-        if let Ok(mut a) = ACTIVE.lock() {
-            a.push(lab.prefix.clone());
-        }
         // On any error below, Drop removes what was made.
         lab.build_topology()?;
         for b in lab.backends.clone() {
@@ -425,29 +406,9 @@ impl Lab {
             .with_context(|| format!("no backend {name}"))?
             .clone();
         let fail = self.fail_file(name);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &b.ns])
-            .arg(&self.xtask)
-            .args([
-                "lab-backend",
-                "--name",
-                &b.name,
-                "--vip",
-                &VIP4.to_string(),
-                "--vip",
-                &VIP6.to_string(),
-            ])
-            .arg("--fail-file")
-            .arg(&fail)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting a lab backend")?;
-        let rx = lines(child.stdout.take().expect("piped"));
+        let vips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+        let child = start_backend_server(&self.xtask, &b.ns, &b.name, &vips, Some(&fail))?;
         self.servers.insert(b.name.clone(), child);
-        wait_for_line(&rx, "ready", Duration::from_secs(10))
-            .with_context(|| format!("backend {} did not start", b.name))?;
         Ok(())
     }
 
@@ -522,21 +483,7 @@ impl Lab {
     /// Runs `lb --socket <this lab's> <args>` (from the root namespace: the socket is a file).
     /// Returns stdout, or fails with stderr.
     pub fn lb_cli(&self, lb: &Path, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(lb)
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running lb")?;
-        if !out.status.success() {
-            bail!(
-                "lb {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        lb_cli_at(lb, &self.socket(), args)
     }
 
     /// Starts `lb run` in the LB namespace and waits until it reports the attach.
@@ -615,17 +562,7 @@ impl Lab {
 
     /// Starts `args` in namespace `ns` with piped stdin/stdout (killed with the lab).
     pub fn spawn(&mut self, ns: &str, args: &[&str]) -> anyhow::Result<Spawned> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {args:?} in {ns}"))?;
-        let out = lines(child.stdout.take().expect("piped"));
-        let err = lines(child.stderr.take().expect("piped"));
-        Ok(Spawned { child, out, err })
+        spawn_in(ns, args)
     }
 
     /// Stops `lb run` with SIGTERM; returns what it printed after attaching (final counters).
@@ -714,13 +651,7 @@ impl Lab {
             let _ = c.wait();
         }
         self.servers.clear();
-        remove_namespaces(&self.prefix);
-        unmount_bpffs(&self.dir.join("bpf"));
-        remove_locks(&self.dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Ok(mut a) = ACTIVE.lock() {
-            a.retain(|p| *p != self.prefix);
-        }
+        remove_lab(&self.prefix, &self.dir);
     }
 }
 
@@ -798,6 +729,149 @@ impl Drop for Capture {
     }
 }
 
+/// A new lab's name prefix (`lblab-<pid>-<n>-`) and directory, with a bpffs of its own at
+/// `<dir>/bpf` for `lb run`'s pinned state (visible from every `ip netns exec`, which remounts
+/// /sys), registered for the Ctrl-C cleanup. [`remove_lab`] undoes it.
+pub(crate) fn new_lab() -> anyhow::Result<(String, PathBuf)> {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
+    let dir = std::env::temp_dir().join(prefix.trim_end_matches('-'));
+    std::fs::create_dir_all(dir.join("bpf"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    run(
+        "mount",
+        &[
+            "-t",
+            "bpf",
+            "bpf",
+            dir.join("bpf").to_str().unwrap_or_default(),
+        ],
+    )
+    .context("mounting the lab's bpffs")?;
+    if let Ok(mut a) = ACTIVE.lock() {
+        a.push(prefix.clone());
+    }
+    Ok((prefix, dir))
+}
+
+/// Removes a lab: its namespaces (and what runs in them), its bpffs, `lb run`'s lock files
+/// for it, its directory.
+pub(crate) fn remove_lab(prefix: &str, dir: &Path) {
+    remove_namespaces(prefix);
+    unmount_bpffs(&dir.join("bpf"));
+    remove_locks(dir);
+    let _ = std::fs::remove_dir_all(dir);
+    if let Ok(mut a) = ACTIVE.lock() {
+        a.retain(|p| p != prefix);
+    }
+}
+
+/// Starts the lab backend servers (`xtask lab-backend`) named `name` in namespace `ns`, serving
+/// `vips`, and waits until they listen.
+pub(crate) fn start_backend_server(
+    xtask: &Path,
+    ns: &str,
+    name: &str,
+    vips: &[IpAddr],
+    fail_file: Option<&Path>,
+) -> anyhow::Result<Child> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(xtask)
+        .args(["lab-backend", "--name", name]);
+    for v in vips {
+        cmd.arg("--vip").arg(v.to_string());
+    }
+    if let Some(f) = fail_file {
+        cmd.arg("--fail-file").arg(f);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a lab backend")?;
+    let rx = lines(child.stdout.take().expect("piped"));
+    if let Err(e) = wait_for_line(&rx, "ready", Duration::from_secs(10)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e.context(format!("backend {name} did not start")));
+    }
+    Ok(child)
+}
+
+/// `lb --socket <socket> <args>`, from the root namespace (the socket is a file): stdout, or
+/// the error with lb's stderr.
+pub(crate) fn lb_cli_at(lb: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(lb)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running lb")?;
+    if !out.status.success() {
+        bail!(
+            "lb {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts `args` in namespace `ns` with piped stdin/stdout/stderr (killed when dropped).
+pub(crate) fn spawn_in(ns: &str, args: &[&str]) -> anyhow::Result<Spawned> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {args:?} in {ns}"))?;
+    let out = lines(child.stdout.take().expect("piped"));
+    let err = lines(child.stderr.take().expect("piped"));
+    Ok(Spawned { child, out, err })
+}
+
+/// Runs `xtask lab-client` in namespace `ns`: `count` requests of `kind` to `target`, sources
+/// taken in turn; its JSON tally.
+pub(crate) fn client_tally(
+    ns: &str,
+    xtask: &Path,
+    kind: &str,
+    target: std::net::SocketAddr,
+    sources: &[IpAddr],
+    count: usize,
+) -> anyhow::Result<crate::labnet::Tally> {
+    let xtask = xtask.to_str().context("non-UTF-8 xtask path")?;
+    let (target, count) = (target.to_string(), count.to_string());
+    let srcs: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+    let mut args = vec![
+        "netns",
+        "exec",
+        ns,
+        xtask,
+        "lab-client",
+        "--kind",
+        kind,
+        "--target",
+        &target,
+        "--count",
+        &count,
+    ];
+    for s in &srcs {
+        args.push("--source");
+        args.push(s);
+    }
+    let out = run("ip", &args)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("lab-client output {text:?}"))?;
+    crate::labnet::Tally::from_json(&v)
+}
+
 /// Removes the namespaces of every lab (leftovers of crashed runs). Returns their names.
 pub fn down_all() -> anyhow::Result<Vec<String>> {
     let out = run("ip", &["netns", "list"])?;
@@ -823,12 +897,12 @@ pub fn down_all() -> anyhow::Result<Vec<String>> {
 }
 
 /// Unmounts a lab's bpffs: its pinned maps and XDP link go with it.
-pub(crate) fn unmount_bpffs(path: &Path) {
+fn unmount_bpffs(path: &Path) {
     run_quiet("umount", &["-l", path.to_str().unwrap_or_default()]);
 }
 
 /// Removes `lb run`'s lock files for pin paths under `dir` (`/run/lb/locks/<escaped path>.lock`).
-pub(crate) fn remove_locks(dir: &Path) {
+fn remove_locks(dir: &Path) {
     let escaped: String = dir
         .to_string_lossy()
         .trim_matches('/')
@@ -863,7 +937,7 @@ fn lab_mounts() -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn remove_namespaces(prefix: &str) {
+fn remove_namespaces(prefix: &str) {
     let Ok(out) = run("ip", &["netns", "list"]) else {
         return;
     };
@@ -876,7 +950,7 @@ pub(crate) fn remove_namespaces(prefix: &str) {
     }
 }
 
-pub(crate) fn kill_netns_pids(ns: &str) {
+fn kill_netns_pids(ns: &str) {
     if let Ok(out) = run("ip", &["netns", "pids", ns]) {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
@@ -988,28 +1062,7 @@ impl Lab {
         sources: &[IpAddr],
         count: usize,
     ) -> anyhow::Result<crate::labnet::Tally> {
-        let xtask = xtask.to_str().context("non-UTF-8 xtask path")?;
-        let target = target.to_string();
-        let count = count.to_string();
-        let mut args = vec![
-            xtask,
-            "lab-client",
-            "--kind",
-            kind,
-            "--target",
-            &target,
-            "--count",
-            &count,
-        ];
-        let srcs: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-        for s in &srcs {
-            args.push("--source");
-            args.push(s);
-        }
-        let out = self.exec(&self.client(), &args)?;
-        let v: serde_json::Value = serde_json::from_str(out.trim())
-            .with_context(|| format!("lab-client output {out:?}"))?;
-        crate::labnet::Tally::from_json(&v)
+        client_tally(&self.client(), xtask, kind, target, sources, count)
     }
 }
 

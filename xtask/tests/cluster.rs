@@ -179,7 +179,14 @@ fn unhealthy_or_stopped_node_withdraws() {
     let r = c.http(200).expect("http");
     assert_eq!(r.errors, 0, "{r:?}");
     let after = new_flows(&c);
-    assert_eq!(after[0], before[0], "no new flow reaches n1");
+    assert_eq!(
+        after[0],
+        before[0],
+        "no new flow reaches n1: {before:?} → {after:?}, n1 counters {}",
+        c.status(0, &lb())
+            .map(|s| s["counters"].to_string())
+            .unwrap_or_default()
+    );
     assert!(
         after[1] >= before[1] + 200,
         "n2 takes them: {before:?} → {after:?}"

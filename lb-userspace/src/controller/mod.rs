@@ -905,11 +905,8 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         now_ns: u64,
     ) -> Result<Shared, crate::dataplane::LoaderError> {
         let k = &f.key;
-        let vip = match k.family {
-            lb_common::FAMILY_V4 => {
-                IpAddr::from([k.dst_addr[0], k.dst_addr[1], k.dst_addr[2], k.dst_addr[3]])
-            }
-            _ => IpAddr::from(k.dst_addr),
+        let Some(vip) = lb_common::rules::key_addr(&k.dst_addr, k.family) else {
+            return Ok(Shared::Unknown);
         };
         let port = u16::from_be_bytes(k.dst_port);
         let proto = k.protocol;
@@ -950,16 +947,10 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         };
         // A maglev/sh flow on another backend than its slot's here: the slot must consult the
         // table (changed), or its packets would follow the slot.
+        let ring_size = self.desired.ring_size;
         if let Some(ds) = self.desired.services.iter_mut().find(|d| d.name == s.name)
-            && ds.stateless()
-            && self.desired.ring_size > 0
+            && let Some(slot) = ds.slot_of(k, ring_size)
         {
-            let h = if ds.value.scheduler == lb_common::SCHED_SH {
-                lb_common::hash::source_hash(k)
-            } else {
-                lb_common::hash::flow_hash(k)
-            };
-            let slot = h % self.desired.ring_size;
             if ds.ring.get(slot as usize) != Some(&id.0) && !ds.dirty.contains(slot) {
                 ds.dirty.insert(slot);
                 let op = desired::Op::Ring {
@@ -972,7 +963,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 };
                 self.ring_changed
                     .insert(ds.value.id, crate::trace::clocks().0);
-                self.maps.apply_ops(&[op], self.desired.ring_size)?;
+                self.maps.apply_ops(&[op], ring_size)?;
             }
         }
         Ok(if self.maps.insert_shared_flow(k, &value)? {

@@ -765,7 +765,7 @@ fn take_sample(ctl: &mut Ctl, samples: &mut [Option<(Instant, Snapshot)>; 2]) {
 fn status(
     ctl: &mut Ctl,
     samples: &mut [Option<(Instant, Snapshot)>; 2],
-    (mode, adopted): (AttachedMode, bool),
+    mode: (AttachedMode, bool),
     started: Instant,
     flows: (u64, u64),
     extra: Extra,
@@ -779,23 +779,8 @@ fn status(
             "no counters yet",
         ));
     };
-    let mode = mode.to_string();
-    let view = ctl.status_view()?;
-    let mut st = crate::status::build(
-        &view,
-        &crate::status::Samples {
-            now: (*t1, s1),
-            before: samples[0].as_ref().map(|(t, s)| (*t, s)),
-        },
-        &crate::status::Process {
-            xdp_mode: &mode,
-            adopted,
-            started,
-            flow_entries: flows.0,
-            flows_expired: flows.1,
-        },
-    );
-    (st.vips, st.flow_sync) = extra;
+    let before = samples[0].as_ref().map(|(t, s)| (*t, s));
+    let st = report(ctl, (*t1, s1), before, mode, started, flows, extra)?;
     Ok(serde_json::to_value(st).expect("serializes"))
 }
 
@@ -804,7 +789,7 @@ fn status(
 fn status_now(
     ctl: &mut Ctl,
     samples: &[Option<(Instant, Snapshot)>; 2],
-    (mode, adopted): (AttachedMode, bool),
+    mode: (AttachedMode, bool),
     started: Instant,
     flows: (u64, u64),
     extra: Extra,
@@ -815,15 +800,33 @@ fn status_now(
             format!("reading counters: {e}"),
         )
     })?;
-    let now = Instant::now();
+    let before = samples[1].as_ref().map(|(t, s)| (*t, s));
+    report(
+        ctl,
+        (Instant::now(), &fresh),
+        before,
+        mode,
+        started,
+        flows,
+        extra,
+    )
+}
+
+/// The report from the counters `now` (rates against `before`) and what the event loop knows.
+fn report(
+    ctl: &mut Ctl,
+    now: (Instant, &Snapshot),
+    before: Option<(Instant, &Snapshot)>,
+    (mode, adopted): (AttachedMode, bool),
+    started: Instant,
+    flows: (u64, u64),
+    (vips, flow_sync): Extra,
+) -> Result<crate::api::Status, crate::api::ApiError> {
     let mode = mode.to_string();
     let view = ctl.status_view()?;
     let mut st = crate::status::build(
         &view,
-        &crate::status::Samples {
-            now: (now, &fresh),
-            before: samples[1].as_ref().map(|(t, s)| (*t, s)),
-        },
+        &crate::status::Samples { now, before },
         &crate::status::Process {
             xdp_mode: &mode,
             adopted,
@@ -832,7 +835,7 @@ fn status_now(
             flows_expired: flows.1,
         },
     );
-    (st.vips, st.flow_sync) = extra;
+    (st.vips, st.flow_sync) = (vips, flow_sync);
     Ok(st)
 }
 

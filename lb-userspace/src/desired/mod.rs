@@ -234,6 +234,17 @@ impl DesiredService {
     pub fn stateless(&self) -> bool {
         matches!(self.value.scheduler, SCHED_MAGLEV | SCHED_SH)
     }
+
+    /// maglev/sh: the table slot of `key` (the data plane's hash); `None` for the other
+    /// schedulers, whose tables are sequences or lists.
+    pub fn slot_of(&self, key: &lb_common::FlowKey, ring_size: u32) -> Option<u32> {
+        let h = match self.value.scheduler {
+            SCHED_MAGLEV => lb_common::hash::flow_hash(key),
+            SCHED_SH => lb_common::hash::source_hash(key),
+            _ => return None,
+        };
+        (ring_size > 0).then(|| h % ring_size)
+    }
 }
 
 /// A set of table slots (a bitset).
@@ -769,17 +780,8 @@ impl crate::dataplane::SlotView for TableView<'_> {
             None => return None,
         };
         let s = &self.desired.services[i];
-        let ring_size = self.desired.ring_size;
-        if !s.stateless() || ring_size == 0 || s.ring.len() != ring_size as usize {
-            return None;
-        }
-        let h = if s.value.scheduler == SCHED_SH {
-            lb_common::hash::source_hash(key)
-        } else {
-            lb_common::hash::flow_hash(key)
-        };
-        let slot = h % ring_size;
-        let backend = s.ring[slot as usize];
+        let slot = s.slot_of(key, self.desired.ring_size)?;
+        let backend = *s.ring.get(slot as usize)?;
         Some(crate::dataplane::SlotInfo {
             service_id: s.value.id,
             slot,
