@@ -950,21 +950,21 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let ring_size = self.desired.ring_size;
         if let Some(ds) = self.desired.services.iter_mut().find(|d| d.name == s.name)
             && let Some(slot) = ds.slot_of(k, ring_size)
+            && ds.ring.get(slot as usize) != Some(&id.0)
+            && !ds.dirty.contains(slot)
         {
-            if ds.ring.get(slot as usize) != Some(&id.0) && !ds.dirty.contains(slot) {
-                ds.dirty.insert(slot);
-                let op = desired::Op::Ring {
-                    service_id: ds.value.id,
-                    slots: ds
-                        .slot_value(slot as usize)
-                        .map(|v| (slot, v))
-                        .into_iter()
-                        .collect(),
-                };
-                self.ring_changed
-                    .insert(ds.value.id, crate::trace::clocks().0);
-                self.maps.apply_ops(&[op], ring_size)?;
-            }
+            ds.dirty.insert(slot);
+            let op = desired::Op::Ring {
+                service_id: ds.value.id,
+                slots: ds
+                    .slot_value(slot as usize)
+                    .map(|v| (slot, v))
+                    .into_iter()
+                    .collect(),
+            };
+            self.ring_changed
+                .insert(ds.value.id, crate::trace::clocks().0);
+            self.maps.apply_ops(&[op], ring_size)?;
         }
         Ok(if self.maps.insert_shared_flow(k, &value)? {
             Shared::Inserted
