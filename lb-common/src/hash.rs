@@ -34,6 +34,14 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// A hash's slot in a table of `n` slots: `⌊h·n / 2³²⌋`, uniform like `h % n` for a uniform
+/// `h`, without a division (the data plane's one per packet was a measurable cost). The data
+/// plane and the controller must agree on it: a flow's Maglev slot is `reduce(flow_hash, size)`.
+#[inline(always)]
+pub const fn reduce(h: u32, n: u32) -> u32 {
+    ((h as u64 * n as u64) >> 32) as u32
+}
+
 /// Slot of an address in the VIP filter (`LB_VIP_FILTER`, [`crate::limits::VIP_FILTER_SLOTS`]
 /// entries): a packet whose destination's slot is clear is not for any VIP, found with one
 /// array read instead of two hash-map lookups.

@@ -2,13 +2,22 @@
 //! these limits; the eBPF object declares them with these defaults.
 
 /// Maximum number of services (service ids are `0..MAX_SERVICES`).
-pub const MAX_SERVICES: u32 = 64;
+pub const MAX_SERVICES: u32 = 4096;
 /// Maximum number of backends over all services (backend ids are `0..MAX_BACKENDS`).
-pub const MAX_BACKENDS: u32 = 4096;
+pub const MAX_BACKENDS: u32 = 16384;
 /// Default number of slots per Maglev table (a prime, as the Maglev paper requires).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Largest accepted ring size: MAX_SERVICES × this must fit the ring array's `u32` index.
+/// Largest accepted ring size (per service).
 pub const MAX_RING_SIZE: u32 = 1_048_573;
+/// Default slots of `LB_RING`, all services' tables together (`dataplane.ring_capacity`):
+/// 64 tables of the default size, 16 MiB.
+pub const DEFAULT_RING_CAPACITY: u32 = 64 * DEFAULT_RING_SIZE;
+/// `LB_RING`'s values are chunks of this many slots (64 bytes): an array map stores each
+/// value in a multiple of 8 bytes, so `u32` values would not lie side by side in the
+/// controller's mapping (and would take twice the cache).
+pub const RING_CHUNK: u32 = 16;
+/// Largest accepted `dataplane.ring_capacity` (1 GiB of tables).
+pub const MAX_RING_CAPACITY: u32 = 1 << 28;
 /// Default size of the connection table.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 /// Number of egress interfaces usable for XDP_REDIRECT.

@@ -66,9 +66,6 @@ pub const SYNC_RATE: &str = "LB_SYNC_RATE";
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 
-/// Load-time global (`u32`): slots per Maglev table (a prime).
-pub const GLOBAL_RING_SIZE: &str = "LB_RING_SIZE";
-
 /// Load-time global (`[u8; 6]`): the MAC of the interface lb_xdp is attached to (all zeros: no
 /// check of the destination MAC).
 pub const GLOBAL_IF_MAC: &str = "LB_IF_MAC";

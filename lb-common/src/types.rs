@@ -83,7 +83,7 @@ pub const SCHED_WLC: u32 = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Service id: index into the ring array and the per-service counters.
+    /// Service id: index of the per-service counters and the round-robin cursor.
     pub id: u32,
     /// `SCHED_*`.
     pub scheduler: u32,
@@ -91,6 +91,10 @@ pub struct ServiceValue {
     pub flags: u32,
     /// rr/wrr: length of the sequence; lc/wlc: number of backends listed; else 0.
     pub ring_len: u32,
+    /// Where the service's table starts in `LB_RING` (the controller allocates the ranges).
+    pub ring_base: u32,
+    /// Slots of the service's table (a prime for maglev/sh; per service since layout 3).
+    pub ring_size: u32,
 }
 
 /// Key of the VIP set: any address that is the VIP of some service.
@@ -234,8 +238,8 @@ pub struct BackendMeta {
 
 /// `LB_META` indexes (array of `u64`), written when the pinned maps are created.
 pub const META_LAYOUT: u32 = 0;
-/// `LB_META[META_RING_SIZE]`: the ring size the maps were made for.
-pub const META_RING_SIZE: u32 = 1;
+/// `LB_META[META_RING_CAPACITY]`: the slots of `LB_RING` (all services' tables).
+pub const META_RING_CAPACITY: u32 = 1;
 /// `LB_META[META_FLOW_TABLE_SIZE]`: the connection table's size.
 pub const META_FLOW_TABLE_SIZE: u32 = 2;
 /// `LB_META[META_XDP_MODE]`: how the pinned link was attached (1 native, 2 generic).
@@ -249,7 +253,12 @@ pub const META_LEN: u32 = 8;
 /// 2: `LB_BE_CONNS`, `LB_BE_EXPIRED` and `LB_RR_CURSOR` are shared arrays (were per CPU);
 /// `LB_TRACE`, `LB_TRACE_CFG` and `LB_TRACE_RATE` for `lb trace`; `LB_VIPS` values are
 /// `VipValue`s; `LB_FRAGS`; `LB_VIP_FILTER`.
-pub const LAYOUT_VERSION: u64 = 2;
+///
+/// 3: a service's table is `LB_RING[ring_base .. ring_base + ring_size]` (`ServiceValue` says
+/// where, per service; `LB_RING` is memory-mapped by the controller and holds
+/// `dataplane.ring_capacity` slots); a flow's slot is `reduce(hash, ring_size)`; up to
+/// `MAX_SERVICES` = 4096 services and `MAX_BACKENDS` = 16384 backends.
+pub const LAYOUT_VERSION: u64 = 3;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
 #[repr(C)]
@@ -379,14 +388,14 @@ pub const FLOW_CPU_PEER: u32 = u32::MAX;
 // Layout: no implicit padding anywhere (sizes are the sums of the fields).
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<ServiceKey>() == 20);
-const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<ServiceValue>() == 24);
 const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<Backend>() == 32);
 const _: () = assert!(size_of::<FlowValue>() == 24);
 const _: () = assert!(size_of::<Counters>() == 24);
 const _: () = assert!(size_of::<BackendMeta>() == 24);
 const _: () = assert!(size_of::<TraceConfig>() == 56);
-const _: () = assert!(size_of::<VipValue>() == 40);
+const _: () = assert!(size_of::<VipValue>() == 56);
 const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
@@ -451,6 +460,7 @@ mod tests {
         assert_eq!(offset_of!(Backend, tx_port), 20);
         assert_eq!(offset_of!(Backend, weight), 24);
         assert_eq!(offset_of!(ServiceValue, ring_len), 12);
+        assert_eq!(offset_of!(ServiceValue, ring_size), 20);
         assert_eq!(offset_of!(Counters, new_flows), 16);
     }
 

@@ -2,6 +2,7 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -9,15 +10,11 @@ use lb_common::{
     Backend, BackendMeta, BenchGen, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN,
     ServiceKey, ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
-        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
-        MAX_TX_PORTS, VIP_FILTER_SLOTS,
+        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_CAPACITY, FRAG_TABLE_SIZE, MAX_BACKENDS,
+        MAX_SERVICES, MAX_TX_PORTS, RING_CHUNK, VIP_FILTER_SLOTS,
     },
     stats::STATS_LEN,
 };
-
-/// Slots per Maglev table (a prime), set by the controller at load time.
-#[unsafe(no_mangle)]
-pub static LB_RING_SIZE: Global<u32> = Global::new(DEFAULT_RING_SIZE);
 
 /// This interface's MAC, set at load: a unicast frame to another MAC (a bridge flooding it to a
 /// veth, promiscuous mode) is not ours to forward. All zeros: no check.
@@ -54,9 +51,20 @@ pub static LB_VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 
 pub static LB_FRAGS: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
 
-/// Maglev tables of all services, flat: `service_id * ring_size + slot` → backend id.
+/// The tables of all services, flat: `ring_base + slot` → backend id (`ServiceValue` says
+/// where each service's table lies), in chunks of `RING_CHUNK` slots. Memory-mapped by the
+/// controller, which writes whole tables as plain stores; `dataplane.ring_capacity` slots
+/// (rounded up to whole chunks), set at load time.
 #[map]
-pub static LB_RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * DEFAULT_RING_SIZE, 0);
+pub static LB_RING: Array<[u32; RING_CHUNK as usize]> =
+    Array::with_max_entries(DEFAULT_RING_CAPACITY / RING_CHUNK, BPF_F_MMAPABLE);
+
+/// `LB_RING[i]`: slot `i` of the flat table array.
+#[inline(always)]
+pub fn ring_get(i: u32) -> Option<u32> {
+    let chunk = LB_RING.get(i / RING_CHUNK)?;
+    Some(chunk[(i % RING_CHUNK) as usize])
+}
 
 /// Backend id → backend.
 #[map]

@@ -16,7 +16,7 @@ use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
     FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, SCHED_LC, SCHED_MAGLEV, SCHED_SH,
     SCHED_WLC, SCHED_WRR, ServiceValue, SyncEvent,
-    hash::{flow_hash, source_hash},
+    hash::{flow_hash, reduce, source_hash},
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
 };
@@ -24,8 +24,8 @@ use lb_common::{
 use crate::{
     atomic,
     maps::{
-        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RING, LB_RING_SIZE,
-        LB_RR_CURSOR, LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE,
+        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RR_CURSOR, LB_SYNC,
+        LB_SYNC_CFG, LB_SYNC_RATE, ring_get,
     },
     stats::{count, count_new_flow},
 };
@@ -197,21 +197,12 @@ pub fn record_frag(key: &FlowKey, id: u32, backend: u32, generation: u32) {
 /// (maglev, sh: the Maglev table; rr/wrr/lc/wlc: their sequence or list).
 #[inline(always)]
 pub fn by_address(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend)> {
-    let ring_size = LB_RING_SIZE.load();
-    if ring_size == 0 {
-        return None;
-    }
     let h = source_hash(key);
     let slot = match svc.scheduler {
-        SCHED_WRR | SCHED_LC | SCHED_WLC => {
-            if svc.ring_len == 0 {
-                return None;
-            }
-            h % svc.ring_len
-        }
-        _ => h % ring_size,
+        SCHED_WRR | SCHED_LC | SCHED_WLC => reduce(h, svc.ring_len),
+        _ => reduce(h, svc.ring_size),
     };
-    let id = ring_slot(svc.id, ring_size, slot)?;
+    let id = ring_slot(svc, slot)?;
     Some((id, usable(id)?))
 }
 
@@ -229,16 +220,12 @@ pub fn owner(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend
             return Some((id, b));
         }
     }
-    let ring_size = LB_RING_SIZE.load();
-    if ring_size == 0 {
-        return None;
-    }
     let slot = match svc.scheduler {
-        SCHED_SH => source_hash(key) % ring_size,
+        SCHED_SH => reduce(source_hash(key), svc.ring_size),
         SCHED_WRR | SCHED_LC | SCHED_WLC => return None,
-        _ => flow_hash(key) % ring_size,
+        _ => reduce(flow_hash(key), svc.ring_size),
     };
-    let id = ring_slot(svc.id, ring_size, slot)?;
+    let id = ring_slot(svc, slot)?;
     Some((id, usable(id)?))
 }
 
@@ -264,12 +251,8 @@ fn usable(id: u32) -> Option<&'static Backend> {
 /// The service's scheduler picks a backend for a new flow.
 #[inline(always)]
 fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
-    let ring_size = LB_RING_SIZE.load();
-    if ring_size == 0 {
-        return None;
-    }
     match svc.scheduler {
-        SCHED_SH => ring_slot(svc.id, ring_size, source_hash(key) % ring_size),
+        SCHED_SH => ring_slot(svc, reduce(source_hash(key), svc.ring_size)),
         SCHED_WRR => {
             let n = svc.ring_len;
             if n == 0 {
@@ -279,18 +262,19 @@ fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
             // SAFETY: a valid, aligned map value; every CPU takes its position with one atomic
             // fetch-and-add, so the service's new flows walk the sequence in one global order.
             let c = unsafe { atomic::fetch_add(cursor, 1) };
-            ring_slot(svc.id, ring_size, (c % n as u64) as u32)
+            ring_slot(svc, (c % n as u64) as u32)
         }
-        SCHED_LC => least_connections(svc, ring_size, false),
-        SCHED_WLC => least_connections(svc, ring_size, true),
-        _ => ring_slot(svc.id, ring_size, flow_hash(key) % ring_size),
+        SCHED_LC => least_connections(svc, false),
+        SCHED_WLC => least_connections(svc, true),
+        _ => ring_slot(svc, reduce(flow_hash(key), svc.ring_size)),
     }
 }
 
-/// The backend id in a table slot (without [`RING_DIRTY`]), or `None` for an empty slot.
+/// The backend id in slot `slot` (< `ring_size`) of the service's table (without
+/// [`RING_DIRTY`]), or `None` for an empty slot.
 #[inline(always)]
-fn ring_slot(service_id: u32, ring_size: u32, slot: u32) -> Option<u32> {
-    let id = *LB_RING.get(service_id.wrapping_mul(ring_size).wrapping_add(slot))?;
+fn ring_slot(svc: &ServiceValue, slot: u32) -> Option<u32> {
+    let id = ring_get(svc.ring_base.wrapping_add(slot))?;
     if id == NO_BACKEND {
         None
     } else {
@@ -322,11 +306,7 @@ pub fn stateless(
         SCHED_SH => source_hash(key),
         _ => return None,
     };
-    let ring_size = LB_RING_SIZE.load();
-    if ring_size == 0 {
-        return None;
-    }
-    let e = *LB_RING.get(svc.id.wrapping_mul(ring_size).wrapping_add(h % ring_size))?;
+    let e = ring_get(svc.ring_base.wrapping_add(reduce(h, svc.ring_size)))?;
     if e & RING_DIRTY != 0 {
         return None; // a changed slot, or an empty one (NO_BACKEND has every bit)
     }
@@ -352,9 +332,9 @@ struct LcScan {
 /// One `bpf_loop` call: the verifier checks [`lc_step`] once, whatever the number of backends
 /// (up to the ring's `ring_size / 10`, as for Maglev).
 #[inline(always)]
-fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Option<u32> {
+fn least_connections(svc: &ServiceValue, weighted: bool) -> Option<u32> {
     let mut scan = LcScan {
-        base: svc.id.wrapping_mul(ring_size),
+        base: svc.ring_base,
         weighted: weighted as u32,
         best: NO_BACKEND,
         _pad: 0,
@@ -384,7 +364,7 @@ fn least_connections(svc: &ServiceValue, ring_size: u32, weighted: bool) -> Opti
 extern "C" fn lc_step(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `LcScan` that `least_connections` passed to bpf_loop.
     let scan = unsafe { &mut *(ctx as *mut LcScan) };
-    let Some(id) = LB_RING.get(scan.base.wrapping_add(i as u32)).copied() else {
+    let Some(id) = ring_get(scan.base.wrapping_add(i as u32)) else {
         return 0;
     };
     let weight = match LB_BACKENDS.get(id) {

@@ -737,7 +737,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         .iter()
         .map(|b| b | lb_common::RING_DIRTY)
         .collect();
-    g.dp.set_ring(web4.value.id, g.desired.ring_size, &marked)
+    g.dp.set_ring(web4.value.ring_base, &marked)
         .expect("mark every slot");
     let (tm, to, _) = measure(&mut g, Stat::FlowHit);
     println!(
@@ -776,8 +776,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             (&marked, Stat::FlowHit, "table_ns"),
             (&web4.ring, Stat::FlowStateless, "stateless_ns"),
         ] {
-            g.dp.set_ring(web4.value.id, g.desired.ring_size, ring)
-                .expect("ring");
+            g.dp.set_ring(web4.value.ring_base, ring).expect("ring");
             let mut v = Vec::new();
             for _ in 0..3 {
                 let before = g.snapshot().get(stat);
@@ -800,7 +799,10 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     let web4s = h.service("web4");
     for i in 0..FLOWS {
         let k = key_of(i);
-        let b = web4s.ring[(lb_common::hash::flow_hash(&k) % h.desired.ring_size) as usize];
+        let b = web4s.ring[lb_common::hash::reduce(
+            lb_common::hash::flow_hash(&k),
+            web4s.value.ring_size,
+        ) as usize];
         let v = lb_common::FlowValue {
             backend: b,
             generation: h.backend(b).generation,

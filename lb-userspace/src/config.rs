@@ -12,7 +12,8 @@ use std::{
 };
 
 use lb_common::limits::{
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_CAPACITY, DEFAULT_RING_SIZE, MAX_BACKENDS,
+    MAX_RING_CAPACITY, MAX_RING_SIZE, MAX_SERVICES,
 };
 use serde::Deserialize;
 
@@ -270,7 +271,10 @@ pub struct Dataplane {
     pub interface: String,
     pub xdp_mode: XdpMode,
     pub flow_table_size: u32,
+    /// Default table size of a service (`service.ring_size` overrides it).
     pub ring_size: u32,
+    /// Slots of `LB_RING`, all services' tables together.
+    pub ring_capacity: u32,
     /// Where the maps and the XDP link are pinned (a directory on a bpffs), so the data plane
     /// outlives `lb run`: default `/sys/fs/bpf/lb/<interface>`.
     pub pin_path: PathBuf,
@@ -302,6 +306,8 @@ pub struct Service {
     pub fallback: Fallback,
     /// The VIP is announced (`[announce]`) while at least this many backends are healthy.
     pub min_healthy: u32,
+    /// Slots of the service's table (`ring_size`, default `dataplane.ring_size`).
+    pub ring_size: u32,
     pub backends: Vec<Backend>,
 }
 
@@ -403,6 +409,7 @@ struct RawDataplane {
     xdp_mode: XdpMode,
     flow_table_size: Option<i64>,
     ring_size: Option<i64>,
+    ring_capacity: Option<i64>,
     pin_path: Option<PathBuf>,
     #[serde(default)]
     rx_vlan_offload: RxVlanOffload,
@@ -436,6 +443,7 @@ struct RawService {
     scheduler: Option<String>,
     fallback: Option<Fallback>,
     min_healthy: Option<i64>,
+    ring_size: Option<i64>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -655,6 +663,18 @@ impl Validator {
             }
             total_backends += s.backends.len();
             services.push(s);
+        }
+        let slots: u64 = services.iter().map(|s| s.ring_size as u64).sum();
+        if slots > dataplane.ring_capacity as u64 {
+            return Err(self.err(
+                "dataplane.ring_capacity",
+                format!(
+                    "{} services' tables need {slots} slots, the table array has {} \
+                     (raise dataplane.ring_capacity, or give services a smaller ring_size)",
+                    services.len(),
+                    dataplane.ring_capacity
+                ),
+            ));
         }
         if total_backends > MAX_BACKENDS as usize {
             return Err(self.err(
@@ -916,19 +936,17 @@ impl Validator {
         };
         let ring_size = match dp.ring_size {
             None => DEFAULT_RING_SIZE,
-            Some(n) if !(7..=MAX_RING_SIZE as i64).contains(&n) => {
+            Some(n) => self.ring_size("dataplane.ring_size", n)?,
+        };
+        let ring_capacity = match dp.ring_capacity {
+            None => DEFAULT_RING_CAPACITY.max(ring_size),
+            Some(n) if (7..=MAX_RING_CAPACITY as i64).contains(&n) => n as u32,
+            Some(n) => {
                 return Err(self.err(
-                    "dataplane.ring_size",
-                    format!("{n} is out of range 7..={MAX_RING_SIZE}"),
+                    "dataplane.ring_capacity",
+                    format!("{n} is out of range 7..={MAX_RING_CAPACITY}"),
                 ));
             }
-            Some(n) if !is_prime(n as u64) => {
-                return Err(self.err(
-                    "dataplane.ring_size",
-                    format!("{n} is not a prime (Maglev needs a prime table size, e.g. 65537)"),
-                ));
-            }
-            Some(n) => n as u32,
         };
         let pin_path = match dp.pin_path {
             None => PathBuf::from(DEFAULT_PIN_ROOT).join(&interface),
@@ -945,6 +963,7 @@ impl Validator {
             xdp_mode: dp.xdp_mode,
             flow_table_size,
             ring_size,
+            ring_capacity,
             pin_path,
             rx_vlan_offload: dp.rx_vlan_offload,
         })
@@ -1024,13 +1043,16 @@ impl Validator {
             }
             backends.push(b);
         }
-        if backends.len() as u64 > dp.ring_size as u64 / 10 {
+        let ring_size = match rs.ring_size {
+            None => dp.ring_size,
+            Some(n) => self.ring_size(&format!("{loc}: ring_size"), n)?,
+        };
+        if backends.len() as u64 > ring_size as u64 / 10 {
             return Err(self.err(
                 format!("{loc}: backend"),
                 format!(
-                    "{} backends for a ring of {} slots; Maglev needs ring_size ≥ 10 × backends (raise dataplane.ring_size)",
+                    "{} backends for a ring of {ring_size} slots; Maglev needs ring_size ≥ 10 × backends (raise the service's ring_size or dataplane.ring_size)",
                     backends.len(),
-                    dp.ring_size
                 ),
             ));
         }
@@ -1055,8 +1077,23 @@ impl Validator {
             scheduler,
             fallback: rs.fallback.unwrap_or_default(),
             min_healthy,
+            ring_size,
             backends,
         })
+    }
+
+    /// A table size: a prime in 7..=MAX_RING_SIZE.
+    fn ring_size(&self, field: &str, n: i64) -> Result<u32, ConfigError> {
+        if !(7..=MAX_RING_SIZE as i64).contains(&n) {
+            return Err(self.err(field, format!("{n} is out of range 7..={MAX_RING_SIZE}")));
+        }
+        if !is_prime(n as u64) {
+            return Err(self.err(
+                field,
+                format!("{n} is not a prime (Maglev needs a prime table size, e.g. 65537)"),
+            ));
+        }
+        Ok(n as u32)
     }
 
     fn backend(
@@ -1592,6 +1629,21 @@ mac = "02:00:00:00:00:22"
                 "ring_size = 65537",
                 "ring_size = 5",
                 "dataplane.ring_size: 5 is out of range",
+            ),
+            (
+                "scheduler = \"maglev\"",
+                "scheduler = \"maglev\"\nring_size = 4097",
+                "lb.toml: service \"web\": ring_size: 4097 is not a prime",
+            ),
+            (
+                "scheduler = \"maglev\"",
+                "scheduler = \"maglev\"\nring_size = 11",
+                "service \"web\": backend: 2 backends for a ring of 11 slots",
+            ),
+            (
+                "ring_size = 65537",
+                "ring_size = 65537\nring_capacity = 65536",
+                "lb.toml: dataplane.ring_capacity: 1 services' tables need 65537 slots, the table array has 65536",
             ),
             (
                 "flow_table_size = 65536",

@@ -48,8 +48,8 @@ impl Query {
 /// What the live maps say, read for one explanation.
 pub trait Live {
     fn flow(&mut self, key: &FlowKey) -> Option<FlowValue>;
-    /// `LB_RING[service_id × ring_size + slot]`.
-    fn ring(&mut self, service_id: u32, slot: u32) -> u32;
+    /// Slot `slot` of the service's table (`LB_RING[ring_base + slot]`).
+    fn ring(&mut self, svc: &lb_common::ServiceValue, slot: u32) -> u32;
     /// `LB_RR_CURSOR[service_id]`: the position the next new flow of the service takes.
     fn rr_cursor(&mut self, service_id: u32) -> u64;
 }
@@ -232,13 +232,14 @@ fn schedule(
     live: &mut dyn Live,
     key: &FlowKey,
 ) -> (u32, String) {
-    let ring = desired.ring_size;
+    let _ = desired;
+    let ring = svc.value.ring_size;
     let id = svc.value.id;
     match svc.value.scheduler {
         SCHED_SH => {
-            let slot = source_hash(key) % ring;
+            let slot = lb_common::hash::reduce(source_hash(key), ring);
             (
-                live.ring(id, slot),
+                live.ring(&svc.value, slot),
                 format!("sh: source hash → slot {slot} of {ring}"),
             )
         }
@@ -250,7 +251,7 @@ fn schedule(
             let c = live.rr_cursor(id);
             let pos = (c % n as u64) as u32;
             (
-                live.ring(id, pos),
+                live.ring(&svc.value, pos),
                 format!(
                     "rr/wrr: the next new flow of the service takes position {pos} of the {n}-long sequence (if no other new flow comes first)"
                 ),
@@ -261,7 +262,7 @@ fn schedule(
             let mut ids = Vec::new();
             let mut cands = Vec::new();
             for slot in 0..svc.value.ring_len {
-                let b = live.ring(id, slot);
+                let b = live.ring(&svc.value, slot);
                 let w = desired
                     .backends
                     .get(&BackendId(b))
@@ -285,9 +286,9 @@ fn schedule(
             }
         }
         _ => {
-            let slot = flow_hash(key) % ring;
+            let slot = lb_common::hash::reduce(flow_hash(key), ring);
             (
-                live.ring(id, slot),
+                live.ring(&svc.value, slot),
                 format!("maglev: 5-tuple hash → slot {slot} of {ring}"),
             )
         }

@@ -168,9 +168,8 @@ fn table_change_keeps_existing_flows() {
         .collect();
     // Point every slot at the first backend: a new Maglev table.
     let target = svc.backends[0];
-    let ring = vec![target; f.desired.ring_size as usize];
-    f.dp.set_ring(svc.value.id, f.desired.ring_size, &ring)
-        .unwrap();
+    let ring = vec![target; svc.value.ring_size as usize];
+    f.dp.set_ring(svc.value.ring_base, &ring).unwrap();
     for ((p, _), b) in flows.iter().zip(&before) {
         let (v, out) = f.run(p);
         assert_eq!(v, XDP_TX);
@@ -207,9 +206,8 @@ fn flow_of_a_removed_backend_is_rescheduled() {
     b.flags &= !BACKEND_F_ACTIVE;
     b.generation += 1;
     f.dp.set_backend(svc.backends[0], &b).unwrap();
-    let ring = vec![svc.backends[1]; f.desired.ring_size as usize];
-    f.dp.set_ring(svc.value.id, f.desired.ring_size, &ring)
-        .unwrap();
+    let ring = vec![svc.backends[1]; svc.value.ring_size as usize];
+    f.dp.set_ring(svc.value.ring_base, &ring).unwrap();
     let (v, out) = f.run(&pkt);
     assert_eq!(v, XDP_TX);
     assert_eq!(
@@ -237,9 +235,8 @@ fn reused_backend_id_does_not_inherit_old_flows() {
     b.generation += 1;
     b.mac = [0x02, 0, 0, 0, 0, 0x99];
     f.dp.set_backend(svc.backends[0], &b).unwrap();
-    let ring = vec![svc.backends[1]; f.desired.ring_size as usize];
-    f.dp.set_ring(svc.value.id, f.desired.ring_size, &ring)
-        .unwrap();
+    let ring = vec![svc.backends[1]; svc.value.ring_size as usize];
+    f.dp.set_ring(svc.value.ring_base, &ring).unwrap();
     let (_, out) = f.run(&pkt);
     assert_eq!(&out[0..6], &f.backend_mac(svc.backends[1]));
 }
@@ -330,9 +327,8 @@ fn a_moved_flow_leaves_its_count_behind() {
     // The controller's new table: every slot changed (marked), so established packets consult
     // the connection table.
     f.dp.set_ring(
-        svc.value.id,
-        f.desired.ring_size,
-        &vec![svc.backends[1] | lb_common::RING_DIRTY; f.desired.ring_size as usize],
+        svc.value.ring_base,
+        &vec![svc.backends[1] | lb_common::RING_DIRTY; svc.value.ring_size as usize],
     )
     .unwrap();
     f.run(&tcp4_flags(C1, sport, VIP4, 80, "A"));
@@ -585,7 +581,7 @@ fn wlc_follows_the_totals_across_cpus() {
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn lc_and_wlc_scan_thousands_of_backends() {
     let cpu = two_cpus();
-    let n = lb_common::limits::MAX_BACKENDS as usize;
+    let n = 4096; // the ring of 65 537 slots takes up to 6 553 backends
     let mut f = Fixture::new(&sched_config("lc", &vec![100; n]));
     // Two rounds, one flow at a time from alternating CPUs: exactly 2 on each.
     let mut count = vec![0usize; n];
@@ -1145,15 +1141,12 @@ fn loader_refuses_an_active_backend_without_mac() {
     let mut bad = f.backend(id);
     bad.mac = [0; 6];
     let e =
-        f.dp.apply_ops(
-            &[Op::Backend {
-                id: BackendId(id),
-                value: bad,
-                fresh: false,
-                meta: Default::default(),
-            }],
-            f.desired.ring_size,
-        )
+        f.dp.apply_ops(&[Op::Backend {
+            id: BackendId(id),
+            value: bad,
+            fresh: false,
+            meta: Default::default(),
+        }])
         .expect_err("an active zero MAC must be refused");
     assert!(e.to_string().contains("MAC 00:00:00:00:00:00"), "{e}");
     // Traffic still goes to the backend's real MAC.
@@ -1707,9 +1700,9 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
     f.expect_mac("UDP: the table decides", &udp, uother);
 
     // The slot changes (marked): the table decides the ACK.
-    let ring = f.desired.ring_size;
-    let slot = lb_common::hash::flow_hash(&key) % ring;
-    f.dp.set_slot(svc.value.id, ring, slot, b | lb_common::RING_DIRTY)
+    let ring = svc.value.ring_size;
+    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), ring);
+    f.dp.set_slot(svc.value.ring_base + slot, b | lb_common::RING_DIRTY)
         .unwrap();
     f.expect_mac("ACK through a changed slot: its flow's entry", &ack, other);
     f.assert_stat(Stat::FlowStateless, 2);
@@ -1718,7 +1711,9 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
         (0..8u8)
             .flat_map(|h| (1024..=65535u16).map(move |p| (Ipv4Addr::new(10, 98, 1, h), p)))
             .map(|(a, p)| (a, p, key4(a, p, VIP4, 80, 6)))
-            .filter(|(_, _, k)| lb_common::hash::flow_hash(k) % ring == slot)
+            .filter(|(_, _, k)| {
+                lb_common::hash::reduce(lb_common::hash::flow_hash(k), ring) == slot
+            })
             .nth(skip)
             .expect("a flow on the same slot")
     };
@@ -1728,7 +1723,7 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
     f.expect_mac("new flow through a changed slot", &syn2, b);
     assert_eq!(f.dp.flow(&key2).unwrap().unwrap().backend, b);
     // No entry, changed slot, mid-stream: scheduled by the slot and recorded.
-    f.dp.set_slot(svc.value.id, ring, slot, other | lb_common::RING_DIRTY)
+    f.dp.set_slot(svc.value.ring_base + slot, other | lb_common::RING_DIRTY)
         .unwrap();
     let (a3, p3, key3) = same_slot(1);
     let ack3 = tcp4_flags(a3, p3, VIP4, 80, "A");
@@ -1768,8 +1763,8 @@ fn sweep_keeps_open_flows_of_unchanged_slots() {
     assert!(s.still_dirty.is_empty());
 
     // The slot changes at t0: a full timeout from then.
-    let ring = f.desired.ring_size;
-    let slot = lb_common::hash::flow_hash(&key) % ring;
+    let ring = svc.value.ring_size;
+    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), ring);
     let web4 = f
         .desired
         .services
@@ -1836,4 +1831,42 @@ fn established_flows_keep_their_backend_through_a_syn_flood() {
         );
     }
     assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, 50);
+}
+
+/// Per-service table sizes (layout 3): each service's table lies at its own `ring_base` in
+/// `LB_RING` with its own `ring_size`, and the data plane takes a flow's slot in its service's
+/// table (`reduce(hash, ring_size)`), as the controller predicts.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn services_have_their_own_table_sizes() {
+    let mut toml = String::from(
+        "[dataplane]\ninterface = \"lbtest0\"\nring_capacity = 70001\n\n[[service]]\nname = \"small\"\nvip = \"10.99.0.100\"\nport = 80\nprotocol = \"tcp\"\nring_size = 101\n",
+    );
+    for i in 0..3 {
+        toml += &backend_entry(i, 100);
+    }
+    toml += "[[service]]\nname = \"big\"\nvip = \"10.99.0.100\"\nport = 443\nprotocol = \"tcp\"\n";
+    for i in 3..13 {
+        toml += &backend_entry(i, 100 + i as u16);
+    }
+    let mut f = Fixture::new(&toml);
+    let (small, big) = (f.service("small"), f.service("big"));
+    assert_eq!((small.value.ring_size, big.value.ring_size), (101, 65537));
+    let (a, b) = (
+        small.value.ring_base..small.value.ring_base + 101,
+        big.value.ring_base..big.value.ring_base + 65537,
+    );
+    assert!(
+        a.end <= b.start || b.end <= a.start,
+        "{a:?} and {b:?} overlap"
+    );
+    assert!(a.end.max(b.end) <= 70001);
+    let mut seen = std::collections::BTreeSet::new();
+    for p in 0..300u16 {
+        for (port, name) in [(80, "small"), (443, "big")] {
+            let (pkt, key) = tcp4(C1, 20000 + p, VIP4, port);
+            seen.insert(f.expect_forward(name, &pkt, &key, name));
+        }
+    }
+    assert_eq!(seen.len(), 13, "every backend of both services took flows");
 }

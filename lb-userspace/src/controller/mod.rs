@@ -98,7 +98,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     ) -> anyhow::Result<Self> {
         let mut c = Controller {
             config_path: config_path.to_owned(),
-            desired: DesiredState::empty(cfg.dataplane.ring_size),
+            desired: DesiredState::empty(cfg.dataplane.ring_capacity),
             cfg: cfg.clone(),
             admin: AdminState::default(),
             ids: Ids::default(),
@@ -120,7 +120,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             // flows keep their backends, and a backend that was out stays out until its checks
             // bring it back.
             c.ids.adopt(&cfg, a);
-            c.desired = DesiredState::from_adopted(cfg.dataplane.ring_size, a);
+            c.desired = DesiredState::from_adopted(cfg.dataplane.ring_capacity, a);
             let now = Instant::now();
             for (id, b, _) in &a.backends {
                 if b.flags & lb_common::BACKEND_F_ACTIVE == 0 {
@@ -294,7 +294,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         }
         self.ring_changed
             .retain(|id, _| next.services.iter().any(|s| s.value.id == *id));
-        let r = self.maps.apply_ops(&ops, next.ring_size);
+        let r = self.maps.apply_ops(&ops);
         self.desired = next;
         r.map_err(|e| {
             ApiError::new(
@@ -644,6 +644,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             );
             ops.push(desired::Op::Ring {
                 service_id: s.value.id,
+                base: s.value.ring_base,
                 slots: cleared
                     .iter()
                     .filter_map(|i| Some((*i, s.slot_value(*i as usize)?)))
@@ -651,7 +652,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             });
         }
         if !ops.is_empty() {
-            self.maps.apply_ops(&ops, self.desired.ring_size)?;
+            self.maps.apply_ops(&ops)?;
         }
         Ok(stats)
     }
@@ -704,7 +705,6 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let active = self.maps.active_connections(&ids).map_err(internal)?;
         let mut live = LiveMaps {
             maps: &mut self.maps,
-            ring_size: self.desired.ring_size,
             error: None,
         };
         let out = crate::explain::explain(&self.desired, &active, &mut live, q, now_ns);
@@ -718,7 +718,6 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
 /// The live maps for [`crate::explain`]; the first read error is kept and reported.
 struct LiveMaps<'a, M: Maps> {
     maps: &'a mut M,
-    ring_size: u32,
     error: Option<crate::dataplane::LoaderError>,
 }
 
@@ -730,14 +729,11 @@ impl<M: Maps> crate::explain::Live for LiveMaps<'_, M> {
         })
     }
 
-    fn ring(&mut self, service_id: u32, slot: u32) -> u32 {
-        let v = self
-            .maps
-            .ring_entry(service_id, slot, self.ring_size)
-            .unwrap_or_else(|e| {
-                self.error.get_or_insert(e);
-                lb_common::NO_BACKEND
-            });
+    fn ring(&mut self, svc: &lb_common::ServiceValue, slot: u32) -> u32 {
+        let v = self.maps.ring_entry(svc, slot).unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            lb_common::NO_BACKEND
+        });
         if v == lb_common::NO_BACKEND {
             v
         } else {
@@ -947,15 +943,15 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         };
         // A maglev/sh flow on another backend than its slot's here: the slot must consult the
         // table (changed), or its packets would follow the slot.
-        let ring_size = self.desired.ring_size;
         if let Some(ds) = self.desired.services.iter_mut().find(|d| d.name == s.name)
-            && let Some(slot) = ds.slot_of(k, ring_size)
+            && let Some(slot) = ds.slot_of(k)
             && ds.ring.get(slot as usize) != Some(&id.0)
             && !ds.dirty.contains(slot)
         {
             ds.dirty.insert(slot);
             let op = desired::Op::Ring {
                 service_id: ds.value.id,
+                base: ds.value.ring_base,
                 slots: ds
                     .slot_value(slot as usize)
                     .map(|v| (slot, v))
@@ -964,7 +960,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             };
             self.ring_changed
                 .insert(ds.value.id, crate::trace::clocks().0);
-            self.maps.apply_ops(&[op], ring_size)?;
+            self.maps.apply_ops(&[op])?;
         }
         Ok(if self.maps.insert_shared_flow(k, &value)? {
             Shared::Inserted

@@ -139,7 +139,7 @@ pub async fn serve(
             .map_err(|e| anyhow::anyhow!("dataplane.interface: {e}"))?
             .1
     };
-    let mut dp = Dataplane::load_pinned(dpc.ring_size, dpc.flow_table_size, &pin, if_mac.0)?;
+    let mut dp = Dataplane::load_pinned(dpc.ring_capacity, dpc.flow_table_size, &pin, if_mac.0)?;
     if !existing {
         dp.write_meta(&dpc)?;
     }
@@ -238,7 +238,7 @@ pub async fn serve(
     }
     let overrides: usize = ctl.admin.backends.values().map(|m| m.len()).sum();
     tracing::info!(
-        "lb_xdp {} {} in {mode} mode (pinned at {}): {} services, {} backends, ring {} slots, flow table {}{}",
+        "lb_xdp {} {} in {mode} mode (pinned at {}): {} services, {} backends, tables {} slots (default {} per service), flow table {}{}",
         if took_over {
             "replaced in place (bpf_link_update) on"
         } else {
@@ -248,6 +248,7 @@ pub async fn serve(
         pin.display(),
         ctl.desired().services.len(),
         ctl.desired().backends.len(),
+        dpc.ring_capacity,
         dpc.ring_size,
         dpc.flow_table_size,
         if overrides > 0 {

@@ -17,8 +17,8 @@ pub struct FakeMaps {
     pub backends: BTreeMap<u32, Backend>,
     /// `LB_BE_META`.
     pub meta: BTreeMap<u32, BackendMeta>,
-    /// `(service id, slot)` → backend id.
-    pub ring: BTreeMap<(u32, u32), u32>,
+    /// `LB_RING`: index (`ring_base + slot`) → backend id.
+    pub ring: BTreeMap<u32, u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub vips: BTreeMap<VipKey, lb_common::VipValue>,
     pub tx_ports: BTreeMap<u32, u32>,
@@ -36,7 +36,7 @@ pub struct FakeMaps {
 }
 
 impl Maps for FakeMaps {
-    fn apply_ops(&mut self, ops: &[Op], _ring_size: u32) -> Result<(), LoaderError> {
+    fn apply_ops(&mut self, ops: &[Op]) -> Result<(), LoaderError> {
         for op in ops {
             check_op(op)?;
             self.writes += op.writes();
@@ -54,9 +54,9 @@ impl Maps for FakeMaps {
                     self.backends.insert(id.0, *value);
                     self.meta.remove(&id.0);
                 }
-                Op::Ring { service_id, slots } => {
+                Op::Ring { base, slots, .. } => {
                     for (slot, b) in slots {
-                        self.ring.insert((*service_id, *slot), *b);
+                        self.ring.insert(base + *slot, *b);
                     }
                 }
                 Op::Service { key, value } => {
@@ -124,10 +124,10 @@ impl Maps for FakeMaps {
         Ok(self.flows.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
     }
 
-    fn ring_entry(&mut self, service_id: u32, slot: u32, _ring: u32) -> Result<u32, LoaderError> {
+    fn ring_entry(&mut self, svc: &ServiceValue, slot: u32) -> Result<u32, LoaderError> {
         Ok(self
             .ring
-            .get(&(service_id, slot))
+            .get(&(svc.ring_base + slot))
             .copied()
             .unwrap_or(lb_common::NO_BACKEND))
     }
@@ -166,11 +166,19 @@ impl FakeMaps {
         }
     }
 
-    /// The table of service `id` as the data plane reads it (`ring_size` slots).
-    /// Service `id`'s table as backend ids (the changed-slot mark left out).
-    pub fn table(&self, id: u32, ring_size: u32) -> Vec<u32> {
-        (0..ring_size)
-            .map(|slot| match self.ring.get(&(id, slot)).copied() {
+    /// Where service `id`'s table lies, as its `LB_SERVICES` value says.
+    fn range(&self, id: u32) -> std::ops::Range<u32> {
+        self.services
+            .values()
+            .find(|v| v.id == id)
+            .map_or(0..0, |v| v.ring_base..v.ring_base + v.ring_size)
+    }
+
+    /// Service `id`'s table as the data plane reads it: backend ids (the changed-slot mark
+    /// left out), `ring_size` slots from `ring_base` (as its `LB_SERVICES` value says).
+    pub fn table(&self, id: u32) -> Vec<u32> {
+        self.range(id)
+            .map(|i| match self.ring.get(&i).copied() {
                 None | Some(lb_common::NO_BACKEND) => lb_common::NO_BACKEND,
                 Some(v) => v & !lb_common::RING_DIRTY,
             })
@@ -179,12 +187,14 @@ impl FakeMaps {
 
     /// The slots of service `id` marked changed (`RING_DIRTY`, an empty slot excepted).
     pub fn changed(&self, id: u32) -> Vec<u32> {
-        self.ring
-            .iter()
-            .filter(|((s, _), v)| {
-                *s == id && **v != lb_common::NO_BACKEND && **v & lb_common::RING_DIRTY != 0
+        let r = self.range(id);
+        r.clone()
+            .filter(|i| {
+                self.ring
+                    .get(i)
+                    .is_some_and(|v| *v != lb_common::NO_BACKEND && *v & lb_common::RING_DIRTY != 0)
             })
-            .map(|((_, slot), _)| *slot)
+            .map(|i| i - r.start)
             .collect()
     }
 }

@@ -19,8 +19,8 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendMeta, Counters, FlowKey, FlowValue, LAYOUT_VERSION, META_FLOW_TABLE_SIZE,
-    META_LAYOUT, META_RING_SIZE, META_XDP_MODE, ServiceKey, ServiceValue, VipKey,
-    limits::{MAX_BACKENDS, MAX_SERVICES},
+    META_LAYOUT, META_RING_CAPACITY, META_XDP_MODE, ServiceKey, ServiceValue, VipKey,
+    limits::{MAX_BACKENDS, RING_CHUNK},
     names,
     rules::{active_connections, counted_and_open},
     stats::{STATS_LEN, Stat},
@@ -41,6 +41,8 @@ pub enum LoaderError {
          time): run scripts/bootstrap.sh, then rebuild with `cargo xtask build`"
     )]
     NoObject,
+    #[error("LB_RING[{index}] is outside the table array ({len} slots)")]
+    RingIndex { index: u32, len: u32 },
     #[error("loading the eBPF object: {0}")]
     Object(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
@@ -131,11 +133,11 @@ pub fn check_pinned(pin: &Path, dpc: &crate::config::Dataplane) -> std::result::
             "layout version {layout}, this lb uses {LAYOUT_VERSION}"
         ));
     }
-    let ring = get(META_RING_SIZE)?;
-    if ring != dpc.ring_size as u64 {
+    let ring = get(META_RING_CAPACITY)?;
+    if ring != dpc.ring_capacity as u64 {
         return Err(format!(
-            "ring_size {ring}, the config says {}",
-            dpc.ring_size
+            "ring_capacity {ring}, the config says {}",
+            dpc.ring_capacity
         ));
     }
     let flows = get(META_FLOW_TABLE_SIZE)?;
@@ -189,7 +191,7 @@ struct Handles {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     vips: HashMap<MapData, VipKey, lb_common::VipValue>,
     backends: Array<MapData, Backend>,
-    ring: Array<MapData, u32>,
+    ring: super::ring::RingMem,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     flags: Array<MapData, u32>,
     tx_ports: DevMap<MapData>,
@@ -219,7 +221,20 @@ impl Handles {
             services: take(ebpf, names::SERVICES)?,
             vips: take(ebpf, names::VIPS)?,
             backends: take(ebpf, names::BACKENDS)?,
-            ring: take(ebpf, names::RING)?,
+            ring: {
+                let map = ebpf
+                    .take_map(names::RING)
+                    .ok_or(LoaderError::MissingMap { name: names::RING })?;
+                let Map::Array(data) = map else {
+                    return Err(LoaderError::MissingMap { name: names::RING });
+                };
+                let len = data
+                    .info()
+                    .map_err(map_err(names::RING))?
+                    .max_entries()
+                    .saturating_mul(RING_CHUNK);
+                super::ring::RingMem::new(data, len).map_err(|e| syscall(names::RING, "mmap", e))?
+            },
             flows: take(ebpf, names::FLOWS)?,
             flags: take(ebpf, names::FLAGS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
@@ -266,28 +281,33 @@ impl std::fmt::Display for AttachedMode {
 }
 
 impl Dataplane {
-    /// Loads the embedded object with the given table sizes (not attached yet).
-    pub fn load(ring_size: u32, flow_table_size: u32) -> Result<Dataplane> {
-        Dataplane::load_object(crate::EBPF_OBJECT, ring_size, flow_table_size)
+    /// Loads the embedded object with the given table sizes (not attached yet):
+    /// `ring_capacity` slots for all services' tables, `flow_table_size` flows.
+    pub fn load(ring_capacity: u32, flow_table_size: u32) -> Result<Dataplane> {
+        Dataplane::load_object(crate::EBPF_OBJECT, ring_capacity, flow_table_size)
     }
 
     /// Loads `object` (tests pass the embedded one too; kept separate for clarity).
-    pub fn load_object(object: &[u8], ring_size: u32, flow_table_size: u32) -> Result<Dataplane> {
-        Dataplane::load_with(object, ring_size, flow_table_size, None, [0; 6])
+    pub fn load_object(
+        object: &[u8],
+        ring_capacity: u32,
+        flow_table_size: u32,
+    ) -> Result<Dataplane> {
+        Dataplane::load_with(object, ring_capacity, flow_table_size, None, [0; 6])
     }
 
     /// Loads the embedded object with its maps pinned under `pin` (reusing the maps already
     /// pinned there: the caller checked they are compatible).
     /// `if_mac`: the interface's MAC (frames to other unicast MACs are never forwarded).
     pub fn load_pinned(
-        ring_size: u32,
+        ring_capacity: u32,
         flow_table_size: u32,
         pin: &Path,
         if_mac: [u8; 6],
     ) -> Result<Dataplane> {
         Dataplane::load_with(
             crate::EBPF_OBJECT,
-            ring_size,
+            ring_capacity,
             flow_table_size,
             Some(pin),
             if_mac,
@@ -296,16 +316,22 @@ impl Dataplane {
 
     /// As [`Dataplane::load`], forwarding only frames addressed to `if_mac` (tests).
     pub fn load_for_mac(
-        ring_size: u32,
+        ring_capacity: u32,
         flow_table_size: u32,
         if_mac: [u8; 6],
     ) -> Result<Dataplane> {
-        Dataplane::load_with(crate::EBPF_OBJECT, ring_size, flow_table_size, None, if_mac)
+        Dataplane::load_with(
+            crate::EBPF_OBJECT,
+            ring_capacity,
+            flow_table_size,
+            None,
+            if_mac,
+        )
     }
 
     fn load_with(
         object: &[u8],
-        ring_size: u32,
+        ring_capacity: u32,
         flow_table_size: u32,
         pin: Option<&Path>,
         if_mac: [u8; 6],
@@ -315,9 +341,8 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         loader
-            .override_global(names::GLOBAL_RING_SIZE, &ring_size, true)
             .override_global(names::GLOBAL_IF_MAC, &if_mac, true)
-            .map_max_entries(names::RING, MAX_SERVICES * ring_size)
+            .map_max_entries(names::RING, ring_capacity.div_ceil(RING_CHUNK))
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {
             for name in names::ALL_MAPS {
@@ -441,7 +466,7 @@ impl Dataplane {
     /// Writes `desired` into empty maps.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<()> {
         let (ops, _) = diff(None, desired);
-        self.apply_ops(&ops, desired.ring_size)
+        self.apply_ops(&ops)
     }
 
     /// Writes one backend entry (tests use it to mark a backend down or change a MAC).
@@ -452,25 +477,24 @@ impl Dataplane {
             .map_err(map_err(names::BACKENDS))
     }
 
-    /// Rewrites one service's whole table (tests).
-    pub fn set_ring(&mut self, service_id: u32, ring_size: u32, ring: &[u32]) -> Result<()> {
+    /// Rewrites one service's whole table, starting at `LB_RING[base]` (tests).
+    pub fn set_ring(&mut self, base: u32, ring: &[u32]) -> Result<()> {
         for (slot, backend) in ring.iter().enumerate() {
-            self.set_slot(service_id, ring_size, slot as u32, *backend)?;
+            self.set_slot(base.wrapping_add(slot as u32), *backend)?;
         }
         Ok(())
     }
 
-    pub fn set_slot(
-        &mut self,
-        service_id: u32,
-        ring_size: u32,
-        slot: u32,
-        backend: u32,
-    ) -> Result<()> {
-        self.maps
-            .ring
-            .set(service_id * ring_size + slot, backend, 0)
-            .map_err(map_err(names::RING))
+    /// `LB_RING[index] := backend` (a plain store into the mapping).
+    pub fn set_slot(&mut self, index: u32, backend: u32) -> Result<()> {
+        if self.maps.ring.set(index, backend) {
+            Ok(())
+        } else {
+            Err(LoaderError::RingIndex {
+                index,
+                len: self.maps.ring.slots(),
+            })
+        }
     }
 
     /// Records what the pinned maps were made for (a fresh pin directory).
@@ -478,7 +502,7 @@ impl Dataplane {
         let m = &mut self.maps.meta;
         for (i, v) in [
             (META_LAYOUT, LAYOUT_VERSION),
-            (META_RING_SIZE, dpc.ring_size as u64),
+            (META_RING_CAPACITY, dpc.ring_capacity as u64),
             (META_FLOW_TABLE_SIZE, dpc.flow_table_size as u64),
         ] {
             m.set(i, v, 0).map_err(map_err(names::META))?;
@@ -919,7 +943,7 @@ impl Dataplane {
 }
 
 impl Maps for Dataplane {
-    fn apply_ops(&mut self, ops: &[Op], ring_size: u32) -> Result<()> {
+    fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
         for op in ops {
             check_op(op)?;
             let m = &mut self.maps;
@@ -950,9 +974,9 @@ impl Maps for Dataplane {
                         .set(id.0, BackendMeta::default(), 0)
                         .map_err(map_err(names::BACKEND_META))?;
                 }
-                Op::Ring { service_id, slots } => {
+                Op::Ring { base, slots, .. } => {
                     for (slot, backend) in slots {
-                        self.set_slot(*service_id, ring_size, *slot, *backend)?;
+                        self.set_slot(base.wrapping_add(*slot), *backend)?;
                     }
                 }
                 Op::Service { key, value } => m
@@ -1005,11 +1029,12 @@ impl Maps for Dataplane {
         self.flow(key)
     }
 
-    fn ring_entry(&mut self, service_id: u32, slot: u32, ring_size: u32) -> Result<u32> {
-        self.maps
-            .ring
-            .get(&service_id.wrapping_mul(ring_size).wrapping_add(slot), 0)
-            .map_err(map_err(names::RING))
+    fn ring_entry(&mut self, svc: &ServiceValue, slot: u32) -> Result<u32> {
+        let index = svc.ring_base.wrapping_add(slot);
+        self.maps.ring.get(index).ok_or(LoaderError::RingIndex {
+            index,
+            len: self.maps.ring.slots(),
+        })
     }
 
     fn insert_shared_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {

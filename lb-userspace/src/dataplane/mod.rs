@@ -5,6 +5,7 @@
 pub mod fake;
 pub mod loader;
 pub mod pin;
+pub mod ring;
 
 use std::collections::BTreeMap;
 
@@ -52,7 +53,7 @@ impl SlotView for NoSlots {
 pub trait Maps {
     /// Performs `ops` in order (see [`crate::desired::diff`] for why the order is safe). Each
     /// op passes [`check_op`] first.
-    fn apply_ops(&mut self, ops: &[Op], ring_size: u32) -> Result<(), LoaderError>;
+    fn apply_ops(&mut self, ops: &[Op]) -> Result<(), LoaderError>;
     /// Active connections of `ids` (those with none are left out).
     fn active_connections(
         &mut self,
@@ -71,13 +72,8 @@ pub trait Maps {
     ) -> Result<SweepStats, LoaderError>;
     /// The connection table's entry for `key`.
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError>;
-    /// `LB_RING[service_id × ring_size + slot]` as the data plane reads it.
-    fn ring_entry(
-        &mut self,
-        service_id: u32,
-        slot: u32,
-        ring_size: u32,
-    ) -> Result<u32, LoaderError>;
+    /// Slot `slot` of `svc`'s table (`LB_RING[ring_base + slot]`) as the data plane reads it.
+    fn ring_entry(&mut self, svc: &lb_common::ServiceValue, slot: u32) -> Result<u32, LoaderError>;
     /// `LB_RR_CURSOR[service_id]`.
     fn rr_cursor(&mut self, service_id: u32) -> Result<u64, LoaderError>;
     /// Flow sharing: inserts an entry a peer node reported, unless the table already has one
@@ -122,7 +118,7 @@ mod tests {
         assert!(check_op(&op(0, [0; 6])).is_ok(), "inactive: fine");
         assert!(check_op(&op(BACKEND_F_ACTIVE, [2, 0, 0, 0, 0, 1])).is_ok());
         let mut fake = fake::FakeMaps::default();
-        assert!(fake.apply_ops(&[op(BACKEND_F_ACTIVE, [0; 6])], 7).is_err());
+        assert!(fake.apply_ops(&[op(BACKEND_F_ACTIVE, [0; 6])]).is_err());
         assert!(fake.backends.is_empty(), "nothing written");
     }
 }

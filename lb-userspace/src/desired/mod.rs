@@ -237,13 +237,20 @@ impl DesiredService {
 
     /// maglev/sh: the table slot of `key` (the data plane's hash); `None` for the other
     /// schedulers, whose tables are sequences or lists.
-    pub fn slot_of(&self, key: &lb_common::FlowKey, ring_size: u32) -> Option<u32> {
+    pub fn slot_of(&self, key: &lb_common::FlowKey) -> Option<u32> {
         let h = match self.value.scheduler {
             SCHED_MAGLEV => lb_common::hash::flow_hash(key),
             SCHED_SH => lb_common::hash::source_hash(key),
             _ => return None,
         };
-        (ring_size > 0).then(|| h % ring_size)
+        let n = self.value.ring_size;
+        (n > 0).then(|| lb_common::hash::reduce(h, n))
+    }
+
+    /// `LB_RING`'s indexes this service's table occupies.
+    pub fn ring_range(&self) -> std::ops::Range<u64> {
+        let b = self.value.ring_base as u64;
+        b..b + self.value.ring_size as u64
     }
 }
 
@@ -343,7 +350,8 @@ pub struct DesiredState {
     pub vips: BTreeMap<VipKey, lb_common::VipValue>,
     /// Devmap slot → ifindex.
     pub tx_ports: BTreeMap<u32, u32>,
-    pub ring_size: u32,
+    /// Slots of `LB_RING` (`dataplane.ring_capacity`): the services' tables lie in it.
+    pub ring_capacity: u32,
     /// `LB_FLAGS[0]`.
     pub flags: u32,
     /// Backends of the previous state that are gone: id → inactive value (new generation).
@@ -368,18 +376,31 @@ pub enum StateError {
     },
     #[error("more than {MAX_TX_PORTS} distinct backend interfaces")]
     TooManyTxPorts,
+    #[error(
+        "service \"{service}\": no room for a table of {size} slots in LB_RING ({capacity} slots, \
+         {used} in use{changing}); raise dataplane.ring_capacity (needs `lb run --replace`) or \
+         give services a smaller ring_size"
+    )]
+    RingCapacity {
+        service: String,
+        size: u32,
+        capacity: u32,
+        used: u64,
+        /// A table that changes size needs room for both while the service switches.
+        changing: &'static str,
+    },
 }
 
 impl DesiredState {
     /// An empty data plane.
-    pub fn empty(ring_size: u32) -> DesiredState {
+    pub fn empty(ring_capacity: u32) -> DesiredState {
         DesiredState {
             services: Vec::new(),
             backends: BTreeMap::new(),
             backend_info: BTreeMap::new(),
             vips: BTreeMap::new(),
             tx_ports: BTreeMap::new(),
-            ring_size,
+            ring_capacity,
             flags: 0,
             retired: BTreeMap::new(),
             next_generation: 1,
@@ -390,8 +411,8 @@ impl DesiredState {
     /// What an earlier controller left in the pinned maps, as a previous state: its backends
     /// keep their ids and generations (so established flows stay), its services and VIPs are
     /// there to be replaced or removed by the first diff.
-    pub fn from_adopted(ring_size: u32, a: &crate::dataplane::Adopted) -> DesiredState {
-        let mut d = DesiredState::empty(ring_size);
+    pub fn from_adopted(ring_capacity: u32, a: &crate::dataplane::Adopted) -> DesiredState {
+        let mut d = DesiredState::empty(ring_capacity);
         for (k, v) in &a.services {
             d.services.push(DesiredService {
                 name: format!("#{}", v.id),
@@ -448,7 +469,6 @@ impl DesiredState {
         ifaces: &impl Interfaces,
         prev: Option<&DesiredState>,
     ) -> Result<DesiredState, StateError> {
-        let ring_size = dataplane.ring_size;
         let (_, lb_mac) = ifaces
             .lookup(&dataplane.interface)
             .map_err(StateError::Interface)?;
@@ -458,7 +478,8 @@ impl DesiredState {
             next_generation - 1
         };
         let mut tx_slots: BTreeMap<String, u32> = BTreeMap::new();
-        let mut out = DesiredState::empty(ring_size);
+        let mut out = DesiredState::empty(dataplane.ring_capacity);
+        let mut tables = TableSpace::new(dataplane.ring_capacity, prev);
 
         for s in services {
             let (vip, family) = addr_key(s.cfg.vip);
@@ -479,7 +500,26 @@ impl DesiredState {
                 },
                 flags: 0,
                 ring_len: 0,
+                ring_base: 0,
+                ring_size: s.cfg.ring_size,
             };
+            let ring_size = s.cfg.ring_size;
+            value.ring_base = tables.place(s.id, ring_size).ok_or_else(|| {
+                let changing = prev
+                    .and_then(|p| p.services.iter().find(|o| o.value.id == s.id))
+                    .is_some_and(|o| o.value.ring_size != ring_size);
+                StateError::RingCapacity {
+                    service: s.cfg.name.clone(),
+                    size: ring_size,
+                    capacity: dataplane.ring_capacity,
+                    used: tables.used(),
+                    changing: if changing {
+                        ", its old table included"
+                    } else {
+                        ""
+                    },
+                }
+            })?;
             out.vips
                 .entry(VipKey {
                     addr: vip,
@@ -635,6 +675,64 @@ impl DesiredState {
     }
 }
 
+/// Where the services' tables lie in `LB_RING`: a service keeps its range while its size
+/// stays; a new or resized one gets the first gap that no table of the previous state (still
+/// read by packets until the service switches) nor of the next one occupies.
+struct TableSpace {
+    capacity: u64,
+    /// Taken ranges `(start, end)`.
+    taken: Vec<(u64, u64)>,
+    /// Service id → its previous range.
+    prev: BTreeMap<u32, (u32, u32)>,
+}
+
+impl TableSpace {
+    fn new(capacity: u32, prev: Option<&DesiredState>) -> TableSpace {
+        let mut t = TableSpace {
+            capacity: capacity as u64,
+            taken: Vec::new(),
+            prev: BTreeMap::new(),
+        };
+        for s in prev.map(|p| p.services.as_slice()).unwrap_or_default() {
+            let r = s.ring_range();
+            if !r.is_empty() {
+                t.taken.push((r.start, r.end));
+                t.prev
+                    .insert(s.value.id, (s.value.ring_base, s.value.ring_size));
+            }
+        }
+        t
+    }
+
+    /// The base of service `id`'s table of `size` slots, or `None` when no gap fits.
+    fn place(&mut self, id: u32, size: u32) -> Option<u32> {
+        if let Some((base, old)) = self.prev.get(&id)
+            && *old == size
+            && *base as u64 + size as u64 <= self.capacity
+        {
+            return Some(*base);
+        }
+        self.taken.sort_unstable();
+        let mut at = 0u64;
+        for (start, end) in &self.taken {
+            if *start >= at + size as u64 {
+                break;
+            }
+            at = at.max(*end);
+        }
+        if at + size as u64 > self.capacity {
+            return None;
+        }
+        self.taken.push((at, at + size as u64));
+        Some(at as u32)
+    }
+
+    /// Slots taken so far.
+    fn used(&self) -> u64 {
+        self.taken.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
 /// The service's table: Maglev (maglev, sh), the weighted sequence (rr, wrr) or the list of
 /// backends taking new flows (lc, wlc); sets `value.ring_len` where the data plane needs it.
 fn ring(
@@ -780,7 +878,7 @@ impl crate::dataplane::SlotView for TableView<'_> {
             None => return None,
         };
         let s = &self.desired.services[i];
-        let slot = s.slot_of(key, self.desired.ring_size)?;
+        let slot = s.slot_of(key)?;
         let backend = *s.ring.get(slot as usize)?;
         Some(crate::dataplane::SlotInfo {
             service_id: s.value.id,

@@ -22,9 +22,11 @@ pub enum Op {
         fresh: bool,
         meta: BackendMeta,
     },
-    /// Slots of one service's table that change: `(slot, backend id)`.
+    /// Slots of one service's table that change: `(slot, backend id)`; the table starts at
+    /// `LB_RING[base]`.
     Ring {
         service_id: u32,
+        base: u32,
         slots: Vec<(u32, u32)>,
     },
     Service {
@@ -93,6 +95,8 @@ impl std::fmt::Display for DiffSummary {
 /// The table slots of `next` whose map value ([`DesiredService::slot_value`]: the backend id,
 /// and the changed-slot bit) differs from `prev`'s (all of them when there is no `prev`).
 fn ring_changes(prev: Option<&DesiredService>, next: &DesiredService) -> Vec<(u32, u32)> {
+    // A table that moved (a new size) is written whole.
+    let prev = prev.filter(|p| p.value.ring_base == next.value.ring_base);
     if prev.is_some_and(|p| p.ring == next.ring && p.dirty == next.dirty) {
         return Vec::new();
     }
@@ -108,7 +112,7 @@ fn ring_changes(prev: Option<&DesiredService>, next: &DesiredService) -> Vec<(u3
 /// service points at is written before the service, removals come last, and a removed backend is
 /// deactivated only after no table names it any more.
 pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffSummary) {
-    let empty = DesiredState::empty(next.ring_size);
+    let empty = DesiredState::empty(next.ring_capacity);
     let prev = prev.unwrap_or(&empty);
     let mut ops = Vec::new();
     let mut sum = DiffSummary::default();
@@ -173,6 +177,7 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
             sum.rings_changed += 1;
             ops.push(Op::Ring {
                 service_id: s.value.id,
+                base: s.value.ring_base,
                 slots,
             });
         }

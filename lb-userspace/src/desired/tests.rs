@@ -421,8 +421,8 @@ fn vip_filter_follows_the_vips() {
     }));
     let mut fake = crate::dataplane::fake::FakeMaps::default();
     use crate::dataplane::Maps as _;
-    fake.apply_ops(&diff(None, &a).0, 251).unwrap();
-    fake.apply_ops(&ops, 251).unwrap();
+    fake.apply_ops(&diff(None, &a).0).unwrap();
+    fake.apply_ops(&ops).unwrap();
     assert_eq!(
         fake.vip_filter,
         std::collections::BTreeSet::from([slot("10.0.0.101")])
@@ -586,5 +586,77 @@ mac = "02:00:00:00:01:05"
         by_name(&a, "web").ring_digest,
         by_name(&changed, "web").ring_digest,
         "a weight change shows"
+    );
+}
+
+/// Per-service table sizes: each table gets its own range of `LB_RING`; a service keeps its
+/// range while its size stays; a resized one moves to a range that neither its old table (read
+/// by packets until the service switches) nor any other occupies, and is written whole; a
+/// table that does not fit is a precise error.
+#[test]
+fn tables_get_their_own_ranges_and_keep_them() {
+    let two = |a: u32, b: u32, cap: u32| {
+        format!(
+            "{}ring_capacity = {cap}\n[[service]]\nname = \"a\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\nring_size = {a}\n[[service.backend]]\naddress = \"10.0.0.1\"\nmac = \"02:00:00:00:01:01\"\n[[service]]\nname = \"b\"\nvip = \"10.0.0.100\"\nport = 81\nprotocol = \"tcp\"\nring_size = {b}\n[[service.backend]]\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:01:02\"\n",
+            "[dataplane]\ninterface = \"eth0\"\n"
+        )
+    };
+    let range = |d: &DesiredState, i: usize| d.services[i].ring_range();
+    let disjoint = |d: &DesiredState| {
+        let (x, y) = (range(d, 0), range(d, 1));
+        x.end <= y.start || y.end <= x.start
+    };
+    let mut ids = Ids::default();
+    let s1 = state(&mut ids, &two(101, 251, 400), None);
+    assert_eq!((range(&s1, 0), range(&s1, 1)), (0..101, 101..352));
+    assert!(
+        s1.services
+            .iter()
+            .all(|s| s.ring.len() == s.value.ring_size as usize)
+    );
+
+    // Same sizes: same ranges, nothing written.
+    let s2 = state(&mut ids, &two(101, 251, 400), Some(&s1));
+    assert_eq!((range(&s2, 0), range(&s2, 1)), (0..101, 101..352));
+    assert!(diff(Some(&s1), &s2).0.is_empty());
+
+    // "a" grows to 11: it cannot stay at 0..101 nor take 101..352, so it goes after both.
+    let s3 = state(&mut ids, &two(11, 251, 400), Some(&s2));
+    assert_eq!((range(&s3, 0), range(&s3, 1)), (352..363, 101..352));
+    assert!(disjoint(&s3));
+    let (ops, _) = diff(Some(&s2), &s3);
+    let written: usize = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Ring { base, slots, .. } if *base == 352 => Some(slots.len()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(written, 11, "a moved table is written whole");
+    // Every slot of the moved table is changed: its established flows use their entries.
+    assert_eq!(s3.services[0].dirty.len(), 11);
+
+    // Now 0..101 is free again: a table of 97 fits there.
+    let s4 = state(&mut ids, &two(97, 251, 400), Some(&s3));
+    assert_eq!(range(&s4, 0), 0..97);
+
+    // No room: "b" cannot grow to 307 while its old table (251) still occupies its range.
+    let fits = state(&mut ids.clone(), &two(97, 307, 660), Some(&s4));
+    assert_eq!(range(&fits, 1), 352..659, "97 + 251 (old) + 307 ≤ 660");
+    let cfg = Config::parse(&two(97, 307, 600), Path::new("lb.toml")).unwrap();
+    let a = Ids::default().sync(&cfg);
+    let inputs = inputs(&cfg, &a, |_, _, b| {
+        (
+            Override::default(),
+            HealthInput::Unchecked,
+            MacInput::Config(b.mac.unwrap()),
+        )
+    });
+    let err = DesiredState::next(&inputs, &cfg.dataplane, &Fake, Some(&s4)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("service \"b\": no room for a table of 307 slots in LB_RING (600 slots")
+            && msg.contains("its old table included"),
+        "{msg}"
     );
 }

@@ -228,7 +228,7 @@ impl Fixture {
         pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
         let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
-        let mut dp = Dataplane::load_for_mac(cfg.dataplane.ring_size, flows, LB_MAC)
+        let mut dp = Dataplane::load_for_mac(cfg.dataplane.ring_capacity, flows, LB_MAC)
             .unwrap_or_else(|e| panic!("load: {e:#}"));
         dp.apply(&desired).expect("apply");
         Fixture { dp, desired }
@@ -265,7 +265,7 @@ impl Fixture {
     /// The backend the Maglev table gives a new flow (same hash as the kernel).
     pub fn predict(&self, key: &FlowKey, service: &str) -> u32 {
         let s = self.service(service);
-        s.ring[(flow_hash(key) % self.desired.ring_size) as usize]
+        s.ring[lb_common::hash::reduce(flow_hash(key), s.value.ring_size) as usize]
     }
 
     pub fn backend_mac(&self, id: u32) -> [u8; 6] {
