@@ -10,6 +10,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod control;
+
 use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
@@ -124,6 +126,10 @@ fn main() {
         println!("{}", live_frames().unwrap_or_default());
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("control") {
+        println!("{}", control::control_plane());
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("flows") {
         // The 1M-flows part alone.
         let mut f = Fixture::new(&bench_config());
@@ -236,6 +242,7 @@ fn main() {
 
     let sched_rows = schedulers();
     let issue13 = targets(&mut f, &est_ack, &non_vip);
+    let control = control::control_plane();
 
     let len = est.len();
     println!("lb_xdp per packet, BPF_PROG_TEST_RUN, {len}-byte TCP SYN, median of {ROUNDS} rounds");
@@ -360,6 +367,7 @@ fn main() {
         "syn_flood": flood,
         "live_frames": live,
         "targets": issue13,
+        "control_plane": control,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");

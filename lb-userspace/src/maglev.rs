@@ -359,7 +359,10 @@ mod tests {
     #[test]
     #[ignore = "timing: run in release by hand"]
     fn build_time() {
-        let ids = ids(1000);
+        let ids = ids(std::env::var("LB_MAGLEV_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000));
         let perms: Vec<(Permutation, u32)> = ids
             .iter()
             .map(|id| (Permutation::of(id, 65537), 1))

@@ -463,7 +463,7 @@ fn a_one_backend_change_writes_only_the_changed_slots() {
         "{drain} / {enable}"
     );
     assert!(drain > 65537 / 20, "{drain}");
-    assert_eq!(c.maps.table(0), c.desired.services[0].ring);
+    assert_eq!(c.maps.table(0), *c.desired.services[0].ring);
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -59,6 +59,15 @@ impl Maps for FakeMaps {
                         self.ring.insert(base + *slot, *b);
                     }
                 }
+                Op::Table {
+                    base, ring, dirty, ..
+                } => {
+                    for i in 0..ring.len() {
+                        if let Some(v) = crate::desired::slot_value(ring, dirty, i) {
+                            self.ring.insert(base + i as u32, v);
+                        }
+                    }
+                }
                 Op::Service { key, value } => {
                     self.services.insert(*key, *value);
                 }

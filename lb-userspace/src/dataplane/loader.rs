@@ -979,6 +979,15 @@ impl Maps for Dataplane {
                         self.set_slot(base.wrapping_add(*slot), *backend)?;
                     }
                 }
+                Op::Table {
+                    base, ring, dirty, ..
+                } => {
+                    for i in 0..ring.len() {
+                        if let Some(v) = crate::desired::slot_value(ring, dirty, i) {
+                            self.set_slot(base.wrapping_add(i as u32), v)?;
+                        }
+                    }
+                }
                 Op::Service { key, value } => m
                     .services
                     .insert(key, value, 0)

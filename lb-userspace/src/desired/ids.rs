@@ -50,11 +50,14 @@ impl Ids {
         let mut services = BTreeMap::new();
         let mut backends = BTreeMap::new();
         let mut out = Assignment::default();
+        // The lowest free id only grows during one sync (ids are taken, never freed here):
+        // each search resumes where the last one stopped (linear in all, not quadratic).
+        let (mut next_service, mut next_backend) = (0, 0);
         for s in &cfg.services {
             let sid = match self.services.get(&s.name) {
                 Some(id) => *id,
                 None => {
-                    let id = lowest_free(&used_services);
+                    let id = lowest_free(&used_services, &mut next_service);
                     used_services.insert(id);
                     id
                 }
@@ -66,7 +69,7 @@ impl Ids {
                 let id = match self.backends.get(&key) {
                     Some(id) => *id,
                     None => {
-                        let id = BackendId(lowest_free(&used_backends));
+                        let id = BackendId(lowest_free(&used_backends, &mut next_backend));
                         used_backends.insert(id.0);
                         out.added.push(id);
                         id
@@ -130,8 +133,17 @@ impl Ids {
     }
 }
 
-fn lowest_free(used: &BTreeSet<u32>) -> u32 {
-    (0..).find(|i| !used.contains(i)).expect("u32 ids suffice")
+/// The lowest id at or above `from` not in `used`; `from` moves to it.
+fn lowest_free(used: &BTreeSet<u32>, from: &mut u32) -> u32 {
+    let mut i = *from;
+    for u in used.range(i..) {
+        if *u != i {
+            break;
+        }
+        i += 1;
+    }
+    *from = i;
+    i
 }
 
 #[cfg(test)]

@@ -29,6 +29,14 @@ pub enum Op {
         base: u32,
         slots: Vec<(u32, u32)>,
     },
+    /// A whole table written from `LB_RING[base]` on: a new service's, or one that moved. The
+    /// values are [`super::slot_value`]s of `ring` and `dirty` (not copied per slot).
+    Table {
+        service_id: u32,
+        base: u32,
+        ring: std::sync::Arc<Vec<u32>>,
+        dirty: super::Slots,
+    },
     Service {
         key: ServiceKey,
         value: ServiceValue,
@@ -57,6 +65,7 @@ impl Op {
     pub fn writes(&self) -> usize {
         match self {
             Op::Ring { slots, .. } => slots.len(),
+            Op::Table { ring, .. } => ring.len(),
             _ => 1,
         }
     }
@@ -92,20 +101,34 @@ impl std::fmt::Display for DiffSummary {
     }
 }
 
-/// The table slots of `next` whose map value ([`DesiredService::slot_value`]: the backend id,
-/// and the changed-slot bit) differs from `prev`'s (all of them when there is no `prev`).
-fn ring_changes(prev: Option<&DesiredService>, next: &DesiredService) -> Vec<(u32, u32)> {
-    // A table that moved (a new size) is written whole.
-    let prev = prev.filter(|p| p.value.ring_base == next.value.ring_base);
-    if prev.is_some_and(|p| p.ring == next.ring && p.dirty == next.dirty) {
-        return Vec::new();
+/// The write that turns `prev`'s table into `next`'s: the slots whose map value
+/// ([`DesiredService::slot_value`]: the backend id, and the changed-slot bit) differs, or the
+/// whole table when `prev` has none there (a new service, one that moved to a new size, one
+/// adopted from the maps); `None` when nothing differs.
+fn ring_write(prev: Option<&DesiredService>, next: &DesiredService) -> Option<Op> {
+    let prev = prev.filter(|p| p.value.ring_base == next.value.ring_base && !p.ring.is_empty());
+    let Some(prev) = prev else {
+        return (!next.ring.is_empty()).then(|| Op::Table {
+            service_id: next.value.id,
+            base: next.value.ring_base,
+            ring: std::sync::Arc::clone(&next.ring),
+            dirty: next.dirty.clone(),
+        });
+    };
+    if prev.ring == next.ring && prev.dirty == next.dirty {
+        return None;
     }
-    (0..next.ring.len())
+    let slots: Vec<(u32, u32)> = (0..next.ring.len())
         .filter_map(|i| {
             let v = next.slot_value(i)?;
-            (prev.and_then(|p| p.slot_value(i)) != Some(v)).then_some((i as u32, v))
+            (prev.slot_value(i) != Some(v)).then_some((i as u32, v))
         })
-        .collect()
+        .collect();
+    (!slots.is_empty()).then_some(Op::Ring {
+        service_id: next.value.id,
+        base: next.value.ring_base,
+        slots,
+    })
 }
 
 /// The writes that turn `prev` (None = empty maps) into `next`, in a safe order: everything a
@@ -172,14 +195,9 @@ pub fn diff(prev: Option<&DesiredState>, next: &DesiredState) -> (Vec<Op>, DiffS
         prev.services.iter().map(|s| (s.value.id, s)).collect();
     for s in &next.services {
         let old = prev_by_id.get(&s.value.id).copied();
-        let slots = ring_changes(old, s);
-        if !slots.is_empty() {
+        if let Some(op) = ring_write(old, s) {
             sum.rings_changed += 1;
-            ops.push(Op::Ring {
-                service_id: s.value.id,
-                base: s.value.ring_base,
-                slots,
-            });
+            ops.push(op);
         }
         if old.is_none_or(|o| o.name != s.name) {
             sum.services_added += 1;

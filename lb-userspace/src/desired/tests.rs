@@ -255,7 +255,7 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
         .map(|o| match o {
             Op::TxPort { .. } => "txport",
             Op::Backend { .. } => "backend",
-            Op::Ring { .. } => "ring",
+            Op::Ring { .. } | Op::Table { .. } => "ring",
             Op::Service { .. } => "service",
             Op::Vip { .. } => "vip",
             Op::Flags(_) => "flags",
@@ -629,6 +629,7 @@ fn tables_get_their_own_ranges_and_keep_them() {
         .iter()
         .filter_map(|o| match o {
             Op::Ring { base, slots, .. } if *base == 352 => Some(slots.len()),
+            Op::Table { base, ring, .. } if *base == 352 => Some(ring.len()),
             _ => None,
         })
         .sum();

@@ -140,9 +140,14 @@ async fn probe_inner(cfg: &CheckConfig, target: SocketAddr) -> Result<(), String
     };
     match cfg.kind {
         CheckKind::None => Ok(()),
+        // Connected is up. Closed with a reset (SO_LINGER 0, as HAProxy's checks do): no FIN
+        // exchange and no TIME_WAIT socket per check (10 000 backends checked every second
+        // would keep 600 000 of them).
         CheckKind::Tcp => tokio::net::TcpStream::connect(target)
             .await
-            .map(|_| ())
+            .map(|s| {
+                let _ = s.set_zero_linger();
+            })
             .map_err(io_err),
         CheckKind::Http => {
             let stream = tokio::net::TcpStream::connect(target)

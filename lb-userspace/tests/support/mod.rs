@@ -152,7 +152,7 @@ mac = "02:00:00:00:00:23"
 weight = 300
 "#;
 
-struct FakeInterfaces;
+pub struct FakeInterfaces;
 
 impl Interfaces for FakeInterfaces {
     fn lookup(&self, name: &str) -> Result<(u32, Mac), String> {
@@ -257,7 +257,7 @@ impl Fixture {
             .unwrap_or_else(|| panic!("no service {name}"));
         Svc {
             value: s.value,
-            ring: s.ring.clone(),
+            ring: s.ring.to_vec(),
             backends: s.backends.iter().map(|b| b.0).collect(),
         }
     }

@@ -1,0 +1,397 @@
+//! The control plane at scale (issue #13): applying 1 000 services × 10 backends to a real,
+//! empty data plane; what a one-backend change writes; health checks of 10 000 backends.
+//! `LB_BENCH_ONLY=control` runs this part alone.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_userspace::{
+    admin::Override,
+    config::{CheckKind, Config, Health as CheckConfig},
+    dataplane::{Dataplane, Maps},
+    desired::{
+        BackendId, DesiredState, HealthInput, MacInput, diff,
+        ids::{Assignment, Ids},
+        inputs,
+    },
+    health::{
+        Health,
+        tasks::{CheckSpec, Checks},
+    },
+};
+
+use crate::support::FakeInterfaces;
+
+const SERVICES: usize = 1000;
+const BACKENDS: usize = 10;
+
+/// A config of `SERVICES` services × `BACKENDS` backends (every backend with a MAC, so all are
+/// active), each service's table `ring_size` slots.
+fn big_config(ring_size: u32) -> String {
+    let capacity = (SERVICES as u64 * ring_size as u64).max(7);
+    let mut s = format!(
+        "[dataplane]\ninterface = \"lbtest0\"\nring_size = {ring_size}\nring_capacity = {capacity}\nflow_table_size = 65536\n"
+    );
+    for i in 0..SERVICES {
+        s += &format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"10.{}.{}.{}\"\nport = 80\nprotocol = \"tcp\"\n",
+            100 + i / 65536,
+            (i / 256) % 256,
+            i % 256
+        );
+        for j in 0..BACKENDS {
+            let n = i * BACKENDS + j;
+            s += &format!(
+                "[[service.backend]]\naddress = \"172.{}.{}.{}\"\nmac = \"02:00:00:{:02x}:{:02x}:{:02x}\"\n",
+                16 + n / 65536,
+                (n / 256) % 256,
+                n % 256,
+                n >> 16,
+                (n >> 8) & 0xff,
+                n & 0xff
+            );
+        }
+    }
+    s
+}
+
+/// The controller's computation for `cfg` after `prev`: every backend up, MACs from the config.
+fn next_state(cfg: &Config, a: &Assignment, prev: Option<&DesiredState>) -> DesiredState {
+    let inputs = inputs(cfg, a, |_, _, b| {
+        (
+            Override::default(),
+            HealthInput::Unchecked,
+            MacInput::Config(b.mac.expect("bench backends have a MAC")),
+        )
+    });
+    DesiredState::next(&inputs, &cfg.dataplane, &FakeInterfaces, prev).expect("desired state")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Applying the config from scratch to an empty, loaded data plane: parse and validate, build
+/// the desired state (1 000 tables), compute the writes and perform them; then one backend's
+/// weight changes and the reload writes only what changed (counted, and checked against the
+/// slots that differ).
+fn apply(ring_size: u32) -> serde_json::Value {
+    let text = big_config(ring_size);
+    let t0 = Instant::now();
+    let cfg = Config::parse(&text, Path::new("bench.toml")).expect("valid bench config");
+    let t_parse = t0.elapsed();
+    let mut ids = Ids::default();
+    let a = ids.sync(&cfg);
+    let t1 = Instant::now();
+    let state = next_state(&cfg, &a, None);
+    let t_build = t1.elapsed();
+    let t2 = Instant::now();
+    let (ops, sum) = diff(None, &state);
+    let t_diff = t2.elapsed();
+
+    let tl = Instant::now();
+    let mut dp = Dataplane::load(cfg.dataplane.ring_capacity, cfg.dataplane.flow_table_size)
+        .unwrap_or_else(|e| panic!("load: {e:#}"));
+    let t_load = tl.elapsed();
+    let t3 = Instant::now();
+    dp.apply_ops(&ops).expect("apply");
+    let t_write = t3.elapsed();
+    let total = t_parse + t_build + t_diff + t_write;
+    // Checked: every service's table reads back as built.
+    for s in state.services.iter().step_by(97) {
+        for slot in (0..s.value.ring_size).step_by(101) {
+            let got = dp.ring_entry(&s.value, slot).expect("ring read");
+            assert_eq!(
+                Some(got),
+                s.slot_value(slot as usize),
+                "{} slot {slot}",
+                s.name
+            );
+        }
+    }
+
+    // One backend's weight: 100 → 50 in service s500.
+    let changed = text.replacen(
+        "address = \"172.16.19.136\"\n",
+        "address = \"172.16.19.136\"\nweight = 50\n",
+        1,
+    );
+    assert_ne!(changed, text, "bench bug: backend 5000 not found");
+    let t4 = Instant::now();
+    let cfg2 = Config::parse(&changed, Path::new("bench.toml")).expect("valid");
+    let a2 = ids.sync(&cfg2);
+    let state2 = next_state(&cfg2, &a2, Some(&state));
+    let (ops2, sum2) = diff(Some(&state), &state2);
+    dp.apply_ops(&ops2).expect("apply the change");
+    let t_change = t4.elapsed();
+    let s = state.services.iter().find(|s| s.name == "s500").unwrap();
+    let s2 = state2.services.iter().find(|s| s.name == "s500").unwrap();
+    let differ = (0..s.ring.len())
+        .filter(|i| s.slot_value(*i) != s2.slot_value(*i))
+        .count();
+    // One backend entry (its weight) and exactly the slots whose value differs.
+    assert_eq!(sum2.map_writes, differ + 1, "{sum2}");
+    assert_eq!(sum2.rings_changed, 1);
+
+    println!(
+        "apply {SERVICES} services × {BACKENDS} backends, ring_size {ring_size}: {:.0} ms (parse {:.0}, tables {:.0}, diff {:.0}, {} writes {:.0}; loading the empty data plane {:.0} ms apart)",
+        ms(total),
+        ms(t_parse),
+        ms(t_build),
+        ms(t_diff),
+        sum.map_writes,
+        ms(t_write),
+        ms(t_load)
+    );
+    println!(
+        "  one backend's weight changed: {} map writes ({} table slots of {ring_size} + the backend), {:.1} ms",
+        sum2.map_writes,
+        differ,
+        ms(t_change)
+    );
+    serde_json::json!({
+        "services": SERVICES,
+        "backends_per_service": BACKENDS,
+        "ring_size": ring_size,
+        "total_ms": ms(total),
+        "parse_ms": ms(t_parse),
+        "tables_ms": ms(t_build),
+        "diff_ms": ms(t_diff),
+        "write_ms": ms(t_write),
+        "map_writes": sum.map_writes,
+        "load_ms": ms(t_load),
+        "one_backend_change": {
+            "map_writes": sum2.map_writes,
+            "slots_changed": differ,
+            "ms": ms(t_change),
+        },
+    })
+}
+
+/// The backends' side of the health-check measurement: a network namespace behind a veth
+/// pair that answers for every address of 10.251.0.0/18 (a local route: AnyIP) on one port,
+/// with an acceptor process (accept, close) pinned to the last CPU and the namespace's receive
+/// processing steered there too (RPS), so the checker's CPU time is its own, not the servers'.
+/// Removed on drop.
+struct Backends {
+    ns: String,
+    link: String,
+    acceptor: Option<std::process::Child>,
+}
+
+const BACKEND_NET: &str = "10.251.0.0/18";
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
+impl Backends {
+    fn new(port: u16) -> Backends {
+        let tag = std::process::id() % 100_000;
+        let (ns, link) = (format!("lbhc{tag}"), format!("lbhc{tag}a"));
+        let mut b = Backends {
+            ns: ns.clone(),
+            link: link.clone(),
+            acceptor: None,
+        };
+        let last = (crate::support::cpus() - 1).to_string();
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &link, "type", "veth", "peer", "name", "hcb", "netns", &ns,
+        ]);
+        ip(&["addr", "add", "10.250.255.1/30", "dev", &link]);
+        ip(&["link", "set", &link, "up"]);
+        for args in [
+            vec!["addr", "add", "10.250.255.2/30", "dev", "hcb"],
+            vec!["link", "set", "hcb", "up"],
+            vec!["link", "set", "lo", "up"],
+            vec!["route", "add", "local", BACKEND_NET, "dev", "lo"],
+        ] {
+            let mut a = vec!["-n", ns.as_str()];
+            a.extend(args);
+            ip(&a);
+        }
+        ip(&["route", "add", BACKEND_NET, "via", "10.250.255.2"]);
+        let mask = format!("{:x}", 1u64 << (crate::support::cpus() - 1));
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "sh", "-c"])
+            .arg(format!(
+                "echo {mask} > /sys/class/net/hcb/queues/rx-0/rps_cpus"
+            ))
+            .status()
+            .expect("rps");
+        assert!(st.success(), "RPS on the backends' veth");
+        let code = format!(
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(4096)\nwhile True:\n    c,_=s.accept()\n    c.close()\n"
+        );
+        b.acceptor = Some(
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "taskset", "-c", &last, "python3", "-c", &code,
+                ])
+                .spawn()
+                .expect("python3 for the bench's acceptor"),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        b
+    }
+
+    /// The `i`th backend's address.
+    fn addr(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 251, (i / 256) as u8, (i % 256) as u8)
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.acceptor.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let quiet = |args: &[&str]| {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        };
+        quiet(&["route", "del", BACKEND_NET]);
+        quiet(&["link", "del", &self.link]);
+        quiet(&["netns", "del", &self.ns]);
+    }
+}
+
+/// CPU time (user, system) of this process so far.
+fn cpu_time() -> (Duration, Duration) {
+    // SAFETY: getrusage writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(u.ru_utime), tv(u.ru_stime))
+}
+
+/// Health checks of 10 000 backends (TCP connect, 1 s interval, as `lb run` runs them: one
+/// task per backend on a current-thread runtime, every result fed to its backend's state),
+/// against 10 000 addresses of another namespace ([`Backends`]). Measured: this process's CPU
+/// time (user + system) over 10 s of steady state, as a share of one core.
+fn health_checks() -> serde_json::Value {
+    const N: usize = 10_000;
+    const SECONDS: u64 = 10;
+    let port = 8080;
+    let backends = Backends::new(port);
+    // The checker on CPU 0, the backends' side on the last CPU.
+    crate::support::pin_to_cpu(0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (checks, ok, failed, cpu, wall) = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let mut checks = Checks::new(tx);
+        let cfg = CheckConfig {
+            kind: CheckKind::Tcp,
+            port,
+            path: "/".into(),
+            expect_status: 200,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 2,
+            payload: String::new(),
+        };
+        let wanted: BTreeMap<BackendId, CheckSpec> = (0..N)
+            .map(|i| {
+                let a = Backends::addr(i);
+                (
+                    BackendId(i as u32),
+                    CheckSpec {
+                        label: format!("s/{a}"),
+                        address: IpAddr::V4(a),
+                        cfg: cfg.clone(),
+                    },
+                )
+            })
+            .collect();
+        checks.sync(&wanted);
+        let now = Instant::now();
+        let mut health: Vec<Health> = (0..N).map(|_| Health::new(now)).collect();
+        // Warm up over one interval and a half (every task has started), then measure.
+        drain(&mut rx, &mut health, Duration::from_millis(1500)).await;
+        let c0 = cpu_time();
+        let t0 = Instant::now();
+        let (ok, failed) = drain(&mut rx, &mut health, Duration::from_secs(SECONDS)).await;
+        let wall = t0.elapsed();
+        let c1 = cpu_time();
+        let cpu = (c1.0 - c0.0, c1.1 - c0.1);
+        checks.stop_all();
+        (N, ok, failed, cpu, wall)
+    });
+    drop(backends);
+    let w = wall.as_secs_f64();
+    let (user, sys) = (cpu.0.as_secs_f64() / w, cpu.1.as_secs_f64() / w);
+    let share = user + sys;
+    println!(
+        "health checks: {checks} backends, TCP every 1 s: {ok} passed and {failed} failed in {w:.1} s; the checker used {:.1} % of one core ({:.1} % user, {:.1} % system)",
+        share * 100.0,
+        user * 100.0,
+        sys * 100.0
+    );
+    assert!(
+        failed == 0 && ok as f64 >= 0.9 * (checks as f64) * wall.as_secs_f64(),
+        "the checks must run and pass: {ok} ok, {failed} failed"
+    );
+    serde_json::json!({
+        "backends": checks,
+        "interval_ms": 1000,
+        "kind": "tcp",
+        "seconds": wall.as_secs_f64(),
+        "checks_passed": ok,
+        "checks_failed": failed,
+        "cpu_share_of_one_core": share,
+        "cpu_user_share": user,
+        "cpu_system_share": sys,
+    })
+}
+
+/// Feeds the results arriving within `span` to their backends' state, as the controller
+/// does; returns (passed, failed).
+async fn drain(
+    rx: &mut tokio::sync::mpsc::Receiver<lb_userspace::health::tasks::CheckResult>,
+    health: &mut [Health],
+    span: Duration,
+) -> (u64, u64) {
+    let until = Instant::now() + span;
+    let mut n = (0, 0);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok(Some(r)) = tokio::time::timeout(left, rx.recv()).await else {
+            return n;
+        };
+        if r.result.is_ok() {
+            n.0 += 1;
+        } else {
+            n.1 += 1;
+        }
+        let _ = health[r.id.0 as usize].observe(r.result, r.finished, 2, 2);
+    }
+}
+
+/// Everything of this part, for `results.json`.
+pub fn control_plane() -> serde_json::Value {
+    let small = apply(4099);
+    let default = apply(lb_common::limits::DEFAULT_RING_SIZE);
+    let health = health_checks();
+    serde_json::json!({
+        "apply_ring_4099": small,
+        "apply_ring_65537": default,
+        "health_checks": health,
+    })
+}
