@@ -32,27 +32,80 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    /// The key as five little-endian 64-bit words (the input of [`crate::hash::flow_hash`]).
+    /// The key as five little-endian 64-bit words (the input of [`crate::hash::flow_hash`]):
+    /// source address (2), destination address (2), and source port, destination port (as on
+    /// the wire), protocol, family in the fifth. Read as whole words: the data plane writes the
+    /// key as whole words too ([`FlowKey::from_words`]), so reading it back never waits for a
+    /// partial store (a load spanning several smaller stores stalls the CPU).
     #[inline(always)]
     pub fn words(&self) -> [u64; 5] {
-        let s = &self.src_addr;
-        let d = &self.dst_addr;
-        [
-            u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
-            u64::from_le_bytes([s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]]),
-            u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]),
-            u64::from_le_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]),
+        bytemuck::cast::<FlowKey, [u64; 5]>(*self).map(u64::from_le)
+    }
+
+    /// The key of five little-endian words (see [`FlowKey::words`]).
+    #[inline(always)]
+    pub fn from_words(w: [u64; 5]) -> FlowKey {
+        bytemuck::cast(w.map(u64::to_le))
+    }
+
+    /// An IPv4 key: addresses as on the wire, ports zero (see [`FlowKey::set_ports`]).
+    #[inline(always)]
+    pub fn v4(src: [u8; 4], dst: [u8; 4], protocol: u8) -> FlowKey {
+        FlowKey::from_words([
+            u32::from_le_bytes(src) as u64,
+            0,
+            u32::from_le_bytes(dst) as u64,
+            0,
+            Self::tail(0, protocol, FAMILY_V4),
+        ])
+    }
+
+    /// An IPv6 key: addresses as on the wire, ports zero.
+    #[inline(always)]
+    pub fn v6(src: &[u8; 16], dst: &[u8; 16], protocol: u8) -> FlowKey {
+        let w = |a: &[u8; 16], i: usize| {
             u64::from_le_bytes([
-                self.src_port[0],
-                self.src_port[1],
-                self.dst_port[0],
-                self.dst_port[1],
-                self.protocol,
-                self.family,
-                0,
-                0,
-            ]),
-        ]
+                a[i],
+                a[i + 1],
+                a[i + 2],
+                a[i + 3],
+                a[i + 4],
+                a[i + 5],
+                a[i + 6],
+                a[i + 7],
+            ])
+        };
+        FlowKey::from_words([
+            w(src, 0),
+            w(src, 8),
+            w(dst, 0),
+            w(dst, 8),
+            Self::tail(0, protocol, FAMILY_V6),
+        ])
+    }
+
+    /// The fifth word: `ports` (source then destination port, as on the wire: the first four
+    /// bytes of a TCP or UDP header, read little-endian), protocol, family.
+    #[inline(always)]
+    const fn tail(ports: u32, protocol: u8, family: u8) -> u64 {
+        ports as u64 | (protocol as u64) << 32 | (family as u64) << 40
+    }
+
+    /// Sets both ports: `ports` are the first four bytes of the TCP or UDP header (source
+    /// port, destination port).
+    #[inline(always)]
+    pub fn set_ports(&mut self, ports: [u8; 4]) {
+        let mut w = self.words();
+        w[4] = (w[4] & !0xffff_ffff) | u32::from_le_bytes(ports) as u64;
+        *self = FlowKey::from_words(w);
+    }
+
+    /// Sets the protocol.
+    #[inline(always)]
+    pub fn set_protocol(&mut self, protocol: u8) {
+        let mut w = self.words();
+        w[4] = (w[4] & !(0xff << 32)) | (protocol as u64) << 32;
+        *self = FlowKey::from_words(w);
     }
 }
 
@@ -66,6 +119,51 @@ pub struct ServiceKey {
     pub port: [u8; 2],
     pub protocol: u8,
     pub family: u8,
+}
+
+impl ServiceKey {
+    /// The service key of a flow: its destination address, destination port, protocol and
+    /// family, built from the key's words (no byte-wise copy).
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> ServiceKey {
+        let w = key.words();
+        bytemuck::cast::<[u32; 5], ServiceKey>(
+            [
+                w[2] as u32,
+                (w[2] >> 32) as u32,
+                w[3] as u32,
+                (w[3] >> 32) as u32,
+                (w[4] >> 16) as u32,
+            ]
+            .map(u32::to_le),
+        )
+    }
+
+    /// The same key with port 0 (the VIP's all-ports service).
+    #[inline(always)]
+    pub fn any_port(self) -> ServiceKey {
+        let mut w = bytemuck::cast::<ServiceKey, [u32; 5]>(self);
+        w[4] &= u32::to_le(0xffff_0000);
+        bytemuck::cast(w)
+    }
+}
+
+impl VipKey {
+    /// The VIP key of a flow's destination, from the key's words.
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> VipKey {
+        let w = key.words();
+        bytemuck::cast::<[u32; 5], VipKey>(
+            [
+                w[2] as u32,
+                (w[2] >> 32) as u32,
+                w[3] as u32,
+                (w[3] >> 32) as u32,
+                (w[4] >> 40) as u32 & 0xff,
+            ]
+            .map(u32::to_le),
+        )
+    }
 }
 
 /// Scheduler of a service ([`ServiceValue::scheduler`]): weighted Maglev on the 5-tuple hash.
@@ -404,14 +502,14 @@ const _: () = assert!(size_of::<SyncEvent>() == 48);
 const _: () = assert!(size_of::<SyncConfig>() == 8);
 const _: () = assert!(size_of::<BenchGen>() == 16);
 
-#[cfg(feature = "user")]
-mod user {
+mod pod {
     use super::*;
 
     macro_rules! pod {
         ($($t:ty),*) => {$(
             // SAFETY: `#[repr(C)]`, only integers and byte arrays, no implicit padding
             // (sizes asserted above), every bit pattern valid.
+            #[cfg(feature = "user")]
             unsafe impl aya::Pod for $t {}
             // SAFETY: as above.
             unsafe impl bytemuck::Zeroable for $t {}
@@ -462,6 +560,56 @@ mod tests {
         assert_eq!(offset_of!(ServiceValue, ring_len), 12);
         assert_eq!(offset_of!(ServiceValue, ring_size), 20);
         assert_eq!(offset_of!(Counters, new_flows), 16);
+    }
+
+    /// The word-wise constructors build exactly the keys the fields describe.
+    #[test]
+    fn keys_from_words_match_their_fields() {
+        let mut k = FlowKey::v4([10, 0, 0, 1], [10, 99, 0, 100], PROTO_TCP);
+        k.set_ports([0xc3, 0x50, 0x00, 0x50]);
+        let mut want = FlowKey {
+            protocol: PROTO_TCP,
+            family: FAMILY_V4,
+            src_port: [0xc3, 0x50],
+            dst_port: [0x00, 0x50],
+            ..FlowKey::default()
+        };
+        want.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        want.dst_addr[..4].copy_from_slice(&[10, 99, 0, 100]);
+        assert_eq!(k, want);
+        assert_eq!(FlowKey::from_words(k.words()), k);
+        k.set_protocol(PROTO_UDP);
+        assert_eq!(
+            (k.protocol, k.src_port, k.family),
+            (PROTO_UDP, [0xc3, 0x50], FAMILY_V4)
+        );
+        assert_eq!(
+            ServiceKey::of(&k),
+            ServiceKey {
+                vip: want.dst_addr,
+                port: [0x00, 0x50],
+                protocol: PROTO_UDP,
+                family: FAMILY_V4,
+            }
+        );
+        assert_eq!(ServiceKey::of(&k).any_port().port, [0, 0]);
+        assert_eq!(ServiceKey::of(&k).any_port().protocol, PROTO_UDP);
+        assert_eq!(
+            VipKey::of(&k),
+            VipKey {
+                addr: want.dst_addr,
+                family: FAMILY_V4,
+                _pad: [0; 3],
+            }
+        );
+        let s: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        let d: [u8; 16] = core::array::from_fn(|i| 0xf0 - i as u8);
+        let k6 = FlowKey::v6(&s, &d, PROTO_UDP);
+        assert_eq!((k6.src_addr, k6.dst_addr, k6.family), (s, d, FAMILY_V6));
+        assert_eq!(
+            (k6.protocol, k6.src_port, k6.dst_port),
+            (PROTO_UDP, [0; 2], [0; 2])
+        );
     }
 
     /// Keys are aligned so that zeroing and copying them compiles to word stores in BPF

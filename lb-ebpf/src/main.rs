@@ -197,11 +197,7 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
 /// follows). Not to a VIP: passed.
 #[inline(always)]
 fn later_fragment(ctx: &XdpContext, d: &mut Decision, frag: &Frag) -> u32 {
-    let vkey = VipKey {
-        addr: d.key.dst_addr,
-        family: d.key.family,
-        _pad: [0; 3],
-    };
+    let vkey = VipKey::of(&d.key);
     // SAFETY: VIP values are only replaced whole by the controller.
     let Some(vip) = (unsafe { LB_VIPS.get(vkey) }) else {
         return pass(d, Stat::PassFragment);
@@ -267,12 +263,7 @@ fn forward(ctx: &XdpContext, d: &mut Decision, backend_id: u32, backend: &Backen
 /// Exact (VIP, port, protocol) first, then the VIP's all-ports service (port 0).
 #[inline(always)]
 fn lookup_service(key: &FlowKey) -> Option<&'static ServiceValue> {
-    let mut skey = ServiceKey {
-        vip: key.dst_addr,
-        port: key.dst_port,
-        protocol: key.protocol,
-        family: key.family,
-    };
+    let skey = ServiceKey::of(key);
     // SAFETY: services are only replaced whole by the controller; a value read during an
     // update is either the old or the new one (both valid).
     if let Some(v) = unsafe { LB_SERVICES.get(skey) } {
@@ -282,27 +273,21 @@ fn lookup_service(key: &FlowKey) -> Option<&'static ServiceValue> {
     if flags & FLAG_ALL_PORTS_SERVICES == 0 {
         return None;
     }
-    skey.port = [0, 0];
     // SAFETY: as above.
-    unsafe { LB_SERVICES.get(skey) }
+    unsafe { LB_SERVICES.get(skey.any_port()) }
 }
 
 /// False when the destination is certainly no VIP (its filter slot is clear).
 #[inline(always)]
 fn maybe_vip(key: &FlowKey) -> bool {
     LB_VIP_FILTER
-        .get(lb_common::hash::vip_slot(&key.dst_addr))
+        .get(lb_common::hash::vip_slot_of(key))
         .is_some_and(|v| *v != 0)
 }
 
 #[inline(always)]
 fn is_vip(key: &FlowKey) -> bool {
-    let vkey = VipKey {
-        addr: key.dst_addr,
-        family: key.family,
-        _pad: [0; 3],
-    };
-    LB_VIPS.get_ptr(vkey).is_some()
+    LB_VIPS.get_ptr(VipKey::of(key)).is_some()
 }
 
 /// Destination MAC := backend's MAC, source MAC := egress interface's MAC. Nothing else changes.

@@ -3,9 +3,7 @@
 //! flow key of the packet they quote, reversed (the client → VIP direction).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, limits::MAX_IPV6_EXT_HEADERS,
-};
+use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, limits::MAX_IPV6_EXT_HEADERS};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -149,9 +147,7 @@ fn parse_icmp(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
         {
             return Parsed::Icmp;
         }
-        key.protocol = ip.proto;
-        key.src_addr[..4].copy_from_slice(&ip.dst_addr);
-        key.dst_addr[..4].copy_from_slice(&ip.src_addr);
+        *key = FlowKey::v4(ip.dst_addr, ip.src_addr, ip.proto);
         inner + ihl
     } else {
         if key.protocol != PROTO_ICMPV6
@@ -170,9 +166,7 @@ fn parse_icmp(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
         {
             return Parsed::Icmp;
         }
-        key.protocol = ip.next_hdr;
-        key.src_addr = ip.dst_addr;
-        key.dst_addr = ip.src_addr;
+        *key = FlowKey::v6(&ip.dst_addr, &ip.src_addr, ip.next_hdr);
         inner + Ipv6Hdr::LEN
     };
     if ports_off > MAX_L4_OFFSET + 128 {
@@ -183,8 +177,7 @@ fn parse_icmp(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Parsed {
     };
     // SAFETY: bounds-checked by `ptr_at`.
     let p = unsafe { *ports };
-    key.src_port = [p[2], p[3]];
-    key.dst_port = [p[0], p[1]];
+    key.set_ports([p[2], p[3], p[0], p[1]]);
     Parsed::IcmpError
 }
 
@@ -203,10 +196,8 @@ fn parse_ipv4(
     if ip.vihl >> 4 != 4 {
         return Err(Parsed::Malformed);
     }
-    key.family = FAMILY_V4;
-    key.protocol = ip.proto;
-    key.src_addr[..4].copy_from_slice(&ip.src_addr);
-    key.dst_addr[..4].copy_from_slice(&ip.dst_addr);
+    // The key as whole words (read back as words: no partial-store stalls).
+    *key = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     if ihl < Ipv4Hdr::LEN || tot_len < ihl || off + tot_len > frame_len {
@@ -243,11 +234,8 @@ fn parse_ipv6(
     if ip.vcf[0] >> 4 != 6 {
         return Err(Parsed::Malformed);
     }
-    key.family = FAMILY_V6;
-    key.src_addr = ip.src_addr;
-    key.dst_addr = ip.dst_addr;
     let mut next = ip.next_hdr;
-    key.protocol = next;
+    *key = FlowKey::v6(&ip.src_addr, &ip.dst_addr, next);
     let mut off = off + Ipv6Hdr::LEN;
     if off + u16::from_be_bytes(ip.payload_len) as usize > frame_len {
         return Err(Parsed::MalformedL4);
@@ -282,7 +270,7 @@ fn parse_ipv6(
                     frag.id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
                     frag.first = offlg >> 3 == 0;
                     if !frag.first {
-                        key.protocol = next;
+                        key.set_protocol(next);
                         return Err(Parsed::Fragment);
                     }
                 }
@@ -290,7 +278,7 @@ fn parse_ipv6(
             }
             _ => return Err(Parsed::NotTcpUdp),
         };
-        key.protocol = next;
+        key.set_protocol(next);
         off += len;
         if off > MAX_L4_OFFSET {
             return Err(Parsed::MalformedL4);
@@ -325,8 +313,6 @@ fn parse_ports(ctx: &XdpContext, off: usize, key: &mut FlowKey, tcp_flags: &mut 
         udp.cast::<[u8; 4]>()
     };
     // SAFETY: bounds-checked by `ptr_at` (the whole header, of which these are the first bytes).
-    let p = unsafe { *ports };
-    key.src_port = [p[0], p[1]];
-    key.dst_port = [p[2], p[3]];
+    key.set_ports(unsafe { *ports });
     Parsed::Flow
 }
