@@ -126,6 +126,11 @@ fn main() {
         println!("{}", live_frames().unwrap_or_default());
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("health") {
+        println!("{}", control::health_checks());
+        println!("{}", control::daemon_health_checks());
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("control") {
         println!("{}", control::control_plane());
         return;

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -179,6 +179,7 @@ fn apply(ring_size: u32) -> serde_json::Value {
 /// Removed on drop.
 struct Backends {
     ns: String,
+    /// The veth end in this namespace (toward the backends).
     link: String,
     acceptor: Option<std::process::Child>,
 }
@@ -282,7 +283,7 @@ fn cpu_time() -> (Duration, Duration) {
 /// task per backend on a current-thread runtime, every result fed to its backend's state),
 /// against 10 000 addresses of another namespace ([`Backends`]). Measured: this process's CPU
 /// time (user + system) over 10 s of steady state, as a share of one core.
-fn health_checks() -> serde_json::Value {
+pub fn health_checks() -> serde_json::Value {
     const N: usize = 10_000;
     const SECONDS: u64 = 10;
     let port = 8080;
@@ -334,10 +335,42 @@ fn health_checks() -> serde_json::Value {
         checks.stop_all();
         (N, ok, failed, cpu, wall)
     });
+    // The floor: the kernel's cost of one TCP check (blocking connect, close with a reset),
+    // nothing else, on the same thread and CPU, over the same backends.
+    let f0 = cpu_time();
+    let t0 = Instant::now();
+    let (mut floor_checks, mut floor_failed) = (0u64, 0u64);
+    while t0.elapsed() < Duration::from_secs(2) {
+        let a = SocketAddr::new(IpAddr::V4(Backends::addr(floor_checks as usize % N)), port);
+        // Paced at about 10 000 a second, as the checks (the acceptor keeps up).
+        if floor_checks % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        floor_checks += 1;
+        let Ok(s) = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(500)) else {
+            floor_failed += 1;
+            continue;
+        };
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
+    }
+    assert!(
+        floor_failed * 100 < floor_checks,
+        "floor: {floor_failed} of {floor_checks} failed"
+    );
+    let f1 = cpu_time();
+    let floor_us = ((f1.0 - f0.0) + (f1.1 - f0.1)).as_secs_f64() * 1e6 / floor_checks as f64;
     drop(backends);
     let w = wall.as_secs_f64();
     let (user, sys) = (cpu.0.as_secs_f64() / w, cpu.1.as_secs_f64() / w);
     let share = user + sys;
+    let per_check_us = share * 1e6 / (ok + failed).max(1) as f64 * w;
+    println!(
+        "  {per_check_us:.1} µs of CPU per check; the floor (a blocking connect and close, nothing else) costs {floor_us:.1} µs here, {:.1} % of a core for 10 000 a second",
+        floor_us * 1e4 / 1e6 * 100.0
+    );
     println!(
         "health checks: {checks} backends, TCP every 1 s: {ok} passed and {failed} failed in {w:.1} s; the checker used {:.1} % of one core ({:.1} % user, {:.1} % system)",
         share * 100.0,
@@ -356,6 +389,8 @@ fn health_checks() -> serde_json::Value {
         "checks_passed": ok,
         "checks_failed": failed,
         "cpu_share_of_one_core": share,
+        "cpu_us_per_check": per_check_us,
+        "kernel_floor_us_per_check": floor_us,
         "cpu_user_share": user,
         "cpu_system_share": sys,
     })
@@ -364,7 +399,7 @@ fn health_checks() -> serde_json::Value {
 /// Feeds the results arriving within `span` to their backends' state, as the controller
 /// does; returns (passed, failed).
 async fn drain(
-    rx: &mut tokio::sync::mpsc::Receiver<lb_userspace::health::tasks::CheckResult>,
+    rx: &mut tokio::sync::mpsc::Receiver<lb_userspace::health::tasks::CheckBatch>,
     health: &mut [Health],
     span: Duration,
 ) -> (u64, u64) {
@@ -372,16 +407,142 @@ async fn drain(
     let mut n = (0, 0);
     loop {
         let left = until.saturating_duration_since(Instant::now());
-        let Ok(Some(r)) = tokio::time::timeout(left, rx.recv()).await else {
+        let Ok(Some(batch)) = tokio::time::timeout(left, rx.recv()).await else {
             return n;
         };
-        if r.result.is_ok() {
-            n.0 += 1;
-        } else {
-            n.1 += 1;
+        for r in batch {
+            if r.result.is_ok() {
+                n.0 += 1;
+            } else {
+                n.1 += 1;
+            }
+            let _ = health[r.id.0 as usize].observe(r.result, r.finished, 2, 2);
         }
-        let _ = health[r.id.0 as usize].observe(r.result, r.finished, 2, 2);
     }
+}
+
+/// CPU time (user + system, seconds) of process `pid` so far, from /proc.
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/pid/stat");
+    // Fields after the command (which may hold spaces): state is the 3rd field overall.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // SAFETY: sysconf only reads.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (utime, stime): (f64, f64) = (f[11].parse().unwrap(), f[12].parse().unwrap());
+    (utime + stime) / hz
+}
+
+/// The real daemon: `lb run` with 100 services × 100 backends, every backend TCP-checked each
+/// second (the backends of [`Backends`]), attached in generic mode to the veth toward them.
+/// Measured: the whole `lb run` process's CPU time over 10 s of steady state (everything it
+/// does: the checks, their results, counters, sweeps), as a share of one core; checked: every
+/// backend is up with passing checks.
+pub fn daemon_health_checks() -> serde_json::Value {
+    const SERVICES: usize = 100;
+    const PER: usize = 100;
+    let port = 8080;
+    let backends = Backends::new(port);
+    let dir = std::env::temp_dir().join(format!("lbbench-hc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let pin = format!("/sys/fs/bpf/lbbench-hc-{}", std::process::id());
+    let sock = dir.join("lb.sock");
+    let mut cfg = format!(
+        "[dataplane]\ninterface = \"{}\"\nxdp_mode = \"generic\"\nflow_table_size = 65536\nring_size = 1021\npin_path = \"{pin}\"\n[control]\nsocket = \"{}\"\nstate_file = \"{}\"\n",
+        backends.link,
+        sock.display(),
+        dir.join("state.json").display()
+    );
+    for i in 0..SERVICES {
+        cfg += &format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"10.252.0.{i}\"\nport = 80\nprotocol = \"tcp\"\n[service.health]\nkind = \"tcp\"\nport = {port}\ninterval_ms = 1000\ntimeout_ms = 500\n"
+        );
+        for j in 0..PER {
+            let n = i * PER + j;
+            cfg += &format!(
+                "[[service.backend]]\naddress = \"{}\"\nmac = \"02:00:00:00:{:02x}:{:02x}\"\n",
+                Backends::addr(n),
+                n >> 8,
+                n & 0xff
+            );
+        }
+    }
+    let cfg_path = dir.join("lb.toml");
+    std::fs::write(&cfg_path, cfg).expect("write config");
+    let lb = env!("CARGO_BIN_EXE_lb");
+    let log = std::fs::File::create(dir.join("lb.log")).expect("log");
+    // On CPU 0, as the checker above (the backends' side runs on the last CPU).
+    let mut child = std::process::Command::new("taskset")
+        .args(["-c", "0", lb, "run", "--config"])
+        .arg(&cfg_path)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start lb run");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30) && child.try_wait().unwrap().is_none(),
+            "lb run did not start: see {}",
+            dir.join("lb.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Warm-up: every check has run a few times.
+    std::thread::sleep(Duration::from_secs(3));
+    let c0 = proc_cpu(child.id());
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu = proc_cpu(child.id()) - c0;
+    let wall = t1.elapsed().as_secs_f64();
+    let out = std::process::Command::new(lb)
+        .arg("--socket")
+        .arg(&sock)
+        .args(["status", "--json"])
+        .output()
+        .expect("lb status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let all: Vec<&serde_json::Value> = st["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .flat_map(|s| s["backends"].as_array().expect("backends").iter())
+        .collect();
+    let passing = all
+        .iter()
+        .filter(|b| b["health"] == "up" && b["health_reason"] == "checks pass")
+        .count();
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    // (taskset execs lb: the child is lb itself.)
+    let _ = std::process::Command::new(lb)
+        .args(["detach", "--pin-path", &pin])
+        .output();
+    drop(backends);
+    let _ = std::fs::remove_dir_all(&dir);
+    let share = cpu / wall;
+    println!(
+        "lb run with {} backends TCP-checked every second: {:.1} % of one core (the whole daemon, {:.1} s over {wall:.1} s); {passing} backends up with passing checks",
+        SERVICES * PER,
+        share * 100.0,
+        cpu
+    );
+    assert_eq!(
+        passing,
+        SERVICES * PER,
+        "every backend must be checked and up"
+    );
+    serde_json::json!({
+        "backends": SERVICES * PER,
+        "interval_ms": 1000,
+        "kind": "tcp",
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "cpu_share_of_one_core": share,
+        "backends_up": passing,
+    })
 }
 
 /// Everything of this part, for `results.json`.
@@ -389,9 +550,11 @@ pub fn control_plane() -> serde_json::Value {
     let small = apply(4099);
     let default = apply(lb_common::limits::DEFAULT_RING_SIZE);
     let health = health_checks();
+    let daemon = daemon_health_checks();
     serde_json::json!({
         "apply_ring_4099": small,
         "apply_ring_65537": default,
         "health_checks": health,
+        "health_checks_lb_run": daemon,
     })
 }

@@ -448,14 +448,15 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let Some(&(si, bi)) = self.index.get(&id) else {
             return; // a backend a reload removed
         };
-        let (svc, b) = (&self.cfg.services[si], &self.cfg.services[si].backends[bi]);
-        let (name, addr, rise, fall) = (svc.name.clone(), b.address, b.health.rise, b.health.fall);
+        let b = &self.cfg.services[si].backends[bi];
+        let (addr, rise, fall) = (b.address, b.health.rise, b.health.fall);
         let Some(h) = self.health.get_mut(&id) else {
             return;
         };
         let Some(t) = h.observe(result, finished, rise, fall) else {
             return;
         };
+        let name = &self.cfg.services[si].name;
         if t.up {
             tracing::info!(
                 "health: service \"{name}\" backend {addr} is UP ({}; it was down for {:.1} s)",

@@ -20,7 +20,7 @@ use crate::{
     config::Config,
     dataplane::{AttachedMode, Dataplane},
     dataplane::{LoaderError, loader::check_pinned, pin},
-    health::tasks::{CheckResult, Checks},
+    health::tasks::{CheckBatch, Checks},
     iface::SystemInterfaces,
     neigh::Resolver,
     neigh::{
@@ -519,7 +519,7 @@ async fn event_loop(
         ),
         None => None,
     };
-    let (check_tx, mut check_rx) = mpsc::channel::<CheckResult>(1024);
+    let (check_tx, mut check_rx) = mpsc::channel::<CheckBatch>(1024);
     let mut checks = Checks::new(check_tx);
     sync_checks(ctl, &mut checks);
     let started = Instant::now();
@@ -616,23 +616,29 @@ async fn event_loop(
                 };
                 let _ = reply.send(r);
             }
-            Some(res) = check_rx.recv() => {
-                if checks.current(&res) {
+            Some(batch) = check_rx.recv() => {
+                let mut any = false;
+                for res in batch {
+                    if !checks.current(&res) {
+                        continue;
+                    }
+                    any = true;
                     if let Some(info) = ctl.desired().backend_info.get(&res.id) {
                         telemetry.check(
+                            res.id.0,
                             &info.service,
-                            &info.address.to_string(),
+                            info.address,
                             res.result.is_ok(),
                             res.duration.as_secs_f64(),
                         );
                     }
                     ctl.on_check(res.id, res.result, res.finished);
-                    // A VIP waiting for its backends is announced as soon as they pass.
-                    if cluster.announcer.as_ref().is_some_and(|a| {
-                        a.status().iter().any(|s| s.route != crate::announce::Route::Announced)
-                    }) {
-                        cluster.announce(ctl, None).await;
-                    }
+                }
+                // A VIP waiting for its backends is announced as soon as they pass.
+                if any && cluster.announcer.as_ref().is_some_and(|a| {
+                    a.status().iter().any(|s| s.route != crate::announce::Route::Announced)
+                }) {
+                    cluster.announce(ctl, None).await;
                 }
             }
             ready = async { cluster.sync.as_mut().expect("guarded").ring.readable_mut().await }, if cluster.sync.is_some() => {

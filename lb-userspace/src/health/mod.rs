@@ -6,6 +6,7 @@
 //! its last successful check.
 
 pub mod tasks;
+pub mod tcp;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -80,7 +81,9 @@ impl Health {
                 self.fail_streak = 0;
                 self.ok_streak = self.ok_streak.saturating_add(1);
                 if self.up {
-                    self.reason = "checks pass".to_owned();
+                    if self.reason != "checks pass" {
+                        self.reason = "checks pass".to_owned();
+                    }
                     return None;
                 }
                 if self.ok_streak >= rise {

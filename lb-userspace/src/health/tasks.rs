@@ -1,12 +1,20 @@
-//! Ownership of the check tasks: one task per checked backend, kept across reloads as long as
-//! the backend's address and check config are unchanged (so its rhythm and rise/fall counts go
-//! on), restarted when they changed, stopped when the backend left.
+//! Ownership of the checks: one per checked backend, kept across reloads as long as the
+//! backend's address and check config are unchanged (so its rhythm and rise/fall counts go on),
+//! restarted when they changed, stopped when the backend left. HTTP and UDP checks run as a
+//! tokio task each; TCP checks all run on one thread ([`super::tcp`]).
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{config::Health as CheckConfig, desired::BackendId};
+use crate::{
+    config::{CheckKind, Health as CheckConfig},
+    desired::BackendId,
+};
+
+/// What the checks send the controller: finished checks, in batches (the TCP checker sends
+/// all that finished in one of its rounds at once; a task sends one).
+pub type CheckBatch = Vec<CheckResult>;
 
 /// One finished check, from the task with `token`.
 #[derive(Debug)]
@@ -31,14 +39,30 @@ pub struct CheckSpec {
 struct Task {
     spec: CheckSpec,
     token: u64,
-    handle: JoinHandle<()>,
+    /// HTTP and UDP checks: a task each. TCP checks: `None`, run by the TCP checker thread.
+    handle: Option<JoinHandle<()>>,
 }
 
-/// The running check tasks.
+impl Task {
+    fn stop(self, tcp: Option<&super::tcp::TcpChecker>, id: BackendId) {
+        match self.handle {
+            Some(h) => h.abort(),
+            None => {
+                if let Some(t) = tcp {
+                    t.send(super::tcp::Cmd::Remove(id));
+                }
+            }
+        }
+    }
+}
+
+/// The running checks.
 pub struct Checks {
     tasks: BTreeMap<BackendId, Task>,
     next_token: u64,
-    tx: mpsc::Sender<CheckResult>,
+    tx: mpsc::Sender<CheckBatch>,
+    /// The thread running every TCP check (see `tcp.rs`), started with the first one.
+    tcp: Option<super::tcp::TcpChecker>,
 }
 
 /// What [`Checks::sync`] did.
@@ -51,11 +75,12 @@ pub struct SyncReport {
 }
 
 impl Checks {
-    pub fn new(tx: mpsc::Sender<CheckResult>) -> Checks {
+    pub fn new(tx: mpsc::Sender<CheckBatch>) -> Checks {
         Checks {
             tasks: BTreeMap::new(),
             next_token: 1,
             tx,
+            tcp: None,
         }
     }
 
@@ -70,7 +95,7 @@ impl Checks {
             .collect();
         for id in gone {
             if let Some(t) = self.tasks.remove(&id) {
-                t.handle.abort();
+                t.stop(self.tcp.as_ref(), id);
             }
             report.stopped.push(id);
         }
@@ -85,17 +110,38 @@ impl Checks {
             }
             let token = self.next_token;
             self.next_token += 1;
-            let handle = tokio::spawn(check_loop(*id, token, spec.clone(), self.tx.clone()));
-            if let Some(old) = self.tasks.insert(
+            if let Some(old) = self.tasks.remove(id) {
+                old.stop(self.tcp.as_ref(), *id);
+            }
+            let handle = match spec.cfg.kind {
+                CheckKind::Tcp => match self.tcp_checker() {
+                    Some(t) => {
+                        t.send(super::tcp::Cmd::Set(*id, token, spec.clone()));
+                        None
+                    }
+                    // No thread (could not start one): a task, as for the other kinds.
+                    None => Some(tokio::spawn(check_loop(
+                        *id,
+                        token,
+                        spec.clone(),
+                        self.tx.clone(),
+                    ))),
+                },
+                _ => Some(tokio::spawn(check_loop(
+                    *id,
+                    token,
+                    spec.clone(),
+                    self.tx.clone(),
+                ))),
+            };
+            self.tasks.insert(
                 *id,
                 Task {
                     spec: spec.clone(),
                     token,
                     handle,
                 },
-            ) {
-                old.handle.abort();
-            }
+            );
         }
         report
     }
@@ -106,9 +152,20 @@ impl Checks {
     }
 
     pub fn stop_all(&mut self) {
-        for (_, t) in std::mem::take(&mut self.tasks) {
-            t.handle.abort();
+        for (id, t) in std::mem::take(&mut self.tasks) {
+            t.stop(self.tcp.as_ref(), id);
         }
+    }
+
+    /// The TCP checker thread, started on first use.
+    fn tcp_checker(&mut self) -> Option<&super::tcp::TcpChecker> {
+        if self.tcp.is_none() {
+            match super::tcp::TcpChecker::start(self.tx.clone()) {
+                Ok(t) => self.tcp = Some(t),
+                Err(e) => tracing::error!("TCP checks: starting their thread: {e}"),
+            }
+        }
+        self.tcp.as_ref()
     }
 }
 
@@ -120,7 +177,7 @@ impl Drop for Checks {
 
 /// Checks `spec.address` every `interval` (±10 % jitter; the first one at an offset derived from
 /// the label, so checks don't fire in bursts) until the receiver is gone.
-async fn check_loop(id: BackendId, token: u64, spec: CheckSpec, tx: mpsc::Sender<CheckResult>) {
+async fn check_loop(id: BackendId, token: u64, spec: CheckSpec, tx: mpsc::Sender<CheckBatch>) {
     let cfg = &spec.cfg;
     let interval = Duration::from_millis(cfg.interval_ms as u64);
     let seed = lb_common::hash::bytes_hash(7, spec.label.as_bytes());
@@ -137,7 +194,7 @@ async fn check_loop(id: BackendId, token: u64, spec: CheckSpec, tx: mpsc::Sender
             finished: std::time::Instant::now(),
             duration: started.elapsed(),
         };
-        if tx.send(msg).await.is_err() {
+        if tx.send(vec![msg]).await.is_err() {
             return;
         }
         round += 1;
