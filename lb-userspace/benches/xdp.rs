@@ -127,8 +127,14 @@ fn main() {
         return;
     }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("health") {
-        println!("{}", control::health_checks());
-        println!("{}", control::daemon_health_checks());
+        for kind in [
+            lb_userspace::config::CheckKind::Tcp,
+            lb_userspace::config::CheckKind::Syn,
+        ] {
+            println!("{}", control::health_checks(kind));
+        }
+        println!("{}", control::daemon_health_checks("tcp"));
+        println!("{}", control::daemon_health_checks("syn"));
         return;
     }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("control") {

@@ -331,6 +331,10 @@ pub enum CheckKind {
     None,
     /// TCP connect.
     Tcp,
+    /// TCP half-open: a SYN from a raw socket; a SYN-ACK is up (the kernel answers it with a
+    /// reset), a reset is down. No socket per check: the cheap way to check thousands of
+    /// backends (see README, Health checks).
+    Syn,
     /// HTTP GET `path`, expecting `expect_status`.
     Http,
     /// Send `payload`, expect any reply.

@@ -221,15 +221,19 @@ impl Backends {
             ip(&a);
         }
         ip(&["route", "add", BACKEND_NET, "via", "10.250.255.2"]);
-        let mask = format!("{:x}", 1u64 << (crate::support::cpus() - 1));
-        let st = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "sh", "-c"])
-            .arg(format!(
-                "echo {mask} > /sys/class/net/hcb/queues/rx-0/rps_cpus"
-            ))
-            .status()
-            .expect("rps");
-        assert!(st.success(), "RPS on the backends' veth");
+        // The backends' receive processing on their own CPU (as on other machines), not inline
+        // in the checker's sends (LB_BENCH_NO_RPS: inline, for comparison).
+        if std::env::var("LB_BENCH_NO_RPS").is_err() {
+            let mask = format!("{:x}", 1u64 << (crate::support::cpus() - 1));
+            let st = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "sh", "-c"])
+                .arg(format!(
+                    "echo {mask} > /sys/class/net/hcb/queues/rx-0/rps_cpus"
+                ))
+                .status()
+                .expect("rps");
+            assert!(st.success(), "RPS on the backends' veth");
+        }
         let code = format!(
             "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(4096)\nwhile True:\n    c,_=s.accept()\n    c.close()\n"
         );
@@ -283,7 +287,7 @@ fn cpu_time() -> (Duration, Duration) {
 /// task per backend on a current-thread runtime, every result fed to its backend's state),
 /// against 10 000 addresses of another namespace ([`Backends`]). Measured: this process's CPU
 /// time (user + system) over 10 s of steady state, as a share of one core.
-pub fn health_checks() -> serde_json::Value {
+pub fn health_checks(kind: CheckKind) -> serde_json::Value {
     const N: usize = 10_000;
     const SECONDS: u64 = 10;
     let port = 8080;
@@ -298,7 +302,7 @@ pub fn health_checks() -> serde_json::Value {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
         let mut checks = Checks::new(tx);
         let cfg = CheckConfig {
-            kind: CheckKind::Tcp,
+            kind,
             port,
             path: "/".into(),
             expect_status: 200,
@@ -372,7 +376,7 @@ pub fn health_checks() -> serde_json::Value {
         floor_us * 1e4 / 1e6 * 100.0
     );
     println!(
-        "health checks: {checks} backends, TCP every 1 s: {ok} passed and {failed} failed in {w:.1} s; the checker used {:.1} % of one core ({:.1} % user, {:.1} % system)",
+        "health checks ({kind:?}): {checks} backends, every 1 s: {ok} passed and {failed} failed in {w:.1} s; the checker used {:.1} % of one core ({:.1} % user, {:.1} % system)",
         share * 100.0,
         user * 100.0,
         sys * 100.0
@@ -384,7 +388,7 @@ pub fn health_checks() -> serde_json::Value {
     serde_json::json!({
         "backends": checks,
         "interval_ms": 1000,
-        "kind": "tcp",
+        "kind": format!("{kind:?}").to_lowercase(),
         "seconds": wall.as_secs_f64(),
         "checks_passed": ok,
         "checks_failed": failed,
@@ -438,7 +442,7 @@ fn proc_cpu(pid: u32) -> f64 {
 /// Measured: the whole `lb run` process's CPU time over 10 s of steady state (everything it
 /// does: the checks, their results, counters, sweeps), as a share of one core; checked: every
 /// backend is up with passing checks.
-pub fn daemon_health_checks() -> serde_json::Value {
+pub fn daemon_health_checks(kind: &str) -> serde_json::Value {
     const SERVICES: usize = 100;
     const PER: usize = 100;
     let port = 8080;
@@ -455,7 +459,7 @@ pub fn daemon_health_checks() -> serde_json::Value {
     );
     for i in 0..SERVICES {
         cfg += &format!(
-            "[[service]]\nname = \"s{i}\"\nvip = \"10.252.0.{i}\"\nport = 80\nprotocol = \"tcp\"\n[service.health]\nkind = \"tcp\"\nport = {port}\ninterval_ms = 1000\ntimeout_ms = 500\n"
+            "[[service]]\nname = \"s{i}\"\nvip = \"10.252.0.{i}\"\nport = 80\nprotocol = \"tcp\"\n[service.health]\nkind = \"{kind}\"\nport = {port}\ninterval_ms = 1000\ntimeout_ms = 500\n"
         );
         for j in 0..PER {
             let n = i * PER + j;
@@ -524,7 +528,7 @@ pub fn daemon_health_checks() -> serde_json::Value {
     let _ = std::fs::remove_dir_all(&dir);
     let share = cpu / wall;
     println!(
-        "lb run with {} backends TCP-checked every second: {:.1} % of one core (the whole daemon, {:.1} s over {wall:.1} s); {passing} backends up with passing checks",
+        "lb run with {} backends checked ({kind}) every second: {:.1} % of one core (the whole daemon, {:.1} s over {wall:.1} s); {passing} backends up with passing checks",
         SERVICES * PER,
         share * 100.0,
         cpu
@@ -537,7 +541,7 @@ pub fn daemon_health_checks() -> serde_json::Value {
     serde_json::json!({
         "backends": SERVICES * PER,
         "interval_ms": 1000,
-        "kind": "tcp",
+        "kind": kind,
         "seconds": wall,
         "cpu_seconds": cpu,
         "cpu_share_of_one_core": share,
@@ -549,12 +553,16 @@ pub fn daemon_health_checks() -> serde_json::Value {
 pub fn control_plane() -> serde_json::Value {
     let small = apply(4099);
     let default = apply(lb_common::limits::DEFAULT_RING_SIZE);
-    let health = health_checks();
-    let daemon = daemon_health_checks();
+    let health = health_checks(CheckKind::Tcp);
+    let health_syn = health_checks(CheckKind::Syn);
+    let daemon = daemon_health_checks("tcp");
+    let daemon_syn = daemon_health_checks("syn");
     serde_json::json!({
         "apply_ring_4099": small,
         "apply_ring_65537": default,
         "health_checks": health,
+        "health_checks_syn": health_syn,
         "health_checks_lb_run": daemon,
+        "health_checks_lb_run_syn": daemon_syn,
     })
 }

@@ -146,7 +146,9 @@ async fn probe_inner(cfg: &CheckConfig, target: SocketAddr) -> Result<(), String
         // Connected is up. Closed with a reset (SO_LINGER 0, as HAProxy's checks do): no FIN
         // exchange and no TIME_WAIT socket per check (10 000 backends checked every second
         // would keep 600 000 of them).
-        CheckKind::Tcp => tokio::net::TcpStream::connect(target)
+        // (`syn` checks run on the TCP checker thread; should it be missing, a connect
+        // answers the same question.)
+        CheckKind::Tcp | CheckKind::Syn => tokio::net::TcpStream::connect(target)
             .await
             .map(|s| {
                 let _ = s.set_zero_linger();

@@ -114,7 +114,7 @@ impl Checks {
                 old.stop(self.tcp.as_ref(), *id);
             }
             let handle = match spec.cfg.kind {
-                CheckKind::Tcp => match self.tcp_checker() {
+                CheckKind::Tcp | CheckKind::Syn => match self.tcp_checker() {
                     Some(t) => {
                         t.send(super::tcp::Cmd::Set(*id, token, spec.clone()));
                         None

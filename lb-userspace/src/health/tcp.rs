@@ -7,19 +7,30 @@
 //! Here a check is `socket`, `setsockopt` (close with a reset), `connect`, `epoll_ctl` and
 //! `close`; completions are collected once per millisecond while checks are in flight.
 //!
+//! `syn` checks (half-open) cost less still: no socket per check. A SYN is sent from a raw socket
+//! with a source port this thread reserves (a bound, never listening socket holds it); the
+//! backend's SYN-ACK means up (the kernel, finding no socket for it, answers with a reset, so
+//! the backend keeps nothing), its reset means down ("connection refused"). The sequence number
+//! names the check, so a reply is matched by its acknowledgment number (and its source). Without
+//! CAP_NET_RAW, `syn` checks connect instead (logged once).
+//!
 //! The schedule is the tasks' own: the first check at an offset derived from the label, then
 //! every `interval_ms` ±10 % (the same jitter), each bounded by `timeout_ms`.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
-    io,
-    net::SocketAddr,
+    io::{self, Read as _},
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     sync::mpsc as std_mpsc,
     time::{Duration, Instant},
 };
 
-use mio::{Events, Interest, Poll, Token, net::TcpStream};
+use mio::{Events, Interest, Poll, Token, net::TcpStream, unix::SourceFd};
+use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
+
+use crate::config::CheckKind;
 use tokio::sync::mpsc;
 
 use super::tasks::{CheckBatch, CheckResult, CheckSpec};
@@ -71,10 +82,22 @@ struct Backend {
 struct Inflight {
     id: BackendId,
     epoch: u64,
-    stream: TcpStream,
+    probe: Probe,
     started: Instant,
     deadline: Instant,
 }
+
+/// How a check in flight asked.
+enum Probe {
+    /// A connect, watched in the epoll set.
+    Connect(TcpStream),
+    /// A SYN with this sequence number, to `target`.
+    Syn { seq: u32, target: SocketAddr },
+}
+
+/// epoll tokens of the raw sockets (check keys count up from 0 and never get near).
+const RAW4: Token = Token(usize::MAX - 1);
+const RAW6: Token = Token(usize::MAX - 2);
 
 /// While checks are in flight, completions are collected this often (batched: one
 /// `epoll_wait` for all that finished meanwhile).
@@ -97,6 +120,10 @@ struct Runner {
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     next_key: u64,
     next_epoch: u64,
+    /// `syn` checks' raw sockets (opened with the first one); `Err`: not available (logged).
+    raw: Option<Result<Raw, ()>>,
+    /// Sequence number → key of the `syn` check in flight that sent it.
+    syns: HashMap<u32, u64>,
 }
 
 impl Runner {
@@ -112,6 +139,8 @@ impl Runner {
             deadlines: BinaryHeap::new(),
             next_key: 0,
             next_epoch: 1,
+            raw: None,
+            syns: HashMap::new(),
         }
     }
 
@@ -146,13 +175,18 @@ impl Runner {
                 continue;
             }
             for ev in events.iter() {
+                if ev.token() == RAW4 || ev.token() == RAW6 {
+                    self.read_replies(ev.token() == RAW4);
+                    continue;
+                }
                 let Some(f) = self.inflight.remove(&(ev.token().0 as u64)) else {
                     continue;
                 };
-                let result = if ev.is_error() || ev.is_write_closed() {
-                    Err(connect_error(&f.stream))
-                } else {
-                    Ok(())
+                let result = match &f.probe {
+                    Probe::Connect(s) if ev.is_error() || ev.is_write_closed() => {
+                        Err(connect_error(s))
+                    }
+                    _ => Ok(()),
                 };
                 self.finish(f, result);
             }
@@ -165,6 +199,9 @@ impl Runner {
                 let Some(f) = self.inflight.remove(&key) else {
                     continue; // finished in time
                 };
+                if let Probe::Syn { seq, .. } = f.probe {
+                    self.syns.remove(&seq);
+                }
                 let ms = f.deadline.duration_since(f.started).as_millis();
                 self.finish(f, Err(format!("timeout ({ms} ms)")));
             }
@@ -216,43 +253,120 @@ impl Runner {
             };
             let target = SocketAddr::new(b.spec.address, b.spec.cfg.port);
             let deadline = now + Duration::from_millis(b.spec.cfg.timeout_ms as u64);
-            match connect(target) {
-                Ok(stream) => {
-                    let key = self.next_key;
-                    self.next_key += 1;
-                    let mut f = Inflight {
-                        id,
-                        epoch,
-                        stream,
-                        started: now,
-                        deadline,
-                    };
-                    match self.poll.registry().register(
-                        &mut f.stream,
-                        Token(key as usize),
-                        Interest::WRITABLE,
-                    ) {
-                        Ok(()) => {
-                            self.deadlines.push(Reverse((deadline, key)));
-                            self.inflight.insert(key, f);
-                        }
-                        Err(e) => {
-                            self.finish(f, Err(e.to_string()));
-                        }
-                    }
+            let half_open = b.spec.cfg.kind == CheckKind::Syn && self.raw_ready();
+            let key = self.next_key;
+            self.next_key += 1;
+            let started = if half_open {
+                self.send_syn(key, target)
+                    .map(|seq| Probe::Syn { seq, target })
+            } else {
+                connect(target).and_then(|mut stream| {
+                    self.poll
+                        .registry()
+                        .register(&mut stream, Token(key as usize), Interest::WRITABLE)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Probe::Connect(stream))
+                })
+            };
+            match started {
+                Ok(probe) => {
+                    self.deadlines.push(Reverse((deadline, key)));
+                    self.inflight.insert(
+                        key,
+                        Inflight {
+                            id,
+                            epoch,
+                            probe,
+                            started: now,
+                            deadline,
+                        },
+                    );
                 }
                 Err(e) => {
                     // Refused at once (no route, no local port): a failed check, on schedule.
-                    let r = CheckResult {
+                    let token = self.backends.get(&id).map_or(0, |b| b.token);
+                    self.out.push(CheckResult {
                         id,
-                        token: b.token,
+                        token,
                         result: Err(e),
                         finished: std::time::Instant::now(),
                         duration: Duration::ZERO,
-                    };
+                    });
                     self.schedule(id, epoch, now);
-                    self.out.push(r);
                 }
+            }
+        }
+    }
+
+    /// The raw sockets of `syn` checks, opened on first use: whether they are there.
+    fn raw_ready(&mut self) -> bool {
+        if self.raw.is_none() {
+            self.raw = Some(match Raw::open(&self.poll) {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    tracing::warn!(
+                        "health: syn checks need raw sockets (CAP_NET_RAW): {e}; they connect instead"
+                    );
+                    Err(())
+                }
+            });
+        }
+        matches!(self.raw, Some(Ok(_)))
+    }
+
+    /// Sends the SYN of check `key` to `target`; returns its sequence number.
+    fn send_syn(&mut self, key: u64, target: SocketAddr) -> Result<u32, String> {
+        let Some(Ok(raw)) = self.raw.as_mut() else {
+            return Err("no raw socket".into());
+        };
+        // The sequence number names the check: a keyed hash of its key, never one in flight.
+        let mut seq = lb_common::hash::fmix64(key ^ raw.secret) as u32;
+        while self.syns.contains_key(&seq) {
+            seq = seq.wrapping_add(1);
+        }
+        raw.send_syn(target, seq).map_err(|e| io_reason(&e))?;
+        self.syns.insert(seq, key);
+        Ok(seq)
+    }
+
+    /// Reads every reply waiting on a raw socket and finishes the checks they answer.
+    fn read_replies(&mut self, v4: bool) {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Some(Ok(raw)) = self.raw.as_ref() else {
+                return;
+            };
+            let sock = if v4 { Some(&raw.v4) } else { raw.v6.as_ref() };
+            let Some(mut sock) = sock else {
+                return;
+            };
+            let n = match sock.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return, // WouldBlock: all read
+            };
+            let Some(reply) = parse_reply(&buf[..n], v4, raw.port) else {
+                continue;
+            };
+            let Some(key) = self.syns.get(&reply.ack.wrapping_sub(1)).copied() else {
+                continue; // not a check in flight (late, or not ours)
+            };
+            let Some(Probe::Syn { target, .. }) = self.inflight.get(&key).map(|f| &f.probe) else {
+                continue;
+            };
+            if reply.port != target.port() || reply.from.is_some_and(|a| a != target.ip()) {
+                continue;
+            }
+            let result = if reply.syn_ack {
+                Ok(())
+            } else if reply.rst {
+                Err("connection refused".to_owned())
+            } else {
+                continue;
+            };
+            self.syns.remove(&reply.ack.wrapping_sub(1));
+            if let Some(f) = self.inflight.remove(&key) {
+                self.finish(f, result);
             }
         }
     }
@@ -269,9 +383,9 @@ impl Runner {
             finished: std::time::Instant::now(),
             duration: f.started.elapsed(),
         };
-        // Dropping the stream closes the socket (with a reset: SO_LINGER 0), which also takes
-        // it out of the epoll set.
-        drop(f.stream);
+        // Dropping a connect's stream closes the socket (with a reset: SO_LINGER 0), which also
+        // takes it out of the epoll set.
+        drop(f.probe);
         self.schedule(f.id, f.epoch, f.started);
         self.out.push(r);
     }
@@ -315,6 +429,163 @@ fn io_reason(e: &io::Error) -> String {
         io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
         _ => e.to_string(),
     }
+}
+
+/// The raw sockets of `syn` checks.
+struct Raw {
+    v4: Socket,
+    /// `None` when the host has no IPv6.
+    v6: Option<Socket>,
+    /// Bound, never listening, dual-stack: reserves `port` (no other socket gets it, and a
+    /// SYN-ACK to it finds no socket, so the kernel answers it with a reset).
+    _reserve: Socket,
+    port: u16,
+    /// Keys the sequence numbers (replies cannot be guessed by a third party).
+    secret: u64,
+    /// Source address toward each backend (the route's choice, for the checksum).
+    sources: HashMap<IpAddr, IpAddr>,
+}
+
+impl Raw {
+    fn open(poll: &Poll) -> io::Result<Raw> {
+        let reserve = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        reserve.set_only_v6(false)?;
+        reserve.bind(&SockAddr::from(SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            0,
+        ))))?;
+        let port = reserve
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .ok_or_else(|| io::Error::other("no local port"))?;
+        let v4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+        v4.set_nonblocking(true)?;
+        // Only TCP segments to our port: X = IP header length, A = destination port.
+        v4.attach_filter(&[
+            SockFilter::new(0xb1, 0, 0, 0),
+            SockFilter::new(0x48, 0, 0, 2),
+            SockFilter::new(0x15, 0, 1, port as u32),
+            SockFilter::new(0x06, 0, 0, 0xffff),
+            SockFilter::new(0x06, 0, 0, 0),
+        ])?;
+        poll.registry()
+            .register(&mut SourceFd(&v4.as_raw_fd()), RAW4, Interest::READABLE)?;
+        let v6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::TCP))
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                // IPv6 raw sockets see the segment alone: A = destination port.
+                s.attach_filter(&[
+                    SockFilter::new(0x28, 0, 0, 2),
+                    SockFilter::new(0x15, 0, 1, port as u32),
+                    SockFilter::new(0x06, 0, 0, 0xffff),
+                    SockFilter::new(0x06, 0, 0, 0),
+                ])?;
+                poll.registry().register(
+                    &mut SourceFd(&s.as_raw_fd()),
+                    RAW6,
+                    Interest::READABLE,
+                )?;
+                Ok(s)
+            })
+            .ok();
+        let secret = lb_common::hash::fmix64(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ std::process::id() as u64,
+        );
+        Ok(Raw {
+            v4,
+            v6,
+            _reserve: reserve,
+            port,
+            secret,
+            sources: HashMap::new(),
+        })
+    }
+
+    /// The source address the kernel uses toward `dst` (cached).
+    fn source(&mut self, dst: IpAddr) -> io::Result<IpAddr> {
+        if let Some(s) = self.sources.get(&dst) {
+            return Ok(*s);
+        }
+        let any: SocketAddr = if dst.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let u = std::net::UdpSocket::bind(any)?;
+        u.connect((dst, 9))?;
+        let s = u.local_addr()?.ip();
+        self.sources.insert(dst, s);
+        Ok(s)
+    }
+
+    fn send_syn(&mut self, target: SocketAddr, seq: u32) -> io::Result<()> {
+        let src = self.source(target.ip())?;
+        let seg = syn_segment(src, target, self.port, seq)?;
+        let sock = match target {
+            SocketAddr::V4(_) => &self.v4,
+            SocketAddr::V6(_) => self
+                .v6
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no IPv6 raw socket"))?,
+        };
+        // Raw sockets take the address without a port.
+        sock.send_to(&seg, &SockAddr::from(SocketAddr::new(target.ip(), 0)))?;
+        Ok(())
+    }
+}
+
+/// A SYN from `src`:`sport` to `target` with sequence number `seq`, checksum included.
+fn syn_segment(src: IpAddr, target: SocketAddr, sport: u16, seq: u32) -> io::Result<Vec<u8>> {
+    let mut h = etherparse::TcpHeader::new(sport, target.port(), seq, 64240);
+    h.syn = true;
+    let sum = match (src, target.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => h.calc_checksum_ipv4_raw(s.octets(), d.octets(), &[]),
+        (IpAddr::V6(s), IpAddr::V6(d)) => h.calc_checksum_ipv6_raw(s.octets(), d.octets(), &[]),
+        _ => {
+            return Err(io::Error::other(
+                "source and backend address families differ",
+            ));
+        }
+    };
+    h.checksum = sum.map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(h.to_bytes().to_vec())
+}
+
+/// What a reply to a SYN says.
+#[derive(Debug, PartialEq)]
+struct Reply {
+    /// Its source port (the backend's port).
+    port: u16,
+    /// Its source address (IPv4; IPv6 raw sockets give the segment alone).
+    from: Option<IpAddr>,
+    ack: u32,
+    syn_ack: bool,
+    rst: bool,
+}
+
+/// A segment read from a raw socket (IPv4: with its IP header), if it is addressed to `port`.
+fn parse_reply(buf: &[u8], v4: bool, port: u16) -> Option<Reply> {
+    let (from, seg) = if v4 {
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(buf).ok()?;
+        (Some(IpAddr::V4(ip.source.into())), rest)
+    } else {
+        (None, buf)
+    };
+    let (tcp, _) = etherparse::TcpHeader::from_slice(seg).ok()?;
+    if tcp.destination_port != port || !tcp.ack {
+        return None;
+    }
+    Some(Reply {
+        port: tcp.source_port,
+        from,
+        ack: tcp.acknowledgment_number,
+        syn_ack: tcp.syn && !tcp.rst,
+        rst: tcp.rst,
+    })
 }
 
 #[cfg(test)]
@@ -390,5 +661,116 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(open);
+    }
+
+    #[test]
+    fn syn_segments_check_and_replies_parse() {
+        let src: IpAddr = "10.0.0.1".parse().unwrap();
+        let target: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let seg = syn_segment(src, target, 40000, 0x1234_5678).unwrap();
+        let (h, rest) = etherparse::TcpHeader::from_slice(&seg).unwrap();
+        assert!(rest.is_empty() && h.syn && !h.ack);
+        assert_eq!(
+            (h.source_port, h.destination_port, h.sequence_number),
+            (40000, 80, 0x1234_5678)
+        );
+        assert_eq!(
+            h.calc_checksum_ipv4_raw([10, 0, 0, 1], [10, 0, 0, 2], &[])
+                .unwrap(),
+            h.checksum
+        );
+        assert!(syn_segment("::1".parse().unwrap(), target, 1, 1).is_err());
+
+        // A SYN-ACK from the backend, as an IPv4 raw socket reads it.
+        let mut sa = etherparse::TcpHeader::new(80, 40000, 7, 1000);
+        sa.syn = true;
+        sa.ack = true;
+        sa.acknowledgment_number = 0x1234_5679;
+        let ip = etherparse::Ipv4Header::new(
+            sa.header_len() as u16,
+            64,
+            etherparse::IpNumber::TCP,
+            [10, 0, 0, 2],
+            [10, 0, 0, 1],
+        )
+        .unwrap();
+        let mut pkt = ip.to_bytes().to_vec();
+        pkt.extend_from_slice(&sa.to_bytes());
+        let r = parse_reply(&pkt, true, 40000).unwrap();
+        assert_eq!(
+            r,
+            Reply {
+                port: 80,
+                from: Some(target.ip()),
+                ack: 0x1234_5679,
+                syn_ack: true,
+                rst: false,
+            }
+        );
+        assert!(parse_reply(&pkt, true, 40001).is_none(), "another port");
+        assert!(parse_reply(&pkt[..25], true, 40000).is_none(), "truncated");
+        // IPv6: the segment alone.
+        let r6 = parse_reply(&sa.to_bytes(), false, 40000).unwrap();
+        assert_eq!((r6.from, r6.syn_ack), (None, true));
+    }
+
+    /// `syn` checks against real sockets (needs CAP_NET_RAW: CI runs as root): an open port is
+    /// up without ever being connected (nothing to accept), a closed one is refused.
+    #[test]
+    fn syn_checks_are_half_open() {
+        // SAFETY: geteuid only reads.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: raw sockets need root");
+            return;
+        }
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        open.set_nonblocking(true).unwrap();
+        let open_port = open.local_addr().unwrap().port();
+        let closed_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let syn = |port| CheckSpec {
+            cfg: CheckConfig {
+                kind: CheckKind::Syn,
+                ..spec(port, 50).cfg
+            },
+            ..spec(port, 50)
+        };
+        let open6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        open6.set_nonblocking(true).unwrap();
+        let six = CheckSpec {
+            address: "::1".parse().unwrap(),
+            ..syn(open6.local_addr().unwrap().port())
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let c = TcpChecker::start(tx).unwrap();
+        let (a, b, v6) = (BackendId(1), BackendId(2), BackendId(3));
+        c.send(Cmd::Set(a, 1, syn(open_port)));
+        c.send(Cmd::Set(b, 2, syn(closed_port)));
+        c.send(Cmd::Set(v6, 3, six));
+        let mut seen: HashMap<BackendId, Vec<Result<(), String>>> = HashMap::new();
+        let t0 = Instant::now();
+        while seen.values().map(Vec::len).min().unwrap_or(0) < 3 || seen.len() < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "results: {seen:?}");
+            for r in rx.blocking_recv().expect("checker alive") {
+                seen.entry(r.id).or_default().push(r.result);
+            }
+        }
+        assert!(seen[&a].iter().all(|r| r.is_ok()), "{:?}", seen[&a]);
+        assert!(seen[&v6].iter().all(|r| r.is_ok()), "IPv6: {:?}", seen[&v6]);
+        assert!(
+            seen[&b]
+                .iter()
+                .all(|r| r.as_ref().unwrap_err() == "connection refused"),
+            "{:?}",
+            seen[&b]
+        );
+        assert!(open6.accept().is_err(), "IPv6 half-open too");
+        assert_eq!(
+            open.accept().map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "half-open: no connection reached the listener"
+        );
     }
 }
