@@ -793,20 +793,32 @@ fn health_checks(mode: Mode) {
             "kind = \"{kind}\"\npath = \"/healthz\"\ninterval_ms = {interval}\ntimeout_ms = {timeout}\nrise = {rise}\nfall = {fall}\n"
         )
     };
-    lab.health = vec![("web".into(), h("http")), ("uecho".into(), h("udp"))];
+    // Half-open checks too: `echo` over IPv4, `web6` over IPv6.
+    lab.health = vec![
+        ("web".into(), h("http")),
+        ("uecho".into(), h("udp")),
+        ("echo".into(), h("syn")),
+        ("web6".into(), h("syn")),
+    ];
     let config = lab.config(mode);
     lab.start_lb(&lb(), &config).expect("lb run");
     let b2 = addr_of(&lab, "b2");
     for b in lab.backends.clone() {
         wait_health(&lab, "web", &b.v4.to_string(), "up", Duration::from_secs(5));
         let start = std::time::Instant::now();
-        while show(&lab, "uecho", &b.v4.to_string())["health_reason"] != "checks pass" {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "UDP check of {} never passed",
-                b.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        for (svc, addr) in [
+            ("uecho", b.v4.to_string()),
+            ("echo", b.v4.to_string()),
+            ("web6", b.v6.to_string()),
+        ] {
+            while show(&lab, svc, &addr)["health_reason"] != "checks pass" {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "{svc} check of {} never passed",
+                    b.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -836,6 +848,10 @@ fn health_checks(mode: Mode) {
         "{reason}"
     );
     wait_health(&lab, "uecho", &b2, "down", Duration::from_secs(5));
+    // The half-open check saw the port close: refused (the backend's kernel reset the SYN).
+    wait_health(&lab, "echo", &b2, "down", Duration::from_secs(5));
+    let reason = &show(&lab, "echo", &b2)["health_reason"];
+    assert_eq!(reason, "connection refused", "syn check of the dead b2");
     let t = load_result(load);
     println!(
         "{} health: {} of 6000 requests failed, the last {} ms before the removal was seen",
