@@ -365,6 +365,7 @@ mod tests {
                 scheduler: "maglev".into(),
                 ring_digest: String::new(),
                 changed_slots: 0,
+                ring_size: 65537,
                 traffic,
                 backends: vec![api::BackendStatus {
                     address: "10.0.0.21".parse().unwrap(),

@@ -115,6 +115,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             scheduler: cs.scheduler.name().to_owned(),
             ring_digest: format!("{:016x}", ds.ring_digest),
             changed_slots: ds.dirty.len() as u64,
+            ring_size: ds.value.ring_size,
             traffic: rate(&now, before),
             backends,
         });

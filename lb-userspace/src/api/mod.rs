@@ -141,6 +141,9 @@ pub struct ServiceStatus {
     /// the connection table until a sweep finds no flow of another backend there.
     #[serde(default)]
     pub changed_slots: u64,
+    /// Slots of the service's table (`ring_size`).
+    #[serde(default)]
+    pub ring_size: u32,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
 }

@@ -22,6 +22,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.dataplane.interface,
         cfg.dataplane.xdp_mode
     );
+    let slots: u64 = cfg.services.iter().map(|s| s.ring_size as u64).sum();
+    let mib = |n: u64| n as f64 * 4.0 / (1024.0 * 1024.0);
+    println!(
+        "tables: {slots} of {} slots in LB_RING ({:.1} of {:.1} MiB)",
+        cfg.dataplane.ring_capacity,
+        mib(slots),
+        mib(cfg.dataplane.ring_capacity as u64)
+    );
     for w in cfg.warnings() {
         println!("warning: {w}");
     }

@@ -436,6 +436,7 @@ mod tests {
                 scheduler: "maglev".into(),
                 ring_digest: String::new(),
                 changed_slots: 0,
+                ring_size: 65537,
                 traffic: t(backends.iter().map(|b| b.traffic.packets_per_second).sum()),
                 backends,
             };
