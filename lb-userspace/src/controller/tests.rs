@@ -848,3 +848,50 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     assert!(c2.maps.changed(s2).is_empty());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// An upgrade from layout 2 (`lb run --replace`): the migrated services have no table range
+/// (`service_from_v2`). Adopted, each gets a range and its whole table, every slot marked
+/// changed, so its established flows keep their backends through their entries (the slot
+/// formula changed with layout 3).
+#[test]
+fn services_migrated_from_layout_2_get_whole_tables_marked_changed() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    reachable(&mut c, A, 1);
+    let mut maps2 = c.maps.clone();
+    maps2.flows.clear();
+    maps2.ring.clear();
+    for v in maps2.services.values_mut() {
+        *v = crate::dataplane::loader::service_from_v2([v.id, v.scheduler, v.flags, v.ring_len]);
+    }
+    let adopted = maps2.adopted();
+    assert!(adopted.services.iter().all(|(_, v)| v.ring_size == 0));
+    let path = d.join("lb.toml");
+    let cfg = Config::load(&path).unwrap();
+    let mut c2 = Controller::new(
+        &path,
+        cfg,
+        AdminState::default(),
+        maps2,
+        net.clone(),
+        FakeIfaces,
+        Some(&adopted),
+        Resolver::default(),
+    )
+    .unwrap();
+    reachable(&mut c2, A, 1);
+    let s = c2.desired.services[0].value;
+    assert_eq!(s.ring_size, RING);
+    assert_eq!(
+        c2.maps.table(s.id),
+        *c2.desired.services[0].ring,
+        "whole table written"
+    );
+    assert_eq!(
+        c2.maps.changed(s.id).len(),
+        RING as usize,
+        "every slot changed"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

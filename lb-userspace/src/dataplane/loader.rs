@@ -552,8 +552,10 @@ impl Dataplane {
         let layout = open_pinned_array::<u64>(&old.join(names::META))
             .and_then(|m| m.get(&META_LAYOUT, 0).map_err(map_err(names::META)))
             .unwrap_or(0);
-        // Layout 1 differs only in the active-connection counters (per CPU there, summed here).
-        if layout != LAYOUT_VERSION && layout != 1 {
+        // Layout 1 differs in the active-connection counters (per CPU there, summed here);
+        // layouts 1 and 2 in the service values (no table range: see `service_from_v2`).
+        // Flows, backends and their counters are the same.
+        if layout != LAYOUT_VERSION && layout != 1 && layout != 2 {
             report.push(format!(
                 "nothing migrated: the old maps have layout {layout}, this lb {LAYOUT_VERSION} \
                  (established flows are scheduled again)"
@@ -609,11 +611,21 @@ impl Dataplane {
         report.push(format!(
             "backends: {n} copied with their generations and active connections"
         ));
-        let services: HashMap<MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(Map::HashMap(open_pinned(&old.join(names::SERVICES))?))
-                .map_err(map_err(names::SERVICES))?;
+        let old_services = Map::HashMap(open_pinned(&old.join(names::SERVICES))?);
+        let values: Vec<(ServiceKey, ServiceValue)> = if layout >= 3 {
+            let m: HashMap<MapData, ServiceKey, ServiceValue> =
+                HashMap::try_from(old_services).map_err(map_err(names::SERVICES))?;
+            m.iter().flatten().collect()
+        } else {
+            let m: HashMap<MapData, ServiceKey, [u32; 4]> =
+                HashMap::try_from(old_services).map_err(map_err(names::SERVICES))?;
+            m.iter()
+                .flatten()
+                .map(|(k, v)| (k, service_from_v2(v)))
+                .collect()
+        };
         let mut n = 0;
-        for (k, v) in services.iter().flatten() {
+        for (k, v) in values {
             self.maps
                 .services
                 .insert(k, v, 0)
@@ -1064,6 +1076,21 @@ impl Maps for Dataplane {
             .rr_cursor
             .get(&service_id, 0)
             .map_err(map_err(names::RR_CURSOR))
+    }
+}
+
+/// A service value of layouts 1 and 2 (id, scheduler, flags, sequence length) in today's form:
+/// no table range yet (`ring_size` 0). Adopted like that, the service's new table is written
+/// whole, every slot marked changed, so its established flows keep their backends through their
+/// connection-table entries (the slot formula changed with layout 3).
+pub fn service_from_v2(v: [u32; 4]) -> ServiceValue {
+    ServiceValue {
+        id: v[0],
+        scheduler: v[1],
+        flags: v[2],
+        ring_len: v[3],
+        ring_base: 0,
+        ring_size: 0,
     }
 }
 
