@@ -585,7 +585,8 @@ impl Dataplane {
         let conns = OldCounter::open(&old.join(names::BACKEND_CONNS), layout)?;
         let expired = OldCounter::open(&old.join(names::BACKEND_EXPIRED), layout)?;
         let mut n = 0;
-        for id in 0..MAX_BACKENDS {
+        // The old maps' own size: an older release had fewer backend ids.
+        for id in 0..old_meta.len().min(MAX_BACKENDS) {
             let meta = old_meta.get(&id, 0).map_err(map_err(names::BACKEND_META))?;
             if meta.family == 0 {
                 continue;
