@@ -199,8 +199,13 @@ impl Runner {
                 let Some(f) = self.inflight.remove(&key) else {
                     continue; // finished in time
                 };
-                if let Probe::Syn { seq, .. } = f.probe {
+                if let Probe::Syn { seq, target } = f.probe {
                     self.syns.remove(&seq);
+                    // The route (and so the source address in the checksum) may have changed:
+                    // the next SYN to this backend looks it up again.
+                    if let Some(Ok(raw)) = self.raw.as_mut() {
+                        raw.sources.remove(&target.ip());
+                    }
                 }
                 let ms = f.deadline.duration_since(f.started).as_millis();
                 self.finish(f, Err(format!("timeout ({ms} ms)")));
@@ -442,7 +447,8 @@ struct Raw {
     port: u16,
     /// Keys the sequence numbers (replies cannot be guessed by a third party).
     secret: u64,
-    /// Source address toward each backend (the route's choice, for the checksum).
+    /// Source address toward each backend (the route's choice, for the checksum), forgotten
+    /// when a check of it times out.
     sources: HashMap<IpAddr, IpAddr>,
 }
 
