@@ -100,6 +100,34 @@ fn apply(ring_size: u32) -> serde_json::Value {
     let t3 = Instant::now();
     dp.apply_ops(&ops).expect("apply");
     let t_write = t3.elapsed();
+    // Memory, from the maps' real sizes (the kernel's `bytes_memlock`, bpftool): the tables of
+    // this data plane's LB_RING per service, and the per-service maps per service id.
+    let memlock = maps_memlock();
+    let chunks = cfg
+        .dataplane
+        .ring_capacity
+        .div_ceil(lb_common::limits::RING_CHUNK) as u64;
+    let ring_bytes = memlock
+        .iter()
+        .find(|(n, e, _)| n == "LB_RING" && *e == chunks)
+        .map(|(_, _, b)| *b);
+    let per_id: u64 = ["LB_SERVICES", "LB_VIPS", "LB_SVC_STATS", "LB_RR_CURSOR"]
+        .iter()
+        .filter_map(|name| {
+            memlock
+                .iter()
+                .find(|(n, e, _)| n == name && *e == lb_common::limits::MAX_SERVICES as u64)
+                .map(|(_, _, b)| *b)
+        })
+        .sum::<u64>()
+        / lb_common::limits::MAX_SERVICES as u64;
+    if let Some(r) = ring_bytes {
+        println!(
+            "  memory per service: {} bytes of table (LB_RING {r} bytes for {SERVICES}) + {per_id} bytes of service maps (LB_SERVICES, LB_VIPS, LB_SVC_STATS on {} CPUs, LB_RR_CURSOR)",
+            r / SERVICES as u64,
+            crate::support::cpus()
+        );
+    }
     let total = t_parse + t_build + t_diff + t_write;
     // Checked: every service's table reads back as built.
     for s in state.services.iter().step_by(97) {
@@ -164,12 +192,38 @@ fn apply(ring_size: u32) -> serde_json::Value {
         "write_ms": ms(t_write),
         "map_writes": sum.map_writes,
         "load_ms": ms(t_load),
+        "memory_per_service_table_bytes": ring_bytes.map(|r| r / SERVICES as u64),
+        "memory_per_service_maps_bytes": per_id,
         "one_backend_change": {
             "map_writes": sum2.map_writes,
             "slots_changed": differ,
             "ms": ms(t_change),
         },
     })
+}
+
+/// (name, max_entries, bytes_memlock) of every BPF map loaded (bpftool).
+fn maps_memlock() -> Vec<(String, u64, u64)> {
+    let Ok(out) = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| {
+                    Some((
+                        m["name"].as_str()?.to_owned(),
+                        m["max_entries"].as_u64()?,
+                        m["bytes_memlock"].as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The backends' side of the health-check measurement: a network namespace behind a veth
