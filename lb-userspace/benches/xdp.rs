@@ -815,13 +815,9 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     // cache-resident), which is what the stateless path's remaining growth comes from.
     let small = CONFIG.replacen("[dataplane]\n", "[dataplane]\nring_size = 4099\n", 1);
     let mut h = Fixture::with_flow_table(&small, 1 << 20);
-    let web4s = h.service("web4");
     for i in 0..FLOWS {
         let k = key_of(i);
-        let b = web4s.ring[lb_common::hash::reduce(
-            lb_common::hash::flow_hash(&k),
-            web4s.value.ring_size,
-        ) as usize];
+        let b = h.predict(&k, "web4");
         let v = lb_common::FlowValue {
             backend: b,
             generation: h.backend(b).generation,
@@ -886,15 +882,10 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
 
 /// Bytes the kernel accounts for the largest `LB_FLOWS` map loaded (bpftool).
 fn flows_memlock() -> Option<u64> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "show"])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.as_array()?
-        .iter()
-        .filter(|m| m["name"] == "LB_FLOWS")
-        .filter_map(|m| m["bytes_memlock"].as_u64())
+    control::maps_memlock()
+        .into_iter()
+        .filter(|(name, _, _)| name == "LB_FLOWS")
+        .map(|(_, _, bytes)| bytes)
         .max()
 }
 
@@ -1013,13 +1004,7 @@ fn live_frames() -> Option<serde_json::Value> {
     let tag = format!("lbbench{}", std::process::id() % 100_000);
     let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
     let _guard = Netns(vec![na.clone(), nb.clone()]);
-    let ip = |args: &[&str]| {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
+    let ip = control::ip;
     ip(&["netns", "add", &na]);
     ip(&["netns", "add", &nb]);
     for n in [&na, &nb] {

@@ -560,6 +560,34 @@ impl Lab {
         Ok(line)
     }
 
+    /// A held connection from the client address `src` to the VIP's echo port (`xtask
+    /// lab-client --kind hold`: it pings every 100 ms until its stdin closes, then prints
+    /// `done N`); returns it and the backend that answered.
+    pub fn hold(&mut self, src: &str) -> anyhow::Result<(Spawned, String)> {
+        let target = format!("{VIP4}:{ECHO_PORT}");
+        let xtask = self
+            .xtask
+            .to_str()
+            .context("non-UTF-8 xtask path")?
+            .to_owned();
+        let cl = self.client();
+        let h = self.spawn(
+            &cl,
+            &[
+                &xtask,
+                "lab-client",
+                "--kind",
+                "hold",
+                "--target",
+                &target,
+                "--source",
+                src,
+            ],
+        )?;
+        let line = h.expect_line("backend ", Duration::from_secs(10))?;
+        Ok((h, line.trim_start_matches("backend ").trim().to_owned()))
+    }
+
     /// Starts `args` in namespace `ns` with piped stdin/stdout (killed with the lab).
     pub fn spawn(&mut self, ns: &str, args: &[&str]) -> anyhow::Result<Spawned> {
         spawn_in(ns, args)

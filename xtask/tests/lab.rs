@@ -354,28 +354,7 @@ fn http(lab: &Lab, count: usize) -> xtask::labnet::Tally {
 
 /// Holds a TCP connection to the echo service; returns it and the backend name it landed on.
 fn hold(lab: &mut Lab, src: &str) -> (lab::Spawned, String) {
-    let target = format!("{}:{}", lab::VIP4, lab::ECHO_PORT);
-    let cl = lab.client();
-    let h = lab
-        .spawn(
-            &cl,
-            &[
-                XTASK,
-                "lab-client",
-                "--kind",
-                "hold",
-                "--target",
-                &target,
-                "--source",
-                src,
-            ],
-        )
-        .expect("hold client");
-    let line = h
-        .expect_line("backend ", Duration::from_secs(10))
-        .expect("connected");
-    let name = line.trim_start_matches("backend ").trim().to_owned();
-    (h, name)
+    lab.hold(src).expect("held connection")
 }
 
 fn addr_of(lab: &Lab, name: &str) -> String {

@@ -12,7 +12,7 @@ use std::{path::Path, time::Duration};
 
 use xtask::{
     cmd,
-    lab::{self, Lab, Mode},
+    lab::{Lab, Mode},
 };
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
@@ -26,34 +26,11 @@ fn upgrade_from_the_previous_release_keeps_connections() {
         let config = lab.config(mode);
         lab.start_lb(Path::new(&old), &config)
             .expect("the previous lb runs");
-        let target = format!("{}:{}", lab::VIP4, lab::ECHO_PORT);
         let mut holds = Vec::new();
         for i in 11..=18 {
-            let cl = lab.client();
             let src = format!("10.99.0.{i}");
-            let h = lab
-                .spawn(
-                    &cl,
-                    &[
-                        XTASK,
-                        "lab-client",
-                        "--kind",
-                        "hold",
-                        "--target",
-                        &target,
-                        "--source",
-                        &src,
-                    ],
-                )
-                .expect("hold client");
-            let line = h
-                .expect_line("backend ", Duration::from_secs(10))
-                .expect("connected");
-            holds.push((
-                src,
-                line.trim_start_matches("backend ").trim().to_owned(),
-                h,
-            ));
+            let (h, backend) = lab.hold(&src).expect("held connection");
+            holds.push((src, backend, h));
         }
         lab.stop_lb()
             .expect("SIGTERM the previous lb (its data plane stays)");

@@ -203,7 +203,7 @@ fn apply(ring_size: u32) -> serde_json::Value {
 }
 
 /// (name, max_entries, bytes_memlock) of every BPF map loaded (bpftool).
-fn maps_memlock() -> Vec<(String, u64, u64)> {
+pub fn maps_memlock() -> Vec<(String, u64, u64)> {
     let Ok(out) = std::process::Command::new("bpftool")
         .args(["-j", "map", "show"])
         .output()
@@ -240,7 +240,8 @@ struct Backends {
 
 const BACKEND_NET: &str = "10.251.0.0/18";
 
-fn ip(args: &[&str]) {
+/// Runs `ip args`, which must succeed.
+pub fn ip(args: &[&str]) {
     let st = std::process::Command::new("ip")
         .args(args)
         .status()

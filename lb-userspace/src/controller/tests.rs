@@ -105,6 +105,23 @@ fn start(dir: &Path, net: &FakeNet) -> Ctl {
     c
 }
 
+/// A restarted controller on `maps`, adopting what an earlier one left in them.
+fn adopt(dir: &Path, net: &FakeNet, maps: FakeMaps) -> Ctl {
+    let adopted = maps.adopted();
+    let path = dir.join("lb.toml");
+    Controller::new(
+        &path,
+        Config::load(&path).unwrap(),
+        AdminState::default(),
+        maps,
+        net.clone(),
+        FakeIfaces,
+        Some(&adopted),
+        Resolver::default(),
+    )
+    .unwrap()
+}
+
 fn addr(a: &str) -> IpAddr {
     a.parse().unwrap()
 }
@@ -817,25 +834,12 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     c.sweep(2).unwrap();
     assert!(c.maps.changed(sid).is_empty());
 
-    // A restart that adopts the maps: every slot changed until the first sweep.
-    let adopted = c.maps.adopted();
-    // The same maps (the stale flow of A's old generation left out: it would keep its slot
-    // changed until it expires).
+    // A restart that adopts the maps: every slot changed until the first sweep. (The same
+    // maps, the stale flow of A's old generation left out: it would keep its slot changed
+    // until it expires.)
     let mut maps2 = c.maps.clone();
     maps2.flows.clear();
-    let path = d.join("lb.toml");
-    let cfg = Config::load(&path).unwrap();
-    let mut c2 = Controller::new(
-        &path,
-        cfg,
-        AdminState::default(),
-        maps2,
-        net.clone(),
-        FakeIfaces,
-        Some(&adopted),
-        Resolver::default(),
-    )
-    .unwrap();
+    let mut c2 = adopt(&d, &net, maps2);
     reachable(&mut c2, A, 1);
     reachable(&mut c2, B, 2);
     let s2 = c2.desired.services[0].value.id;
@@ -865,21 +869,14 @@ fn services_migrated_from_layout_2_get_whole_tables_marked_changed() {
     for v in maps2.services.values_mut() {
         *v = crate::dataplane::loader::service_from_v2([v.id, v.scheduler, v.flags, v.ring_len]);
     }
-    let adopted = maps2.adopted();
-    assert!(adopted.services.iter().all(|(_, v)| v.ring_size == 0));
-    let path = d.join("lb.toml");
-    let cfg = Config::load(&path).unwrap();
-    let mut c2 = Controller::new(
-        &path,
-        cfg,
-        AdminState::default(),
-        maps2,
-        net.clone(),
-        FakeIfaces,
-        Some(&adopted),
-        Resolver::default(),
-    )
-    .unwrap();
+    assert!(
+        maps2
+            .adopted()
+            .services
+            .iter()
+            .all(|(_, v)| v.ring_size == 0)
+    );
+    let mut c2 = adopt(&d, &net, maps2);
     reachable(&mut c2, A, 1);
     let s = c2.desired.services[0].value;
     assert_eq!(s.ring_size, RING);

@@ -619,6 +619,25 @@ mod tests {
         }
     }
 
+    /// Results per backend until each of `backends` has at least three (within 5 s), every one
+    /// shown to `check` first.
+    fn gather(
+        rx: &mut mpsc::Receiver<CheckBatch>,
+        backends: usize,
+        check: impl Fn(&CheckResult),
+    ) -> HashMap<BackendId, Vec<Result<(), String>>> {
+        let mut seen: HashMap<BackendId, Vec<Result<(), String>>> = HashMap::new();
+        let t0 = Instant::now();
+        while seen.values().map(Vec::len).min().unwrap_or(0) < 3 || seen.len() < backends {
+            assert!(t0.elapsed() < Duration::from_secs(5), "results: {seen:?}");
+            for r in rx.blocking_recv().expect("checker alive") {
+                check(&r);
+                seen.entry(r.id).or_default().push(r.result);
+            }
+        }
+        seen
+    }
+
     /// An accepting port passes, a closed one fails with the reason, each result carries its
     /// backend's token, checks repeat at their interval, and a removed backend is no longer
     /// checked.
@@ -635,15 +654,9 @@ mod tests {
         let (a, b) = (BackendId(1), BackendId(2));
         c.send(Cmd::Set(a, 11, spec(open_port, 50)));
         c.send(Cmd::Set(b, 12, spec(closed_port, 50)));
-        let mut seen: HashMap<BackendId, Vec<Result<(), String>>> = HashMap::new();
-        let t0 = Instant::now();
-        while seen.values().map(Vec::len).min().unwrap_or(0) < 3 || seen.len() < 2 {
-            assert!(t0.elapsed() < Duration::from_secs(5), "results: {seen:?}");
-            for r in rx.blocking_recv().expect("checker alive") {
-                assert_eq!(r.token, if r.id == a { 11 } else { 12 });
-                seen.entry(r.id).or_default().push(r.result);
-            }
-        }
+        let seen = gather(&mut rx, 2, |r| {
+            assert_eq!(r.token, if r.id == a { 11 } else { 12 })
+        });
         assert!(seen[&a].iter().all(|r| r.is_ok()), "{:?}", seen[&a]);
         assert!(
             seen[&b]
@@ -755,14 +768,7 @@ mod tests {
         c.send(Cmd::Set(a, 1, syn(open_port)));
         c.send(Cmd::Set(b, 2, syn(closed_port)));
         c.send(Cmd::Set(v6, 3, six));
-        let mut seen: HashMap<BackendId, Vec<Result<(), String>>> = HashMap::new();
-        let t0 = Instant::now();
-        while seen.values().map(Vec::len).min().unwrap_or(0) < 3 || seen.len() < 3 {
-            assert!(t0.elapsed() < Duration::from_secs(5), "results: {seen:?}");
-            for r in rx.blocking_recv().expect("checker alive") {
-                seen.entry(r.id).or_default().push(r.result);
-            }
-        }
+        let seen = gather(&mut rx, 3, |_| {});
         assert!(seen[&a].iter().all(|r| r.is_ok()), "{:?}", seen[&a]);
         assert!(seen[&v6].iter().all(|r| r.is_ok()), "IPv6: {:?}", seen[&v6]);
         assert!(

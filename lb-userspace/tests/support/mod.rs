@@ -247,14 +247,17 @@ impl Fixture {
         (r.return_value, out)
     }
 
-    /// A service of the desired state, backend ids as the raw map indexes.
-    pub fn service(&self, name: &str) -> Svc {
-        let s: &DesiredService = self
-            .desired
+    fn desired_service(&self, name: &str) -> &DesiredService {
+        self.desired
             .services
             .iter()
             .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no service {name}"));
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    /// A service of the desired state, backend ids as the raw map indexes.
+    pub fn service(&self, name: &str) -> Svc {
+        let s = self.desired_service(name);
         Svc {
             value: s.value,
             ring: s.ring.to_vec(),
@@ -264,7 +267,7 @@ impl Fixture {
 
     /// The backend the Maglev table gives a new flow (same hash as the kernel).
     pub fn predict(&self, key: &FlowKey, service: &str) -> u32 {
-        let s = self.service(service);
+        let s = self.desired_service(service);
         s.ring[lb_common::hash::reduce(flow_hash(key), s.value.ring_size) as usize]
     }
 
