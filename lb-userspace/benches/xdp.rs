@@ -120,6 +120,8 @@ fn bench_config() -> String {
     c
 }
 
+use lb_userspace::config::CheckKind;
+
 fn main() {
     // `cargo bench` passes --bench; nothing to parse. LB_BENCH_ONLY=live: the live-frames part.
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("live") {
@@ -127,15 +129,20 @@ fn main() {
         return;
     }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("health") {
-        for kind in [
-            lb_userspace::config::CheckKind::Tcp,
-            lb_userspace::config::CheckKind::Syn,
-        ] {
+        for kind in [CheckKind::Tcp, CheckKind::Syn] {
             println!("{}", control::health_checks(kind));
         }
         println!("{}", control::daemon_health_checks("tcp"));
         println!("{}", control::daemon_health_checks("syn"));
         return;
+    }
+    // One health figure alone (profiling): the checker (tcp, syn) or the whole daemon.
+    match std::env::var("LB_BENCH_ONLY").as_deref() {
+        Ok("health-tcp") => return println!("{}", control::health_checks(CheckKind::Tcp)),
+        Ok("health-syn") => return println!("{}", control::health_checks(CheckKind::Syn)),
+        Ok("health-lb-tcp") => return println!("{}", control::daemon_health_checks("tcp")),
+        Ok("health-lb-syn") => return println!("{}", control::daemon_health_checks("syn")),
+        _ => {}
     }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("control") {
         println!("{}", control::control_plane());
@@ -1081,6 +1088,12 @@ fn live_frames() -> Option<serde_json::Value> {
         ("tcp", 1),
         ("tcp", 100_000),
     ] {
+        // LB_BENCH_LIVE=udp:1 (protocol:flows): one case alone (profiling).
+        if let Ok(only) = std::env::var("LB_BENCH_LIVE")
+            && only != format!("{proto}:{flows}")
+        {
+            continue;
+        }
         let (frame, dport) = if proto == "udp" {
             (udp4(C1, 40000, VIP4, 53).0, 53)
         } else {

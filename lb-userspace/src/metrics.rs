@@ -23,9 +23,9 @@ const DURATION_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 8.0,
 ];
 
-/// A backend's health-check histogram, by (backend id, passed): its labels (the id may name
-/// another backend after a reload) and the histogram.
-type CheckSeries = std::collections::HashMap<(u32, bool), (String, std::net::IpAddr, Histogram)>;
+/// Each backend's health-check histograms, by backend id: [failed, passed]. Ids name other
+/// backends after a reload, which therefore forgets them all.
+type CheckSeries = Vec<[Option<Histogram>; 2]>;
 
 /// What the controller accumulates for the metrics over its life.
 #[derive(Clone)]
@@ -51,20 +51,28 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    /// One finished health check of backend `id` (`backend` in `service`).
-    pub fn check(&self, id: u32, service: &str, backend: std::net::IpAddr, ok: bool, seconds: f64) {
+    /// One finished health check of backend `id`; `labels` gives its service and address
+    /// (asked only the first time after a start or reload).
+    pub fn check(
+        &self,
+        id: u32,
+        ok: bool,
+        seconds: f64,
+        labels: impl FnOnce() -> Option<(String, std::net::IpAddr)>,
+    ) {
         let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, b, h)) = series.get(&(id, ok))
-            && s == service
-            && *b == backend
-        {
+        let i = id as usize;
+        if let Some(h) = series.get(i).and_then(|s| s[ok as usize].as_ref()) {
             h.observe(seconds);
             return;
         }
+        let Some((service, backend)) = labels() else {
+            return;
+        };
         let h = self
             .health_duration
             .get_or_create(&vec![
-                ("service".to_owned(), service.to_owned()),
+                ("service".to_owned(), service),
                 ("backend".to_owned(), backend.to_string()),
                 (
                     "result".to_owned(),
@@ -73,11 +81,21 @@ impl Telemetry {
             ])
             .clone();
         h.observe(seconds);
-        series.insert((id, ok), (service.to_owned(), backend, h));
+        if series.len() <= i {
+            series.resize_with(i + 1, Default::default);
+        }
+        series[i][ok as usize] = Some(h);
     }
 
     /// A config reload (SIGHUP, `lb reload`), applied or rejected.
     pub fn reload(&self, ok: bool) {
+        if ok {
+            // Backend ids may name other backends now: their series are found again.
+            self.series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
         self.reloads
             .get_or_create(&vec![(
                 "result".to_owned(),
@@ -399,8 +417,9 @@ mod tests {
     #[test]
     fn exposition_has_every_documented_metric() {
         let tel = Telemetry::default();
-        tel.check(0, "web", "10.0.0.21".parse().unwrap(), true, 0.002);
-        tel.check(0, "web", "10.0.0.21".parse().unwrap(), true, 0.004);
+        let labels = || Some(("web".to_owned(), "10.0.0.21".parse().unwrap()));
+        tel.check(0, true, 0.002, labels);
+        tel.check(0, true, 0.004, || panic!("labels are asked once"));
         tel.reload(true);
         tel.reload(false);
         let text = render(&status(), &tel);

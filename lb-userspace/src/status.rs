@@ -18,7 +18,7 @@ pub struct View<'a> {
     pub cfg: &'a Config,
     pub config_path: &'a Path,
     pub desired: &'a DesiredState,
-    pub health: &'a BTreeMap<BackendId, Health>,
+    pub health: &'a crate::desired::IdMap<Health>,
     pub weight_notes: &'a BTreeMap<BackendId, String>,
     /// Active connections by backend (none: left out).
     pub active: BTreeMap<BackendId, u64>,

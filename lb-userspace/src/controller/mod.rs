@@ -27,7 +27,8 @@ use crate::{
     config::{CheckKind, Config},
     dataplane::{Maps, SweepStats},
     desired::{
-        self, BackendId, DesiredState, DiffSummary, HealthInput, Ids, MacInput, ids::Assignment,
+        self, BackendId, DesiredState, DiffSummary, HealthInput, IdMap, Ids, MacInput,
+        ids::Assignment,
     },
     health::{Health, tasks::CheckSpec},
     iface::Interfaces,
@@ -62,12 +63,12 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
     ids: Ids,
     assignment: Assignment,
     /// Backend id → (service index, backend index) in `cfg`.
-    index: BTreeMap<BackendId, (usize, usize)>,
+    index: IdMap<(usize, usize)>,
     desired: DesiredState,
     maps: M,
     nb: N,
     ifaces: I,
-    health: BTreeMap<BackendId, Health>,
+    health: IdMap<Health>,
     resolver: Resolver,
     routes: Routes,
     /// Unresolved addresses: last probe and the wait before the next.
@@ -103,11 +104,11 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             admin: AdminState::default(),
             ids: Ids::default(),
             assignment: Assignment::default(),
-            index: BTreeMap::new(),
+            index: IdMap::new(),
             maps,
             nb,
             ifaces,
-            health: BTreeMap::new(),
+            health: IdMap::new(),
             resolver: Resolver::default(),
             routes: Routes::new(),
             probes: BTreeMap::new(),
@@ -415,12 +416,12 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// The check each checked backend should run.
     pub fn wanted_checks(&self) -> BTreeMap<BackendId, CheckSpec> {
         let mut out = BTreeMap::new();
-        for (id, (si, bi)) in &self.index {
+        for (id, (si, bi)) in self.index.iter() {
             let s = &self.cfg.services[*si];
             let b = &s.backends[*bi];
             if b.health.kind != CheckKind::None {
                 out.insert(
-                    *id,
+                    id,
                     CheckSpec {
                         label: format!("{}/{}", s.name, b.address),
                         address: b.address,
@@ -439,12 +440,21 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let checked: std::collections::BTreeSet<BackendId> = checked.into_iter().collect();
         self.health.retain(|id, _| checked.contains(id));
         for id in checked {
-            self.health.entry(id).or_insert_with(|| Health::new(now));
+            self.health.get_or_insert_with(id, || Health::new(now));
         }
     }
 
     /// One finished health check.
     pub fn on_check(&mut self, id: BackendId, result: Result<(), String>, finished: Instant) {
+        // The common case, an up backend passing: no transition, whatever its rise and fall
+        // (its config is not looked up).
+        if let Some(h) = self.health.get_mut(&id)
+            && h.up
+            && result.is_ok()
+        {
+            h.observe(result, finished, 1, 1);
+            return;
+        }
         let Some(&(si, bi)) = self.index.get(&id) else {
             return; // a backend a reload removed
         };
@@ -751,8 +761,8 @@ impl<M: Maps> crate::explain::Live for LiveMaps<'_, M> {
 }
 
 /// Backend id → (service index, backend index).
-fn index(a: &Assignment) -> BTreeMap<BackendId, (usize, usize)> {
-    let mut out = BTreeMap::new();
+fn index(a: &Assignment) -> IdMap<(usize, usize)> {
+    let mut out = IdMap::new();
     for (si, (_, bids)) in a.services.iter().enumerate() {
         for (bi, id) in bids.iter().enumerate() {
             out.insert(*id, (si, bi));

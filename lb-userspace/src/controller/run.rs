@@ -623,15 +623,10 @@ async fn event_loop(
                         continue;
                     }
                     any = true;
-                    if let Some(info) = ctl.desired().backend_info.get(&res.id) {
-                        telemetry.check(
-                            res.id.0,
-                            &info.service,
-                            info.address,
-                            res.result.is_ok(),
-                            res.duration.as_secs_f64(),
-                        );
-                    }
+                    telemetry.check(res.id.0, res.result.is_ok(), res.duration.as_secs_f64(), || {
+                        let info = ctl.desired().backend_info.get(&res.id)?;
+                        Some((info.service.clone(), info.address))
+                    });
                     ctl.on_check(res.id, res.result, res.finished);
                 }
                 // A VIP waiting for its backends is announced as soon as they pass.

@@ -329,6 +329,17 @@ impl Dataplane {
         )
     }
 
+    /// As [`Dataplane::load_for_mac`], from another compiled object (the bench's A/B of a
+    /// data-plane change: `LB_BENCH_OBJECT`).
+    pub fn load_object_for_mac(
+        object: &[u8],
+        ring_capacity: u32,
+        flow_table_size: u32,
+        if_mac: [u8; 6],
+    ) -> Result<Dataplane> {
+        Dataplane::load_with(object, ring_capacity, flow_table_size, None, if_mac)
+    }
+
     fn load_with(
         object: &[u8],
         ring_capacity: u32,

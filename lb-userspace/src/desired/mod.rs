@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 pub use self::{
-    ids::{BackendId, Ids},
+    ids::{BackendId, IdMap, Ids},
     reconcile::{DiffSummary, Op, diff},
 };
 use crate::{

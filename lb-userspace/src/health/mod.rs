@@ -7,6 +7,7 @@
 
 pub mod tasks;
 pub mod tcp;
+mod wheel;
 
 use std::{
     net::{IpAddr, SocketAddr},

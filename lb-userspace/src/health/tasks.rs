@@ -9,7 +9,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     config::{CheckKind, Health as CheckConfig},
-    desired::BackendId,
+    desired::{BackendId, IdMap},
 };
 
 /// What the checks send the controller: finished checks, in batches (the TCP checker sends
@@ -58,7 +58,7 @@ impl Task {
 
 /// The running checks.
 pub struct Checks {
-    tasks: BTreeMap<BackendId, Task>,
+    tasks: IdMap<Task>,
     next_token: u64,
     tx: mpsc::Sender<CheckBatch>,
     /// The thread running every TCP check (see `tcp.rs`), started with the first one.
@@ -77,7 +77,7 @@ pub struct SyncReport {
 impl Checks {
     pub fn new(tx: mpsc::Sender<CheckBatch>) -> Checks {
         Checks {
-            tasks: BTreeMap::new(),
+            tasks: IdMap::new(),
             next_token: 1,
             tx,
             tcp: None,
@@ -91,7 +91,6 @@ impl Checks {
             .tasks
             .keys()
             .filter(|id| !wanted.contains_key(id))
-            .copied()
             .collect();
         for id in gone {
             if let Some(t) = self.tasks.remove(&id) {
@@ -152,7 +151,7 @@ impl Checks {
     }
 
     pub fn stop_all(&mut self) {
-        for (id, t) in std::mem::take(&mut self.tasks) {
+        for (id, t) in self.tasks.take_all() {
             t.stop(self.tcp.as_ref(), id);
         }
     }

@@ -18,8 +18,6 @@
 //! every `interval_ms` ±10 % (the same jitter), each bounded by `timeout_ms`.
 
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
     io::{self, Read as _},
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
@@ -27,14 +25,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use mio::{Events, Interest, Poll, Token, net::TcpStream, unix::SourceFd};
 use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
 
 use crate::config::CheckKind;
 use tokio::sync::mpsc;
 
-use super::tasks::{CheckBatch, CheckResult, CheckSpec};
-use crate::desired::BackendId;
+use super::{
+    tasks::{CheckBatch, CheckResult, CheckSpec},
+    wheel::Wheel,
+};
+use crate::desired::{BackendId, IdMap};
 
 /// What the controller tells the checker thread.
 pub enum Cmd {
@@ -74,8 +76,11 @@ struct Backend {
     spec: CheckSpec,
     seed: u64,
     round: u64,
-    /// Bumped when the spec changes: heap entries of older schedules are stale.
+    /// Bumped when the spec changes: timers of older schedules are stale.
     epoch: u64,
+    /// `syn` checks: the source address toward the backend (the route's choice, for the
+    /// checksum), found with the first SYN and forgotten when a check times out.
+    source: Option<IpAddr>,
 }
 
 /// A check in flight.
@@ -102,6 +107,9 @@ const RAW6: Token = Token(usize::MAX - 2);
 /// While checks are in flight, completions are collected this often (batched: one
 /// `epoll_wait` for all that finished meanwhile).
 const TICK: Duration = Duration::from_millis(1);
+/// How often finished checks are handed to the controller while checks are in flight (their
+/// results carry their own finish times; a state change is applied at most this much later).
+const FLUSH: Duration = Duration::from_millis(10);
 /// Longest sleep with nothing in flight (how soon a command is seen).
 const IDLE: Duration = Duration::from_millis(20);
 
@@ -109,15 +117,20 @@ struct Runner {
     poll: Poll,
     cmds: std_mpsc::Receiver<Cmd>,
     tx: mpsc::Sender<CheckBatch>,
-    /// Results of this round, sent together (one wake-up of the controller per round).
+    /// Results not yet handed to the controller (sent together: one wake-up of its loop).
     out: CheckBatch,
-    backends: HashMap<BackendId, Backend>,
-    /// (due, id, epoch).
-    due: BinaryHeap<Reverse<(Instant, BackendId, u64)>>,
+    /// When `out` was last sent.
+    flushed: Instant,
+    backends: IdMap<Backend>,
+    /// (id, epoch) of the next checks, by due time.
+    due: Wheel<(BackendId, u64)>,
     /// Checks in flight by key (the epoll token; keys are never reused).
     inflight: HashMap<u64, Inflight>,
-    /// (deadline, key) of the checks in flight (finished ones are skipped).
-    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Keys of the checks in flight, by deadline (finished ones are skipped).
+    deadlines: Wheel<u64>,
+    /// Scratch for the timers that fired.
+    fired: Vec<(BackendId, u64)>,
+    expired: Vec<u64>,
     next_key: u64,
     next_epoch: u64,
     /// `syn` checks' raw sockets (opened with the first one); `Err`: not available (logged).
@@ -133,10 +146,13 @@ impl Runner {
             cmds,
             tx,
             out: Vec::new(),
-            backends: HashMap::new(),
-            due: BinaryHeap::new(),
+            flushed: Instant::now(),
+            backends: IdMap::new(),
+            due: Wheel::new(Instant::now()),
             inflight: HashMap::new(),
-            deadlines: BinaryHeap::new(),
+            deadlines: Wheel::new(Instant::now()),
+            fired: Vec::new(),
+            expired: Vec::new(),
             next_key: 0,
             next_epoch: 1,
             raw: None,
@@ -157,12 +173,18 @@ impl Runner {
             let now = Instant::now();
             self.start_due(now);
             // Wait: a tick while checks are in flight (then collect them all at once), else
-            // until the next one is due.
+            // until the next one is due (or the results are to be sent).
             let wait = if self.inflight.is_empty() {
+                let flush = if self.out.is_empty() {
+                    IDLE
+                } else {
+                    (self.flushed + FLUSH).saturating_duration_since(now)
+                };
                 self.due
-                    .peek()
-                    .map_or(IDLE, |Reverse((t, _, _))| t.saturating_duration_since(now))
+                    .next_due()
+                    .map_or(IDLE, |t| t.saturating_duration_since(now))
                     .min(IDLE)
+                    .min(flush)
             } else {
                 std::thread::sleep(TICK);
                 Duration::ZERO
@@ -190,30 +212,37 @@ impl Runner {
                 };
                 self.finish(f, result);
             }
-            let now = Instant::now();
-            while let Some(Reverse((t, key))) = self.deadlines.peek().copied() {
-                if t > now {
-                    break;
-                }
-                self.deadlines.pop();
+            let mut expired = std::mem::take(&mut self.expired);
+            self.deadlines.expire(Instant::now(), &mut expired);
+            for key in expired.drain(..) {
                 let Some(f) = self.inflight.remove(&key) else {
                     continue; // finished in time
                 };
-                if let Probe::Syn { seq, target } = f.probe {
+                if let Probe::Syn { seq, .. } = f.probe {
                     self.syns.remove(&seq);
                     // The route (and so the source address in the checksum) may have changed:
                     // the next SYN to this backend looks it up again.
-                    if let Some(Ok(raw)) = self.raw.as_mut() {
-                        raw.sources.remove(&target.ip());
+                    if let Some(b) = self.backends.get_mut(&f.id) {
+                        b.source = None;
                     }
                 }
                 let ms = f.deadline.duration_since(f.started).as_millis();
                 self.finish(f, Err(format!("timeout ({ms} ms)")));
             }
-            if !self.out.is_empty()
+            self.expired = expired;
+            // Results go to the controller every FLUSH (one wake-up of its loop for many). The
+            // next batch is sized like this one (no regrowing as it fills).
+            let n = self.out.len();
+            let now = Instant::now();
+            if n > 0
+                && (n >= 4096 || now.duration_since(self.flushed) >= FLUSH)
+                && {
+                    self.flushed = now;
+                    true
+                }
                 && self
                     .tx
-                    .blocking_send(std::mem::take(&mut self.out))
+                    .blocking_send(std::mem::replace(&mut self.out, Vec::with_capacity(n)))
                     .is_err()
             {
                 return; // the controller is gone
@@ -228,7 +257,7 @@ impl Runner {
                 self.next_epoch += 1;
                 let seed = lb_common::hash::bytes_hash(7, spec.label.as_bytes());
                 let offset = Duration::from_millis(seed % spec.cfg.interval_ms.max(1) as u64);
-                self.due.push(Reverse((Instant::now() + offset, id, epoch)));
+                self.due.push(Instant::now() + offset, (id, epoch));
                 self.backends.insert(
                     id,
                     Backend {
@@ -237,6 +266,7 @@ impl Runner {
                         seed,
                         round: 0,
                         epoch,
+                        source: None,
                     },
                 );
             }
@@ -246,24 +276,29 @@ impl Runner {
         }
     }
 
-    /// Starts every check due by `now` (stale heap entries are dropped).
+    /// Starts every check due by `now` (stale timers are dropped).
     fn start_due(&mut self, now: Instant) {
-        while let Some(Reverse((t, id, epoch))) = self.due.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.due.pop();
+        let mut fired = std::mem::take(&mut self.fired);
+        self.due.expire(now, &mut fired);
+        for (id, epoch) in fired.drain(..) {
             let Some(b) = self.backends.get(&id).filter(|b| b.epoch == epoch) else {
                 continue;
             };
             let target = SocketAddr::new(b.spec.address, b.spec.cfg.port);
             let deadline = now + Duration::from_millis(b.spec.cfg.timeout_ms as u64);
+            let source = b.source;
             let half_open = b.spec.cfg.kind == CheckKind::Syn && self.raw_ready();
             let key = self.next_key;
             self.next_key += 1;
             let started = if half_open {
-                self.send_syn(key, target)
-                    .map(|seq| Probe::Syn { seq, target })
+                self.send_syn(key, target, source).map(|(seq, src)| {
+                    if source.is_none()
+                        && let Some(b) = self.backends.get_mut(&id)
+                    {
+                        b.source = Some(src);
+                    }
+                    Probe::Syn { seq, target }
+                })
             } else {
                 connect(target).and_then(|mut stream| {
                     self.poll
@@ -275,7 +310,7 @@ impl Runner {
             };
             match started {
                 Ok(probe) => {
-                    self.deadlines.push(Reverse((deadline, key)));
+                    self.deadlines.push(deadline, key);
                     self.inflight.insert(
                         key,
                         Inflight {
@@ -301,6 +336,7 @@ impl Runner {
                 }
             }
         }
+        self.fired = fired;
     }
 
     /// The raw sockets of `syn` checks, opened on first use: whether they are there.
@@ -319,19 +355,29 @@ impl Runner {
         matches!(self.raw, Some(Ok(_)))
     }
 
-    /// Sends the SYN of check `key` to `target`; returns its sequence number.
-    fn send_syn(&mut self, key: u64, target: SocketAddr) -> Result<u32, String> {
+    /// Sends the SYN of check `key` to `target` from `source` (looked up if `None`); returns
+    /// its sequence number and the source address.
+    fn send_syn(
+        &mut self,
+        key: u64,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Result<(u32, IpAddr), String> {
         let Some(Ok(raw)) = self.raw.as_mut() else {
             return Err("no raw socket".into());
+        };
+        let src = match source {
+            Some(s) => s,
+            None => source_toward(target.ip()).map_err(|e| io_reason(&e))?,
         };
         // The sequence number names the check: a keyed hash of its key, never one in flight.
         let mut seq = lb_common::hash::fmix64(key ^ raw.secret) as u32;
         while self.syns.contains_key(&seq) {
             seq = seq.wrapping_add(1);
         }
-        raw.send_syn(target, seq).map_err(|e| io_reason(&e))?;
+        raw.send_syn(src, target, seq).map_err(|e| io_reason(&e))?;
         self.syns.insert(seq, key);
-        Ok(seq)
+        Ok((seq, src))
     }
 
     /// Reads every reply waiting on a raw socket and finishes the checks they answer.
@@ -404,7 +450,7 @@ impl Runner {
         let j = lb_common::hash::fmix64(b.seed ^ b.round) % 201; // 0..=200 → −10 %..+10 %
         let interval = Duration::from_millis(b.spec.cfg.interval_ms as u64);
         let next = interval.mul_f64(0.9 + j as f64 / 1000.0);
-        self.due.push(Reverse((started + next, id, epoch)));
+        self.due.push(started + next, (id, epoch));
     }
 }
 
@@ -447,9 +493,6 @@ struct Raw {
     port: u16,
     /// Keys the sequence numbers (replies cannot be guessed by a third party).
     secret: u64,
-    /// Source address toward each backend (the route's choice, for the checksum), forgotten
-    /// when a check of it times out.
-    sources: HashMap<IpAddr, IpAddr>,
 }
 
 impl Raw {
@@ -467,6 +510,7 @@ impl Raw {
             .ok_or_else(|| io::Error::other("no local port"))?;
         let v4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
         v4.set_nonblocking(true)?;
+        dont_fragment(&v4)?;
         // Only TCP segments to our port: X = IP header length, A = destination port.
         v4.attach_filter(&[
             SockFilter::new(0xb1, 0, 0, 0),
@@ -507,29 +551,10 @@ impl Raw {
             _reserve: reserve,
             port,
             secret,
-            sources: HashMap::new(),
         })
     }
 
-    /// The source address the kernel uses toward `dst` (cached).
-    fn source(&mut self, dst: IpAddr) -> io::Result<IpAddr> {
-        if let Some(s) = self.sources.get(&dst) {
-            return Ok(*s);
-        }
-        let any: SocketAddr = if dst.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let u = std::net::UdpSocket::bind(any)?;
-        u.connect((dst, 9))?;
-        let s = u.local_addr()?.ip();
-        self.sources.insert(dst, s);
-        Ok(s)
-    }
-
-    fn send_syn(&mut self, target: SocketAddr, seq: u32) -> io::Result<()> {
-        let src = self.source(target.ip())?;
+    fn send_syn(&self, src: IpAddr, target: SocketAddr, seq: u32) -> io::Result<()> {
         let seg = syn_segment(src, target, self.port, seq)?;
         let sock = match target {
             SocketAddr::V4(_) => &self.v4,
@@ -542,6 +567,41 @@ impl Raw {
         sock.send_to(&seg, &SockAddr::from(SocketAddr::new(target.ip(), 0)))?;
         Ok(())
     }
+}
+
+/// Sets DF on the socket's IPv4 packets (`IP_PMTUDISC_DO`): a SYN never needs fragmenting, and
+/// the kernel then skips picking a random IP identification per packet (its hashed `ip_idents`
+/// table was the costliest step of sending a SYN).
+fn dont_fragment(s: &Socket) -> io::Result<()> {
+    let v: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact length.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The source address the kernel uses toward `dst` (a connected UDP socket's local address;
+/// nothing is sent).
+fn source_toward(dst: IpAddr) -> io::Result<IpAddr> {
+    let any: SocketAddr = if dst.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let u = std::net::UdpSocket::bind(any)?;
+    u.connect((dst, 9))?;
+    Ok(u.local_addr()?.ip())
 }
 
 /// A SYN from `src`:`sport` to `target` with sequence number `seq`, checksum included.

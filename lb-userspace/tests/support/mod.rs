@@ -228,8 +228,17 @@ impl Fixture {
         pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
         let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
-        let mut dp = Dataplane::load_for_mac(cfg.dataplane.ring_capacity, flows, LB_MAC)
-            .unwrap_or_else(|e| panic!("load: {e:#}"));
+        // LB_BENCH_OBJECT: another compiled lb-ebpf object instead of the embedded one (an A/B
+        // of a data-plane change on the same machine, minutes apart).
+        let mut dp = match std::env::var_os("LB_BENCH_OBJECT") {
+            Some(path) => {
+                let object = std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("LB_BENCH_OBJECT {}: {e}", path.display()));
+                Dataplane::load_object_for_mac(&object, cfg.dataplane.ring_capacity, flows, LB_MAC)
+            }
+            None => Dataplane::load_for_mac(cfg.dataplane.ring_capacity, flows, LB_MAC),
+        }
+        .unwrap_or_else(|e| panic!("load: {e:#}"));
         dp.apply(&desired).expect("apply");
         Fixture { dp, desired }
     }
