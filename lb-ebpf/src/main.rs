@@ -93,9 +93,10 @@ fn for_this_host(ctx: &XdpContext) -> bool {
     let Some(eth) = bounds::ptr_at::<EthHdr>(ctx, 0) else {
         return true; // the parser passes it
     };
-    // SAFETY: bounds-checked above.
-    let dst = unsafe { (*eth).dst_addr };
-    dst[0] & 1 != 0 || own == [0; 6] || dst == own
+    // SAFETY: bounds-checked above: the header's first 8 bytes (destination MAC and two bytes
+    // of the source) lie inside the packet.
+    let dst = u64::from_le_bytes(unsafe { *eth.cast::<[u8; 8]>() }) & 0xffff_ffff_ffff;
+    dst & 1 != 0 || own == 0 || dst == own
 }
 
 /// Bench only: the live-frames traffic generator (see bench.rs). XDP_TX sends each frame out of

@@ -17,9 +17,10 @@ use lb_common::{
 };
 
 /// This interface's MAC, set at load: a unicast frame to another MAC (a bridge flooding it to a
-/// veth, promiscuous mode) is not ours to forward. All zeros: no check.
+/// veth, promiscuous mode) is not ours to forward. Its six bytes in the low bytes of a
+/// little-endian u64 (one load, one compare); zero: no check.
 #[unsafe(no_mangle)]
-pub static LB_IF_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+pub static LB_IF_MAC: Global<u64> = Global::new(0);
 
 /// Layout version and sizes of the pinned maps (controller only; never read here).
 #[map]

@@ -1653,6 +1653,17 @@ fn frames_to_another_mac_are_not_forwarded() {
     );
     f.assert_stat(Stat::PassNotIp, 1);
     f.assert_stat(Stat::PassOtherHost, 1);
+    // All six bytes count, and only those (the check reads eight: two of the source MAC).
+    let mut last = LB_MAC;
+    last[5] ^= 0x40;
+    pkt[0..6].copy_from_slice(&last);
+    f.expect_unchanged("differs in the last byte", &pkt, XDP_PASS);
+    f.assert_stat(Stat::PassOtherHost, 2);
+    pkt[0..6].copy_from_slice(&LB_MAC);
+    pkt[6] ^= 0xff;
+    pkt[7] ^= 0xff;
+    f.expect_forward("another source MAC", &pkt, &key, "web4");
+    f.assert_stat(Stat::PassOtherHost, 2);
 }
 
 // ---- stateless slots (maglev/sh) ----------------------------------------------------------------

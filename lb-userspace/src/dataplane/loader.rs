@@ -350,9 +350,10 @@ impl Dataplane {
         if object.is_empty() {
             return Err(LoaderError::NoObject);
         }
+        let mac = mac_word(if_mac);
         let mut loader = EbpfLoader::new();
         loader
-            .override_global(names::GLOBAL_IF_MAC, &if_mac, true)
+            .override_global(names::GLOBAL_IF_MAC, &mac, true)
             .map_max_entries(names::RING, ring_capacity.div_ceil(RING_CHUNK))
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {
@@ -1089,6 +1090,14 @@ impl Maps for Dataplane {
             .get(&service_id, 0)
             .map_err(map_err(names::RR_CURSOR))
     }
+}
+
+/// The data plane's form of the interface MAC (`LB_IF_MAC`): its bytes in the low six bytes
+/// of a little-endian u64.
+fn mac_word(mac: [u8; 6]) -> u64 {
+    let mut w = [0u8; 8];
+    w[..6].copy_from_slice(&mac);
+    u64::from_le_bytes(w)
 }
 
 /// A service value of layouts 1 and 2 (id, scheduler, flags, sequence length) in today's form:
