@@ -12,6 +12,7 @@ pub mod limits;
 pub mod names;
 pub mod rules;
 pub mod stats;
+pub mod svc_cache;
 pub mod types;
 
 pub use types::*;

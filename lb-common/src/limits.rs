@@ -30,3 +30,7 @@ pub const FRAG_TABLE_SIZE: u32 = 16384;
 pub const VIP_FILTER_BITS: u32 = 16;
 /// Slots of the VIP filter (`LB_VIP_FILTER`).
 pub const VIP_FILTER_SLOTS: u32 = 1 << VIP_FILTER_BITS;
+/// The IPv4 service cache (`LB_SVC_CACHE`) has 2^SVC_CACHE_BITS slots of 64 bytes (512 KiB).
+pub const SVC_CACHE_BITS: u32 = 13;
+/// Slots of the service cache.
+pub const SVC_CACHE_SLOTS: u32 = 1 << SVC_CACHE_BITS;

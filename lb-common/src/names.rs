@@ -46,6 +46,10 @@ pub const BACKEND_META: &str = "LB_BE_META";
 /// VIP filter: `hash::vip_slot(address)` → 1 when some VIP has that slot (array of `u8`). A
 /// destination whose slot is 0 is no VIP: passed after one array read.
 pub const VIP_FILTER: &str = "LB_VIP_FILTER";
+/// IPv4 service cache: `hash::svc_cache_slot(key)` → [`crate::svc_cache`] entry (array of
+/// `[u32; 16]`, memory-mapped by the controller): a v4 service found with one array read, its
+/// hash-map lookup skipped.
+pub const SVC_CACHE: &str = "LB_SVC_CACHE";
 /// Fragmented datagrams in flight: [`crate::FragKey`] → [`crate::FragValue`] (LRU hash): every
 /// fragment of a datagram goes where the first one to arrive went.
 pub const FRAGS: &str = "LB_FRAGS";
@@ -71,7 +75,7 @@ pub const LINK_PIN: &str = "link";
 pub const GLOBAL_IF_MAC: &str = "LB_IF_MAC";
 
 /// Every map name, for tests and diagnostics.
-pub const ALL_MAPS: [&str; 23] = [
+pub const ALL_MAPS: [&str; 24] = [
     META,
     BACKEND_META,
     FLAGS,
@@ -92,6 +96,7 @@ pub const ALL_MAPS: [&str; 23] = [
     TRACE_RATE,
     FRAGS,
     VIP_FILTER,
+    SVC_CACHE,
     SYNC,
     SYNC_CFG,
     SYNC_RATE,

@@ -139,6 +139,16 @@ impl ServiceKey {
         )
     }
 
+    /// The service-cache key of an IPv4 service key (`None` for IPv6): see
+    /// [`crate::svc_cache`].
+    pub fn cache_key(&self) -> Option<u64> {
+        if self.family != FAMILY_V4 {
+            return None;
+        }
+        let w = bytemuck::cast::<ServiceKey, [u32; 5]>(*self).map(u32::from_le);
+        Some(w[0] as u64 | (w[4] as u64) << 32)
+    }
+
     /// The same key with port 0 (the VIP's all-ports service).
     #[inline(always)]
     pub fn any_port(self) -> ServiceKey {
@@ -356,7 +366,9 @@ pub const META_LEN: u32 = 8;
 /// where, per service; `LB_RING` is memory-mapped by the controller and holds
 /// `dataplane.ring_capacity` slots); a flow's slot is `reduce(hash, ring_size)`; up to
 /// `MAX_SERVICES` = 4096 services and `MAX_BACKENDS` = 16384 backends.
-pub const LAYOUT_VERSION: u64 = 3;
+///
+/// 4: `LB_SVC_CACHE` (the IPv4 service cache, see [`crate::svc_cache`]); `LB_IF_MAC` is a u64.
+pub const LAYOUT_VERSION: u64 = 4;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
 #[repr(C)]

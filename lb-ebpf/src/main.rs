@@ -25,12 +25,12 @@ mod trace;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, NO_BACKEND, NO_SERVICE,
-    PROTO_TCP, ServiceKey, ServiceValue, VipKey, stats::Stat,
+    PROTO_TCP, ServiceKey, ServiceValue, VipKey, stats::Stat, svc_cache,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{LB_FLAGS, LB_IF_MAC, LB_SERVICES, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
+    maps::{LB_FLAGS, LB_IF_MAC, LB_SERVICES, LB_SVC_CACHE, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
     parse::{Frag, Parsed},
     stats::{count, count_backend, count_service},
     trace::{Decision, maybe_trace},
@@ -165,7 +165,7 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     count_service(svc.id, frame_len);
     // Established TCP of maglev/sh through an unchanged slot: the table slot alone decides.
     if !frag.is
-        && let Some((id, b)) = select::stateless(&d.key, svc, tcp_flags)
+        && let Some((id, b)) = select::stateless(&d.key, &svc, tcp_flags)
     {
         count(Stat::FlowStateless);
         count_backend(id, frame_len);
@@ -182,7 +182,7 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
         return forward(ctx, d, id, b);
     }
 
-    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, svc, tcp_flags) else {
+    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, &svc, tcp_flags) else {
         return drop(ctx, d, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);
@@ -237,7 +237,7 @@ fn icmp_error(ctx: &XdpContext, d: &mut Decision) -> u32 {
     let Some(svc) = lookup_service(&d.key) else {
         return pass(d, Stat::PassIcmp);
     };
-    let Some((backend_id, backend)) = select::owner(&d.key, svc) else {
+    let Some((backend_id, backend)) = select::owner(&d.key, &svc) else {
         return pass(d, Stat::PassIcmp);
     };
     count(Stat::FlowIcmpError);
@@ -261,21 +261,58 @@ fn forward(ctx: &XdpContext, d: &mut Decision, backend_id: u32, backend: &Backen
     }
 }
 
-/// Exact (VIP, port, protocol) first, then the VIP's all-ports service (port 0).
+/// Exact (VIP, port, protocol) first, then the VIP's all-ports service (port 0). An IPv4
+/// service is looked up in the service cache first.
 #[inline(always)]
-fn lookup_service(key: &FlowKey) -> Option<&'static ServiceValue> {
+fn lookup_service(key: &FlowKey) -> Option<ServiceValue> {
+    if let Some(v) = cached_service(key) {
+        return Some(v);
+    }
     let skey = ServiceKey::of(key);
     // SAFETY: services are only replaced whole by the controller; a value read during an
     // update is either the old or the new one (both valid).
     if let Some(v) = unsafe { LB_SERVICES.get(skey) } {
-        return Some(v);
+        return Some(*v);
     }
     let flags = LB_FLAGS.get(0).copied().unwrap_or(0);
     if flags & FLAG_ALL_PORTS_SERVICES == 0 {
         return None;
     }
     // SAFETY: as above.
-    unsafe { LB_SERVICES.get(skey.any_port()) }
+    unsafe { LB_SERVICES.get(skey.any_port()) }.copied()
+}
+
+/// The flow's service from the IPv4 service cache (`lb_common::svc_cache`), if its slot holds
+/// it and was not being rewritten while read: the sequence count, the key and value words and
+/// the count again, each read once, in this order (volatile: neither merged nor reordered).
+#[inline(always)]
+fn cached_service(key: &FlowKey) -> Option<ServiceValue> {
+    let k = svc_cache::key_of(key)?;
+    let e = LB_SVC_CACHE.get_ptr(svc_cache::slot(k))?;
+    // SAFETY: `e` points to a map value of WORDS u32 words, valid while the program runs; the
+    // controller may write it concurrently, which the sequence count detects.
+    unsafe {
+        let w = |i: usize| core::ptr::read_volatile((e as *const u32).add(i));
+        let seq = w(svc_cache::SEQ);
+        if seq & 1 != 0 {
+            return None;
+        }
+        if w(svc_cache::KEY_LO) as u64 | (w(svc_cache::KEY_HI) as u64) << 32 != k {
+            return None;
+        }
+        let v = svc_cache::value_of([
+            w(svc_cache::VALUE),
+            w(svc_cache::VALUE + 1),
+            w(svc_cache::VALUE + 2),
+            w(svc_cache::VALUE + 3),
+            w(svc_cache::VALUE + 4),
+            w(svc_cache::VALUE + 5),
+        ]);
+        if w(svc_cache::SEQ) != seq {
+            return None;
+        }
+        Some(v)
+    }
 }
 
 /// False when the destination is certainly no VIP (its filter slot is clear).

@@ -11,9 +11,10 @@ use lb_common::{
     ServiceKey, ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_CAPACITY, FRAG_TABLE_SIZE, MAX_BACKENDS,
-        MAX_SERVICES, MAX_TX_PORTS, RING_CHUNK, VIP_FILTER_SLOTS,
+        MAX_SERVICES, MAX_TX_PORTS, RING_CHUNK, SVC_CACHE_SLOTS, VIP_FILTER_SLOTS,
     },
     stats::STATS_LEN,
+    svc_cache,
 };
 
 /// This interface's MAC, set at load: a unicast frame to another MAC (a bridge flooding it to a
@@ -38,6 +39,12 @@ pub static LB_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// IPv4 service cache (see `lb_common::svc_cache`): filled by the controller through its
+/// memory mapping; read here as a seqlock reader.
+#[map]
+pub static LB_SVC_CACHE: Array<[u32; svc_cache::WORDS]> =
+    Array::with_max_entries(SVC_CACHE_SLOTS, BPF_F_MMAPABLE);
 
 /// VIP addresses (any port/protocol), for fragment and malformed-L4 decisions.
 #[map]

@@ -1666,6 +1666,49 @@ fn frames_to_another_mac_are_not_forwarded() {
     f.assert_stat(Stat::PassOtherHost, 2);
 }
 
+// ---- the IPv4 service cache ------------------------------------------------------------------------
+
+/// An IPv4 service is found in `LB_SVC_CACHE` (the hash map is not even read: with the map
+/// entry removed behind the controller's back, the cached service still forwards), unless
+/// its entry is being written (odd sequence count) or names another key: then the hash map
+/// decides. IPv6 services are not cached.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn ipv4_services_are_found_in_the_cache() {
+    use lb_common::svc_cache::{KEY_LO, SEQ, WORDS, slot};
+    let mut f = Fixture::new(CONFIG);
+    let skey = f.service_key("web4");
+    let k = skey.cache_key().expect("an IPv4 service");
+    let base = slot(k) * WORDS as u32;
+    assert_eq!(
+        f.dp.svc_cache_word(base + KEY_LO as u32),
+        k as u32,
+        "the controller cached web4"
+    );
+    let seq = f.dp.svc_cache_word(base + SEQ as u32);
+    assert_eq!(seq % 2, 0, "not being written");
+    assert!(
+        f.service_key("web6").cache_key().is_none(),
+        "IPv6 is not cached"
+    );
+    f.dp.remove_service_entry(&skey).unwrap();
+    let (pkt, key) = tcp4(C1, 40000, VIP4, 80);
+    f.expect_forward("from the cache alone", &pkt, &key, "web4");
+    // An entry being written is not used: the hash map (without web4 now) says no service.
+    f.dp.set_svc_cache_word(base + SEQ as u32, seq + 1);
+    let (pkt, _) = tcp4(C1, 40001, VIP4, 80);
+    f.expect_unchanged("entry being written", &pkt, XDP_PASS);
+    f.assert_stat(Stat::PassNoService, 1);
+    // Complete again, but the key names another service: not used either.
+    f.dp.set_svc_cache_word(base + SEQ as u32, seq + 2);
+    f.dp.set_svc_cache_word(base + KEY_LO as u32, (k as u32) ^ 1);
+    f.expect_unchanged("another key", &pkt, XDP_PASS);
+    f.assert_stat(Stat::PassNoService, 2);
+    // Restored: used again.
+    f.dp.set_svc_cache_word(base + KEY_LO as u32, k as u32);
+    f.expect_forward("restored", &pkt, &tcp4(C1, 40001, VIP4, 80).1, "web4");
+}
+
 // ---- stateless slots (maglev/sh) ----------------------------------------------------------------
 
 /// Established TCP (no SYN/FIN/RST) of a maglev service through an unchanged slot is forwarded

@@ -202,9 +202,14 @@ struct Handles {
     backend_expired: Array<MapData, u64>,
     rr_cursor: Array<MapData, u64>,
     vip_filter: Array<MapData, u8>,
+    svc_cache: super::svc_cache::SvcCache<super::ring::RingMem>,
 }
 
 impl Handles {
+    fn svc_cache_words(&self) -> &super::ring::RingMem {
+        self.svc_cache.words()
+    }
+
     fn take(ebpf: &mut Ebpf) -> Result<Handles> {
         fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
             ebpf: &mut Ebpf,
@@ -215,26 +220,41 @@ impl Handles {
                 .ok_or(LoaderError::MissingMap { name })?;
             T::try_from(map).map_err(map_err(name))
         }
+        fn mapped(ebpf: &mut Ebpf, name: &'static str, words: u32) -> Result<super::ring::RingMem> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(LoaderError::MissingMap { name })?;
+            let Map::Array(data) = map else {
+                return Err(LoaderError::MissingMap { name });
+            };
+            let len = data
+                .info()
+                .map_err(map_err(name))?
+                .max_entries()
+                .saturating_mul(words);
+            super::ring::RingMem::new(data, len).map_err(|e| syscall(name, "mmap", e))
+        }
+        let services: HashMap<MapData, ServiceKey, ServiceValue> = take(ebpf, names::SERVICES)?;
+        // The cache holds what the services map holds (a pinned cache may be stale).
+        let mut svc_cache = super::svc_cache::SvcCache::new(
+            mapped(ebpf, names::SVC_CACHE, lb_common::svc_cache::WORDS as u32)?,
+            super::svc_cache::FILLED,
+        );
+        let mut v4 = Vec::new();
+        for kv in services.iter() {
+            let (k, v) = kv.map_err(map_err(names::SERVICES))?;
+            if let Some(c) = k.cache_key() {
+                v4.push((c, v));
+            }
+        }
+        svc_cache.rebuild(v4);
         Ok(Handles {
             meta: take(ebpf, names::META)?,
             backend_meta: take(ebpf, names::BACKEND_META)?,
-            services: take(ebpf, names::SERVICES)?,
+            services,
             vips: take(ebpf, names::VIPS)?,
             backends: take(ebpf, names::BACKENDS)?,
-            ring: {
-                let map = ebpf
-                    .take_map(names::RING)
-                    .ok_or(LoaderError::MissingMap { name: names::RING })?;
-                let Map::Array(data) = map else {
-                    return Err(LoaderError::MissingMap { name: names::RING });
-                };
-                let len = data
-                    .info()
-                    .map_err(map_err(names::RING))?
-                    .max_entries()
-                    .saturating_mul(RING_CHUNK);
-                super::ring::RingMem::new(data, len).map_err(|e| syscall(names::RING, "mmap", e))?
-            },
+            ring: mapped(ebpf, names::RING, RING_CHUNK)?,
             flows: take(ebpf, names::FLOWS)?,
             flags: take(ebpf, names::FLAGS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
@@ -245,6 +265,7 @@ impl Handles {
             backend_expired: take(ebpf, names::BACKEND_EXPIRED)?,
             rr_cursor: take(ebpf, names::RR_CURSOR)?,
             vip_filter: take(ebpf, names::VIP_FILTER)?,
+            svc_cache,
         })
     }
 }
@@ -567,7 +588,7 @@ impl Dataplane {
         // Layout 1 differs in the active-connection counters (per CPU there, summed here);
         // layouts 1 and 2 in the service values (no table range: see `service_from_v2`).
         // Flows, backends and their counters are the same.
-        if layout != LAYOUT_VERSION && layout != 1 && layout != 2 {
+        if layout != LAYOUT_VERSION && !(1..=3).contains(&layout) {
             report.push(format!(
                 "nothing migrated: the old maps have layout {layout}, this lb {LAYOUT_VERSION} \
                  (established flows are scheduled again)"
@@ -643,6 +664,9 @@ impl Dataplane {
                 .services
                 .insert(k, v, 0)
                 .map_err(map_err(names::SERVICES))?;
+            if let Some(c) = k.cache_key() {
+                self.maps.svc_cache.set(c, &v);
+            }
             n += 1;
         }
         report.push(format!(
@@ -928,6 +952,24 @@ impl Dataplane {
         }
     }
 
+    /// Word `i` of `LB_SVC_CACHE` (tests: slot `s` is words `16·s ..`).
+    pub fn svc_cache_word(&self, i: u32) -> u32 {
+        self.maps.svc_cache_words().get(i).unwrap_or(0)
+    }
+
+    /// Writes word `i` of `LB_SVC_CACHE` behind the controller's back (tests).
+    pub fn set_svc_cache_word(&self, i: u32, v: u32) {
+        self.maps.svc_cache_words().set(i, v);
+    }
+
+    /// Removes `key` from `LB_SERVICES` alone, its cache entry left as it is (tests).
+    pub fn remove_service_entry(&mut self, key: &ServiceKey) -> Result<()> {
+        self.maps
+            .services
+            .remove(key)
+            .map_err(map_err(names::SERVICES))
+    }
+
     /// Reads every counter, summed over CPUs.
     pub fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
@@ -1013,14 +1055,23 @@ impl Maps for Dataplane {
                         }
                     }
                 }
-                Op::Service { key, value } => m
-                    .services
-                    .insert(key, value, 0)
-                    .map_err(map_err(names::SERVICES))?,
-                Op::RemoveService(key) => match m.services.remove(key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(names::SERVICES)(e)),
-                },
+                Op::Service { key, value } => {
+                    m.services
+                        .insert(key, value, 0)
+                        .map_err(map_err(names::SERVICES))?;
+                    if let Some(c) = key.cache_key() {
+                        m.svc_cache.set(c, value);
+                    }
+                }
+                Op::RemoveService(key) => {
+                    match m.services.remove(key) {
+                        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                        Err(e) => return Err(map_err(names::SERVICES)(e)),
+                    }
+                    if let Some(c) = key.cache_key() {
+                        m.svc_cache.remove(c);
+                    }
+                }
                 Op::Vip { key, value } => {
                     m.vips.insert(key, value, 0).map_err(map_err(names::VIPS))?
                 }

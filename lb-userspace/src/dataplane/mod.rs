@@ -6,6 +6,7 @@ pub mod fake;
 pub mod loader;
 pub mod pin;
 pub mod ring;
+pub mod svc_cache;
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,6 @@
 //! `LB_RING` memory-mapped: the controller writes whole tables as plain stores (one syscall
 //! per slot made a 65 537-slot table cost tens of milliseconds, and 1 000 of them a minute).
+//! The same mapping of `u32` words serves `LB_SVC_CACHE` (see `svc_cache.rs`).
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -70,6 +71,18 @@ impl RingMem {
         self.slot(i)
             .map(|s| s.store(v, Ordering::Relaxed))
             .is_some()
+    }
+}
+
+impl super::svc_cache::Words for RingMem {
+    fn get(&self, i: u32) -> u32 {
+        RingMem::get(self, i).unwrap_or(0)
+    }
+
+    fn set(&self, i: u32, v: u32, order: Ordering) {
+        if let Some(s) = self.slot(i) {
+            s.store(v, order);
+        }
     }
 }
 

@@ -264,6 +264,11 @@ impl Fixture {
             .unwrap_or_else(|| panic!("no service {name}"))
     }
 
+    /// The service key of a service of the desired state.
+    pub fn service_key(&self, name: &str) -> lb_common::ServiceKey {
+        self.desired_service(name).key
+    }
+
     /// A service of the desired state, backend ids as the raw map indexes.
     pub fn service(&self, name: &str) -> Svc {
         let s = self.desired_service(name);
