@@ -604,14 +604,42 @@ pub fn daemon_health_checks(kind: &str) -> serde_json::Value {
     })
 }
 
+/// One health figure measured by a fresh run of this bench (`LB_BENCH_ONLY=<only>`), after a
+/// pause: the kernel's cleanup of the parts before (namespaces with 10 000 addresses, 256 MiB
+/// tables, their sockets) otherwise lands on the CPU time being measured (the same `syn`
+/// figure read 12-15 % of a core in one process after the other parts, 7-10 % alone).
+fn isolated(only: &str) -> serde_json::Value {
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let out = std::process::Command::new(exe)
+        .arg("--bench")
+        .env("LB_BENCH_ONLY", only)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run the bench for one health figure");
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!(
+        "{}",
+        text.lines()
+            .filter(|l| !l.starts_with('{'))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    );
+    assert!(out.status.success(), "LB_BENCH_ONLY={only} failed: {text}");
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("LB_BENCH_ONLY={only}: no JSON result in {text}"))
+}
+
 /// Everything of this part, for `results.json`.
 pub fn control_plane() -> serde_json::Value {
     let small = apply(4099);
     let default = apply(lb_common::limits::DEFAULT_RING_SIZE);
-    let health = health_checks(CheckKind::Tcp);
-    let health_syn = health_checks(CheckKind::Syn);
-    let daemon = daemon_health_checks("tcp");
-    let daemon_syn = daemon_health_checks("syn");
+    let health = isolated("health-tcp");
+    let health_syn = isolated("health-syn");
+    let daemon = isolated("health-lb-tcp");
+    let daemon_syn = isolated("health-lb-syn");
     serde_json::json!({
         "apply_ring_4099": small,
         "apply_ring_65537": default,
