@@ -256,6 +256,8 @@ fn main() {
 
     let (sync_off, sync_on) = flow_sharing_cost(&mut f);
     let flood = syn_flood();
+    // After the flood's table is freed (see control::quiesce): live frames measure throughput.
+    control::quiesce();
     let live = live_frames();
 
     let sched_rows = schedulers();

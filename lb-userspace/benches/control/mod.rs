@@ -604,12 +604,12 @@ pub fn daemon_health_checks(kind: &str) -> serde_json::Value {
     })
 }
 
-/// One health figure measured by a fresh run of this bench (`LB_BENCH_ONLY=<only>`), after a
-/// pause: the kernel's cleanup of the parts before (namespaces with 10 000 addresses, 256 MiB
-/// tables, their sockets) otherwise lands on the CPU time being measured (the same `syn`
-/// figure read 12-15 % of a core in one process after the other parts, 7-10 % alone).
+/// One health figure measured by a fresh run of this bench (`LB_BENCH_ONLY=<only>`: nothing
+/// left of the parts before in the process) on a quiet machine (the kernel frees the parts'
+/// namespaces and tables in the background, in softirq context, which is charged to whatever
+/// runs).
 fn isolated(only: &str) -> serde_json::Value {
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    quiesce();
     let exe = std::env::current_exe().expect("the bench's own path");
     let out = std::process::Command::new(exe)
         .arg("--bench")
@@ -630,6 +630,34 @@ fn isolated(only: &str) -> serde_json::Value {
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("LB_BENCH_ONLY={only}: no JSON result in {text}"))
+}
+
+/// Waits until every CPU was at least 97 % idle over a second (at most 60 s).
+pub fn quiesce() {
+    fn busy_idle() -> (u64, u64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+        (f.iter().sum::<u64>() - idle, idle)
+    }
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(60) {
+        let (b0, i0) = busy_idle();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let (b1, i1) = busy_idle();
+        let (busy, idle) = (b1 - b0, i1 - i0);
+        if busy * 100 <= (busy + idle) * 3 {
+            return;
+        }
+    }
+    println!("  (the machine did not get quiet within 60 s; measuring anyway)");
 }
 
 /// Everything of this part, for `results.json`.

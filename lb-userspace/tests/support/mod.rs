@@ -185,9 +185,12 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Number of CPUs this process may run on.
+/// Number of CPUs online (not the calling thread's affinity: a bench part run as a child of
+/// a thread pinned to CPU 0 must still find the other CPUs to put the backends' side on).
 pub fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 { n as usize } else { 1 }
 }
 
 pub fn require_root() {
