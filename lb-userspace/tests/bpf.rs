@@ -481,6 +481,28 @@ fn rr_walks_one_global_sequence_across_cpus() {
     assert_eq!(n, [100; 4], "each backend exactly its share");
 }
 
+/// The snapshot reads the per-backend counters of all CPUs with a few batch lookups: the
+/// same sums as one lookup per backend, with packets counted on both CPUs.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn batched_counters_equal_single_lookups() {
+    let cpu = two_cpus();
+    let mut f = Fixture::new(&sched_config("rr", &[100, 100, 100, 100]));
+    for i in 0..12 {
+        f.syn_on(cpu[i % 2], C1, 43000 + i as u16);
+    }
+    let s = f.snapshot();
+    let mut total = 0;
+    for id in f.service("s").backends {
+        let (batched, one) = f.dp.backend_counters_both(id).unwrap();
+        assert_eq!(batched, one, "backend {id}");
+        assert_eq!(s.backends[&id], one, "snapshot of backend {id}");
+        assert_eq!(one.packets, 3, "rr: a quarter of the 12 flows each");
+        total += one.packets;
+    }
+    assert_eq!(total, 12);
+}
+
 /// The seed's example: wrr 1:2:2:2 from two CPUs follows the smooth sequence, so servers 2–4
 /// get twice as many new connections as server 1.
 #[test]

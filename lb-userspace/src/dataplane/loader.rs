@@ -952,6 +952,34 @@ impl Dataplane {
         }
     }
 
+    /// Backend `id`'s counters summed over CPUs, read both ways: with the batch lookup the
+    /// snapshot uses, and with a lookup of the one entry (tests).
+    pub fn backend_counters_both(&self, id: u32) -> Result<(Counters, Counters)> {
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, e)| syscall(names::BACKEND_STATS, "nr_cpus", e))?;
+        let all = super::batch::per_cpu_array::<Counters>(
+            std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.backend_stats).fd()),
+            id + 1,
+            cpus,
+        )
+        .map_err(|e| syscall(names::BACKEND_STATS, "BPF_MAP_LOOKUP_BATCH", e))?;
+        let mut batched = Counters::default();
+        for c in &all[id as usize * cpus..] {
+            batched.add(c);
+        }
+        let mut one = Counters::default();
+        for c in self
+            .maps
+            .backend_stats
+            .get(&id, 0)
+            .map_err(map_err(names::BACKEND_STATS))?
+            .iter()
+        {
+            one.add(c);
+        }
+        Ok((batched, one))
+    }
+
     /// Word `i` of `LB_SVC_CACHE` (tests: slot `s` is words `16·s ..`).
     pub fn svc_cache_word(&self, i: u32) -> u32 {
         self.maps.svc_cache_words().get(i).unwrap_or(0)
@@ -984,7 +1012,28 @@ impl Dataplane {
         let read = |map: &PerCpuArray<MapData, Counters>,
                     name: &'static str,
                     ids: &mut dyn Iterator<Item = u32>| {
+            let ids: Vec<u32> = ids.collect();
             let mut out = BTreeMap::new();
+            // All entries up to the largest id in a few calls; per id if the kernel cannot.
+            let n = ids.iter().max().map_or(0, |m| m + 1);
+            let cpus = aya::util::nr_cpus().unwrap_or(0);
+            if n > 0
+                && cpus > 0
+                && let Ok(all) = super::batch::per_cpu_array::<Counters>(
+                    std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(map).fd()),
+                    n,
+                    cpus,
+                )
+            {
+                for id in ids {
+                    let mut sum = Counters::default();
+                    for c in &all[id as usize * cpus..(id as usize + 1) * cpus] {
+                        sum.add(c);
+                    }
+                    out.insert(id, sum);
+                }
+                return Ok(out);
+            }
             for id in ids {
                 let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
                 let mut sum = Counters::default();

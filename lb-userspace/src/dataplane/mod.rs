@@ -2,6 +2,7 @@
 //! from. [`loader::Dataplane`] is the kernel's (aya, typed map handles); [`fake::FakeMaps`]
 //! keeps the same contents in memory for host tests of the controller.
 
+mod batch;
 pub mod fake;
 pub mod loader;
 pub mod pin;
