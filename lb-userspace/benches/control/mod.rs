@@ -618,13 +618,9 @@ fn isolated(only: &str) -> serde_json::Value {
         .output()
         .expect("run the bench for one health figure");
     let text = String::from_utf8_lossy(&out.stdout);
-    print!(
-        "{}",
-        text.lines()
-            .filter(|l| !l.starts_with('{'))
-            .map(|l| format!("{l}\n"))
-            .collect::<String>()
-    );
+    for line in text.lines().filter(|l| !l.starts_with('{')) {
+        println!("{line}");
+    }
     assert!(out.status.success(), "LB_BENCH_ONLY={only} failed: {text}");
     text.lines()
         .rev()

@@ -206,10 +206,6 @@ struct Handles {
 }
 
 impl Handles {
-    fn svc_cache_words(&self) -> &super::ring::RingMem {
-        self.svc_cache.words()
-    }
-
     fn take(ebpf: &mut Ebpf) -> Result<Handles> {
         fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
             ebpf: &mut Ebpf,
@@ -341,13 +337,7 @@ impl Dataplane {
         flow_table_size: u32,
         if_mac: [u8; 6],
     ) -> Result<Dataplane> {
-        Dataplane::load_with(
-            crate::EBPF_OBJECT,
-            ring_capacity,
-            flow_table_size,
-            None,
-            if_mac,
-        )
+        Dataplane::load_object_for_mac(crate::EBPF_OBJECT, ring_capacity, flow_table_size, if_mac)
     }
 
     /// As [`Dataplane::load_for_mac`], from another compiled object (the bench's A/B of a
@@ -955,39 +945,23 @@ impl Dataplane {
     /// Backend `id`'s counters summed over CPUs, read both ways: with the batch lookup the
     /// snapshot uses, and with a lookup of the one entry (tests).
     pub fn backend_counters_both(&self, id: u32) -> Result<(Counters, Counters)> {
-        let cpus =
-            aya::util::nr_cpus().map_err(|(_, e)| syscall(names::BACKEND_STATS, "nr_cpus", e))?;
-        let all = super::batch::per_cpu_array::<Counters>(
-            std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.backend_stats).fd()),
-            id + 1,
-            cpus,
-        )
-        .map_err(|e| syscall(names::BACKEND_STATS, "BPF_MAP_LOOKUP_BATCH", e))?;
-        let mut batched = Counters::default();
-        for c in &all[id as usize * cpus..] {
-            batched.add(c);
-        }
-        let mut one = Counters::default();
-        for c in self
-            .maps
-            .backend_stats
-            .get(&id, 0)
-            .map_err(map_err(names::BACKEND_STATS))?
-            .iter()
-        {
-            one.add(c);
-        }
-        Ok((batched, one))
+        let map = &self.maps.backend_stats;
+        let batched = counter_sums(map, id + 1)
+            .map_err(|e| syscall(names::BACKEND_STATS, "BPF_MAP_LOOKUP_BATCH", e))?;
+        Ok((
+            batched[id as usize],
+            counter_sum(map, names::BACKEND_STATS, id)?,
+        ))
     }
 
     /// Word `i` of `LB_SVC_CACHE` (tests: slot `s` is words `16·s ..`).
     pub fn svc_cache_word(&self, i: u32) -> u32 {
-        self.maps.svc_cache_words().get(i).unwrap_or(0)
+        self.maps.svc_cache.words().get(i).unwrap_or(0)
     }
 
     /// Writes word `i` of `LB_SVC_CACHE` behind the controller's back (tests).
     pub fn set_svc_cache_word(&self, i: u32, v: u32) {
-        self.maps.svc_cache_words().set(i, v);
+        self.maps.svc_cache.words().set(i, v);
     }
 
     /// Removes `key` from `LB_SERVICES` alone, its cache entry left as it is (tests).
@@ -1013,36 +987,14 @@ impl Dataplane {
                     name: &'static str,
                     ids: &mut dyn Iterator<Item = u32>| {
             let ids: Vec<u32> = ids.collect();
-            let mut out = BTreeMap::new();
             // All entries up to the largest id in a few calls; per id if the kernel cannot.
             let n = ids.iter().max().map_or(0, |m| m + 1);
-            let cpus = aya::util::nr_cpus().unwrap_or(0);
-            if n > 0
-                && cpus > 0
-                && let Ok(all) = super::batch::per_cpu_array::<Counters>(
-                    std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(map).fd()),
-                    n,
-                    cpus,
-                )
-            {
-                for id in ids {
-                    let mut sum = Counters::default();
-                    for c in &all[id as usize * cpus..(id as usize + 1) * cpus] {
-                        sum.add(c);
-                    }
-                    out.insert(id, sum);
-                }
-                return Ok(out);
+            if let Ok(sums) = counter_sums(map, n) {
+                return Ok(ids.into_iter().map(|id| (id, sums[id as usize])).collect());
             }
-            for id in ids {
-                let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
-                let mut sum = Counters::default();
-                for c in per_cpu.iter() {
-                    sum.add(c);
-                }
-                out.insert(id, sum);
-            }
-            Ok::<_, LoaderError>(out)
+            ids.into_iter()
+                .map(|id| Ok((id, counter_sum(map, name, id)?)))
+                .collect::<Result<BTreeMap<_, _>>>()
         };
         snap.services = read(
             &self.maps.service_stats,
@@ -1190,6 +1142,37 @@ impl Maps for Dataplane {
             .get(&service_id, 0)
             .map_err(map_err(names::RR_CURSOR))
     }
+}
+
+/// Entries `0..n` of a per-CPU counter array, each summed over the CPUs, read with batch
+/// lookups (see `batch.rs`).
+fn counter_sums(map: &PerCpuArray<MapData, Counters>, n: u32) -> std::io::Result<Vec<Counters>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.max(1);
+    let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(map).fd());
+    let all = super::batch::per_cpu_array::<Counters>(fd, n, cpus)?;
+    Ok(all
+        .chunks(cpus)
+        .map(|per_cpu| {
+            let mut sum = Counters::default();
+            for c in per_cpu {
+                sum.add(c);
+            }
+            sum
+        })
+        .collect())
+}
+
+/// Entry `id` of a per-CPU counter array (`name`), summed over the CPUs, with one lookup.
+fn counter_sum(
+    map: &PerCpuArray<MapData, Counters>,
+    name: &'static str,
+    id: u32,
+) -> Result<Counters> {
+    let mut sum = Counters::default();
+    for c in map.get(&id, 0).map_err(map_err(name))?.iter() {
+        sum.add(c);
+    }
+    Ok(sum)
 }
 
 /// The data plane's form of the interface MAC (`LB_IF_MAC`): its bytes in the low six bytes

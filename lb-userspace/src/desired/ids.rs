@@ -136,16 +136,6 @@ impl<V> std::ops::Index<&BackendId> for IdMap<V> {
     }
 }
 
-impl<V> FromIterator<(BackendId, V)> for IdMap<V> {
-    fn from_iter<T: IntoIterator<Item = (BackendId, V)>>(iter: T) -> Self {
-        let mut m = IdMap::new();
-        for (id, v) in iter {
-            m.insert(id, v);
-        }
-        m
-    }
-}
-
 /// The ids of a config: per service (config order) its id and its backends' ids (config order).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {

@@ -234,18 +234,12 @@ impl Runner {
             // next batch is sized like this one (no regrowing as it fills).
             let n = self.out.len();
             let now = Instant::now();
-            if n > 0
-                && (n >= 4096 || now.duration_since(self.flushed) >= FLUSH)
-                && {
-                    self.flushed = now;
-                    true
+            if n > 0 && (n >= 4096 || now.duration_since(self.flushed) >= FLUSH) {
+                self.flushed = now;
+                let batch = std::mem::replace(&mut self.out, Vec::with_capacity(n));
+                if self.tx.blocking_send(batch).is_err() {
+                    return; // the controller is gone
                 }
-                && self
-                    .tx
-                    .blocking_send(std::mem::replace(&mut self.out, Vec::with_capacity(n)))
-                    .is_err()
-            {
-                return; // the controller is gone
             }
         }
     }
