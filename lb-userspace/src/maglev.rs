@@ -41,23 +41,29 @@ pub struct Entry<'a> {
     pub weight: u32,
 }
 
-/// Builds a table of `m` slots (m prime). Each slot holds an index into `entries`, or `None`
-/// when no entry has a non-zero weight.
-pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<Option<usize>> {
+/// A table slot that no entry owns (every weight is zero, or there are no entries).
+pub const EMPTY: u32 = u32::MAX;
+
+/// Builds a table of `m` slots (m prime). Each slot holds an index into `entries`, or
+/// [`EMPTY`] when no entry has a non-zero weight.
+pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by(|&a, &b| entries[a].id.cmp(entries[b].id));
     let perms: Vec<(Permutation, u32)> = order
         .iter()
         .map(|&i| (Permutation::of(entries[i].id, m as u64), entries[i].weight))
         .collect();
-    build_from_permutations(&perms, m)
-        .into_iter()
-        .map(|s| s.map(|k| order[k]))
-        .collect()
+    let mut table = build_from_permutations(&perms, m);
+    for s in &mut table {
+        if *s != EMPTY {
+            *s = order[*s as usize] as u32;
+        }
+    }
+    table
 }
 
 /// The core of [`build`], for given permutations (in turn order) and weights. Slots hold
-/// indexes into `perms`.
+/// indexes into `perms` (or [`EMPTY`]).
 ///
 /// The paper's loop, made cheap, in two phases that give exactly its table:
 /// - While many slots are free, each backend walks its permutation to its next free slot: its
@@ -68,11 +74,11 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<Option<usize>> {
 ///   next slot is found directly instead: every free slot lies ahead of the backend's position
 ///   in its permutation (it would have claimed it when passing), so its next slot is the free
 ///   slot of least position, `(slot − offset) · skip⁻¹ mod M`, over the short free list.
-pub fn build_from_permutations(perms: &[(Permutation, u32)], m: u32) -> Vec<Option<usize>> {
+pub fn build_from_permutations(perms: &[(Permutation, u32)], m: u32) -> Vec<u32> {
     build_with_tail(perms, m, TAIL)
 }
 
-fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<Option<usize>> {
+fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32> {
     let m_us = m as usize;
     let quotas = quotas(perms.iter().map(|(_, w)| *w), m);
     // The players' state side by side (one cache line holds two): next candidate slot
@@ -87,9 +93,9 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<Opt
         })
         .collect();
     if players.is_empty() {
-        return vec![None; m_us];
+        return vec![EMPTY; m_us];
     }
-    let mut table: Vec<u32> = vec![u32::MAX; m_us];
+    let mut table: Vec<u32> = vec![EMPTY; m_us];
     let mut taken = vec![0u64; m_us.div_ceil(64)];
     let mut filled = 0usize;
     let m64 = m as u64;
@@ -121,9 +127,6 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<Opt
         fill_tail(&mut players, &mut table, &taken, m);
     }
     table
-        .into_iter()
-        .map(|i| (i != u32::MAX).then_some(i as usize))
-        .collect()
 }
 
 /// The first free slot at or after `s` in steps of `skip` (the walk).
@@ -161,33 +164,45 @@ fn wrap_add(s: u64, step: u64, m: u64) -> u64 {
 /// Every free slot lies at or after the pointer, so the least one is where the walk would stop.
 fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
     let m64 = m as u64;
-    let mut free: Vec<u64> = (0..m64)
-        .filter(|s| taken[(s >> 6) as usize] & (1 << (s & 63)) == 0)
-        .collect();
-    let inv: Vec<u64> = players.iter().map(|p| mod_inverse(p.skip, m64)).collect();
+    // The free slots, from the bitmap's clear bits (bits past `m` in the last word are not
+    // slots).
+    let mut free: Vec<u64> = Vec::with_capacity(TAIL);
+    for (w, bits) in taken.iter().enumerate() {
+        let mut clear = !bits;
+        while clear != 0 {
+            let s = (w as u64) << 6 | clear.trailing_zeros() as u64;
+            if s >= m64 {
+                break;
+            }
+            free.push(s);
+            clear &= clear - 1;
+        }
+    }
     let div = FastMod::new(m64);
+    // A player's skip⁻¹, computed when it first plays here (many never do: their quota is met).
+    let mut inv = vec![0u64; players.len()];
     while !free.is_empty() {
         let mut any = false;
-        for (p, k) in players.iter_mut().zip(&inv) {
+        for (p, k) in players.iter_mut().zip(&mut inv) {
             if p.left == 0 {
                 continue;
             }
-            let Some(best) = free
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, f)| {
-                    let d = if **f >= p.slot {
-                        *f - p.slot
-                    } else {
-                        *f + m64 - p.slot
-                    };
-                    div.rem(d * k)
-                })
-                .map(|(j, _)| j)
-            else {
+            if *k == 0 {
+                *k = mod_inverse(p.skip, m64);
+            }
+            let k = *k;
+            let mut best = 0;
+            let mut best_pos = u64::MAX;
+            for (j, &f) in free.iter().enumerate() {
+                let pos = div.rem(wrap_add(f, m64 - p.slot, m64) * k);
+                // (Branch-free: which slot wins is unpredictable.)
+                let better = pos < best_pos;
+                best_pos = if better { pos } else { best_pos };
+                best = if better { j } else { best };
+            }
+            let Some(f) = (best_pos != u64::MAX).then(|| free.swap_remove(best)) else {
                 break;
             };
-            let f = free.swap_remove(best);
             table[f as usize] = p.index as u32;
             p.left -= 1;
             any = true;
@@ -226,16 +241,17 @@ impl FastMod {
     }
 }
 
-/// The inverse of `a` modulo the prime `m` (a ≠ 0), by the extended Euclidean algorithm.
+/// The inverse of `a` modulo the prime `m` < 2^32 (a ≠ 0), by the extended Euclidean
+/// algorithm (every intermediate fits an i64).
 fn mod_inverse(a: u64, m: u64) -> u64 {
-    let (mut t, mut new_t) = (0i128, 1i128);
-    let (mut r, mut new_r) = (m as i128, a as i128);
+    let (mut t, mut new_t) = (0i64, 1i64);
+    let (mut r, mut new_r) = (m as i64, a as i64);
     while new_r != 0 {
         let q = r / new_r;
         (t, new_t) = (new_t, t - q * new_t);
         (r, new_r) = (new_r, r - q * new_r);
     }
-    t.rem_euclid(m as i128) as u64
+    t.rem_euclid(m as i64) as u64
 }
 
 /// Slots per entry: proportional to weight, largest remainder, ties to the earlier entry.
@@ -272,6 +288,21 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The table with `None` for [`EMPTY`], as the tests compare it.
+    fn opt(t: Vec<u32>) -> Vec<Option<usize>> {
+        t.into_iter()
+            .map(|i| (i != EMPTY).then_some(i as usize))
+            .collect()
+    }
+
+    fn build(entries: &[Entry<'_>], m: u32) -> Vec<Option<usize>> {
+        opt(super::build(entries, m))
+    }
+
+    fn build_from_permutations(perms: &[(Permutation, u32)], m: u32) -> Vec<Option<usize>> {
+        opt(super::build_from_permutations(perms, m))
+    }
 
     /// The paper's loop as written (no tail phase, plain modulo): the reference the fast
     /// builder must match slot for slot.

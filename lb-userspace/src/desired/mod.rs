@@ -768,15 +768,24 @@ fn maglev_ring(k: &RingKey) -> (Vec<u32>, u64) {
         })
         .collect();
     let hashes: Vec<u64> = k.backends.iter().map(|(_, a, _)| addr_digest(*a)).collect();
-    let table = maglev::build(&entries, k.ring_size);
+    let mut ring = maglev::build(&entries, k.ring_size);
     let digest = fold_digest(
-        table.iter().map(|s| s.map_or(0, |i| hashes[i])),
-        table.len(),
+        ring.iter().map(|&i| {
+            if i == maglev::EMPTY {
+                0
+            } else {
+                hashes[i as usize]
+            }
+        }),
+        ring.len(),
     );
-    let ring = table
-        .into_iter()
-        .map(|slot| slot.map_or(NO_BACKEND, |i| k.backends[i].0.0))
-        .collect();
+    for slot in &mut ring {
+        *slot = if *slot == maglev::EMPTY {
+            NO_BACKEND
+        } else {
+            k.backends[*slot as usize].0.0
+        };
+    }
     (ring, digest)
 }
 
