@@ -275,11 +275,58 @@ pub const FLAG_ALL_PORTS_SERVICES: u32 = 1;
 pub const NO_BACKEND: u32 = u32::MAX;
 
 /// `LB_RING` entries of maglev and sh services: set on a slot whose backend changed while
-/// flows recorded with the old one may still live. Established TCP packets of a slot without it
-/// skip the connection table (the slot's backend is the one every flow of the slot has had);
-/// with it they look their flow up. The controller clears it once no entry of the slot names
+/// flows of the old one may still live. Packets of a slot without it skip the connection table
+/// (the slot's backend is the one every flow of the slot has had; SYN/FIN/RST aside, see the
+/// README); with it they look their flow up. The controller clears it once no entry of the slot names
 /// another backend. Backend ids stay below it ([`crate::limits::MAX_BACKENDS`]).
 pub const RING_DIRTY: u32 = 1 << 31;
+
+/// `LB_RING` entries of maglev and sh services, with [`RING_DIRTY`]: the slot changed while its
+/// flows were not recorded (a slot without [`RING_DIRTY`] records none: its backend is every
+/// flow's), so it also names the backend it had before, in bits 16..30 ([`ring_prev`]), and its
+/// own backend is bits 0..16 ([`ring_id`]). A packet of an unrecorded flow (established TCP,
+/// or UDP) goes to that previous backend while it is usable, and is recorded with it. The
+/// controller keeps it for the protocol's idle timeout after the change.
+pub const RING_PREV: u32 = 1 << 30;
+
+/// The backend id of an `LB_RING` value (without [`RING_DIRTY`], [`RING_PREV`] and the
+/// previous backend), or `None` for [`NO_BACKEND`].
+#[inline(always)]
+pub const fn ring_id(v: u32) -> Option<u32> {
+    if v == NO_BACKEND {
+        None
+    } else if v & RING_PREV != 0 {
+        Some(v & 0xffff)
+    } else {
+        Some(v & !RING_DIRTY)
+    }
+}
+
+/// The previous backend of an `LB_RING` value with [`RING_PREV`].
+#[inline(always)]
+pub const fn ring_prev(v: u32) -> Option<u32> {
+    if v == NO_BACKEND || v & RING_PREV == 0 {
+        None
+    } else {
+        Some((v >> 16) & 0x3fff)
+    }
+}
+
+/// The `LB_RING` value of a slot: backend `id` ([`NO_BACKEND`]: none), changed (`dirty`), and
+/// the backend it had before while its unrecorded flows may live (`prev`, changed slots only).
+#[inline(always)]
+pub const fn ring_value(id: u32, dirty: bool, prev: Option<u32>) -> u32 {
+    if id == NO_BACKEND {
+        return NO_BACKEND;
+    }
+    match (dirty, prev) {
+        (false, _) => id,
+        (true, None) => id | RING_DIRTY,
+        (true, Some(p)) => id | p << 16 | RING_PREV | RING_DIRTY,
+    }
+}
+
+const _: () = assert!(crate::limits::MAX_BACKENDS <= 1 << 14);
 
 /// [`Backend::flags`]: the backend may receive traffic (exists and is not down).
 pub const BACKEND_F_ACTIVE: u32 = 1;
@@ -368,7 +415,10 @@ pub const META_LEN: u32 = 8;
 /// `MAX_SERVICES` = 4096 services and `MAX_BACKENDS` = 16384 backends.
 ///
 /// 4: `LB_SVC_CACHE` (the IPv4 service cache, see [`crate::svc_cache`]); `LB_IF_MAC` is a u64.
-pub const LAYOUT_VERSION: u64 = 4;
+///
+/// 5: maglev/sh flows through unchanged slots are not recorded (SYNs and UDP too); a changed
+/// slot's `LB_RING` value may carry the backend it had before ([`RING_PREV`]).
+pub const LAYOUT_VERSION: u64 = 5;
 
 /// Per-service and per-backend counters (one per CPU; the controller sums them).
 #[repr(C)]

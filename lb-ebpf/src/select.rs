@@ -17,6 +17,7 @@ use lb_common::{
     FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, SCHED_LC, SCHED_MAGLEV, SCHED_SH,
     SCHED_WLC, SCHED_WRR, ServiceValue, SyncEvent,
     hash::{flow_hash, reduce, source_hash},
+    ring_id, ring_prev,
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
     stats::Stat,
 };
@@ -86,10 +87,27 @@ pub fn backend_for_flow(
         count(Stat::FlowRescheduled);
     }
 
-    let id = schedule(key, svc)?;
+    let syn = key.protocol == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // maglev/sh: the flow's table slot says more (the other schedulers have no slot).
+    let entry = maglev_entry(key, svc);
+    if let Some(e) = entry
+        && e != NO_BACKEND
+        && e & RING_DIRTY == 0
+    {
+        // An unchanged slot records no flow: its backend is every one of its flows'. (FIN,
+        // RST and first fragments come this way; SYNs and the rest take `stateless`.)
+        let b = usable(e)?;
+        count(Stat::FlowStateless);
+        return Some((e, b, Stat::FlowStateless));
+    }
+    let id = match entry.and_then(ring_prev) {
+        // A flow of the slot from before its change, never recorded (established TCP, UDP):
+        // it stays with the backend it had.
+        Some(p) if !moved && !syn && usable(p).is_some() => p,
+        _ => schedule(key, svc, entry)?,
+    };
     let b = usable(id)?;
-    let counted =
-        !closing && (key.protocol == PROTO_UDP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    let counted = !closing && (key.protocol == PROTO_UDP || syn);
     let value = FlowValue {
         backend: id,
         generation: b.generation,
@@ -207,8 +225,9 @@ pub fn by_address(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Ba
 }
 
 /// The backend that owns `key`'s flow, without recording or counting anything: its connection
-/// table entry if still valid, else (maglev, sh) the table's answer, which is where the flow
-/// went unless the backend set changed meanwhile. rr/wrr/lc/wlc have no stateless answer.
+/// table entry if still valid, else (maglev, sh) the table's answer: the slot's backend, or
+/// the one it had before its change while that one is usable (an unrecorded flow is older).
+/// rr/wrr/lc/wlc have no stateless answer.
 #[inline(always)]
 pub fn owner(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend)> {
     if let Some(flow) = LB_FLOWS.get_ptr(key) {
@@ -220,12 +239,14 @@ pub fn owner(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend
             return Some((id, b));
         }
     }
-    let slot = match svc.scheduler {
-        SCHED_SH => reduce(source_hash(key), svc.ring_size),
-        SCHED_WRR | SCHED_LC | SCHED_WLC => return None,
-        _ => reduce(flow_hash(key), svc.ring_size),
-    };
-    let id = ring_slot(svc, slot)?;
+    let e = maglev_entry(key, svc)?;
+    // Not recorded in a changed slot: a flow from before the change, while that backend lives.
+    if let Some(p) = ring_prev(e)
+        && let Some(b) = usable(p)
+    {
+        return Some((p, b));
+    }
+    let id = ring_id(e)?;
     Some((id, usable(id)?))
 }
 
@@ -250,9 +271,9 @@ fn usable(id: u32) -> Option<&'static Backend> {
 
 /// The service's scheduler picks a backend for a new flow.
 #[inline(always)]
-fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
+fn schedule(key: &FlowKey, svc: &ServiceValue, entry: Option<u32>) -> Option<u32> {
     match svc.scheduler {
-        SCHED_SH => ring_slot(svc, reduce(source_hash(key), svc.ring_size)),
+        SCHED_SH | SCHED_MAGLEV => ring_id(entry?),
         SCHED_WRR => {
             let n = svc.ring_len;
             if n == 0 {
@@ -266,7 +287,7 @@ fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
         }
         SCHED_LC => least_connections(svc, false),
         SCHED_WLC => least_connections(svc, true),
-        _ => ring_slot(svc, reduce(flow_hash(key), svc.ring_size)),
+        _ => None,
     }
 }
 
@@ -274,39 +295,43 @@ fn schedule(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
 /// [`RING_DIRTY`]), or `None` for an empty slot.
 #[inline(always)]
 fn ring_slot(svc: &ServiceValue, slot: u32) -> Option<u32> {
-    let id = ring_get(svc.ring_base.wrapping_add(slot))?;
-    if id == NO_BACKEND {
-        None
-    } else {
-        Some(id & !RING_DIRTY)
-    }
+    ring_id(ring_get(svc.ring_base.wrapping_add(slot))?)
 }
 
-/// The fast path of an established TCP packet (no SYN, FIN or RST) of a maglev or sh service:
-/// when its table slot never changed ([`RING_DIRTY`] clear), every flow of the slot has had the
-/// slot's backend, so the slot answers without a connection-table lookup. `None`: take the
-/// full path (other packets, other schedulers, a changed slot, an inactive backend).
+/// maglev/sh: the `LB_RING` value of the flow's table slot (as stored: flags and all); `None`
+/// for the other schedulers.
+#[inline(always)]
+fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
+    let h = match svc.scheduler {
+        SCHED_MAGLEV => flow_hash(key),
+        SCHED_SH => source_hash(key),
+        _ => return None,
+    };
+    ring_get(svc.ring_base.wrapping_add(reduce(h, svc.ring_size)))
+}
+
+/// The fast path of a maglev or sh service: a packet through a table slot that never changed
+/// ([`RING_DIRTY`] clear) goes to the slot's backend, which every flow of the slot has had,
+/// without the connection table: established TCP, SYNs (not recorded either) and UDP. `None`:
+/// take the full path (FIN and RST, which close recorded flows; other schedulers; a changed or
+/// empty slot; an inactive backend).
 ///
-/// What skipping the table means (README, "Connection table"): the flow's entry is not
-/// touched, so the controller does not expire open entries of unchanged slots by idleness
-/// (their LRU order ages instead); when a slot changes, its entries get a full idle timeout
-/// from that moment; opening (SYN) and closing (FIN/RST) still go through the table, so active
-/// connections are counted as before.
+/// What skipping the table means (README, "Connection table"): flows of unchanged slots are
+/// not recorded, so their entries are neither created nor touched; when a slot changes, the
+/// controller keeps its previous backend in the slot ([`lb_common::RING_PREV`]) for the
+/// protocol's idle timeout, so those flows' next packets find it and are recorded with it.
 #[inline(always)]
 pub fn stateless(
     key: &FlowKey,
     svc: &ServiceValue,
     tcp_flags: u8,
 ) -> Option<(u32, &'static Backend)> {
-    if key.protocol != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-        return None;
-    }
-    let h = match svc.scheduler {
-        SCHED_MAGLEV => flow_hash(key),
-        SCHED_SH => source_hash(key),
+    match key.protocol {
+        PROTO_TCP if tcp_flags & (TCP_FIN | TCP_RST) == 0 => {}
+        PROTO_UDP => {}
         _ => return None,
-    };
-    let e = ring_get(svc.ring_base.wrapping_add(reduce(h, svc.ring_size)))?;
+    }
+    let e = maglev_entry(key, svc)?;
     if e & RING_DIRTY != 0 {
         return None; // a changed slot, or an empty one (NO_BACKEND has every bit)
     }

@@ -48,7 +48,8 @@ impl Query {
 /// What the live maps say, read for one explanation.
 pub trait Live {
     fn flow(&mut self, key: &FlowKey) -> Option<FlowValue>;
-    /// Slot `slot` of the service's table (`LB_RING[ring_base + slot]`).
+    /// Slot `slot` of the service's table (`LB_RING[ring_base + slot]`), as stored (flags and
+    /// all: see [`lb_common::ring_id`]).
     fn ring(&mut self, svc: &lb_common::ServiceValue, slot: u32) -> u32;
     /// `LB_RR_CURSOR[service_id]`: the position the next new flow of the service takes.
     fn rr_cursor(&mut self, service_id: u32) -> u64;
@@ -235,12 +236,26 @@ fn schedule(
     let _ = desired;
     let ring = svc.value.ring_size;
     let id = svc.value.id;
+    let entry = |live: &mut dyn Live, slot: u32| {
+        lb_common::ring_id(live.ring(&svc.value, slot)).unwrap_or(NO_BACKEND)
+    };
+    // maglev/sh: what the slot says beyond its backend.
+    let slot_note = |v: u32| match lb_common::ring_prev(v) {
+        Some(p) => format!(
+            "; the slot changed from backend #{p}: a flow from before the change that was never              recorded (established TCP, UDP) goes back there while it is usable, a new connection              comes here"
+        ),
+        None if v != NO_BACKEND && v & lb_common::RING_DIRTY == 0 => {
+            "; an unchanged slot: its flows are not recorded".to_owned()
+        }
+        None => String::new(),
+    };
     match svc.value.scheduler {
         SCHED_SH => {
             let slot = lb_common::hash::reduce(source_hash(key), ring);
+            let v = live.ring(&svc.value, slot);
             (
-                live.ring(&svc.value, slot),
-                format!("sh: source hash → slot {slot} of {ring}"),
+                lb_common::ring_id(v).unwrap_or(NO_BACKEND),
+                format!("sh: source hash → slot {slot} of {ring}{}", slot_note(v)),
             )
         }
         SCHED_WRR => {
@@ -251,7 +266,7 @@ fn schedule(
             let c = live.rr_cursor(id);
             let pos = (c % n as u64) as u32;
             (
-                live.ring(&svc.value, pos),
+                entry(live, pos),
                 format!(
                     "rr/wrr: the next new flow of the service takes position {pos} of the {n}-long sequence (if no other new flow comes first)"
                 ),
@@ -262,7 +277,7 @@ fn schedule(
             let mut ids = Vec::new();
             let mut cands = Vec::new();
             for slot in 0..svc.value.ring_len {
-                let b = live.ring(&svc.value, slot);
+                let b = entry(live, slot);
                 let w = desired
                     .backends
                     .get(&BackendId(b))
@@ -287,9 +302,13 @@ fn schedule(
         }
         _ => {
             let slot = lb_common::hash::reduce(flow_hash(key), ring);
+            let v = live.ring(&svc.value, slot);
             (
-                live.ring(&svc.value, slot),
-                format!("maglev: 5-tuple hash → slot {slot} of {ring}"),
+                lb_common::ring_id(v).unwrap_or(NO_BACKEND),
+                format!(
+                    "maglev: 5-tuple hash → slot {slot} of {ring}{}",
+                    slot_note(v)
+                ),
             )
         }
     }

@@ -80,6 +80,22 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
     ring_changed: BTreeMap<u32, u64>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests' own time for [`clock_ns`] (each test runs on its own thread).
+    pub(crate) static TEST_NOW: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// The monotonic clock (ns) that dates previous backends of changed slots
+/// ([`desired::DesiredService::prev`]).
+fn clock_ns() -> u64 {
+    #[cfg(test)]
+    if let Some(now) = TEST_NOW.with(|n| n.get()) {
+        return now;
+    }
+    crate::trace::clocks().0
+}
+
 impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// Takes over `maps` (empty) with `cfg` and the persisted `admin` state: allocates ids,
     /// checks every backend without `mac` is on-link, writes the whole state.
@@ -121,7 +137,14 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             // flows keep their backends, and a backend that was out stays out until its checks
             // bring it back.
             c.ids.adopt(&cfg, a);
-            c.desired = DesiredState::from_adopted(cfg.dataplane.ring_capacity, a);
+            // Previous backends the maps hold get a full idle timeout from now (when they were
+            // set is not recorded there).
+            let window = cfg.timeouts.tcp.max(cfg.timeouts.udp) as u64 * 1_000_000_000;
+            c.desired = DesiredState::from_adopted(
+                cfg.dataplane.ring_capacity,
+                a,
+                clock_ns().saturating_add(window),
+            );
             let now = Instant::now();
             for (id, b, _) in &a.backends {
                 if b.flags & lb_common::BACKEND_F_ACTIVE == 0 {
@@ -277,7 +300,22 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
 
     /// Writes the difference to `next` and makes it current (even after a partial failure: the
     /// maps then hold parts of it).
-    fn write(&mut self, next: DesiredState) -> Result<DiffSummary, ApiError> {
+    fn write(&mut self, mut next: DesiredState) -> Result<DiffSummary, ApiError> {
+        // maglev/sh slots that change keep the backend they had for their unrecorded flows.
+        let clock_now = clock_ns();
+        for s in &mut next.services {
+            let before = self
+                .desired
+                .services
+                .iter()
+                .find(|o| o.value.id == s.value.id);
+            let window = if s.key.protocol == lb_common::PROTO_UDP {
+                self.cfg.timeouts.udp
+            } else {
+                self.cfg.timeouts.tcp
+            };
+            desired::with_previous(s, before, clock_now, window as u64 * 1_000_000_000);
+        }
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
         let now = crate::trace::clocks().0;
         for s in &next.services {
@@ -634,19 +672,31 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let timeouts = self.cfg.timeouts.clone();
         let view = desired::TableView::new(&self.desired, &self.ring_changed);
         let stats = self.maps.sweep(now_ns, &timeouts, &view)?;
+        let clock_now = clock_ns();
         let mut ops = Vec::new();
         for s in &mut self.desired.services {
+            // Previous backends lapse after the idle timeout: unrecorded flows older than that
+            // are gone; the slots are written without them.
+            let mut lapsed = Vec::new();
+            if !s.prev.is_empty() && clock_now >= s.prev_until_ns {
+                lapsed = s.prev.keys().copied().collect();
+                s.prev = Default::default();
+                s.prev_until_ns = 0;
+            }
             let cleared: Vec<u32> = s
                 .dirty
                 .iter()
                 .filter(|i| !stats.still_dirty.contains(&(s.value.id, *i)))
+                .filter(|i| !s.prev.contains_key(i))
                 .collect();
-            if cleared.is_empty() {
+            if cleared.is_empty() && lapsed.is_empty() {
                 continue;
             }
             for i in &cleared {
                 s.dirty.remove(*i);
             }
+            let mut written = cleared.clone();
+            written.extend(lapsed.iter().filter(|i| !cleared.contains(i)));
             tracing::debug!(
                 "service \"{}\": {} changed slots have no flow of another backend left: stateless again ({} still changed)",
                 s.name,
@@ -656,7 +706,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             ops.push(desired::Op::Ring {
                 service_id: s.value.id,
                 base: s.value.ring_base,
-                slots: cleared
+                slots: written
                     .iter()
                     .filter_map(|i| Some((*i, s.slot_value(*i as usize)?)))
                     .collect(),
@@ -741,15 +791,10 @@ impl<M: Maps> crate::explain::Live for LiveMaps<'_, M> {
     }
 
     fn ring(&mut self, svc: &lb_common::ServiceValue, slot: u32) -> u32 {
-        let v = self.maps.ring_entry(svc, slot).unwrap_or_else(|e| {
+        self.maps.ring_entry(svc, slot).unwrap_or_else(|e| {
             self.error.get_or_insert(e);
             lb_common::NO_BACKEND
-        });
-        if v == lb_common::NO_BACKEND {
-            v
-        } else {
-            v & !lb_common::RING_DIRTY
-        }
+        })
     }
 
     fn rr_cursor(&mut self, service_id: u32) -> u64 {

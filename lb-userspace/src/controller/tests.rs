@@ -107,17 +107,29 @@ fn start(dir: &Path, net: &FakeNet) -> Ctl {
 
 /// A restarted controller on `maps`, adopting what an earlier one left in them.
 fn adopt(dir: &Path, net: &FakeNet, maps: FakeMaps) -> Ctl {
+    adopt_with(dir, net, maps, Resolver::default(), AdminState::default())
+}
+
+/// [`adopt`], with the neighbours `lb run` reads before it starts (`resolver`) and the admin
+/// state it persisted.
+fn adopt_with(
+    dir: &Path,
+    net: &FakeNet,
+    maps: FakeMaps,
+    resolver: Resolver,
+    admin: AdminState,
+) -> Ctl {
     let adopted = maps.adopted();
     let path = dir.join("lb.toml");
     Controller::new(
         &path,
         Config::load(&path).unwrap(),
-        AdminState::default(),
+        admin,
         maps,
         net.clone(),
         FakeIfaces,
         Some(&adopted),
-        Resolver::default(),
+        resolver,
     )
     .unwrap()
 }
@@ -591,7 +603,7 @@ fn explain_follows_the_kernels_rules() {
     let e = c.explain(&q, 0).unwrap();
     let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&q.key()), RING);
     let base = c.desired.services[0].value.ring_base;
-    let want = c.maps.ring[&(base + slot)] & !lb_common::RING_DIRTY;
+    let want = lb_common::ring_id(c.maps.ring[&(base + slot)]).unwrap();
     let want_addr = c.desired.backend_info[&BackendId(want)].address;
     assert_eq!(
         (e.outcome.as_str(), e.backend),
@@ -761,10 +773,15 @@ fn shared_flows_map_by_address() {
 }
 
 /// Stateless slots: a table change marks exactly the slots whose backend changed (and keeps
-/// earlier marks); a sweep clears every mark but those of slots where an entry still names
-/// another backend; a restart that adopts the maps marks every slot (nothing is known).
+/// earlier marks); a slot that changes from unchanged (its flows were never recorded) names its
+/// previous backend until the TCP idle timeout lapses; a sweep clears every mark but those of
+/// slots with a live previous backend or an entry that names another backend; a restart that
+/// adopts the maps takes the marks and previous backends the maps hold.
 #[test]
 fn changed_slots_are_marked_and_cleared_by_the_sweep() {
+    const TCP_NS: u64 = 900 * 1_000_000_000; // timeouts.tcp, the default
+    let set_now = |t: u64| super::TEST_NOW.with(|n| n.set(Some(t)));
+    set_now(1);
     let d = dir();
     let net = FakeNet::default();
     let mut c = start(&d, &net);
@@ -772,12 +789,19 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     reachable(&mut c, B, 2);
     let (a, b) = (id(&c, A), id(&c, B));
     let sid = c.desired.services[0].value.id;
-    // B's resolution took slots from A: changed, and cleared by a sweep (no flows yet).
-    assert!(!c.maps.changed(sid).is_empty());
+    let base = c.desired.services[0].value.ring_base;
+    let prev_of = |c: &Ctl, i: u32| lb_common::ring_prev(c.maps.ring[&(base + i)]);
+    // B's resolution took slots from A: changed, each naming A for A's unrecorded flows.
+    let changed = c.maps.changed(sid);
+    assert!(!changed.is_empty());
+    assert!(changed.iter().all(|i| prev_of(&c, *i) == Some(a.0)));
+    c.sweep(0).unwrap();
+    assert_eq!(c.maps.changed(sid), changed, "previous backends live: kept");
+    set_now(1 + TCP_NS);
     c.sweep(0).unwrap();
     assert!(
         c.maps.changed(sid).is_empty(),
-        "no flow: nothing stays changed"
+        "previous backends lapsed, no flow: nothing stays changed"
     );
     let before = c.maps.table(sid);
     // A flow on one of A's slots.
@@ -811,6 +835,8 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
         },
     ));
 
+    let t1 = 2 + TCP_NS;
+    set_now(t1);
     c.admin("web", addr(A), BackendAction::Drain).unwrap();
     let after = c.maps.table(sid);
     let mut want: Vec<u32> = (0..RING)
@@ -821,33 +847,80 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     want.sort();
     assert_eq!(got, want, "exactly the slots that changed");
     assert!(want.contains(&kslot) && after[kslot as usize] == b.0);
+    assert!(
+        want.iter().all(|i| prev_of(&c, *i) == Some(a.0)),
+        "each names A (draining: its flows stay)"
+    );
 
+    c.sweep(1).unwrap();
+    assert_eq!(
+        c.maps.changed(sid),
+        want,
+        "previous backends live: all kept"
+    );
+    set_now(t1 + TCP_NS);
     c.sweep(1).unwrap();
     assert_eq!(
         c.maps.changed(sid),
         vec![kslot],
         "only the slot whose flow names A stays changed"
     );
-    // Back to A: its slots change again; the flow's slot names A again, so nothing is left.
+    assert_eq!(prev_of(&c, kslot), None, "lapsed");
+    // Back to A: its slots change again, from unchanged ones (naming B) but the flow's, which
+    // names A again; once B's previous lapse, nothing is left.
+    let t2 = t1 + TCP_NS + 1;
+    set_now(t2);
     c.admin("web", addr(A), BackendAction::Enable).unwrap();
     assert!(c.maps.changed(sid).len() >= want.len() - 1);
+    assert_eq!(
+        prev_of(&c, kslot),
+        None,
+        "the flow's slot was changed: no previous"
+    );
+    c.sweep(2).unwrap();
+    assert!(!c.maps.changed(sid).is_empty());
+    set_now(t2 + TCP_NS);
     c.sweep(2).unwrap();
     assert!(c.maps.changed(sid).is_empty());
 
-    // A restart that adopts the maps: every slot changed until the first sweep. (The same
-    // maps, the stale flow of A's old generation left out: it would keep its slot changed
-    // until it expires.)
+    // A restart that adopts the maps takes what they hold: a change (A drained again) marks
+    // slots naming A, and the adopted controller keeps them, previous backends included. (The
+    // stale flow of A's old generation left out: it would keep its slot changed until it
+    // expires.)
+    let t3 = t2 + TCP_NS + 1;
+    set_now(t3);
+    c.admin("web", addr(A), BackendAction::Drain).unwrap();
+    let marked = c.maps.changed(sid);
+    assert!(!marked.is_empty());
     let mut maps2 = c.maps.clone();
     maps2.flows.clear();
-    let mut c2 = adopt(&d, &net, maps2);
-    reachable(&mut c2, A, 1);
-    reachable(&mut c2, B, 2);
+    let mut resolver = Resolver::default();
+    for (a, n) in [(A, 1), (B, 2)] {
+        resolver.apply(&NeighEvent::New {
+            ifindex: 2,
+            addr: addr(a),
+            neighbour: Neighbour {
+                mac: Some(mac(n)),
+                state: nud::REACHABLE,
+            },
+        });
+    }
+    let mut c2 = adopt_with(&d, &net, maps2, resolver, c.admin.clone());
     let s2 = c2.desired.services[0].value.id;
-    assert_eq!(
-        c2.maps.changed(s2).len(),
-        RING as usize,
-        "adopted: all changed"
+    assert_eq!(c2.maps.changed(s2), marked, "adopted: the same marks");
+    assert!(
+        marked
+            .iter()
+            .all(|i| lb_common::ring_prev(c2.maps.ring[&(base + i)]) == Some(a.0)),
+        "and previous backends"
     );
+    c2.sweep(3).unwrap();
+    assert_eq!(
+        c2.maps.changed(s2),
+        marked,
+        "live for a full timeout from the restart"
+    );
+    set_now(t3 + 2 * TCP_NS);
     c2.sweep(3).unwrap();
     assert!(c2.maps.changed(s2).is_empty());
     std::fs::remove_dir_all(&d).unwrap();

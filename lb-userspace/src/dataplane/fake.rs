@@ -60,10 +60,14 @@ impl Maps for FakeMaps {
                     }
                 }
                 Op::Table {
-                    base, ring, dirty, ..
+                    base,
+                    ring,
+                    dirty,
+                    prev,
+                    ..
                 } => {
                     for i in 0..ring.len() {
-                        if let Some(v) = crate::desired::slot_value(ring, dirty, i) {
+                        if let Some(v) = crate::desired::slot_value(ring, dirty, prev, i) {
                             self.ring.insert(base + i as u32, v);
                         }
                     }
@@ -172,6 +176,17 @@ impl FakeMaps {
                 .collect(),
             mode: None,
             flows: 0,
+            rings: self
+                .services
+                .values()
+                .filter(|v| matches!(v.scheduler, lb_common::SCHED_MAGLEV | lb_common::SCHED_SH))
+                .map(|v| {
+                    let ring = (v.ring_base..v.ring_base + v.ring_size)
+                        .map(|i| self.ring.get(&i).copied().unwrap_or(lb_common::NO_BACKEND))
+                        .collect();
+                    (v.id, ring)
+                })
+                .collect(),
         }
     }
 
@@ -188,8 +203,8 @@ impl FakeMaps {
     pub fn table(&self, id: u32) -> Vec<u32> {
         self.range(id)
             .map(|i| match self.ring.get(&i).copied() {
-                None | Some(lb_common::NO_BACKEND) => lb_common::NO_BACKEND,
-                Some(v) => v & !lb_common::RING_DIRTY,
+                None => lb_common::NO_BACKEND,
+                Some(v) => lb_common::ring_id(v).unwrap_or(lb_common::NO_BACKEND),
             })
             .collect()
     }

@@ -102,6 +102,9 @@ pub struct Dataplane {
     link: Option<(XdpLinkId, String)>,
     /// Present when the object was built with lb-ebpf's `log` feature.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The maps were filled by [`Dataplane::migrate_from`]: their tables are not the old
+    /// ones (rebuilt by the controller), so [`Dataplane::read_adopted`] reads none.
+    migrated: bool,
 }
 
 /// What a controller finds in the maps pinned by an earlier one.
@@ -115,6 +118,9 @@ pub struct Adopted {
     pub mode: Option<AttachedMode>,
     /// Entries in the connection table.
     pub flows: usize,
+    /// maglev/sh services: their tables as `LB_RING` holds them (flags and all), by service
+    /// id: which slots changed and what they had before survive the restart.
+    pub rings: std::collections::BTreeMap<u32, Vec<u32>>,
 }
 
 /// Checks that the maps pinned at `pin` fit this `lb` and `dpc`: same layout version, same
@@ -408,6 +414,7 @@ impl Dataplane {
             maps,
             link: None,
             logger,
+            migrated: false,
         })
     }
 
@@ -564,6 +571,18 @@ impl Dataplane {
             _ => None,
         };
         a.flows = self.flow_count()?;
+        // (Migrated from an older layout: tables are rebuilt, and every flow through them was
+        // recorded there, SYNs and UDP included.)
+        for (_, v) in a.services.iter().filter(|_| !self.migrated) {
+            if matches!(v.scheduler, lb_common::SCHED_MAGLEV | lb_common::SCHED_SH) {
+                let ring: Option<Vec<u32>> = (0..v.ring_size)
+                    .map(|i| self.maps.ring.get(v.ring_base.wrapping_add(i)))
+                    .collect();
+                if let Some(ring) = ring {
+                    a.rings.insert(v.id, ring);
+                }
+            }
+        }
         Ok(a)
     }
 
@@ -572,13 +591,15 @@ impl Dataplane {
     /// active-connection counters. Returns a line per map.
     pub fn migrate_from(&mut self, old: &Path) -> Result<Vec<String>> {
         let mut report = Vec::new();
+        self.migrated = true;
         let layout = open_pinned_array::<u64>(&old.join(names::META))
             .and_then(|m| m.get(&META_LAYOUT, 0).map_err(map_err(names::META)))
             .unwrap_or(0);
         // Layout 1 differs in the active-connection counters (per CPU there, summed here);
-        // layouts 1 and 2 in the service values (no table range: see `service_from_v2`).
+        // layouts 1 and 2 in the service values (no table range: see `service_from_v2`);
+        // layouts up to 4 recorded every flow (at its SYN; UDP always; 5: see `RING_PREV`).
         // Flows, backends and their counters are the same.
-        if layout != LAYOUT_VERSION && !(1..=3).contains(&layout) {
+        if layout != LAYOUT_VERSION && !(1..=4).contains(&layout) {
             report.push(format!(
                 "nothing migrated: the old maps have layout {layout}, this lb {LAYOUT_VERSION} \
                  (established flows are scheduled again)"
@@ -1048,10 +1069,14 @@ impl Maps for Dataplane {
                     }
                 }
                 Op::Table {
-                    base, ring, dirty, ..
+                    base,
+                    ring,
+                    dirty,
+                    prev,
+                    ..
                 } => {
                     for i in 0..ring.len() {
-                        if let Some(v) = crate::desired::slot_value(ring, dirty, i) {
+                        if let Some(v) = crate::desired::slot_value(ring, dirty, prev, i) {
                             self.set_slot(base.wrapping_add(i as u32), v)?;
                         }
                     }

@@ -11,8 +11,8 @@ pub mod reconcile;
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, NO_BACKEND, RING_DIRTY,
-    SCHED_LC, SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceKey, ServiceValue, VipKey,
+    BACKEND_F_ACTIVE, BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, NO_BACKEND, SCHED_LC,
+    SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR, ServiceKey, ServiceValue, VipKey,
     limits::MAX_TX_PORTS, rules::addr_key,
 };
 
@@ -214,16 +214,26 @@ pub struct DesiredService {
     /// another service, or one that leaves the weights as they are, rebuilds no table).
     pub ring_key: RingKey,
     /// maglev/sh: the slots whose backend changed while flows recorded with the old one may
-    /// live ([`RING_DIRTY`] in the map): their established packets consult the connection
+    /// live ([`lb_common::RING_DIRTY`] in the map): their established packets consult the connection
     /// table; the others are forwarded by the slot alone. Cleared by
     /// [`crate::controller::Controller::sweep`] once no entry of the slot names another backend.
     pub dirty: Slots,
+    /// maglev/sh: changed slots that also name the backend they had before the change
+    /// ([`lb_common::RING_PREV`]): flows of unchanged slots are not recorded, so an unrecorded
+    /// flow of such a slot goes back to that backend (and is recorded) until `prev_until_ns`.
+    pub prev: Prev,
+    /// When `prev` lapses (the controller's monotonic clock): the protocol's idle timeout after
+    /// the last change that added to it.
+    pub prev_until_ns: u64,
 }
 
+/// Slot → the backend it had before its change (see [`DesiredService::prev`]).
+pub type Prev = std::sync::Arc<BTreeMap<u32, u32>>;
+
 impl DesiredService {
-    /// `LB_RING`'s value for slot `i`: the backend id, with [`RING_DIRTY`] on a changed slot.
+    /// `LB_RING`'s value for slot `i`: the backend id, with [`lb_common::RING_DIRTY`] on a changed slot.
     pub fn slot_value(&self, i: usize) -> Option<u32> {
-        slot_value(&self.ring, &self.dirty, i)
+        slot_value(&self.ring, &self.dirty, &self.prev, i)
     }
 
     /// Whether established packets of this service may skip the connection table.
@@ -250,15 +260,18 @@ impl DesiredService {
     }
 }
 
-/// `LB_RING`'s value for slot `i` of table `ring` with changed slots `dirty`: the backend id,
-/// with [`RING_DIRTY`] on a changed slot.
-pub fn slot_value(ring: &[u32], dirty: &Slots, i: usize) -> Option<u32> {
+/// `LB_RING`'s value for slot `i` of table `ring` with changed slots `dirty` and their previous
+/// backends `prev`: the backend id, with [`lb_common::RING_DIRTY`] on a changed slot and its previous
+/// backend ([`lb_common::ring_value`]).
+pub fn slot_value(ring: &[u32], dirty: &Slots, prev: &BTreeMap<u32, u32>, i: usize) -> Option<u32> {
     let id = *ring.get(i)?;
-    Some(if id != NO_BACKEND && dirty.contains(i as u32) {
-        id | RING_DIRTY
+    let changed = dirty.contains(i as u32);
+    let before = if changed {
+        prev.get(&(i as u32)).copied()
     } else {
-        id
-    })
+        None
+    };
+    Some(lb_common::ring_value(id, changed, before))
 }
 
 /// A set of table slots (a bitset).
@@ -324,6 +337,60 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
         }
     }
     d
+}
+
+/// maglev/sh: the previous backends of `next`'s changed slots, after `old` (the same
+/// service as the maps hold it), at `now_ns`; new ones are kept for `window_ns`. Flows of an
+/// unchanged slot are not recorded, so a slot that changes from unchanged names the backend
+/// it had (its unrecorded flows go back there and are recorded); one that had a previous
+/// backend keeps it until it lapses, unless the slot has that backend again. Another scheduler
+/// or table size: no slot corresponds, nothing is kept.
+pub fn with_previous(
+    next: &mut DesiredService,
+    old: Option<&DesiredService>,
+    now_ns: u64,
+    window_ns: u64,
+) {
+    let old = old.filter(|o| {
+        next.stateless()
+            && o.value.scheduler == next.value.scheduler
+            && o.ring.len() == next.ring.len()
+    });
+    let Some(o) = old else {
+        next.prev = Prev::default();
+        next.prev_until_ns = 0;
+        return;
+    };
+    let live = now_ns < o.prev_until_ns;
+    let mut prev = BTreeMap::new();
+    let mut added = false;
+    for (i, &id) in next.ring.iter().enumerate() {
+        let slot = i as u32;
+        // (An empty slot keeps or gains one too: it is written with its next backend.)
+        if !next.dirty.contains(slot) {
+            continue;
+        }
+        let was = o.ring[i];
+        let p = match o.prev.get(&slot) {
+            Some(p) if live => *p,
+            _ if !o.dirty.contains(slot) && was != NO_BACKEND && was != id => {
+                added = true;
+                was
+            }
+            _ => continue,
+        };
+        if p != id {
+            prev.insert(slot, p);
+        }
+    }
+    next.prev_until_ns = if added {
+        now_ns.saturating_add(window_ns)
+    } else if prev.is_empty() {
+        0
+    } else {
+        o.prev_until_ns
+    };
+    next.prev = std::sync::Arc::new(prev);
 }
 
 /// The inputs of a service's table.
@@ -423,18 +490,40 @@ impl DesiredState {
     /// What an earlier controller left in the pinned maps, as a previous state: its backends
     /// keep their ids and generations (so established flows stay), its services and VIPs are
     /// there to be replaced or removed by the first diff.
-    pub fn from_adopted(ring_capacity: u32, a: &crate::dataplane::Adopted) -> DesiredState {
+    ///
+    /// A maglev/sh table is taken as the maps hold it: its backends, changed slots and their
+    /// previous backends (kept until `prev_until_ns`), so the first diff writes only what
+    /// differs and slots that change now keep their unrecorded flows.
+    pub fn from_adopted(
+        ring_capacity: u32,
+        a: &crate::dataplane::Adopted,
+        prev_until_ns: u64,
+    ) -> DesiredState {
         let mut d = DesiredState::empty(ring_capacity);
         for (k, v) in &a.services {
+            let mut ring = Vec::new();
+            let mut dirty = Slots::default();
+            let mut prev = BTreeMap::new();
+            for (i, raw) in a.rings.get(&v.id).into_iter().flatten().enumerate() {
+                ring.push(lb_common::ring_id(*raw).unwrap_or(NO_BACKEND));
+                if *raw != NO_BACKEND && raw & lb_common::RING_DIRTY != 0 {
+                    dirty.insert(i as u32);
+                }
+                if let Some(p) = lb_common::ring_prev(*raw) {
+                    prev.insert(i as u32, p);
+                }
+            }
             d.services.push(DesiredService {
                 name: format!("#{}", v.id),
                 key: *k,
                 value: *v,
-                ring: Default::default(),
+                ring: std::sync::Arc::new(ring),
                 backends: Vec::new(),
                 ring_digest: 0,
                 ring_key: RingKey::none(),
-                dirty: Slots::default(),
+                dirty,
+                prev_until_ns: if prev.is_empty() { 0 } else { prev_until_ns },
+                prev: std::sync::Arc::new(prev),
             });
         }
         d.vips = a.vips.iter().copied().collect();
@@ -649,16 +738,17 @@ impl DesiredState {
                     (std::sync::Arc::new(r), d)
                 }
             };
-            let dirty = match old {
+            let (dirty, prev, prev_until_ns) = match old {
                 // The same table: the same changed slots.
                 Some(o)
                     if reuse.is_some() && matches!(value.scheduler, SCHED_MAGLEV | SCHED_SH) =>
                 {
-                    o.dirty.clone()
+                    (o.dirty.clone(), o.prev.clone(), o.prev_until_ns)
                 }
                 // A new service has no flows yet; rr/wrr/lc/wlc always use the table; a new
-                // Maglev table's changes are found when it is built.
-                _ => Slots::default(),
+                // Maglev table's changes are found when it is built (and its previous backends
+                // when it is written: `with_previous`).
+                _ => (Slots::default(), Prev::default(), 0),
             };
             out.services.push(DesiredService {
                 name: s.cfg.name.clone(),
@@ -669,6 +759,8 @@ impl DesiredState {
                 ring_digest,
                 ring_key,
                 dirty,
+                prev,
+                prev_until_ns,
             });
         }
 

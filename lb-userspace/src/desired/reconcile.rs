@@ -30,12 +30,13 @@ pub enum Op {
         slots: Vec<(u32, u32)>,
     },
     /// A whole table written from `LB_RING[base]` on: a new service's, or one that moved. The
-    /// values are [`super::slot_value`]s of `ring` and `dirty` (not copied per slot).
+    /// values are [`super::slot_value`]s of `ring`, `dirty` and `prev` (not copied per slot).
     Table {
         service_id: u32,
         base: u32,
         ring: std::sync::Arc<Vec<u32>>,
         dirty: super::Slots,
+        prev: super::Prev,
     },
     Service {
         key: ServiceKey,
@@ -113,9 +114,10 @@ fn ring_write(prev: Option<&DesiredService>, next: &DesiredService) -> Option<Op
             base: next.value.ring_base,
             ring: std::sync::Arc::clone(&next.ring),
             dirty: next.dirty.clone(),
+            prev: next.prev.clone(),
         });
     };
-    if prev.ring == next.ring && prev.dirty == next.dirty {
+    if prev.ring == next.ring && prev.dirty == next.dirty && prev.prev == next.prev {
         return None;
     }
     let slots: Vec<(u32, u32)> = (0..next.ring.len())

@@ -661,3 +661,70 @@ fn tables_get_their_own_ranges_and_keep_them() {
         "{msg}"
     );
 }
+
+/// Previous backends of changed slots (flows of unchanged slots are not recorded): a slot that
+/// changes from unchanged names its backend before; a later change keeps that while it lives,
+/// a change back to it drops it; it lapses; another table size keeps nothing.
+#[test]
+fn changed_slots_name_their_previous_backend_while_it_lives() {
+    let svc = |ring: &[u32], dirty: &[u32], prev: &[(u32, u32)], until: u64| {
+        let mut d = Slots::new(ring.len());
+        for i in dirty {
+            d.insert(*i);
+        }
+        DesiredService {
+            name: "web".into(),
+            key: ServiceKey::default(),
+            value: ServiceValue {
+                scheduler: SCHED_MAGLEV,
+                ring_size: ring.len() as u32,
+                ..Default::default()
+            },
+            ring: std::sync::Arc::new(ring.to_vec()),
+            backends: Vec::new(),
+            ring_digest: 0,
+            ring_key: RingKey::none(),
+            dirty: d,
+            prev: std::sync::Arc::new(prev.iter().copied().collect()),
+            prev_until_ns: until,
+        }
+    };
+    const W: u64 = 100;
+    // Slots 0 and 1 change from A (1) to B (2); slot 2 was changed already (no previous: its
+    // flows are recorded); slot 3 stays.
+    let old = svc(&[1, 1, 1, 1], &[2], &[], 0);
+    let mut next = svc(&[2, 2, 2, 1], &[0, 1, 2], &[], 0);
+    with_previous(&mut next, Some(&old), 10, W);
+    assert_eq!(*next.prev, [(0, 1), (1, 1)].into_iter().collect());
+    assert_eq!(next.prev_until_ns, 10 + W);
+    assert_eq!(
+        next.slot_value(0),
+        Some(lb_common::ring_value(2, true, Some(1)))
+    );
+    assert_eq!(next.slot_value(2), Some(2 | lb_common::RING_DIRTY));
+    assert_eq!(next.slot_value(3), Some(1));
+    // Then slot 0 goes to C (3) and slot 1 back to A, slot 3 from A to C: slot 0 keeps A, slot
+    // 1 has A again (nothing to keep), slot 3 names A from now on.
+    let mut later = svc(&[3, 1, 2, 3], &[0, 1, 2, 3], &[], 0);
+    with_previous(&mut later, Some(&next), 50, W);
+    assert_eq!(*later.prev, [(0, 1), (3, 1)].into_iter().collect());
+    assert_eq!(
+        later.prev_until_ns,
+        50 + W,
+        "a new one: a full window from now"
+    );
+    // Lapsed: nothing kept, nothing new.
+    let mut lapsed = svc(&[3, 1, 2, 3], &[0, 1, 2, 3], &[], 0);
+    with_previous(&mut lapsed, Some(&later), 50 + W, W);
+    assert!(lapsed.prev.is_empty());
+    assert_eq!(lapsed.prev_until_ns, 0);
+    // An empty slot keeps its previous backend for when it has one again.
+    let mut empty = svc(&[NO_BACKEND, 2, 2, 1], &[0, 1, 2], &[], 0);
+    with_previous(&mut empty, Some(&old), 10, W);
+    assert_eq!(empty.prev.get(&0), Some(&1));
+    assert_eq!(empty.slot_value(0), Some(NO_BACKEND));
+    // Another table size: no slot corresponds.
+    let mut resized = svc(&[2, 2, 2, 2, 2], &[0, 1, 2, 3, 4], &[], 0);
+    with_previous(&mut resized, Some(&old), 10, W);
+    assert!(resized.prev.is_empty());
+}

@@ -246,6 +246,45 @@ impl Fixture {
         Fixture { dp, desired }
     }
 
+    /// As [`Fixture::new`], with every slot of the maglev/sh tables marked changed
+    /// (`RING_DIRTY`): every flow is recorded in the connection table, as after a table change.
+    /// For the tests of the connection table itself.
+    pub fn recording(toml: &str) -> Fixture {
+        let mut f = Fixture::new(toml);
+        for s in &mut f.desired.services {
+            if !s.stateless() {
+                continue;
+            }
+            for i in 0..s.ring.len() as u32 {
+                s.dirty.insert(i);
+            }
+            for i in 0..s.ring.len() {
+                let v = s.slot_value(i).expect("slot");
+                f.dp.set_slot(s.value.ring_base + i as u32, v)
+                    .expect("slot");
+            }
+        }
+        f
+    }
+
+    /// Clears the changed-slot marks of service `name` (as the controller's sweep does once no
+    /// entry names another backend): its slots record no flow any more.
+    pub fn clear_marks(&mut self, name: &str) {
+        let s = self
+            .desired
+            .services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .expect("service");
+        s.dirty = Default::default();
+        for i in 0..s.ring.len() {
+            let v = s.slot_value(i).expect("slot");
+            self.dp
+                .set_slot(s.value.ring_base + i as u32, v)
+                .expect("slot");
+        }
+    }
+
     /// Runs one packet: verdict and output frame.
     pub fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; pkt.len() + 512];
