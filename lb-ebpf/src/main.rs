@@ -32,7 +32,7 @@ use network_types::eth::EthHdr;
 use crate::{
     maps::{LB_FLAGS, LB_IF_MAC, LB_SERVICES, LB_SVC_CACHE, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
     parse::{Frag, Parsed},
-    stats::{count, count_backend, count_new_flow, count_service},
+    stats::{count, count_backend, count_service},
     trace::{Decision, maybe_trace},
 };
 
@@ -163,19 +163,14 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
-    // maglev/sh through an unchanged slot: the table slot alone decides, nothing recorded.
+    // Established TCP and UDP of maglev/sh through an unchanged slot: the table slot alone
+    // decides.
     if !frag.is
         && let Some((id, b)) = select::stateless(&d.key, &svc, tcp_flags)
     {
-        let reason = if d.key.protocol == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            count_new_flow(svc.id, id);
-            Stat::FlowNew
-        } else {
-            Stat::FlowStateless
-        };
-        count(reason);
+        count(Stat::FlowStateless);
         count_backend(id, frame_len);
-        d.reason = reason as u32;
+        d.reason = Stat::FlowStateless as u32;
         return forward(ctx, d, id, b);
     }
     // A first fragment goes where an earlier-arriving fragment of its datagram went.
@@ -365,10 +360,6 @@ fn drop(ctx: &XdpContext, d: &mut Decision, reason: Stat) -> u32 {
 }
 
 const _: () = assert!(PROTO_TCP == 6);
-
-// TCP flags (the header's 13th byte).
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -91,11 +91,12 @@ pub fn backend_for_flow(
     // maglev/sh: the flow's table slot says more (the other schedulers have no slot).
     let entry = maglev_entry(key, svc);
     if let Some(e) = entry
+        && key.protocol == PROTO_UDP
         && e != NO_BACKEND
         && e & RING_DIRTY == 0
     {
-        // An unchanged slot records no flow: its backend is every one of its flows'. (FIN,
-        // RST and first fragments come this way; SYNs and the rest take `stateless`.)
+        // An unchanged slot records no UDP flow: its backend is every one of its flows'. (Only
+        // first fragments come this way: the rest takes `stateless`.)
         let b = usable(e)?;
         count(Stat::FlowStateless);
         return Some((e, b, Stat::FlowStateless));
@@ -104,7 +105,7 @@ pub fn backend_for_flow(
         // A flow of the slot from before its change, never recorded (established TCP, UDP):
         // it stays with the backend it had.
         Some(p) if !moved && !syn && usable(p).is_some() => p,
-        _ => schedule(key, svc, entry)?,
+        _ => schedule(svc, entry)?,
     };
     let b = usable(id)?;
     let counted = !closing && (key.protocol == PROTO_UDP || syn);
@@ -269,9 +270,10 @@ fn usable(id: u32) -> Option<&'static Backend> {
     }
 }
 
-/// The service's scheduler picks a backend for a new flow.
+/// The service's scheduler picks a backend for a new flow (maglev/sh: `entry`, the flow's
+/// table slot as stored).
 #[inline(always)]
-fn schedule(key: &FlowKey, svc: &ServiceValue, entry: Option<u32>) -> Option<u32> {
+fn schedule(svc: &ServiceValue, entry: Option<u32>) -> Option<u32> {
     match svc.scheduler {
         SCHED_SH | SCHED_MAGLEV => ring_id(entry?),
         SCHED_WRR => {
@@ -312,14 +314,15 @@ fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
 
 /// The fast path of a maglev or sh service: a packet through a table slot that never changed
 /// ([`RING_DIRTY`] clear) goes to the slot's backend, which every flow of the slot has had,
-/// without the connection table: established TCP, SYNs (not recorded either) and UDP. `None`:
-/// take the full path (FIN and RST, which close recorded flows; other schedulers; a changed or
-/// empty slot; an inactive backend).
+/// without the connection table: established TCP (no SYN, FIN or RST) and UDP. `None`: take
+/// the full path (SYN, FIN and RST, which open and close the recorded connection; other
+/// schedulers; a changed or empty slot; an inactive backend).
 ///
-/// What skipping the table means (README, "Connection table"): flows of unchanged slots are
-/// not recorded, so their entries are neither created nor touched; when a slot changes, the
-/// controller keeps its previous backend in the slot ([`lb_common::RING_PREV`]) for the
-/// protocol's idle timeout, so those flows' next packets find it and are recorded with it.
+/// What skipping the table means (README, "Stateless slots"): TCP connections are recorded at
+/// their SYN but their entries not touched afterwards; UDP flows of unchanged slots are not
+/// recorded at all. When a slot changes, the controller keeps its previous backend in the slot
+/// ([`lb_common::RING_PREV`]) for the protocol's idle timeout, so an unrecorded flow's next
+/// packet finds it and is recorded with it.
 #[inline(always)]
 pub fn stateless(
     key: &FlowKey,
@@ -327,7 +330,7 @@ pub fn stateless(
     tcp_flags: u8,
 ) -> Option<(u32, &'static Backend)> {
     match key.protocol {
-        PROTO_TCP if tcp_flags & (TCP_FIN | TCP_RST) == 0 => {}
+        PROTO_TCP if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 => {}
         PROTO_UDP => {}
         _ => return None,
     }

@@ -267,24 +267,6 @@ impl Fixture {
         f
     }
 
-    /// Clears the changed-slot marks of service `name` (as the controller's sweep does once no
-    /// entry names another backend): its slots record no flow any more.
-    pub fn clear_marks(&mut self, name: &str) {
-        let s = self
-            .desired
-            .services
-            .iter_mut()
-            .find(|s| s.name == name)
-            .expect("service");
-        s.dirty = Default::default();
-        for i in 0..s.ring.len() {
-            let v = s.slot_value(i).expect("slot");
-            self.dp
-                .set_slot(s.value.ring_base + i as u32, v)
-                .expect("slot");
-        }
-    }
-
     /// Runs one packet: verdict and output frame.
     pub fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; pkt.len() + 512];
