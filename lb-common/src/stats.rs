@@ -83,8 +83,8 @@ stats! {
     /// PASS: a unicast frame to another host's MAC (flooded by a bridge, or seen in
     /// promiscuous mode): never forwarded.
     PassOtherHost = "pass_other_host",
-    /// Established TCP packet of a maglev/sh service whose table slot never changed: forwarded
-    /// by the slot alone, the connection table not consulted.
+    /// Established TCP (or UDP) packet of a maglev/sh service whose table slot never changed:
+    /// forwarded by the slot alone, the connection table not consulted (UDP: not recorded).
     FlowStateless = "flow_stateless",
 }
 

@@ -1004,8 +1004,8 @@ fn plots(doc: &serde_json::Value, dir: &std::path::Path) {
 /// with XDP_TX; a sink program on `va` counts them per destination MAC and drops them.
 /// Generator, forwarder and sink share one CPU (the thread is pinned; veth runs the peer's NAPI
 /// on the sending CPU). Forwarders: `lb_xdp` (this object, the tests' services) and the trivial
-/// MAC-swap-free XDP_TX program, in alternation, with 1 flow and with 100 000 flows, UDP (the
-/// connection table on every packet) and TCP ACKs (established: the stateless path). The
+/// MAC-swap-free XDP_TX program, in alternation, with 1 flow and with 100 000 flows, UDP and
+/// TCP ACKs (established), both through unchanged slots (the stateless path). The
 /// sink's per-MAC counts are checked against lb_xdp's per-backend counters.
 fn live_frames() -> Option<serde_json::Value> {
     use aya::programs::{TestRunAttrs, XdpMode};

@@ -564,6 +564,16 @@ impl Lab {
     /// lab-client --kind hold`: it pings every 100 ms until its stdin closes, then prints
     /// `done N`); returns it and the backend that answered.
     pub fn hold(&mut self, src: &str) -> anyhow::Result<(Spawned, String)> {
+        self.hold_kind(src, "hold")
+    }
+
+    /// A held UDP flow from `src` to the VIP's UDP echo port (`xtask lab-client --kind
+    /// hold-udp`: as [`Lab::hold`], and it fails if another backend answers).
+    pub fn hold_udp(&mut self, src: &str) -> anyhow::Result<(Spawned, String)> {
+        self.hold_kind(src, "hold-udp")
+    }
+
+    fn hold_kind(&mut self, src: &str, kind: &str) -> anyhow::Result<(Spawned, String)> {
         let target = format!("{VIP4}:{ECHO_PORT}");
         let xtask = self
             .xtask
@@ -577,7 +587,7 @@ impl Lab {
                 &xtask,
                 "lab-client",
                 "--kind",
-                "hold",
+                kind,
                 "--target",
                 &target,
                 "--source",

@@ -392,6 +392,55 @@ pub fn hold(src: IpAddr, target: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A long-lived UDP flow to the echo service (one socket: one source port): prints `backend
+/// <name>`, then sends a datagram every 100 ms and checks the echo comes back from the same
+/// backend, until stdin closes; then prints `done <pings>`. No answer within 3 s, a wrong echo
+/// or another backend ends it with an error: the flow was broken.
+pub fn hold_udp(src: IpAddr, target: SocketAddr) -> anyhow::Result<()> {
+    let s: UdpSocket = bound_socket(src, Type::DGRAM, Protocol::UDP)?.into();
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.connect(target)?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        let _ = tx.send(());
+    });
+    let mut first: Option<String> = None;
+    let mut buf = vec![0u8; 2048];
+    let mut pings = 0u64;
+    loop {
+        let msg = format!("ping {pings}");
+        s.send(msg.as_bytes())
+            .with_context(|| format!("sending ping {pings}"))?;
+        let n = s
+            .recv(&mut buf)
+            .with_context(|| format!("no echo of ping {pings} from {target}"))?;
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let Some((backend, echo)) = reply.split_once(' ') else {
+            bail!("ping {pings}: unexpected answer {reply:?}");
+        };
+        if echo != msg {
+            bail!("ping {pings}: echo {echo:?}");
+        }
+        match &first {
+            None => {
+                println!("backend {backend}");
+                std::io::stdout().flush()?;
+                first = Some(backend.to_owned());
+            }
+            Some(b) if b != backend => bail!("ping {pings}: moved from {b} to {backend}"),
+            Some(_) => {}
+        }
+        pings += 1;
+        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            break;
+        }
+    }
+    println!("done {pings}");
+    Ok(())
+}
+
 /// `count` long-lived TCP connections to the echo service (sources taken in turn), each sending
 /// 512 bytes every 50 ms and checking that exactly those bytes come back (a pattern unique to
 /// the connection and offset). Prints `ready <n>` once all are connected. On stdin:

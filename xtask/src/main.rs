@@ -63,7 +63,7 @@ enum Task {
     },
     /// (internal) Lab client, run inside the client namespace; prints a JSON tally
     /// (`--kind http|udp`; `http-detail` prints each request's source port and backend), or holds one
-    /// TCP connection to the echo service (`--kind hold`).
+    /// TCP connection to the echo service (`--kind hold`) or one UDP flow (`--kind hold-udp`).
     #[command(hide = true)]
     LabClient {
         #[arg(long)]
@@ -112,6 +112,12 @@ fn main() -> ExitCode {
             sources,
             ..
         } if kind == "hold" => labnet::hold(sources[0], target),
+        Task::LabClient {
+            kind,
+            target,
+            sources,
+            ..
+        } if kind == "hold-udp" => labnet::hold_udp(sources[0], target),
         Task::LabClient {
             kind,
             target,

@@ -254,6 +254,59 @@ fn affinity(mode: Mode) {
     assert!(pings >= 5, "only {pings} echoes over the connection");
 }
 
+/// A UDP flow keeps its backend while the backend set changes under it, although UDP of
+/// unchanged maglev slots is not recorded (README, Stateless slots): a backend is added, and the
+/// flow's own backend is drained. The slots that changed name their previous backend, so the
+/// flow's next datagram is recorded there; once that lapses (`timeouts.udp`, 2 s here) new
+/// flows reach the added backend.
+fn udp_affinity(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    let with_timeout = |c: String| c + "\n[timeouts]\nudp = 2\n";
+    let config = with_timeout(lab.config_with(mode, &[Some(100), Some(100), None]));
+    lab.start_lb(&cmd::lb_binary(), &config).expect("lb run");
+    let (flow, held) = lab.hold_udp("10.99.0.16").expect("held UDP flow");
+    let idx = lab
+        .backends
+        .iter()
+        .position(|b| b.name == held)
+        .expect("held backend is b1 or b2");
+    assert!(idx < 2, "held flow on {held}, which is not configured yet");
+
+    // Change 1: add b3. Its slots name their previous backend for 2 s.
+    let added = with_timeout(lab.config_with(mode, &[Some(100), Some(100), Some(100)]));
+    let r = lab.reload(&added).expect("reload adding b3");
+    assert!(r.contains("backends +"), "{r}");
+    // Past the previous backends' lapse and a sweep: new flows reach b3.
+    std::thread::sleep(Duration::from_secs(4));
+    let sources = lab::v4s(&lab.clients4);
+    let target = SocketAddr::new(IpAddr::V4(lab::VIP4), lab::ECHO_PORT);
+    let t = lab
+        .clients(Path::new(XTASK), "udp", target, &sources, 60)
+        .expect("udp clients");
+    assert_eq!(t.errors, 0, "{t:?}");
+    assert!(
+        t.by_backend.get("b3").copied().unwrap_or(0) > 0,
+        "no new UDP flow on the added b3: {t:?}"
+    );
+    // Change 2: the held flow's backend gets weight 0.
+    let mut w = [Some(100u16), Some(100), Some(100)];
+    w[idx] = Some(0);
+    lab.reload(&with_timeout(lab.config_with(mode, &w)))
+        .expect("reload draining the held backend");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let (ok, out, err) = flow
+        .finish(Duration::from_secs(10))
+        .expect("hold-udp client exits");
+    assert!(ok, "the UDP flow moved or broke: {out:?} {err:?}");
+    let pings: u64 = out
+        .iter()
+        .find_map(|l| l.strip_prefix("done "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("done line");
+    assert!(pings >= 30, "only {pings} echoes over the flow");
+}
+
 /// Traffic to and from the LB's own addresses is untouched while lb_xdp is attached, and the
 /// backends answer neither ARP nor NDP for the VIP (only the client's route sends it to the LB).
 fn non_vip_traffic(mode: Mode) {
@@ -2248,6 +2301,7 @@ both_modes!(
     dsr,
     distribution,
     affinity,
+    udp_affinity,
     non_vip_traffic,
     cli_drain,
     cli_disable,

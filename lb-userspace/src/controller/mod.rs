@@ -680,6 +680,11 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             let mut lapsed = Vec::new();
             if !s.prev.is_empty() && clock_now >= s.prev_until_ns {
                 lapsed = s.prev.keys().copied().collect();
+                tracing::debug!(
+                    "service \"{}\": the previous backends of {} changed slots lapsed",
+                    s.name,
+                    lapsed.len()
+                );
                 s.prev = Default::default();
                 s.prev_until_ns = 0;
             }
@@ -696,7 +701,9 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 s.dirty.remove(*i);
             }
             let mut written = cleared.clone();
-            written.extend(lapsed.iter().filter(|i| !cleared.contains(i)));
+            written.extend(lapsed);
+            written.sort_unstable();
+            written.dedup();
             tracing::debug!(
                 "service \"{}\": {} changed slots have no flow of another backend left: stateless again ({} still changed)",
                 s.name,
