@@ -275,18 +275,18 @@ pub const FLAG_ALL_PORTS_SERVICES: u32 = 1;
 pub const NO_BACKEND: u32 = u32::MAX;
 
 /// `LB_RING` entries of maglev and sh services: set on a slot whose backend changed while
-/// flows of the old one may still live. Packets of a slot without it skip the connection table
-/// (the slot's backend is the one every flow of the slot has had; SYN/FIN/RST aside, see the
-/// README); with it they look their flow up. The controller clears it once no entry of the slot names
+/// flows of the old one may still live. Established TCP and UDP packets of a slot without it
+/// skip the connection table (the slot's backend is the one every flow of the slot has had);
+/// with it they look their flow up. The controller clears it once no entry of the slot names
 /// another backend. Backend ids stay below it ([`crate::limits::MAX_BACKENDS`]).
 pub const RING_DIRTY: u32 = 1 << 31;
 
-/// `LB_RING` entries of maglev and sh services, with [`RING_DIRTY`]: the slot changed while its
-/// flows were not recorded (a slot without [`RING_DIRTY`] records none: its backend is every
-/// flow's), so it also names the backend it had before, in bits 16..30 ([`ring_prev`]), and its
-/// own backend is bits 0..16 ([`ring_id`]). A packet of an unrecorded flow (established TCP,
-/// or UDP) goes to that previous backend while it is usable, and is recorded with it. The
-/// controller keeps it for the protocol's idle timeout after the change.
+/// `LB_RING` entries of maglev and sh services, with [`RING_DIRTY`]: the slot changed from
+/// unchanged, so flows may go through it that were never recorded (UDP of an unchanged slot;
+/// TCP whose entry the LRU evicted); it also names the backend it had before, in bits 16..30
+/// ([`ring_prev`]), its own backend then in bits 0..16 ([`ring_id`]). A packet without an entry
+/// that is not a SYN goes to that previous backend while it is usable, and is recorded with it.
+/// The controller keeps it for the protocol's idle timeout after the change.
 pub const RING_PREV: u32 = 1 << 30;
 
 /// The backend id of an `LB_RING` value (without [`RING_DIRTY`], [`RING_PREV`] and the
@@ -416,7 +416,7 @@ pub const META_LEN: u32 = 8;
 ///
 /// 4: `LB_SVC_CACHE` (the IPv4 service cache, see [`crate::svc_cache`]); `LB_IF_MAC` is a u64.
 ///
-/// 5: maglev/sh flows through unchanged slots are not recorded (SYNs and UDP too); a changed
+/// 5: UDP flows of maglev/sh services through unchanged slots are not recorded; a changed
 /// slot's `LB_RING` value may carry the backend it had before ([`RING_PREV`]).
 pub const LAYOUT_VERSION: u64 = 5;
 

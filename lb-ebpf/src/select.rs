@@ -102,8 +102,8 @@ pub fn backend_for_flow(
         return Some((e, b, Stat::FlowStateless));
     }
     let id = match entry.and_then(ring_prev) {
-        // A flow of the slot from before its change, never recorded (established TCP, UDP):
-        // it stays with the backend it had.
+        // A flow of the slot from before its change that has no entry (UDP of the unchanged
+        // slot, TCP whose entry the LRU evicted): it stays with the backend it had.
         Some(p) if !moved && !syn && usable(p).is_some() => p,
         _ => schedule(svc, entry)?,
     };
