@@ -4,9 +4,10 @@
 //!     git worktree add /tmp/prev <previous release> && (cd /tmp/prev && cargo build -p lb-userspace --bin lb)
 //!     LB_PREVIOUS_LB=/tmp/prev/target/debug/lb cargo test -p xtask --test upgrade -- --ignored --nocapture
 //!
-//! The previous `lb` runs the data plane while eight connections hold (one per client
-//! address); the new `lb` is refused without `--replace` when the layout changed, then takes
-//! over with `--replace`: every held connection must survive, on its backend.
+//! The previous `lb` runs the data plane while eight connections and four UDP flows hold (one
+//! per client address); the new `lb` is refused without `--replace` when the layout changed,
+//! then takes over with `--replace`: every held connection and flow must survive, on its
+//! backend.
 
 use std::{path::Path, time::Duration};
 
@@ -31,6 +32,12 @@ fn upgrade_from_the_previous_release_keeps_connections() {
             let src = format!("10.99.0.{i}");
             let (h, backend) = lab.hold(&src).expect("held connection");
             holds.push((src, backend, h));
+        }
+        // And UDP flows (layout 5 records those of unchanged slots no more).
+        for i in 11..=14 {
+            let src = format!("10.99.0.{i}");
+            let (h, backend) = lab.hold_udp(&src).expect("held UDP flow");
+            holds.push((format!("{src} (UDP)"), backend, h));
         }
         lab.stop_lb()
             .expect("SIGTERM the previous lb (its data plane stays)");
