@@ -137,8 +137,9 @@ pub struct ServiceStatus {
     /// equal on two balancers ⇔ they send every new flow of this service to the same backend.
     #[serde(default)]
     pub ring_digest: String,
-    /// maglev/sh: table slots marked changed (`RING_DIRTY`): their established packets consult
-    /// the connection table until a sweep finds no flow of another backend there.
+    /// maglev/sh: table slots marked changed (`RING_DIRTY`): their established TCP and UDP
+    /// packets consult the connection table until a sweep finds no flow of another backend
+    /// there and their previous backend (`RING_PREV`) lapsed.
     #[serde(default)]
     pub changed_slots: u64,
     /// Slots of the service's table (`ring_size`).
