@@ -282,11 +282,11 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const RING_DIRTY: u32 = 1 << 31;
 
 /// `LB_RING` entries of maglev and sh services, with [`RING_DIRTY`]: the slot changed from
-/// unchanged, so flows may go through it that were never recorded (UDP of an unchanged slot;
-/// TCP whose entry the LRU evicted); it also names the backend it had before, in bits 16..30
-/// ([`ring_prev`]), its own backend then in bits 0..16 ([`ring_id`]). A packet without an entry
-/// that is not a SYN goes to that previous backend while it is usable, and is recorded with it.
-/// The controller keeps it for the protocol's idle timeout after the change.
+/// unchanged, so flows may go through it that were never recorded (UDP of an unchanged slot);
+/// it also names the backend it had before, in bits 16..30 ([`ring_prev`]), its own backend
+/// then in bits 0..16 ([`ring_id`]). A packet without an entry that is not a SYN goes to that
+/// previous backend while it is usable, and is recorded with it. The controller sets it on UDP
+/// services' slots and keeps it for `timeouts.udp` after the change.
 pub const RING_PREV: u32 = 1 << 30;
 
 /// The backend id of an `LB_RING` value (without [`RING_DIRTY`], [`RING_PREV`] and the

@@ -103,7 +103,7 @@ pub fn backend_for_flow(
     }
     let id = match entry.and_then(ring_prev) {
         // A flow of the slot from before its change that has no entry (UDP of the unchanged
-        // slot, TCP whose entry the LRU evicted): it stays with the backend it had.
+        // slot): it stays with the backend it had.
         Some(p) if !moved && !syn && usable(p).is_some() => p,
         _ => schedule(svc, entry)?,
     };
@@ -320,9 +320,9 @@ fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
 ///
 /// What skipping the table means (README, "Stateless slots"): TCP connections are recorded at
 /// their SYN but their entries not touched afterwards; UDP flows of unchanged slots are not
-/// recorded at all. When a slot changes, the controller keeps its previous backend in the slot
-/// ([`lb_common::RING_PREV`]) for the protocol's idle timeout, so an unrecorded flow's next
-/// packet finds it and is recorded with it.
+/// recorded at all. When a UDP service's slot changes, the controller keeps its previous
+/// backend in the slot ([`lb_common::RING_PREV`]) for `timeouts.udp`, so an unrecorded flow's
+/// next packet finds it and is recorded with it.
 #[inline(always)]
 pub fn stateless(
     key: &FlowKey,

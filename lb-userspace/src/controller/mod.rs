@@ -137,13 +137,11 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             // flows keep their backends, and a backend that was out stays out until its checks
             // bring it back.
             c.ids.adopt(&cfg, a);
-            // Previous backends the maps hold get a full idle timeout from now (when they were
-            // set is not recorded there).
-            let window = cfg.timeouts.tcp.max(cfg.timeouts.udp) as u64 * 1_000_000_000;
             c.desired = DesiredState::from_adopted(
                 cfg.dataplane.ring_capacity,
                 a,
-                clock_ns().saturating_add(window),
+                clock_ns(),
+                &cfg.timeouts,
             );
             let now = Instant::now();
             for (id, b, _) in &a.backends {
@@ -301,7 +299,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// Writes the difference to `next` and makes it current (even after a partial failure: the
     /// maps then hold parts of it).
     fn write(&mut self, mut next: DesiredState) -> Result<DiffSummary, ApiError> {
-        // maglev/sh slots that change keep the backend they had for their unrecorded flows.
+        // maglev/sh UDP slots that change keep the backend they had for their unrecorded flows.
         let clock_now = clock_ns();
         for s in &mut next.services {
             let before = self
@@ -309,12 +307,8 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 .services
                 .iter()
                 .find(|o| o.value.id == s.value.id);
-            let window = if s.key.protocol == lb_common::PROTO_UDP {
-                self.cfg.timeouts.udp
-            } else {
-                self.cfg.timeouts.tcp
-            };
-            desired::with_previous(s, before, clock_now, window as u64 * 1_000_000_000);
+            let window = self.cfg.timeouts.udp as u64 * 1_000_000_000;
+            desired::with_previous(s, before, clock_now, window);
         }
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
         let now = crate::trace::clocks().0;

@@ -86,8 +86,21 @@ fn config(dir: &Path, weight_a: u16) -> String {
 type Ctl = Controller<FakeMaps, FakeNet, FakeIfaces>;
 
 fn start(dir: &Path, net: &FakeNet) -> Ctl {
+    start_with(dir, net, &config(dir, 100))
+}
+
+/// [`config`] with a UDP service (port 53) instead.
+fn udp_config(dir: &Path, weight_a: u16) -> String {
+    config(dir, weight_a).replace(
+        "port = 80\nprotocol = \"tcp\"",
+        "port = 53\nprotocol = \"udp\"",
+    )
+}
+
+/// [`start`] with another config text.
+fn start_with(dir: &Path, net: &FakeNet, text: &str) -> Ctl {
     let path = dir.join("lb.toml");
-    std::fs::write(&path, config(dir, 100)).unwrap();
+    std::fs::write(&path, text).unwrap();
     let cfg = Config::load(&path).unwrap();
     let mut c = Controller::new(
         &path,
@@ -107,7 +120,16 @@ fn start(dir: &Path, net: &FakeNet) -> Ctl {
 
 /// A restarted controller on `maps`, adopting what an earlier one left in them.
 fn adopt(dir: &Path, net: &FakeNet, maps: FakeMaps) -> Ctl {
-    adopt_with(dir, net, maps, Resolver::default(), AdminState::default())
+    let path = dir.join("lb.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    adopt_with(
+        dir,
+        net,
+        maps,
+        Resolver::default(),
+        AdminState::default(),
+        &text,
+    )
 }
 
 /// [`adopt`], with the neighbours `lb run` reads before it starts (`resolver`) and the admin
@@ -118,9 +140,11 @@ fn adopt_with(
     maps: FakeMaps,
     resolver: Resolver,
     admin: AdminState,
+    text: &str,
 ) -> Ctl {
     let adopted = maps.adopted();
     let path = dir.join("lb.toml");
+    std::fs::write(&path, text).unwrap();
     Controller::new(
         &path,
         Config::load(&path).unwrap(),
@@ -773,15 +797,10 @@ fn shared_flows_map_by_address() {
 }
 
 /// Stateless slots: a table change marks exactly the slots whose backend changed (and keeps
-/// earlier marks); a slot that changes from unchanged (its flows were never recorded) names its
-/// previous backend until the TCP idle timeout lapses; a sweep clears every mark but those of
-/// slots with a live previous backend or an entry that names another backend; a restart that
-/// adopts the maps takes the marks and previous backends the maps hold.
+/// earlier marks); a sweep clears every mark but those of slots where an entry still names
+/// another backend; a restart that adopts the maps marks every slot (nothing is known).
 #[test]
 fn changed_slots_are_marked_and_cleared_by_the_sweep() {
-    const TCP_NS: u64 = 900 * 1_000_000_000; // timeouts.tcp, the default
-    let set_now = |t: u64| super::TEST_NOW.with(|n| n.set(Some(t)));
-    set_now(1);
     let d = dir();
     let net = FakeNet::default();
     let mut c = start(&d, &net);
@@ -789,19 +808,12 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     reachable(&mut c, B, 2);
     let (a, b) = (id(&c, A), id(&c, B));
     let sid = c.desired.services[0].value.id;
-    let base = c.desired.services[0].value.ring_base;
-    let prev_of = |c: &Ctl, i: u32| lb_common::ring_prev(c.maps.ring[&(base + i)]);
-    // B's resolution took slots from A: changed, each naming A for A's unrecorded flows.
-    let changed = c.maps.changed(sid);
-    assert!(!changed.is_empty());
-    assert!(changed.iter().all(|i| prev_of(&c, *i) == Some(a.0)));
-    c.sweep(0).unwrap();
-    assert_eq!(c.maps.changed(sid), changed, "previous backends live: kept");
-    set_now(1 + TCP_NS);
+    // B's resolution took slots from A: changed, and cleared by a sweep (no flows yet).
+    assert!(!c.maps.changed(sid).is_empty());
     c.sweep(0).unwrap();
     assert!(
         c.maps.changed(sid).is_empty(),
-        "previous backends lapsed, no flow: nothing stays changed"
+        "no flow: nothing stays changed"
     );
     let before = c.maps.table(sid);
     // A flow on one of A's slots.
@@ -835,7 +847,111 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
         },
     ));
 
-    let t1 = 2 + TCP_NS;
+    c.admin("web", addr(A), BackendAction::Drain).unwrap();
+    let after = c.maps.table(sid);
+    let mut want: Vec<u32> = (0..RING)
+        .filter(|i| before[*i as usize] != after[*i as usize])
+        .collect();
+    let mut got = c.maps.changed(sid);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "exactly the slots that changed");
+    assert!(want.contains(&kslot) && after[kslot as usize] == b.0);
+
+    c.sweep(1).unwrap();
+    assert_eq!(
+        c.maps.changed(sid),
+        vec![kslot],
+        "only the slot whose flow names A stays changed"
+    );
+    // Back to A: its slots change again; the flow's slot names A again, so nothing is left.
+    c.admin("web", addr(A), BackendAction::Enable).unwrap();
+    assert!(c.maps.changed(sid).len() >= want.len() - 1);
+    c.sweep(2).unwrap();
+    assert!(c.maps.changed(sid).is_empty());
+
+    // A restart that adopts the maps: every slot changed until the first sweep. (The same
+    // maps, the stale flow of A's old generation left out: it would keep its slot changed
+    // until it expires.)
+    let mut maps2 = c.maps.clone();
+    maps2.flows.clear();
+    let mut c2 = adopt(&d, &net, maps2);
+    reachable(&mut c2, A, 1);
+    reachable(&mut c2, B, 2);
+    let s2 = c2.desired.services[0].value.id;
+    assert_eq!(
+        c2.maps.changed(s2).len(),
+        RING as usize,
+        "adopted: all changed"
+    );
+    c2.sweep(3).unwrap();
+    assert!(c2.maps.changed(s2).is_empty());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Stateless slots of a UDP service: a slot that changes from unchanged (its flows were never
+/// recorded) names its previous backend until the UDP idle timeout lapses; a sweep clears every
+/// mark but those of slots with a live previous backend or an entry that names another backend;
+/// a restart that adopts the maps takes the marks and previous backends the maps hold.
+#[test]
+fn changed_slots_of_udp_name_their_previous_backend() {
+    const UDP_NS: u64 = 300 * 1_000_000_000; // timeouts.udp, the default
+    let set_now = |t: u64| super::TEST_NOW.with(|n| n.set(Some(t)));
+    set_now(1);
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start_with(&d, &net, &udp_config(&d, 100));
+    reachable(&mut c, A, 1);
+    reachable(&mut c, B, 2);
+    let (a, b) = (id(&c, A), id(&c, B));
+    let sid = c.desired.services[0].value.id;
+    let base = c.desired.services[0].value.ring_base;
+    let prev_of = |c: &Ctl, i: u32| lb_common::ring_prev(c.maps.ring[&(base + i)]);
+    // B's resolution took slots from A: changed, each naming A for A's unrecorded flows.
+    let changed = c.maps.changed(sid);
+    assert!(!changed.is_empty());
+    assert!(changed.iter().all(|i| prev_of(&c, *i) == Some(a.0)));
+    c.sweep(0).unwrap();
+    assert_eq!(c.maps.changed(sid), changed, "previous backends live: kept");
+    set_now(1 + UDP_NS);
+    c.sweep(0).unwrap();
+    assert!(
+        c.maps.changed(sid).is_empty(),
+        "previous backends lapsed, no flow: nothing stays changed"
+    );
+    let before = c.maps.table(sid);
+    // A flow on one of A's slots.
+    let key = (0..5000u16)
+        .map(|p| {
+            let mut k = lb_common::FlowKey {
+                protocol: lb_common::PROTO_UDP,
+                family: lb_common::FAMILY_V4,
+                ..Default::default()
+            };
+            k.src_addr[..4].copy_from_slice(&[10, 98, 0, 1]);
+            k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+            k.src_port = p.to_be_bytes();
+            k.dst_port = 53u16.to_be_bytes();
+            k
+        })
+        .find(|k| {
+            before[lb_common::hash::reduce(lb_common::hash::flow_hash(k), RING) as usize] == a.0
+        })
+        .unwrap();
+    let kslot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), RING);
+    let gen_a = c.desired.backends[&a].generation;
+    c.maps.flows.push((
+        key,
+        lb_common::FlowValue {
+            backend: a.0,
+            generation: gen_a,
+            last_seen_ns: 0,
+            flags: lb_common::FLOW_F_COUNTED,
+            cpu: 0,
+        },
+    ));
+
+    let t1 = 2 + UDP_NS;
     set_now(t1);
     c.admin("web", addr(A), BackendAction::Drain).unwrap();
     let after = c.maps.table(sid);
@@ -858,7 +974,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
         want,
         "previous backends live: all kept"
     );
-    set_now(t1 + TCP_NS);
+    set_now(t1 + UDP_NS);
     c.sweep(1).unwrap();
     assert_eq!(
         c.maps.changed(sid),
@@ -868,7 +984,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     assert_eq!(prev_of(&c, kslot), None, "lapsed");
     // Back to A: its slots change again, from unchanged ones (naming B) but the flow's, which
     // names A again; once B's previous lapse, nothing is left.
-    let t2 = t1 + TCP_NS + 1;
+    let t2 = t1 + UDP_NS + 1;
     set_now(t2);
     c.admin("web", addr(A), BackendAction::Enable).unwrap();
     assert!(c.maps.changed(sid).len() >= want.len() - 1);
@@ -879,7 +995,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     );
     c.sweep(2).unwrap();
     assert!(!c.maps.changed(sid).is_empty());
-    set_now(t2 + TCP_NS);
+    set_now(t2 + UDP_NS);
     c.sweep(2).unwrap();
     assert!(c.maps.changed(sid).is_empty());
 
@@ -887,7 +1003,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     // slots naming A, and the adopted controller keeps them, previous backends included. (The
     // stale flow of A's old generation left out: it would keep its slot changed until it
     // expires.)
-    let t3 = t2 + TCP_NS + 1;
+    let t3 = t2 + UDP_NS + 1;
     set_now(t3);
     c.admin("web", addr(A), BackendAction::Drain).unwrap();
     let marked = c.maps.changed(sid);
@@ -905,7 +1021,14 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
             },
         });
     }
-    let mut c2 = adopt_with(&d, &net, maps2, resolver, c.admin.clone());
+    let mut c2 = adopt_with(
+        &d,
+        &net,
+        maps2,
+        resolver,
+        c.admin.clone(),
+        &udp_config(&d, 100),
+    );
     let s2 = c2.desired.services[0].value.id;
     assert_eq!(c2.maps.changed(s2), marked, "adopted: the same marks");
     assert!(
@@ -920,7 +1043,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
         marked,
         "live for a full timeout from the restart"
     );
-    set_now(t3 + 2 * TCP_NS);
+    set_now(t3 + 2 * UDP_NS);
     c2.sweep(3).unwrap();
     assert!(c2.maps.changed(s2).is_empty());
     std::fs::remove_dir_all(&d).unwrap();

@@ -344,12 +344,14 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
     d
 }
 
-/// maglev/sh: the previous backends of `next`'s changed slots, after `old` (the same
-/// service as the maps hold it), at `now_ns`; new ones are kept for `window_ns`. Flows of an
-/// unchanged slot are not recorded, so a slot that changes from unchanged names the backend
-/// it had (its unrecorded flows go back there and are recorded); one that had a previous
-/// backend keeps it until it lapses, unless the slot has that backend again. Another scheduler
-/// or table size: no slot corresponds, nothing is kept.
+/// maglev/sh UDP services: the previous backends of `next`'s changed slots, after `old` (the
+/// same service as the maps hold it), at `now_ns`; new ones are kept for `window_ns`. UDP flows
+/// of an unchanged slot are not recorded, so a slot that changes from unchanged names the
+/// backend it had (its unrecorded flows go back there and are recorded); one that had a
+/// previous backend keeps it until it lapses, unless the slot has that backend again. Another
+/// scheduler or table size: no slot corresponds, nothing is kept. TCP services have none: a
+/// connection is recorded at its SYN (active connections, drains), and a slot keeps its mark
+/// only while an entry names another backend.
 pub fn with_previous(
     next: &mut DesiredService,
     old: Option<&DesiredService>,
@@ -358,6 +360,7 @@ pub fn with_previous(
 ) {
     let old = old.filter(|o| {
         next.stateless()
+            && next.key.protocol == lb_common::PROTO_UDP
             && o.value.scheduler == next.value.scheduler
             && o.ring.len() == next.ring.len()
     });
@@ -497,12 +500,14 @@ impl DesiredState {
     /// there to be replaced or removed by the first diff.
     ///
     /// A maglev/sh table is taken as the maps hold it: its backends, changed slots and their
-    /// previous backends (kept until `prev_until_ns`), so the first diff writes only what
-    /// differs and slots that change now keep their unrecorded flows.
+    /// previous backends (kept for a full idle timeout of the service's protocol from `now_ns`:
+    /// when they were set is not recorded there), so the first diff writes only what differs
+    /// and slots that change now keep their unrecorded flows.
     pub fn from_adopted(
         ring_capacity: u32,
         a: &crate::dataplane::Adopted,
-        prev_until_ns: u64,
+        now_ns: u64,
+        timeouts: &config::Timeouts,
     ) -> DesiredState {
         let mut d = DesiredState::empty(ring_capacity);
         for (k, v) in &a.services {
@@ -527,7 +532,16 @@ impl DesiredState {
                 ring_digest: 0,
                 ring_key: RingKey::none(),
                 dirty,
-                prev_until_ns: if prev.is_empty() { 0 } else { prev_until_ns },
+                prev_until_ns: if prev.is_empty() {
+                    0
+                } else {
+                    let window = if k.protocol == lb_common::PROTO_UDP {
+                        timeouts.udp
+                    } else {
+                        timeouts.tcp
+                    };
+                    now_ns.saturating_add(window as u64 * 1_000_000_000)
+                },
                 prev: std::sync::Arc::new(prev),
             });
         }

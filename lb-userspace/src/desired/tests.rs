@@ -662,8 +662,8 @@ fn tables_get_their_own_ranges_and_keep_them() {
     );
 }
 
-/// Previous backends of changed slots (flows of unchanged slots are not recorded): a slot that
-/// changes from unchanged names its backend before; a later change keeps that while it lives,
+/// Previous backends of a UDP service's changed slots (its flows of unchanged slots are not
+/// recorded): a slot that changes from unchanged names its backend before; a later change keeps that while it lives,
 /// a change back to it drops it; it lapses; another table size keeps nothing.
 #[test]
 fn changed_slots_name_their_previous_backend_while_it_lives() {
@@ -673,8 +673,11 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
             d.insert(*i);
         }
         DesiredService {
-            name: "web".into(),
-            key: ServiceKey::default(),
+            name: "dns".into(),
+            key: ServiceKey {
+                protocol: lb_common::PROTO_UDP,
+                ..Default::default()
+            },
             value: ServiceValue {
                 scheduler: SCHED_MAGLEV,
                 ring_size: ring.len() as u32,
@@ -727,4 +730,10 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     let mut resized = svc(&[2, 2, 2, 2, 2], &[0, 1, 2, 3, 4], &[], 0);
     with_previous(&mut resized, Some(&old), 10, W);
     assert!(resized.prev.is_empty());
+    // A TCP service: none (its connections are recorded at their SYN).
+    let mut tcp = svc(&[2, 2, 2, 1], &[0, 1, 2], &[], 0);
+    tcp.key.protocol = lb_common::PROTO_TCP;
+    with_previous(&mut tcp, Some(&old), 10, W);
+    assert!(tcp.prev.is_empty());
+    assert_eq!(tcp.slot_value(0), Some(2 | lb_common::RING_DIRTY));
 }
