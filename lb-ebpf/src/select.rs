@@ -45,8 +45,8 @@ const TOUCH_NS: u64 = 1_000_000_000;
 /// id still belongs to the same backend (generation). Otherwise the flow is scheduled (again)
 /// and recorded.
 ///
-/// Active connections: a new UDP flow, or a new TCP flow starting with a SYN, counts +1 on its
-/// backend; the client's first FIN or RST, or a move to another backend, counts −1. (In DSR the
+/// Active connections: a new UDP flow (maglev/sh: one recorded here, through a changed slot), or
+/// a new TCP flow starting with a SYN, counts +1 on its backend; the client's first FIN or RST, or a move to another backend, counts −1. (In DSR the
 /// balancer never sees the server's packets; flows closed from the server side end when the
 /// controller expires them.)
 #[inline(always)]
