@@ -92,11 +92,13 @@ pub fn backend_for_flow(
     let entry = maglev_entry(key, svc);
     if let Some(e) = entry
         && key.protocol == PROTO_UDP
+        && !moved
         && e != NO_BACKEND
         && e & RING_DIRTY == 0
     {
         // An unchanged slot records no UDP flow: its backend is every one of its flows'. (Only
-        // first fragments come this way: the rest takes `stateless`.)
+        // first fragments come this way: the rest takes `stateless`. An entry whose backend
+        // went away is rewritten below, so its count is not subtracted twice.)
         let b = usable(e)?;
         count(Stat::FlowStateless);
         return Some((e, b, Stat::FlowStateless));

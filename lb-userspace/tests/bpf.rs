@@ -1940,6 +1940,41 @@ fn sweep_keeps_open_flows_of_unchanged_slots() {
     assert!(s.still_dirty.is_empty());
 }
 
+/// A UDP entry of an unchanged slot (recorded while the slot was changed) expires by idleness,
+/// its count subtracted: its packets take the slot to the same backend and do not refresh it.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn sweep_expires_udp_entries_of_unchanged_slots() {
+    use std::collections::BTreeMap;
+    let mut f = Fixture::new(CONFIG);
+    let (udp, key) = udp4(C1, 47100, VIP4, 53);
+    let b = f.expect_forward("UDP", &udp, &key, "dns4");
+    let v = lb_common::FlowValue {
+        backend: b,
+        generation: f.backend(b).generation,
+        last_seen_ns: 1,
+        flags: lb_common::FLOW_F_COUNTED,
+        cpu: 0,
+    };
+    f.dp.set_flow(&key, &v).unwrap();
+    f.expect_mac("still the slot", &udp, b);
+    assert_eq!(
+        f.dp.flow(&key).unwrap().unwrap().last_seen_ns,
+        1,
+        "not refreshed"
+    );
+    let t = lb_userspace::config::Timeouts {
+        tcp: 100,
+        tcp_fin: 10,
+        udp: 5,
+    };
+    let changed = BTreeMap::new();
+    let view = lb_userspace::desired::TableView::new(&f.desired, &changed);
+    let s = f.dp.sweep(10_000_000_000, &t, &view).unwrap();
+    assert_eq!((s.entries, s.exempt, s.expired), (1, 0, 1), "{s:?}");
+    assert!(f.dp.flow(&key).unwrap().is_none());
+}
+
 /// A SYN flood (ten times the connection table's size in distinct new 5-tuples) evicts the
 /// established flows' entries, yet their packets keep their backends: their slots never
 /// changed, so the slot decides (issue #13, SYN flood). The flood's own SYNs are all forwarded.

@@ -885,7 +885,10 @@ impl Dataplane {
             let info = slots.slot(&k);
             let mut seen = v.last_seen_ns;
             if let Some(si) = &info {
-                let open = v.flags & FLOW_F_CLOSED == 0;
+                // An open TCP connection of an unchanged slot: its packets skip the table, so
+                // its idle time says nothing. (A UDP entry there is not needed at all: the
+                // slot sends the flow to the same backend; it expires by idleness.)
+                let open = k.protocol == PROTO_TCP && v.flags & FLOW_F_CLOSED == 0;
                 if !si.dirty && open && v.backend == si.backend && v.generation == si.generation {
                     stats.exempt += 1;
                     continue;
