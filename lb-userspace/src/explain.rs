@@ -240,13 +240,23 @@ fn schedule(
         lb_common::ring_id(live.ring(&svc.value, slot)).unwrap_or(NO_BACKEND)
     };
     // maglev/sh: what the slot says beyond its backend.
+    let udp = key.protocol == lb_common::PROTO_UDP;
     let slot_note = |v: u32| match lb_common::ring_prev(v) {
-        Some(p) => format!(
-            "; the slot changed from backend #{p}: a flow from before the change that was never              recorded (established TCP, UDP) goes back there while it is usable, a new connection              comes here"
+        Some(p) if udp => format!(
+            "; the slot changed from backend #{p}: a UDP flow without an entry goes back there \
+             while it is usable (a new one cannot be told from one of before the change) and is \
+             recorded there"
         ),
-        None if v != NO_BACKEND && v & lb_common::RING_DIRTY == 0 => {
-            "; an unchanged slot: its flows are not recorded".to_owned()
+        Some(p) => format!(
+            "; the slot changed from backend #{p}: a packet without an entry that is not a SYN \
+             goes back there while it is usable, a new connection comes here"
+        ),
+        None if v != NO_BACKEND && v & lb_common::RING_DIRTY == 0 => if udp {
+            "; an unchanged slot: its UDP flows are not recorded"
+        } else {
+            "; an unchanged slot: established packets skip the connection table"
         }
+        .to_owned(),
         None => String::new(),
     };
     match svc.value.scheduler {
