@@ -299,28 +299,26 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// Writes the difference to `next` and makes it current (even after a partial failure: the
     /// maps then hold parts of it).
     fn write(&mut self, mut next: DesiredState) -> Result<DiffSummary, ApiError> {
+        let now = clock_ns();
+        let before: std::collections::HashMap<u32, usize> = self
+            .desired
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.value.id, i))
+            .collect();
+        let before_of = |id: u32| before.get(&id).map(|i| &self.desired.services[*i]);
         // maglev/sh UDP slots that change keep the backend they had for their unrecorded flows.
-        let clock_now = clock_ns();
+        let window = self.cfg.timeouts.udp as u64 * 1_000_000_000;
         for s in &mut next.services {
-            let before = self
-                .desired
-                .services
-                .iter()
-                .find(|o| o.value.id == s.value.id);
-            let window = self.cfg.timeouts.udp as u64 * 1_000_000_000;
-            desired::with_previous(s, before, clock_now, window);
+            desired::with_previous(s, before_of(s.value.id), now, window);
         }
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
-        let now = crate::trace::clocks().0;
         for s in &next.services {
-            let before = self
-                .desired
-                .services
-                .iter()
-                .find(|o| o.value.id == s.value.id);
+            let old = before_of(s.value.id);
             if s.dirty
                 .iter()
-                .any(|i| before.is_none_or(|o| !o.dirty.contains(i)))
+                .any(|i| old.is_none_or(|o| !o.dirty.contains(i)))
             {
                 self.ring_changed.insert(s.value.id, now);
             }

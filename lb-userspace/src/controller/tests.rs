@@ -796,6 +796,41 @@ fn shared_flows_map_by_address() {
     assert!(c.shared_of(&stale).is_none());
 }
 
+/// Records a counted flow to 10.0.0.100:`port` (`protocol`) on one of `backend`'s slots of
+/// `table` (the service's, `RING` slots), as the data plane would have; returns its slot.
+fn record_flow_on(c: &mut Ctl, table: &[u32], backend: BackendId, protocol: u8, port: u16) -> u32 {
+    let key = (0..5000u16)
+        .map(|p| {
+            let mut k = lb_common::FlowKey {
+                protocol,
+                family: lb_common::FAMILY_V4,
+                ..Default::default()
+            };
+            k.src_addr[..4].copy_from_slice(&[10, 98, 0, 1]);
+            k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+            k.src_port = p.to_be_bytes();
+            k.dst_port = port.to_be_bytes();
+            k
+        })
+        .find(|k| {
+            table[lb_common::hash::reduce(lb_common::hash::flow_hash(k), RING) as usize]
+                == backend.0
+        })
+        .unwrap();
+    let generation = c.desired.backends[&backend].generation;
+    c.maps.flows.push((
+        key,
+        lb_common::FlowValue {
+            backend: backend.0,
+            generation,
+            last_seen_ns: 0,
+            flags: lb_common::FLOW_F_COUNTED,
+            cpu: 0,
+        },
+    ));
+    lb_common::hash::reduce(lb_common::hash::flow_hash(&key), RING)
+}
+
 /// Stateless slots: a table change marks exactly the slots whose backend changed (and keeps
 /// earlier marks); a sweep clears every mark but those of slots where an entry still names
 /// another backend; a restart that adopts the maps marks every slot (nothing is known).
@@ -816,36 +851,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
         "no flow: nothing stays changed"
     );
     let before = c.maps.table(sid);
-    // A flow on one of A's slots.
-    let key = (0..5000u16)
-        .map(|p| {
-            let mut k = lb_common::FlowKey {
-                protocol: lb_common::PROTO_TCP,
-                family: lb_common::FAMILY_V4,
-                ..Default::default()
-            };
-            k.src_addr[..4].copy_from_slice(&[10, 98, 0, 1]);
-            k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 100]);
-            k.src_port = p.to_be_bytes();
-            k.dst_port = 80u16.to_be_bytes();
-            k
-        })
-        .find(|k| {
-            before[lb_common::hash::reduce(lb_common::hash::flow_hash(k), RING) as usize] == a.0
-        })
-        .unwrap();
-    let kslot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), RING);
-    let gen_a = c.desired.backends[&a].generation;
-    c.maps.flows.push((
-        key,
-        lb_common::FlowValue {
-            backend: a.0,
-            generation: gen_a,
-            last_seen_ns: 0,
-            flags: lb_common::FLOW_F_COUNTED,
-            cpu: 0,
-        },
-    ));
+    let kslot = record_flow_on(&mut c, &before, a, lb_common::PROTO_TCP, 80);
 
     c.admin("web", addr(A), BackendAction::Drain).unwrap();
     let after = c.maps.table(sid);
@@ -920,36 +926,7 @@ fn changed_slots_of_udp_name_their_previous_backend() {
         "previous backends lapsed, no flow: nothing stays changed"
     );
     let before = c.maps.table(sid);
-    // A flow on one of A's slots.
-    let key = (0..5000u16)
-        .map(|p| {
-            let mut k = lb_common::FlowKey {
-                protocol: lb_common::PROTO_UDP,
-                family: lb_common::FAMILY_V4,
-                ..Default::default()
-            };
-            k.src_addr[..4].copy_from_slice(&[10, 98, 0, 1]);
-            k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 100]);
-            k.src_port = p.to_be_bytes();
-            k.dst_port = 53u16.to_be_bytes();
-            k
-        })
-        .find(|k| {
-            before[lb_common::hash::reduce(lb_common::hash::flow_hash(k), RING) as usize] == a.0
-        })
-        .unwrap();
-    let kslot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), RING);
-    let gen_a = c.desired.backends[&a].generation;
-    c.maps.flows.push((
-        key,
-        lb_common::FlowValue {
-            backend: a.0,
-            generation: gen_a,
-            last_seen_ns: 0,
-            flags: lb_common::FLOW_F_COUNTED,
-            cpu: 0,
-        },
-    ));
+    let kslot = record_flow_on(&mut c, &before, a, lb_common::PROTO_UDP, 53);
 
     let t1 = 2 + UDP_NS;
     set_now(t1);
