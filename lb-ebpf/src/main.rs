@@ -25,9 +25,9 @@ mod trace;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, NO_BACKEND, NO_SERVICE,
-    PROTO_TCP, ServiceKey, ServiceValue, VipKey, stats::Stat, svc_cache,
+    PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, VipKey, stats::Stat, svc_cache,
 };
-use network_types::eth::EthHdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     maps::{LB_FLAGS, LB_IF_MAC, LB_SERVICES, LB_SVC_CACHE, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
@@ -50,12 +50,28 @@ pub fn lb_xdp_notrace(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
+    // The common cases in one pass (not while a trace runs: a trace needs the full decision).
+    if !(TRACE && trace::running())
+        && let Some(action) = fast_v4(&ctx)
+    {
+        count_verdict(action);
+        return action;
+    }
     let mut d = Decision {
         key: FlowKey::default(),
         backend: NO_BACKEND,
         reason: 0,
     };
     let action = process(&ctx, &mut d);
+    count_verdict(action);
+    if TRACE {
+        maybe_trace(&ctx, &d, action);
+    }
+    action
+}
+
+#[inline(always)]
+fn count_verdict(action: u32) {
     count(match action {
         xdp_action::XDP_TX => Stat::VerdictTx,
         xdp_action::XDP_REDIRECT => Stat::VerdictRedirect,
@@ -63,10 +79,73 @@ fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
         xdp_action::XDP_DROP => Stat::VerdictDrop,
         _ => Stat::VerdictAborted,
     });
-    if TRACE {
-        maybe_trace(&ctx, &d, action);
+}
+
+/// The two commonest cases, decided in one pass over an IPv4 header without options and its
+/// TCP or UDP header (no VLAN tag, no fragment), with the flow key kept in registers: a packet
+/// to no VIP (passed, `pass_no_service`), and a packet of a maglev/sh service through an
+/// unchanged table slot (`flow_stateless`, see `select::stateless`). Exactly what [`process`]
+/// decides and counts for these packets; other packets of a service found in the IPv4
+/// service cache continue with [`to_service`] (not parsed twice). `None`: the rest, before
+/// anything was counted or changed; [`process`] then takes the packet from the start.
+#[inline(always)]
+fn fast_v4(ctx: &XdpContext) -> Option<u32> {
+    if !for_this_host(ctx) {
+        return None;
     }
-    action
+    let eth = bounds::ptr_at::<EthHdr>(ctx, 0)?;
+    let ip = bounds::ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: both bounds-checked by `ptr_at`.
+    let (eth, ip) = unsafe { (&*eth, &*ip) };
+    let frame_len = ctx.data_end() - ctx.data();
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    // IPv4, IHL 5, a length the frame holds, not a fragment (MF clear, offset 0).
+    if eth.ether_type != parse::ETH_P_IP
+        || ip.vihl != 0x45
+        || tot_len < Ipv4Hdr::LEN
+        || EthHdr::LEN + tot_len > frame_len
+        || u16::from_be_bytes(ip.frags) & 0x3fff != 0
+    {
+        return None;
+    }
+    const L4: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+    let (ports, tcp_flags) = match ip.proto {
+        PROTO_TCP => {
+            let tcp = bounds::ptr_at::<TcpHdr>(ctx, L4)?;
+            // SAFETY: bounds-checked by `ptr_at`: all 20 bytes; the flags are byte 13.
+            unsafe { (*tcp.cast::<[u8; 4]>(), *tcp.cast::<u8>().add(13)) }
+        }
+        PROTO_UDP => {
+            let udp = bounds::ptr_at::<UdpHdr>(ctx, L4)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            (unsafe { *udp.cast::<[u8; 4]>() }, 0)
+        }
+        _ => return None,
+    };
+    let mut key = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
+    key.set_ports(ports);
+    if !maybe_vip(&key) {
+        count(Stat::PassNoService);
+        return Some(xdp_action::XDP_PASS);
+    }
+    let svc = cached_service(&key)?;
+    let Some((id, b)) = select::stateless(&key, &svc, tcp_flags) else {
+        // The rest of the full path from here (no trace runs: the decision is not needed).
+        let mut d = Decision {
+            key,
+            backend: NO_BACKEND,
+            reason: 0,
+        };
+        return Some(to_service(ctx, &mut d, &svc, tcp_flags, &Frag::default()));
+    };
+    let frame_len = frame_len as u64;
+    count_service(svc.id, frame_len);
+    count(Stat::FlowStateless);
+    count_backend(id, frame_len);
+    Some(transmit(ctx, b).unwrap_or_else(|| {
+        count(Stat::DropTxPort);
+        xdp_action::XDP_DROP
+    }))
 }
 
 /// A trivial XDP_TX program: the baseline `cargo xtask bench` measures lb_xdp against, in the
@@ -161,12 +240,24 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
             },
         );
     };
+    to_service(ctx, d, &svc, tcp_flags, &frag)
+}
+
+/// The rest of [`process`] once the packet's service is known.
+#[inline(always)]
+fn to_service(
+    ctx: &XdpContext,
+    d: &mut Decision,
+    svc: &ServiceValue,
+    tcp_flags: u8,
+    frag: &Frag,
+) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
     // Established TCP and UDP of maglev/sh through an unchanged slot: the table slot alone
     // decides.
     if !frag.is
-        && let Some((id, b)) = select::stateless(&d.key, &svc, tcp_flags)
+        && let Some((id, b)) = select::stateless(&d.key, svc, tcp_flags)
     {
         count(Stat::FlowStateless);
         count_backend(id, frame_len);
@@ -183,7 +274,7 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
         return forward(ctx, d, id, b);
     }
 
-    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, &svc, tcp_flags) else {
+    let Some((backend_id, backend, how)) = select::backend_for_flow(&d.key, svc, tcp_flags) else {
         return drop(ctx, d, Stat::DropNoBackend);
     };
     count_backend(backend_id, frame_len);
@@ -251,14 +342,22 @@ fn icmp_error(ctx: &XdpContext, d: &mut Decision) -> u32 {
 #[inline(always)]
 fn forward(ctx: &XdpContext, d: &mut Decision, backend_id: u32, backend: &Backend) -> u32 {
     d.backend = backend_id;
+    match transmit(ctx, backend) {
+        Some(action) => action,
+        None => drop(ctx, d, Stat::DropTxPort),
+    }
+}
+
+/// [`forward`]'s rewrite and verdict; `None`: the backend's egress port is gone (drop).
+#[inline(always)]
+fn transmit(ctx: &XdpContext, backend: &Backend) -> Option<u32> {
     rewrite_macs(ctx, backend);
     if backend.flags & BACKEND_F_REDIRECT != 0 {
-        match LB_TX_PORTS.redirect(backend.tx_port, xdp_action::XDP_DROP as u64) {
-            Ok(action) => action,
-            Err(_) => drop(ctx, d, Stat::DropTxPort),
-        }
+        LB_TX_PORTS
+            .redirect(backend.tx_port, xdp_action::XDP_DROP as u64)
+            .ok()
     } else {
-        xdp_action::XDP_TX
+        Some(xdp_action::XDP_TX)
     }
 }
 

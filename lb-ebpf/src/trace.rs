@@ -24,6 +24,12 @@ pub struct Decision {
     pub reason: u32,
 }
 
+/// Whether a trace may be running (`lb_xdp`'s single-pass path is then not taken).
+#[inline(always)]
+pub fn running() -> bool {
+    LB_TRACE_CFG.get(0).is_some_and(|cfg| cfg.until_ns != 0)
+}
+
 /// The one check on the packet path: is a trace running?
 #[inline(always)]
 pub fn maybe_trace(ctx: &XdpContext, d: &Decision, action: u32) {

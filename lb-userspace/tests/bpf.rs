@@ -1575,6 +1575,97 @@ fn hostile_frames_are_harmless() {
     f.assert_stat(Stat::VerdictAborted, 0);
 }
 
+/// `lb_xdp` decides the commonest IPv4 packets in one pass (no VIP; established TCP and UDP of
+/// an unchanged maglev/sh slot) and takes the full path while a trace runs. Both must decide
+/// alike: the same frames (valid ones of every kind and TCP flag, and hostile variants of
+/// them) through two data planes of one config, one tracing, give the same verdicts, the same
+/// output bytes and, at the end, the same counters (global, per service, per backend). Once
+/// with unchanged tables, once with every slot marked changed (all recorded).
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn the_single_pass_path_decides_as_the_full_path() {
+    use lb_common::TraceConfig;
+    use proptest::{
+        prelude::*,
+        test_runner::{Config, TestRunner},
+    };
+    let mut seeds: Vec<Vec<u8>> = vec![
+        udp4(C1, 5353, VIP4, 53).0,
+        udp4(C2, 5354, VIP4, 53).0,
+        tcp4(C1, 40000, VIP_ANY, 8080).0,
+        tcp4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22).0,
+        udp4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 53).0,
+        tcp4_vlan(C1, 40000, VIP4, 80, 100).0,
+        tcp4_with_options(C1, 40000, VIP4, 80, 12).0,
+        tcp6(C6, 40000, VIP6, 80).0,
+        frag4(C1, VIP4, 7, true, 0, Some(5000)),
+        icmp4_echo(C1, VIP4),
+    ];
+    for flags in ["S", "A", "PA", "FA", "R", "SA", ""] {
+        seeds.push(tcp4_flags(C1, 40002, VIP4, 80, flags));
+        seeds.push(tcp4_flags(C2, 40004, VIP4, 80, flags));
+    }
+    let strategy = (
+        0..seeds.len(),
+        prop::collection::vec((0usize..80, any::<u8>()), 0..3),
+        prop::option::weighted(0.1, 0usize..80),
+    );
+    for recording in [false, true] {
+        let make = || {
+            if recording {
+                Fixture::recording(CONFIG)
+            } else {
+                Fixture::new(CONFIG)
+            }
+        };
+        let (mut single, mut full) = (make(), make());
+        let mut t = full.dp.trace_maps().expect("trace maps");
+        t.set(&TraceConfig {
+            until_ns: u64::MAX,
+            rate: u32::MAX,
+            ..TraceConfig::default()
+        })
+        .unwrap();
+        let cell = std::cell::RefCell::new((&mut single, &mut full));
+        let mut runner = TestRunner::new(Config {
+            cases: 4_000,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&strategy, |(seed, writes, cut)| {
+                let mut pkt = seeds[seed].clone();
+                for (pos, byte) in writes {
+                    if let Some(b) = pkt.get_mut(pos) {
+                        *b = byte;
+                    }
+                }
+                if let Some(n) = cut {
+                    pkt.truncate(n.max(14));
+                }
+                let mut c = cell.borrow_mut();
+                let a = c.0.run(&pkt);
+                let b = c.1.run(&pkt);
+                prop_assert_eq!(a, b, "frame {:02x?}", pkt);
+                Ok(())
+            })
+            .unwrap();
+        let _ = t.drain();
+        let (a, b) = (single.snapshot(), full.snapshot());
+        assert_eq!(
+            a.global, b.global,
+            "global counters (recording: {recording})"
+        );
+        assert_eq!(a.services, b.services, "per-service counters");
+        assert_eq!(a.backends, b.backends, "per-backend counters");
+        assert!(
+            a.get(Stat::FlowStateless) > 0 || recording,
+            "the single pass was taken"
+        );
+        assert!(a.get(Stat::PassNoService) > 0 && a.get(Stat::FlowNew) > 0);
+    }
+}
+
 // ---- flow sharing -------------------------------------------------------------------------------
 
 /// `LB_SYNC`: off by default; on, each new connection-table entry is reported once (key,
