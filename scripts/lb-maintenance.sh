@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Take a backend out of rotation without breaking a connection:
 #   1. drain it: no new flows, existing connections stay;
-#   2. wait until its active connections reach 0, or --timeout seconds pass;
+#   2. wait until its active connections reach 0 and no unrecorded UDP flow can reach it
+#      any more (unrecorded_flows_seconds: maglev/sh UDP services, timeouts.udp after the
+#      drain), or --timeout seconds pass;
 #   3. disable it: whatever is left is moved to other backends at its next packet.
 #
 # Usage: lb-maintenance.sh [--timeout SECONDS] [--interval SECONDS] <service> <address>
@@ -32,20 +34,27 @@ done
 service=$1
 address=$2
 
-active() { "$LB" backend show "$service" "$address" | sed -n 's/^active_connections=//p'; }
+# Sets left (active connections) and quiet (seconds unrecorded UDP flows may still come).
+poll() {
+  local show
+  show=$("$LB" backend show "$service" "$address")
+  left=$(sed -n 's/^active_connections=//p' <<<"$show")
+  quiet=$(sed -n 's/^unrecorded_flows_seconds=//p' <<<"$show")
+  quiet=${quiet:-0}
+}
 
 "$LB" backend drain "$service" "$address"
 start=$SECONDS
-left=$(active)
-while [ "$left" -gt 0 ]; do
+poll
+while [ "$left" -gt 0 ] || [ "$quiet" -gt 0 ]; do
   if [ $((SECONDS - start)) -ge "$timeout" ]; then
-    echo "lb-maintenance: $left connections still active after ${timeout}s; disabling moves them" >&2
+    echo "lb-maintenance: $left connections still active after ${timeout}s (unrecorded UDP flows for ${quiet}s more); disabling moves them" >&2
     "$LB" backend disable "$service" "$address"
     exit 3
   fi
-  echo "lb-maintenance: $service $address draining, $left active connections"
+  echo "lb-maintenance: $service $address draining, $left active connections, unrecorded UDP flows for ${quiet}s more"
   sleep "$interval"
-  left=$(active)
+  poll
 done
 "$LB" backend disable "$service" "$address"
 echo "lb-maintenance: $service $address drained in $((SECONDS - start))s and disabled"

@@ -17,7 +17,7 @@ LB=${LB:-lb}
 here=$(cd "$(dirname "$0")" && pwd)
 timeout=300
 settle=5
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 while [ $# -gt 0 ]; do
   case $1 in

@@ -400,6 +400,7 @@ mod tests {
                     health_since_seconds: 1.0,
                     health_transitions: 2,
                     active_connections: 7,
+                    unrecorded_flows_seconds: 0,
                     traffic,
                 }],
             }],

@@ -64,8 +64,10 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
         }
     };
     let mut services = Vec::new();
+    let now_ns = crate::controller::clock_ns();
     for (ds, cs) in v.desired.services.iter().zip(&v.cfg.services) {
         let id = ds.value.id;
+        let unrecorded = ds.unrecorded_flows_seconds(now_ns);
         let now = s1.services.get(&id).copied().unwrap_or_default();
         let before = samples.before.and_then(|(_, p)| p.services.get(&id));
         let mut backends = Vec::new();
@@ -104,6 +106,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
                 health_since_seconds: h.map_or(0.0, |h| h.since.elapsed().as_secs_f64()),
                 health_transitions: h.map_or(0, |h| h.transitions),
                 active_connections: v.active.get(bid).copied().unwrap_or(0),
+                unrecorded_flows_seconds: unrecorded.get(&bid.0).copied().unwrap_or(0),
                 traffic: rate(&now, before),
             });
         }

@@ -305,6 +305,28 @@ fn udp_affinity(mode: Mode) {
         .and_then(|n| n.trim().parse().ok())
         .expect("done line");
     assert!(pings >= 30, "only {pings} echoes over the flow");
+
+    // lb-maintenance.sh on a UDP backend also waits out the time its unrecorded flows may
+    // still come back to it (`unrecorded_flows_seconds`: 2 s here), not only its count.
+    let b3 = addr_of(&lab, "b3");
+    let out = script(
+        &lab,
+        "lb-maintenance.sh",
+        &["--timeout", "30", "uecho", &b3],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = show(&lab, "uecho", &b3);
+    assert_eq!(after["state"], "disabled", "{after:?}");
+    assert_eq!(
+        after["unrecorded_flows_seconds"], "0",
+        "maintenance finished while unrecorded flows could still reach b3: {after:?}"
+    );
 }
 
 /// Traffic to and from the LB's own addresses is untouched while lb_xdp is attached, and the

@@ -182,6 +182,11 @@ pub struct BackendStatus {
     /// Open connections: new UDP flows and TCP flows that began with a SYN, until the client's
     /// FIN/RST, a move to another backend, or idle expiry (`[timeouts]`).
     pub active_connections: u64,
+    /// Seconds during which UDP flows of a maglev/sh service that are not in the connection
+    /// table (so not in `active_connections`) may still reach this backend: after a change
+    /// (a drain, a weight), its former slots send them back to it for `timeouts.udp`. 0: none.
+    #[serde(default)]
+    pub unrecorded_flows_seconds: u64,
     pub traffic: Traffic,
 }
 

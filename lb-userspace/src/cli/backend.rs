@@ -111,6 +111,7 @@ fn show(socket: &Path, name: &str, address: &str) -> anyhow::Result<()> {
     println!("health={}", b.health);
     println!("health_reason={}", b.health_reason);
     println!("active_connections={}", b.active_connections);
+    println!("unrecorded_flows_seconds={}", b.unrecorded_flows_seconds);
     println!("packets={}", b.traffic.packets);
     println!("bytes={}", b.traffic.bytes);
     Ok(())

@@ -425,6 +425,7 @@ mod tests {
             health_since_seconds: 0.0,
             health_transitions: 0,
             active_connections: 3,
+            unrecorded_flows_seconds: 0,
             traffic: t(pps),
         };
         let service =

@@ -88,7 +88,7 @@ thread_local! {
 
 /// The monotonic clock (ns) that dates previous backends of changed slots
 /// ([`desired::DesiredService::prev`]).
-fn clock_ns() -> u64 {
+pub(crate) fn clock_ns() -> u64 {
     #[cfg(test)]
     if let Some(now) = TEST_NOW.with(|n| n.get()) {
         return now;

@@ -236,6 +236,18 @@ impl DesiredService {
         slot_value(&self.ring, &self.dirty, &self.prev, i)
     }
 
+    /// Backend id → seconds (rounded up) during which flows of this service that are not in
+    /// the connection table may still reach it: the backends that changed slots name as their
+    /// previous one, until `prev_until_ns` (UDP of maglev/sh; empty otherwise). A drain that
+    /// waits for active connections waits for these too (`scripts/lb-maintenance.sh`).
+    pub fn unrecorded_flows_seconds(&self, now_ns: u64) -> BTreeMap<u32, u64> {
+        if self.prev.is_empty() || now_ns >= self.prev_until_ns {
+            return BTreeMap::new();
+        }
+        let secs = (self.prev_until_ns - now_ns).div_ceil(1_000_000_000);
+        self.prev.values().map(|&id| (id, secs)).collect()
+    }
+
     /// Whether established packets of this service may skip the connection table.
     pub fn stateless(&self) -> bool {
         matches!(self.value.scheduler, SCHED_MAGLEV | SCHED_SH)

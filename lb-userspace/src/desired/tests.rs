@@ -706,6 +706,16 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     );
     assert_eq!(next.slot_value(2), Some(2 | lb_common::RING_DIRTY));
     assert_eq!(next.slot_value(3), Some(1));
+    // A (1) may still get unrecorded flows for the rest of the window, rounded up to seconds.
+    const S: u64 = 1_000_000_000;
+    let mut window = svc(&[2, 2, 2, 1], &[0, 1, 2], &[(0, 1), (1, 1)], 10 + 3 * S);
+    assert_eq!(
+        window.unrecorded_flows_seconds(10 + S / 2),
+        [(1, 3)].into_iter().collect()
+    );
+    assert!(window.unrecorded_flows_seconds(10 + 3 * S).is_empty());
+    window.prev = Default::default();
+    assert!(window.unrecorded_flows_seconds(0).is_empty());
     // Then slot 0 goes to C (3) and slot 1 back to A, slot 3 from A to C: slot 0 keeps A, slot
     // 1 has A again (nothing to keep), slot 3 names A from now on.
     let mut later = svc(&[3, 1, 2, 3], &[0, 1, 2, 3], &[], 0);
