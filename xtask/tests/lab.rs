@@ -309,17 +309,10 @@ fn udp_affinity(mode: Mode) {
     // lb-maintenance.sh on a UDP backend also waits out the time its unrecorded flows may
     // still come back to it (`unrecorded_flows_seconds`: 2 s here), not only its count.
     let b3 = addr_of(&lab, "b3");
-    let out = script(
+    script_ok(
         &lab,
         "lb-maintenance.sh",
         &["--timeout", "30", "uecho", &b3],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let after = show(&lab, "uecho", &b3);
     assert_eq!(after["state"], "disabled", "{after:?}");
@@ -731,17 +724,10 @@ fn maintenance_script(mode: Mode) {
     let target = addr_of(&lab, "b2");
     let load = background_load(&mut lab, 600);
     std::thread::sleep(Duration::from_millis(300));
-    let out = script(
+    script_ok(
         &lab,
         "lb-maintenance.sh",
         &["--timeout", "30", "web", &target],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let t = load_result(load);
     assert_eq!(t.errors, 0, "requests lost during maintenance: {t:?}");
@@ -762,12 +748,22 @@ fn maintenance_script(mode: Mode) {
     );
 }
 
+/// Runs a script of scripts/ with `args`; it must succeed.
+fn script_ok(lab: &Lab, name: &str, args: &[&str]) {
+    let out = script(lab, name, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// scripts/lb-rolling-restart.sh visits every backend in turn under steady load, losing nothing.
 fn rolling_restart_script(mode: Mode) {
     let mut lab = up(mode, &[100, 100, 100]);
     let record = lab.dir.join("restarted");
     let load = background_load(&mut lab, 800);
-    let out = script(
+    script_ok(
         &lab,
         "lb-rolling-restart.sh",
         &[
@@ -779,13 +775,6 @@ fn rolling_restart_script(mode: Mode) {
             "-c",
             &format!("echo \"$LB_BACKEND {{}}\" >> {}", record.display()),
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let t = load_result(load);
     assert_eq!(
