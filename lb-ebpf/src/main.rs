@@ -136,7 +136,14 @@ fn fast_v4(ctx: &XdpContext) -> Option<u32> {
             backend: NO_BACKEND,
             reason: 0,
         };
-        return Some(to_service(ctx, &mut d, &svc, tcp_flags, &Frag::default()));
+        return Some(to_service(
+            ctx,
+            &mut d,
+            &svc,
+            tcp_flags,
+            &Frag::default(),
+            false,
+        ));
     };
     let frame_len = frame_len as u64;
     count_service(svc.id, frame_len);
@@ -240,10 +247,11 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
             },
         );
     };
-    to_service(ctx, d, &svc, tcp_flags, &frag)
+    to_service(ctx, d, &svc, tcp_flags, &frag, true)
 }
 
-/// The rest of [`process`] once the packet's service is known.
+/// The rest of [`process`] once the packet's service is known (`try_stateless`: false when
+/// [`fast_v4`] found the packet is not for the stateless path already).
 #[inline(always)]
 fn to_service(
     ctx: &XdpContext,
@@ -251,12 +259,14 @@ fn to_service(
     svc: &ServiceValue,
     tcp_flags: u8,
     frag: &Frag,
+    try_stateless: bool,
 ) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_service(svc.id, frame_len);
     // Established TCP and UDP of maglev/sh through an unchanged slot: the table slot alone
     // decides.
-    if !frag.is
+    if try_stateless
+        && !frag.is
         && let Some((id, b)) = select::stateless(&d.key, svc, tcp_flags)
     {
         count(Stat::FlowStateless);
