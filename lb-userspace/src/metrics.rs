@@ -124,6 +124,7 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
     let be_bytes = Family::<Labels, Counter>::default();
     let be_new = Family::<Labels, Counter>::default();
     let be_active = Family::<Labels, Gauge>::default();
+    let be_unrecorded = Family::<Labels, Gauge>::default();
     let be_up = Family::<Labels, Gauge>::default();
     let be_weight = Family::<Labels, Gauge>::default();
     let be_transitions = Family::<Labels, Counter>::default();
@@ -145,6 +146,9 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
             set(&be_new.get_or_create(&l), b.traffic.new_flows);
             set(&be_transitions.get_or_create(&l), b.health_transitions);
             be_active.get_or_create(&l).set(b.active_connections as i64);
+            be_unrecorded
+                .get_or_create(&l)
+                .set(b.unrecorded_flows_seconds as i64);
             be_up
                 .get_or_create(&l)
                 .set(i64::from(b.health != "down" && b.state != "down"));
@@ -172,6 +176,11 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
         "lb_backend_active_connections",
         "Open connections: UDP flows and TCP flows begun with a SYN, until the client's FIN/RST, a move or idle expiry",
         be_active,
+    );
+    r.register(
+        "lb_backend_unrecorded_flows_seconds",
+        "Seconds during which UDP flows of a maglev/sh service not in the connection table may still come back to the backend after a change (a drain waits for them too)",
+        be_unrecorded,
     );
     r.register(
         "lb_backend_up",
@@ -400,7 +409,7 @@ mod tests {
                     health_since_seconds: 1.0,
                     health_transitions: 2,
                     active_connections: 7,
-                    unrecorded_flows_seconds: 0,
+                    unrecorded_flows_seconds: 4,
                     traffic,
                 }],
             }],
@@ -430,6 +439,7 @@ mod tests {
             format!("lb_backend_bytes_total{l} 1500"),
             format!("lb_backend_new_flows_total{l} 3"),
             format!("lb_backend_active_connections{l} 7"),
+            format!("lb_backend_unrecorded_flows_seconds{l} 4"),
             format!("lb_backend_up{l} 0"),
             format!("lb_backend_weight{l} 100"),
             format!("lb_health_transitions_total{l} 2"),
