@@ -1,14 +1,17 @@
-//! The IPv4 service cache (`LB_SVC_CACHE`): a direct-mapped copy of the IPv4 entries of
-//! `LB_SERVICES`, so that a packet to an IPv4 VIP finds its service with one array read
-//! instead of a hash-map lookup (the kernel's jhash over the 20-byte key, a bucket walk and a
-//! key compare: about a quarter of the established path).
+//! The service cache (`LB_SVC_CACHE`): a direct-mapped copy of the entries of `LB_SERVICES`,
+//! so that a packet to a VIP finds its service with one array read instead of a hash-map
+//! lookup (the kernel's jhash over the 20-byte key, a bucket walk and a key compare: about a
+//! quarter of the established path). IPv4 services since layout 4, IPv6 ones too since the
+//! entry's last key words were used (old programs never match an IPv6 entry: its family byte
+//! differs from every IPv4 key's).
 //!
 //! An entry is 16 `u32` words (one 64-byte value, one cache line):
 //! - [`SEQ`]: a sequence count, odd while the controller rewrites the entry;
-//! - [`KEY_LO`], [`KEY_HI`]: the service's [`cache key`](crate::ServiceKey::cache_key)
-//!   (address; port, protocol, family), zero when the slot is empty (a real key has its family
-//!   byte set, so zero never matches);
-//! - [`VALUE`] ..: the [`ServiceValue`]'s six words.
+//! - [`KEY_LO`], [`KEY_HI`]: the service's [`CacheKey`]'s first two words (the address's
+//!   first word; port, protocol, family), zero when the slot is empty (a real key has its
+//!   family byte set, so zero never matches);
+//! - [`VALUE`] ..: the [`ServiceValue`]'s six words;
+//! - [`KEY_REST`] ..: the key's last three words (the rest of an IPv6 address; zero for IPv4).
 //!
 //! The controller writes an entry as a seqlock writer (count to odd, words, count to even,
 //! release-ordered) through its memory mapping; the program reads the count, the words and the
@@ -17,35 +20,58 @@
 //! hash map, which stays the authority. Reads are plain loads in program order, which x86-64
 //! keeps ordered: the controller fills the cache only there.
 
-use crate::{FlowKey, ServiceValue, limits::SVC_CACHE_BITS};
+use crate::{FAMILY_V4, FlowKey, ServiceValue, limits::SVC_CACHE_BITS};
 
 /// Words of an entry (the map's value is `[u32; WORDS]`).
 pub const WORDS: usize = 16;
 /// Index of the sequence count.
 pub const SEQ: usize = 0;
-/// Index of the key's low word (the address as on the wire, read little-endian).
+/// Index of the key's first word (the address's first four bytes, read little-endian).
 pub const KEY_LO: usize = 1;
-/// Index of the key's high word (port in network order, protocol, family).
+/// Index of the key's second word (port in network order, protocol, family).
 pub const KEY_HI: usize = 2;
 /// Index of the first of the value's six words (id, scheduler, flags, ring_len, ring_base,
 /// ring_size).
 pub const VALUE: usize = 3;
+/// Index of the key's last three words (the address's bytes 4..16; zero for IPv4).
+pub const KEY_REST: usize = VALUE + 6;
 
-/// The cache key of an IPv4 flow's service (its destination, destination port, protocol and
-/// family), from the key's words; `None` for IPv6.
-#[inline(always)]
-pub fn key_of(key: &FlowKey) -> Option<u64> {
-    let w = key.words();
-    if (w[4] >> 40) as u8 != crate::FAMILY_V4 {
-        return None;
+/// A service's cache key, in entry order: the address's first word; port, protocol and family;
+/// the address's other three words (zero for IPv4). Ordered: of two services sharing a slot,
+/// the smaller key is cached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CacheKey(pub [u32; 5]);
+
+impl CacheKey {
+    /// Whether this is an IPv4 key (its last three words are zero).
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        (self.0[1] >> 24) as u8 == FAMILY_V4
     }
-    Some((w[2] & 0xffff_ffff) | ((w[4] >> 16) & 0xffff_ffff) << 32)
 }
 
-/// The slot of a cache key.
+/// The cache key of a flow's service (its destination, destination port, protocol and
+/// family), from the key's words.
 #[inline(always)]
-pub fn slot(key: u64) -> u32 {
-    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SVC_CACHE_BITS)) as u32
+pub fn key_of(key: &FlowKey) -> CacheKey {
+    let w = key.words();
+    CacheKey([
+        w[2] as u32,
+        (w[4] >> 16) as u32,
+        (w[2] >> 32) as u32,
+        w[3] as u32,
+        (w[3] >> 32) as u32,
+    ])
+}
+
+/// The slot of a cache key. (IPv4 keys: the same slot as before IPv6 keys were cached.)
+#[inline(always)]
+pub fn slot(key: &CacheKey) -> u32 {
+    let w = key.0;
+    let rest = (w[2] as u64 | (w[3] as u64) << 32).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ (w[4] as u64).wrapping_mul(0x1656_67b1_9e37_79f9);
+    let k = (w[0] as u64 | (w[1] as u64) << 32) ^ rest;
+    (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SVC_CACHE_BITS)) as u32
 }
 
 /// The value's words in entry order.
@@ -73,7 +99,7 @@ pub fn value_of(w: [u32; 6]) -> ServiceValue {
     }
 }
 
-const _: () = assert!(VALUE + 6 <= WORDS);
+const _: () = assert!(KEY_REST + 3 <= WORDS);
 
 #[cfg(test)]
 mod tests {
@@ -89,13 +115,14 @@ mod tests {
     fn a_flows_cache_key_is_its_service_keys() {
         let mut k = FlowKey::v4([10, 0, 0, 1], [192, 0, 2, 80], PROTO_TCP);
         k.set_ports(ports(40000, 443));
-        let want = ServiceKey::of(&k).cache_key().expect("v4");
-        assert_eq!(key_of(&k), Some(want));
-        assert_ne!(want, 0, "a real key is never an empty slot's");
+        let want = ServiceKey::of(&k).cache_key();
+        assert_eq!(key_of(&k), want);
+        assert!(want.is_v4() && want.0[2..] == [0; 3]);
+        assert_ne!(want.0[1], 0, "a real key is never an empty slot's");
         // Each part of the service key is in it; the source is not.
         let mut other = FlowKey::v4([10, 0, 0, 2], [192, 0, 2, 80], PROTO_TCP);
         other.set_ports(ports(1, 443));
-        assert_eq!(key_of(&other), Some(want));
+        assert_eq!(key_of(&other), want);
         for (dst, port, proto) in [
             ([192, 0, 2, 81], 443u16, PROTO_TCP),
             ([192, 0, 2, 80], 444, PROTO_TCP),
@@ -103,13 +130,37 @@ mod tests {
         ] {
             let mut o = FlowKey::v4([10, 0, 0, 1], dst, proto);
             o.set_ports(ports(40000, port));
-            assert_ne!(key_of(&o), Some(want));
+            assert_ne!(key_of(&o), want);
             assert_eq!(key_of(&o), ServiceKey::of(&o).cache_key());
         }
-        let v6 = FlowKey::v6(&[1; 16], &[2; 16], PROTO_TCP);
-        assert_eq!(key_of(&v6), None);
-        assert_eq!(ServiceKey::of(&v6).cache_key(), None);
-        assert!(slot(want) < crate::limits::SVC_CACHE_SLOTS);
+        // IPv6: every byte of the address counts; the family differs from every IPv4 key's.
+        let dst: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        let mut v6 = FlowKey::v6(&[1; 16], &dst, PROTO_TCP);
+        v6.set_ports(ports(40000, 443));
+        let k6 = key_of(&v6);
+        assert_eq!(k6, ServiceKey::of(&v6).cache_key());
+        assert!(!k6.is_v4() && k6.0[1] != want.0[1]);
+        for i in 0..16 {
+            let mut d = dst;
+            d[i] ^= 0x80;
+            let mut o = FlowKey::v6(&[1; 16], &d, PROTO_TCP);
+            o.set_ports(ports(40000, 443));
+            assert_ne!(key_of(&o), k6, "byte {i}");
+        }
+        assert!(slot(&want) < crate::limits::SVC_CACHE_SLOTS);
+        assert!(slot(&k6) < crate::limits::SVC_CACHE_SLOTS);
+    }
+
+    /// An IPv4 key's slot is the one it had before IPv6 keys were cached (a data plane of
+    /// the previous version finds the entries a new controller writes).
+    #[test]
+    fn ipv4_slots_are_unchanged() {
+        let mut k = FlowKey::v4([10, 0, 0, 1], [192, 0, 2, 80], PROTO_TCP);
+        k.set_ports(ports(40000, 443));
+        let c = key_of(&k);
+        let old = (c.0[0] as u64 | (c.0[1] as u64) << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            >> (64 - SVC_CACHE_BITS);
+        assert_eq!(slot(&c), old as u32);
     }
 
     #[test]

@@ -139,14 +139,10 @@ impl ServiceKey {
         )
     }
 
-    /// The service-cache key of an IPv4 service key (`None` for IPv6): see
-    /// [`crate::svc_cache`].
-    pub fn cache_key(&self) -> Option<u64> {
-        if self.family != FAMILY_V4 {
-            return None;
-        }
+    /// The service-cache key of this service key: see [`crate::svc_cache`].
+    pub fn cache_key(&self) -> crate::svc_cache::CacheKey {
         let w = bytemuck::cast::<ServiceKey, [u32; 5]>(*self).map(u32::from_le);
-        Some(w[0] as u64 | (w[4] as u64) << 32)
+        crate::svc_cache::CacheKey([w[0], w[4], w[1], w[2], w[3]])
     }
 
     /// The same key with port 0 (the VIP's all-ports service).

@@ -27,7 +27,12 @@ use lb_common::{
     BACKEND_F_REDIRECT, Backend, FLAG_ALL_PORTS_SERVICES, FlowKey, NO_BACKEND, NO_SERVICE,
     PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, VipKey, stats::Stat, svc_cache,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
 use crate::{
     maps::{LB_FLAGS, LB_IF_MAC, LB_SERVICES, LB_SVC_CACHE, LB_TX_PORTS, LB_VIP_FILTER, LB_VIPS},
@@ -52,7 +57,7 @@ pub fn lb_xdp_notrace(ctx: XdpContext) -> u32 {
 fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
     // The common cases in one pass (not while a trace runs: a trace needs the full decision).
     if !(TRACE && trace::running())
-        && let Some(action) = fast_v4(&ctx)
+        && let Some(action) = single_pass(&ctx)
     {
         count_verdict(action);
         return action;
@@ -81,58 +86,101 @@ fn count_verdict(action: u32) {
     });
 }
 
-/// The two commonest cases, decided in one pass over an IPv4 header without options and its
-/// TCP or UDP header (no VLAN tag, no fragment), with the flow key kept in registers: a packet
-/// to no VIP (passed, `pass_no_service`), and a packet of a maglev/sh service through an
-/// unchanged table slot (`flow_stateless`, see `select::stateless`). Exactly what [`process`]
-/// decides and counts for these packets; other packets of a service found in the IPv4
-/// service cache continue with [`to_service`] (not parsed twice). `None`: the rest, before
-/// anything was counted or changed; [`process`] then takes the packet from the start.
+/// The two commonest cases, decided in one pass over the headers, with the flow key kept in
+/// registers: a packet to no VIP (passed, `pass_no_service`), and a packet of a maglev/sh
+/// service found in the service cache, through an unchanged table slot (`flow_stateless`, see
+/// `select::stateless`). For an IPv4 header without options or an IPv6 header without
+/// extension headers, then a whole TCP or UDP header (no VLAN tag, no fragment). Exactly what
+/// [`process`] decides and counts for these packets; other IPv4 packets of a cached service
+/// continue with [`to_service`] (not parsed twice). `None`: the rest, before anything was
+/// counted or changed; [`process`] then takes the packet from the start.
 #[inline(always)]
-fn fast_v4(ctx: &XdpContext) -> Option<u32> {
+fn single_pass(ctx: &XdpContext) -> Option<u32> {
     if !for_this_host(ctx) {
         return None;
     }
+    // IPv4: IHL 5, a length the frame holds, not a fragment (MF clear, offset 0). (Its checks
+    // come first and together: IPv6 is looked at only when they fail.)
     let eth = bounds::ptr_at::<EthHdr>(ctx, 0)?;
     let ip = bounds::ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
     // SAFETY: both bounds-checked by `ptr_at`.
     let (eth, ip) = unsafe { (&*eth, &*ip) };
     let frame_len = ctx.data_end() - ctx.data();
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    // IPv4, IHL 5, a length the frame holds, not a fragment (MF clear, offset 0).
     if eth.ether_type != parse::ETH_P_IP
         || ip.vihl != 0x45
         || tot_len < Ipv4Hdr::LEN
         || EthHdr::LEN + tot_len > frame_len
         || u16::from_be_bytes(ip.frags) & 0x3fff != 0
     {
+        if eth.ether_type == parse::ETH_P_IPV6 {
+            return single_pass_v6(ctx);
+        }
         return None;
     }
-    const L4: usize = EthHdr::LEN + Ipv4Hdr::LEN;
-    let (ports, tcp_flags) = match ip.proto {
-        PROTO_TCP => {
-            let tcp = bounds::ptr_at::<TcpHdr>(ctx, L4)?;
-            // SAFETY: bounds-checked by `ptr_at`: all 20 bytes; the flags are byte 13.
-            unsafe { (*tcp.cast::<[u8; 4]>(), *tcp.cast::<u8>().add(13)) }
-        }
-        PROTO_UDP => {
-            let udp = bounds::ptr_at::<UdpHdr>(ctx, L4)?;
-            // SAFETY: bounds-checked by `ptr_at`.
-            (unsafe { *udp.cast::<[u8; 4]>() }, 0)
-        }
-        _ => return None,
-    };
+    let (ports, tcp_flags) = l4_ports(ctx, EthHdr::LEN + Ipv4Hdr::LEN, ip.proto)?;
     let mut key = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
     key.set_ports(ports);
-    if !maybe_vip(&key) {
+    decide::<true>(ctx, &key, tcp_flags, frame_len as u64)
+}
+
+/// [`single_pass`] of an IPv6 frame: TCP or UDP right after the fixed header, a payload length
+/// the frame holds.
+#[inline(always)]
+fn single_pass_v6(ctx: &XdpContext) -> Option<u32> {
+    let ip = bounds::ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    let frame_len = ctx.data_end() - ctx.data();
+    const L4: usize = EthHdr::LEN + Ipv6Hdr::LEN;
+    if ip.vcf[0] >> 4 != 6 || L4 + u16::from_be_bytes(ip.payload_len) as usize > frame_len {
+        return None;
+    }
+    let (ports, tcp_flags) = l4_ports(ctx, L4, ip.next_hdr)?;
+    let mut key = FlowKey::v6(&ip.src_addr, &ip.dst_addr, ip.next_hdr);
+    key.set_ports(ports);
+    decide::<false>(ctx, &key, tcp_flags, frame_len as u64)
+}
+
+/// The ports (as on the wire) and TCP flags of the whole TCP or UDP header at `l4`.
+#[inline(always)]
+fn l4_ports(ctx: &XdpContext, l4: usize, protocol: u8) -> Option<([u8; 4], u8)> {
+    match protocol {
+        PROTO_TCP => {
+            let tcp = bounds::ptr_at::<TcpHdr>(ctx, l4)?;
+            // SAFETY: bounds-checked by `ptr_at`: all 20 bytes; the flags are byte 13.
+            Some(unsafe { (*tcp.cast::<[u8; 4]>(), *tcp.cast::<u8>().add(13)) })
+        }
+        PROTO_UDP => {
+            let udp = bounds::ptr_at::<UdpHdr>(ctx, l4)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            Some((unsafe { *udp.cast::<[u8; 4]>() }, 0))
+        }
+        _ => None,
+    }
+}
+
+/// [`single_pass`]'s decision for a parsed flow. `RESUME`: a packet of a cached service that
+/// is not stateless goes on with [`to_service`] (IPv4; else `None`: the full path).
+#[inline(always)]
+fn decide<const RESUME: bool>(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    tcp_flags: u8,
+    frame_len: u64,
+) -> Option<u32> {
+    if !maybe_vip(key) {
         count(Stat::PassNoService);
         return Some(xdp_action::XDP_PASS);
     }
-    let svc = cached_service(&key)?;
-    let Some((id, b)) = select::stateless(&key, &svc, tcp_flags) else {
+    let svc = cached_service(key)?;
+    let Some((id, b)) = select::stateless(key, &svc, tcp_flags) else {
+        if !RESUME {
+            return None;
+        }
         // The rest of the full path from here (no trace runs: the decision is not needed).
         let mut d = Decision {
-            key,
+            key: *key,
             backend: NO_BACKEND,
             reason: 0,
         };
@@ -145,7 +193,6 @@ fn fast_v4(ctx: &XdpContext) -> Option<u32> {
             false,
         ));
     };
-    let frame_len = frame_len as u64;
     count_service(svc.id, frame_len);
     count(Stat::FlowStateless);
     count_backend(id, frame_len);
@@ -251,7 +298,7 @@ fn process(ctx: &XdpContext, d: &mut Decision) -> u32 {
 }
 
 /// The rest of [`process`] once the packet's service is known (`try_stateless`: false when
-/// [`fast_v4`] found the packet is not for the stateless path already).
+/// [`single_pass`] found the packet is not for the stateless path already).
 #[inline(always)]
 fn to_service(
     ctx: &XdpContext,
@@ -371,8 +418,8 @@ fn transmit(ctx: &XdpContext, backend: &Backend) -> Option<u32> {
     }
 }
 
-/// Exact (VIP, port, protocol) first, then the VIP's all-ports service (port 0). An IPv4
-/// service is looked up in the service cache first.
+/// Exact (VIP, port, protocol) first, then the VIP's all-ports service (port 0). The service
+/// cache is asked first.
 #[inline(always)]
 fn lookup_service(key: &FlowKey) -> Option<ServiceValue> {
     if let Some(v) = cached_service(key) {
@@ -392,13 +439,15 @@ fn lookup_service(key: &FlowKey) -> Option<ServiceValue> {
     unsafe { LB_SERVICES.get(skey.any_port()) }.copied()
 }
 
-/// The flow's service from the IPv4 service cache (`lb_common::svc_cache`), if its slot holds
-/// it and was not being rewritten while read: the sequence count, the key and value words and
-/// the count again, each read once, in this order (volatile: neither merged nor reordered).
+/// The flow's service from the service cache (`lb_common::svc_cache`), if its slot holds it and
+/// was not being rewritten while read: the sequence count, the key and value words and the
+/// count again, each read once, in this order (volatile: neither merged nor reordered). An IPv4
+/// key needs only its first two words compared: an entry with an IPv4 key's family byte has
+/// the other three zero.
 #[inline(always)]
 fn cached_service(key: &FlowKey) -> Option<ServiceValue> {
-    let k = svc_cache::key_of(key)?;
-    let e = LB_SVC_CACHE.get_ptr(svc_cache::slot(k))?;
+    let k = svc_cache::key_of(key);
+    let e = LB_SVC_CACHE.get_ptr(svc_cache::slot(&k))?;
     // SAFETY: `e` points to a map value of WORDS u32 words, valid while the program runs; the
     // controller may write it concurrently, which the sequence count detects.
     unsafe {
@@ -407,7 +456,14 @@ fn cached_service(key: &FlowKey) -> Option<ServiceValue> {
         if seq & 1 != 0 {
             return None;
         }
-        if w(svc_cache::KEY_LO) as u64 | (w(svc_cache::KEY_HI) as u64) << 32 != k {
+        if w(svc_cache::KEY_LO) != k.0[0] || w(svc_cache::KEY_HI) != k.0[1] {
+            return None;
+        }
+        if !k.is_v4()
+            && (w(svc_cache::KEY_REST) != k.0[2]
+                || w(svc_cache::KEY_REST + 1) != k.0[3]
+                || w(svc_cache::KEY_REST + 2) != k.0[4])
+        {
             return None;
         }
         let v = svc_cache::value_of([

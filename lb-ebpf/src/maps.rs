@@ -40,7 +40,7 @@ pub static LB_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// IPv4 service cache (see `lb_common::svc_cache`): filled by the controller through its
+/// Service cache (see `lb_common::svc_cache`): filled by the controller through its
 /// memory mapping; read here as a seqlock reader.
 #[map]
 pub static LB_SVC_CACHE: Array<[u32; svc_cache::WORDS]> =

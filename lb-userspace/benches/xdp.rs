@@ -178,6 +178,13 @@ fn main() {
             println!(
                 "established {e:.1} ns vs {t:.1} ({r:.2}×); non-VIP {p:.1} vs {q:.1} ({r2:.2}×)"
             );
+            let (e6, t6, r6) = paired(
+                &mut f,
+                ("lb_xdp", XDP_TX, Stat::FlowStateless),
+                ("lb_baseline_tx", XDP_TX),
+                &tcp6_flags(C6, 40000, VIP6, 80, "A"),
+            );
+            println!("IPv6 established {e6:.1} ns vs {t6:.1} ({r6:.2}×)");
         }
         return;
     }
@@ -187,6 +194,7 @@ fn main() {
     let est = syn4(C1, 40000, VIP4, 80);
     let est_ack = tcp4_flags(C1, 40000, VIP4, 80, "A");
     let est6 = tcp6(C6, 40000, VIP6, 80).0;
+    let est6_ack = tcp6_flags(C6, 40000, VIP6, 80, "A");
     let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
     // Establish the flows once.
     assert_eq!(f.run(&est).0, XDP_TX);
@@ -202,6 +210,13 @@ fn main() {
         Some(Stat::FlowStateless),
     );
     let established6 = repeated(&mut f, "lb_xdp", &est6, XDP_TX, Some(Stat::FlowHit));
+    let stateless6 = repeated(
+        &mut f,
+        "lb_xdp",
+        &est6_ack,
+        XDP_TX,
+        Some(Stat::FlowStateless),
+    );
     let pass = repeated(
         &mut f,
         "lb_xdp",
@@ -293,6 +308,13 @@ fn main() {
             "lb_xdp established IPv6 TCP flow (XDP_TX)",
             "established_v6",
             established6,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "established IPv6 TCP ACK, unchanged slot",
+            "established_v6_stateless",
+            stateless6,
             base,
             REPEAT as usize,
         ),

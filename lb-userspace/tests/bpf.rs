@@ -1575,8 +1575,8 @@ fn hostile_frames_are_harmless() {
     f.assert_stat(Stat::VerdictAborted, 0);
 }
 
-/// `lb_xdp` decides the commonest IPv4 packets in one pass (no VIP; established TCP and UDP of
-/// an unchanged maglev/sh slot) and takes the full path while a trace runs. Both must decide
+/// `lb_xdp` decides the commonest IPv4 and IPv6 packets in one pass (no VIP; established TCP
+/// and UDP of an unchanged maglev/sh slot) and takes the full path while a trace runs. Both must decide
 /// alike: the same frames (valid ones of every kind and TCP flag, and hostile variants of
 /// them) through two data planes of one config, one tracing, give the same verdicts, the same
 /// output bytes and, at the end, the same counters (global, per service, per backend). Once
@@ -1604,7 +1604,13 @@ fn the_single_pass_path_decides_as_the_full_path() {
     for flags in ["S", "A", "PA", "FA", "R", "SA", ""] {
         seeds.push(tcp4_flags(C1, 40002, VIP4, 80, flags));
         seeds.push(tcp4_flags(C2, 40004, VIP4, 80, flags));
+        seeds.push(tcp6_flags(C6, 40006, VIP6, 80, flags));
     }
+    seeds.extend([
+        udp6(C6, 5353, VIP6, 53).0,
+        tcp6(C6, 40000, "fd00:99::1".parse().unwrap(), 22).0,
+        tcp6_with_ext(C6, 40000, VIP6, 80, 1).0,
+    ]);
     let strategy = (
         0..seeds.len(),
         prop::collection::vec((0usize..80, any::<u8>()), 0..3),
@@ -1779,47 +1785,56 @@ fn frames_to_another_mac_are_not_forwarded() {
     f.assert_stat(Stat::PassOtherHost, 2);
 }
 
-// ---- the IPv4 service cache ------------------------------------------------------------------------
+// ---- the service cache ------------------------------------------------------------------------
 
-/// An IPv4 service is found in `LB_SVC_CACHE` (the hash map is not even read: with the map
-/// entry removed behind the controller's back, the cached service still forwards), unless
-/// its entry is being written (odd sequence count) or names another key: then the hash map
-/// decides. IPv6 services are not cached.
+/// An IPv4 or IPv6 service is found in `LB_SVC_CACHE` (the hash map is not even read: with the
+/// map entry removed behind the controller's back, the cached service still forwards), unless
+/// its entry is being written (odd sequence count) or names another key (IPv6: down to the
+/// address's last word): then the hash map decides.
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
-fn ipv4_services_are_found_in_the_cache() {
-    use lb_common::svc_cache::{KEY_LO, SEQ, WORDS, slot};
-    let mut f = Fixture::new(CONFIG);
-    let skey = f.service_key("web4");
-    let k = skey.cache_key().expect("an IPv4 service");
-    let base = slot(k) * WORDS as u32;
-    assert_eq!(
-        f.dp.svc_cache_word(base + KEY_LO as u32),
-        k as u32,
-        "the controller cached web4"
-    );
-    let seq = f.dp.svc_cache_word(base + SEQ as u32);
-    assert_eq!(seq % 2, 0, "not being written");
-    assert!(
-        f.service_key("web6").cache_key().is_none(),
-        "IPv6 is not cached"
-    );
-    f.dp.remove_service_entry(&skey).unwrap();
-    let (pkt, key) = tcp4(C1, 40000, VIP4, 80);
-    f.expect_forward("from the cache alone", &pkt, &key, "web4");
-    // An entry being written is not used: the hash map (without web4 now) says no service.
-    f.dp.set_svc_cache_word(base + SEQ as u32, seq + 1);
-    let (pkt, _) = tcp4(C1, 40001, VIP4, 80);
-    f.expect_unchanged("entry being written", &pkt, XDP_PASS);
-    f.assert_stat(Stat::PassNoService, 1);
-    // Complete again, but the key names another service: not used either.
-    f.dp.set_svc_cache_word(base + SEQ as u32, seq + 2);
-    f.dp.set_svc_cache_word(base + KEY_LO as u32, (k as u32) ^ 1);
-    f.expect_unchanged("another key", &pkt, XDP_PASS);
-    f.assert_stat(Stat::PassNoService, 2);
-    // Restored: used again.
-    f.dp.set_svc_cache_word(base + KEY_LO as u32, k as u32);
-    f.expect_forward("restored", &pkt, &tcp4(C1, 40001, VIP4, 80).1, "web4");
+fn services_are_found_in_the_cache() {
+    use lb_common::svc_cache::{KEY_LO, KEY_REST, SEQ, WORDS, slot};
+    for (name, v4) in [("web4", true), ("web6", false)] {
+        let mut f = Fixture::new(CONFIG);
+        let skey = f.service_key(name);
+        let k = skey.cache_key();
+        let base = slot(&k) * WORDS as u32;
+        let word = |f: &Fixture, i: usize| f.dp.svc_cache_word(base + i as u32);
+        assert_eq!(word(&f, KEY_LO), k.0[0], "the controller cached {name}");
+        assert_eq!(word(&f, KEY_REST + 2), k.0[4], "{name}: the last key word");
+        let seq = word(&f, SEQ);
+        assert_eq!(seq % 2, 0, "not being written");
+        f.dp.remove_service_entry(&skey).unwrap();
+        let pkt = |port: u16| {
+            if v4 {
+                tcp4(C1, port, VIP4, 80)
+            } else {
+                tcp6(C6, port, VIP6, 80)
+            }
+        };
+        let (p, key) = pkt(40000);
+        f.expect_forward("from the cache alone", &p, &key, name);
+        // An entry being written is not used: the hash map (without the service now) says no
+        // service.
+        f.dp.set_svc_cache_word(base + SEQ as u32, seq + 1);
+        let (p, key) = pkt(40001);
+        f.expect_unchanged("entry being written", &p, XDP_PASS);
+        f.assert_stat(Stat::PassNoService, 1);
+        // Complete again, but the key names another service: not used either.
+        let (at, good) = if v4 {
+            (KEY_LO, k.0[0])
+        } else {
+            (KEY_REST + 2, k.0[4])
+        };
+        f.dp.set_svc_cache_word(base + SEQ as u32, seq + 2);
+        f.dp.set_svc_cache_word(base + at as u32, good ^ 1);
+        f.expect_unchanged("another key", &p, XDP_PASS);
+        f.assert_stat(Stat::PassNoService, 2);
+        // Restored: used again.
+        f.dp.set_svc_cache_word(base + at as u32, good);
+        f.expect_forward("restored", &p, &key, name);
+    }
 }
 
 // ---- stateless slots (maglev/sh) ----------------------------------------------------------------

@@ -242,14 +242,12 @@ impl Handles {
             mapped(ebpf, names::SVC_CACHE, lb_common::svc_cache::WORDS as u32)?,
             super::svc_cache::FILLED,
         );
-        let mut v4 = Vec::new();
+        let mut cached = Vec::new();
         for kv in services.iter() {
             let (k, v) = kv.map_err(map_err(names::SERVICES))?;
-            if let Some(c) = k.cache_key() {
-                v4.push((c, v));
-            }
+            cached.push((k.cache_key(), v));
         }
-        svc_cache.rebuild(v4);
+        svc_cache.rebuild(cached);
         Ok(Handles {
             meta: take(ebpf, names::META)?,
             backend_meta: take(ebpf, names::BACKEND_META)?,
@@ -675,9 +673,7 @@ impl Dataplane {
                 .services
                 .insert(k, v, 0)
                 .map_err(map_err(names::SERVICES))?;
-            if let Some(c) = k.cache_key() {
-                self.maps.svc_cache.set(c, &v);
-            }
+            self.maps.svc_cache.set(k.cache_key(), &v);
             n += 1;
         }
         report.push(format!(
@@ -1088,18 +1084,14 @@ impl Maps for Dataplane {
                     m.services
                         .insert(key, value, 0)
                         .map_err(map_err(names::SERVICES))?;
-                    if let Some(c) = key.cache_key() {
-                        m.svc_cache.set(c, value);
-                    }
+                    m.svc_cache.set(key.cache_key(), value);
                 }
                 Op::RemoveService(key) => {
                     match m.services.remove(key) {
                         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                         Err(e) => return Err(map_err(names::SERVICES)(e)),
                     }
-                    if let Some(c) = key.cache_key() {
-                        m.svc_cache.remove(c);
-                    }
+                    m.svc_cache.remove(key.cache_key());
                 }
                 Op::Vip { key, value } => {
                     m.vips.insert(key, value, 0).map_err(map_err(names::VIPS))?

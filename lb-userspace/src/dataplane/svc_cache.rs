@@ -1,4 +1,4 @@
-//! The controller's side of the IPv4 service cache (`LB_SVC_CACHE`, see
+//! The controller's side of the service cache (`LB_SVC_CACHE`, see
 //! `lb_common::svc_cache`): which service each slot holds, and the seqlock writes that change
 //! a slot while the data plane may read it.
 //!
@@ -15,7 +15,7 @@ use std::{
 
 use lb_common::{
     ServiceValue,
-    svc_cache::{KEY_HI, KEY_LO, SEQ, VALUE, WORDS, slot, value_words},
+    svc_cache::{CacheKey, KEY_HI, KEY_LO, KEY_REST, SEQ, VALUE, WORDS, slot, value_words},
 };
 
 /// `u32` words shared with the data plane (the memory-mapped map, or a vector in tests).
@@ -30,10 +30,10 @@ pub const FILLED: bool = cfg!(target_arch = "x86_64");
 /// The cache's content as the controller keeps it, and the words it writes.
 pub struct SvcCache<W: Words> {
     words: W,
-    /// Every IPv4 service: cache key → value words.
-    services: BTreeMap<u64, [u32; 6]>,
+    /// Every service: cache key → value words.
+    services: BTreeMap<CacheKey, [u32; 6]>,
     /// Cache keys by slot.
-    by_slot: BTreeMap<u32, BTreeSet<u64>>,
+    by_slot: BTreeMap<u32, BTreeSet<CacheKey>>,
     filled: bool,
 }
 
@@ -52,31 +52,31 @@ impl<W: Words> SvcCache<W> {
     /// Makes the cache hold `services` (all of `LB_SERVICES`): every slot is rewritten that
     /// differs, the others are emptied (after an adoption the pinned cache may be another
     /// controller's).
-    pub fn rebuild(&mut self, services: impl IntoIterator<Item = (u64, ServiceValue)>) {
+    pub fn rebuild(&mut self, services: impl IntoIterator<Item = (CacheKey, ServiceValue)>) {
         self.services.clear();
         self.by_slot.clear();
         for (k, v) in services {
             self.services.insert(k, value_words(&v));
-            self.by_slot.entry(slot(k)).or_default().insert(k);
+            self.by_slot.entry(slot(&k)).or_default().insert(k);
         }
         for s in 0..lb_common::limits::SVC_CACHE_SLOTS {
             self.refresh(s);
         }
     }
 
-    /// The IPv4 service `key` now has `value`.
-    pub fn set(&mut self, key: u64, value: &ServiceValue) {
+    /// The service `key` now has `value`.
+    pub fn set(&mut self, key: CacheKey, value: &ServiceValue) {
         self.services.insert(key, value_words(value));
-        self.by_slot.entry(slot(key)).or_default().insert(key);
-        self.refresh(slot(key));
+        self.by_slot.entry(slot(&key)).or_default().insert(key);
+        self.refresh(slot(&key));
     }
 
-    /// The IPv4 service `key` is gone.
-    pub fn remove(&mut self, key: u64) {
+    /// The service `key` is gone.
+    pub fn remove(&mut self, key: CacheKey) {
         if self.services.remove(&key).is_none() {
             return;
         }
-        let s = slot(key);
+        let s = slot(&key);
         if let Some(keys) = self.by_slot.get_mut(&s) {
             keys.remove(&key);
             if keys.is_empty() {
@@ -92,11 +92,17 @@ impl<W: Words> SvcCache<W> {
     }
 
     /// What slot `s` holds: (key, value words), `None` when empty.
-    pub fn entry(&self, s: u32) -> Option<(u64, [u32; 6])> {
+    pub fn entry(&self, s: u32) -> Option<(CacheKey, [u32; 6])> {
         let base = s * WORDS as u32;
         let w = |i: usize| self.words.get(base + i as u32);
-        let key = w(KEY_LO) as u64 | (w(KEY_HI) as u64) << 32;
-        (key != 0).then(|| (key, std::array::from_fn(|i| w(VALUE + i))))
+        let key = CacheKey([
+            w(KEY_LO),
+            w(KEY_HI),
+            w(KEY_REST),
+            w(KEY_REST + 1),
+            w(KEY_REST + 2),
+        ]);
+        (key != CacheKey::default()).then(|| (key, std::array::from_fn(|i| w(VALUE + i))))
     }
 
     /// Writes slot `s` if it does not hold what it should: its smallest key's service, or
@@ -113,7 +119,7 @@ impl<W: Words> SvcCache<W> {
         if self.entry(s) == want {
             return;
         }
-        let (key, value) = want.unwrap_or((0, [0; 6]));
+        let (key, value) = want.unwrap_or_default();
         let base = s * WORDS as u32;
         // A seqlock writer: the count goes odd before any word changes and even after all
         // have (the program rereads the count and drops what it read if it moved).
@@ -121,10 +127,13 @@ impl<W: Words> SvcCache<W> {
         let odd = seq.wrapping_add(1) | 1;
         self.words.set(base + SEQ as u32, odd, Ordering::Relaxed);
         fence(Ordering::Release);
-        self.words
-            .set(base + KEY_LO as u32, key as u32, Ordering::Relaxed);
-        self.words
-            .set(base + KEY_HI as u32, (key >> 32) as u32, Ordering::Relaxed);
+        let [lo, hi, rest @ ..] = key.0;
+        self.words.set(base + KEY_LO as u32, lo, Ordering::Relaxed);
+        self.words.set(base + KEY_HI as u32, hi, Ordering::Relaxed);
+        for (i, v) in rest.iter().enumerate() {
+            self.words
+                .set(base + (KEY_REST + i) as u32, *v, Ordering::Relaxed);
+        }
         for (i, v) in value.iter().enumerate() {
             self.words
                 .set(base + (VALUE + i) as u32, *v, Ordering::Relaxed);
@@ -159,7 +168,7 @@ mod tests {
             .collect())
     }
 
-    fn key(last: u8, port: u16) -> u64 {
+    fn key(last: u8, port: u16) -> CacheKey {
         let p = port.to_be_bytes();
         ServiceKey {
             vip: [192, 0, 2, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -168,7 +177,19 @@ mod tests {
             family: FAMILY_V4,
         }
         .cache_key()
-        .unwrap()
+    }
+
+    fn key6(last: u8, port: u16) -> CacheKey {
+        let mut vip = [0u8; 16];
+        vip[..2].copy_from_slice(&[0x20, 0x01]);
+        vip[15] = last;
+        ServiceKey {
+            vip,
+            port: port.to_be_bytes(),
+            protocol: PROTO_TCP,
+            family: lb_common::FAMILY_V6,
+        }
+        .cache_key()
     }
 
     fn value(id: u32) -> ServiceValue {
@@ -180,13 +201,13 @@ mod tests {
         }
     }
 
-    /// Two keys of the same slot.
-    fn colliding() -> (u64, u64) {
+    /// Two keys of the same slot (`make` makes the second: IPv4 or IPv6).
+    fn colliding(make: fn(u8, u16) -> CacheKey) -> (CacheKey, CacheKey) {
         let a = key(1, 80);
         for last in 2..=255u8 {
             for port in 1..2000u16 {
-                let b = key(last, port);
-                if slot(b) == slot(a) {
+                let b = make(last, port);
+                if slot(&b) == slot(&a) {
                     return (a.min(b), a.max(b));
                 }
             }
@@ -196,34 +217,26 @@ mod tests {
 
     #[test]
     fn follows_the_services_and_the_smallest_key_holds_a_shared_slot() {
-        let m = mem();
-        let mut c = SvcCache::new(&m, true);
-        let (a, b) = colliding();
-        c.set(b, &value(2));
-        assert_eq!(c.entry(slot(b)), Some((b, value_words(&value(2)))));
-        c.set(a, &value(1));
-        assert_eq!(
-            c.entry(slot(a)),
-            Some((a, value_words(&value(1)))),
-            "smaller key"
-        );
-        c.set(a, &value(3));
-        assert_eq!(
-            c.entry(slot(a)),
-            Some((a, value_words(&value(3)))),
-            "new value"
-        );
-        c.remove(a);
-        assert_eq!(
-            c.entry(slot(a)),
-            Some((b, value_words(&value(2)))),
-            "b moves in"
-        );
-        c.remove(b);
-        assert_eq!(c.entry(slot(a)), None);
-        // Every write left the count even, and each rewrite moved it.
-        let seq = m.0[slot(a) as usize * WORDS + SEQ].load(Ordering::Relaxed);
-        assert!(seq.is_multiple_of(2) && seq >= 10, "{seq}");
+        // Two IPv4 services, then an IPv4 and an IPv6 one, in one slot.
+        for make in [key as fn(u8, u16) -> CacheKey, key6] {
+            let m = mem();
+            let mut c = SvcCache::new(&m, true);
+            let (a, b) = colliding(make);
+            let s = slot(&a);
+            c.set(b, &value(2));
+            assert_eq!(c.entry(s), Some((b, value_words(&value(2)))));
+            c.set(a, &value(1));
+            assert_eq!(c.entry(s), Some((a, value_words(&value(1)))), "smaller key");
+            c.set(a, &value(3));
+            assert_eq!(c.entry(s), Some((a, value_words(&value(3)))), "new value");
+            c.remove(a);
+            assert_eq!(c.entry(s), Some((b, value_words(&value(2)))), "b moves in");
+            c.remove(b);
+            assert_eq!(c.entry(s), None);
+            // Every write left the count even, and each rewrite moved it.
+            let seq = m.0[s as usize * WORDS + SEQ].load(Ordering::Relaxed);
+            assert!(seq.is_multiple_of(2) && seq >= 10, "{seq}");
+        }
     }
 
     #[test]
@@ -237,8 +250,8 @@ mod tests {
         let mut c = SvcCache::new(&m, true);
         let k = key(1, 443);
         c.rebuild([(k, value(1))]);
-        assert_eq!(c.entry(slot(stale)), None, "another controller's entry");
-        assert_eq!(c.entry(slot(k)), Some((k, value_words(&value(1)))));
+        assert_eq!(c.entry(slot(&stale)), None, "another controller's entry");
+        assert_eq!(c.entry(slot(&k)), Some((k, value_words(&value(1)))));
         let n = mem();
         let mut off = SvcCache::new(&n, false);
         off.set(k, &value(1));

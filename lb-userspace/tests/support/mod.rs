@@ -506,9 +506,21 @@ pub fn tcp4_with_options(
 
 /// A TCP segment with the given flags ("S", "SA", "A", "F", "FA", "R").
 pub fn tcp4_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
         .ipv4(src.octets(), dst.octets(), 64)
         .tcp(sport, dport, 1, 64240);
+    write(with_flags(b, flags), &[])
+}
+
+/// An IPv6 TCP segment with the given flags (as [`tcp4_flags`]).
+pub fn tcp6_flags(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240);
+    write(with_flags(b, flags), &[])
+}
+
+fn with_flags(mut b: PacketBuilderStep<TcpHeader>, flags: &str) -> PacketBuilderStep<TcpHeader> {
     for f in flags.chars() {
         b = match f {
             'S' => b.syn(),
@@ -519,7 +531,7 @@ pub fn tcp4_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &
             other => panic!("flag {other}"),
         };
     }
-    write(b, &[])
+    b
 }
 
 /// A config with one TCP service on 10.99.0.100:80 using `scheduler` and `weights`.
