@@ -43,7 +43,7 @@ pub const KEY_REST: usize = VALUE + 6;
 pub struct CacheKey(pub [u32; 5]);
 
 impl CacheKey {
-    /// Whether this is an IPv4 key (its last three words are zero).
+    /// Whether this is an IPv4 key (by its family byte; its last three words are then zero).
     #[inline(always)]
     pub fn is_v4(&self) -> bool {
         (self.0[1] >> 24) as u8 == FAMILY_V4

@@ -242,15 +242,7 @@ fn affinity(mode: Mode) {
         "no new connection on the added b3: {t:?}"
     );
 
-    let (ok, out, err) = conn
-        .finish(Duration::from_secs(10))
-        .expect("hold client exits");
-    assert!(ok, "the long-lived connection broke: {out:?} {err:?}");
-    let pings: u64 = out
-        .iter()
-        .find_map(|l| l.strip_prefix("done "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("done line");
+    let pings = held_pings(conn, "the long-lived connection broke");
     assert!(pings >= 5, "only {pings} echoes over the connection");
 }
 
@@ -295,15 +287,7 @@ fn udp_affinity(mode: Mode) {
         .expect("reload draining the held backend");
     std::thread::sleep(Duration::from_secs(1));
 
-    let (ok, out, err) = flow
-        .finish(Duration::from_secs(10))
-        .expect("hold-udp client exits");
-    assert!(ok, "the UDP flow moved or broke: {out:?} {err:?}");
-    let pings: u64 = out
-        .iter()
-        .find_map(|l| l.strip_prefix("done "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("done line");
+    let pings = held_pings(flow, "the UDP flow moved or broke");
     assert!(pings >= 30, "only {pings} echoes over the flow");
 
     // lb-maintenance.sh on a UDP backend also waits out the time its unrecorded flows may
@@ -746,6 +730,19 @@ fn maintenance_script(mode: Mode) {
         after.by_backend.get("b2").copied().unwrap_or(0) > 0,
         "b2 not back: {after:?}"
     );
+}
+
+/// Ends a held connection or flow (`lab-client --kind hold|hold-udp`): it must not have
+/// broken (`broke`: the message if it did); the echoes it got.
+fn held_pings(h: lab::Spawned, broke: &str) -> u64 {
+    let (ok, out, err) = h
+        .finish(Duration::from_secs(10))
+        .expect("held client exits");
+    assert!(ok, "{broke}: {out:?} {err:?}");
+    out.iter()
+        .find_map(|l| l.strip_prefix("done "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("done line")
 }
 
 /// Runs a script of scripts/ with `args`; it must succeed.

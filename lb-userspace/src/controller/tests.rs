@@ -796,6 +796,21 @@ fn shared_flows_map_by_address() {
     assert!(c.shared_of(&stale).is_none());
 }
 
+/// Drains A: exactly the table slots that changed are marked, the recorded flow's slot
+/// `kslot` among them, now on `b`. Returns those slots, sorted.
+fn drain_a(c: &mut Ctl, sid: u32, before: &[u32], kslot: u32, b: BackendId) -> Vec<u32> {
+    c.admin("web", addr(A), BackendAction::Drain).unwrap();
+    let after = c.maps.table(sid);
+    let want: Vec<u32> = (0..RING)
+        .filter(|i| before[*i as usize] != after[*i as usize])
+        .collect();
+    let mut got = c.maps.changed(sid);
+    got.sort();
+    assert_eq!(got, want, "exactly the slots that changed");
+    assert!(want.contains(&kslot) && after[kslot as usize] == b.0);
+    want
+}
+
 /// Records a counted flow to 10.0.0.100:`port` (`protocol`) on one of `backend`'s slots of
 /// `table` (the service's, `RING` slots), as the data plane would have; returns its slot.
 fn record_flow_on(c: &mut Ctl, table: &[u32], backend: BackendId, protocol: u8, port: u16) -> u32 {
@@ -853,16 +868,7 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     let before = c.maps.table(sid);
     let kslot = record_flow_on(&mut c, &before, a, lb_common::PROTO_TCP, 80);
 
-    c.admin("web", addr(A), BackendAction::Drain).unwrap();
-    let after = c.maps.table(sid);
-    let mut want: Vec<u32> = (0..RING)
-        .filter(|i| before[*i as usize] != after[*i as usize])
-        .collect();
-    let mut got = c.maps.changed(sid);
-    got.sort();
-    want.sort();
-    assert_eq!(got, want, "exactly the slots that changed");
-    assert!(want.contains(&kslot) && after[kslot as usize] == b.0);
+    let want = drain_a(&mut c, sid, &before, kslot, b);
 
     c.sweep(1).unwrap();
     assert_eq!(
@@ -930,16 +936,7 @@ fn changed_slots_of_udp_name_their_previous_backend() {
 
     let t1 = 2 + UDP_NS;
     set_now(t1);
-    c.admin("web", addr(A), BackendAction::Drain).unwrap();
-    let after = c.maps.table(sid);
-    let mut want: Vec<u32> = (0..RING)
-        .filter(|i| before[*i as usize] != after[*i as usize])
-        .collect();
-    let mut got = c.maps.changed(sid);
-    got.sort();
-    want.sort();
-    assert_eq!(got, want, "exactly the slots that changed");
-    assert!(want.contains(&kslot) && after[kslot as usize] == b.0);
+    let want = drain_a(&mut c, sid, &before, kslot, b);
     assert!(
         want.iter().all(|i| prev_of(&c, *i) == Some(a.0)),
         "each names A (draining: its flows stay)"
