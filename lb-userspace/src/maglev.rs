@@ -82,14 +82,19 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32
     let m_us = m as usize;
     let quotas = quotas(perms.iter().map(|(_, w)| *w), m);
     // The players' state side by side (one cache line holds two): next candidate slot
-    // (offset + next·skip mod m), skip, slots still to claim, index into `perms`.
+    // (offset + next·skip mod m), skip, skip − m, slots still to claim, index into `perms`.
+    let m64 = m as u64;
     let mut players: Vec<Player> = (0..perms.len())
         .filter(|&i| quotas[i] > 0)
-        .map(|i| Player {
-            slot: perms[i].0.offset % m as u64,
-            skip: perms[i].0.skip % m as u64,
-            left: quotas[i],
-            index: i as u64,
+        .map(|i| {
+            let skip = perms[i].0.skip % m64;
+            Player {
+                slot: perms[i].0.offset % m64,
+                skip,
+                back: skip.wrapping_sub(m64),
+                left: quotas[i] as u32,
+                index: i as u32,
+            }
         })
         .collect();
     if players.is_empty() {
@@ -98,7 +103,6 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32
     let mut table: Vec<u32> = vec![EMPTY; m_us];
     let mut taken = vec![0u64; m_us.div_ceil(64)];
     let mut filled = 0usize;
-    let m64 = m as u64;
     let tail = tail.min(m_us);
     // Where the tail resumes the turn order (the player after the last one that claimed).
     let mut resume = 0;
@@ -107,10 +111,10 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32
             if p.left == 0 {
                 continue;
             }
-            let s = next_free(&taken, p.slot, p.skip, m64);
+            let s = next_free(&taken, p.slot, p.skip, p.back);
             taken[(s >> 6) as usize] |= 1 << (s & 63);
-            table[s as usize] = p.index as u32;
-            p.slot = wrap_add(s, p.skip, m64);
+            table[s as usize] = p.index;
+            p.slot = step(s, p.skip, p.back);
             p.left -= 1;
             filled += 1;
             if filled == m_us {
@@ -129,13 +133,22 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32
     table
 }
 
-/// The first free slot at or after `s` in steps of `skip` (the walk).
+/// The first free slot at or after `s` in steps of `skip` (the walk; `back` is `skip − m`).
 #[inline(always)]
-fn next_free(taken: &[u64], mut s: u64, skip: u64, m: u64) -> u64 {
+fn next_free(taken: &[u64], mut s: u64, skip: u64, back: u64) -> u64 {
     while taken[(s >> 6) as usize] & (1 << (s & 63)) != 0 {
-        s = wrap_add(s, skip, m);
+        s = step(s, skip, back);
     }
     s
+}
+
+/// `s + skip` modulo `m`, for `s, skip < m`, given `back = skip − m` (wrapping): the smaller of
+/// `s + skip` and `s + skip − m` as unsigned numbers (the second wraps past 2^64 exactly when
+/// the first is below `m`). Both sums start from `s` at once, so a walk's step is an add, a
+/// compare and a select (one dependent operation fewer than [`wrap_add`]'s).
+#[inline(always)]
+fn step(s: u64, skip: u64, back: u64) -> u64 {
+    s.wrapping_add(skip).min(s.wrapping_add(back))
 }
 
 /// One backend's progress through its permutation.
@@ -143,8 +156,9 @@ fn next_free(taken: &[u64], mut s: u64, skip: u64, m: u64) -> u64 {
 struct Player {
     slot: u64,
     skip: u64,
-    left: u64,
-    index: u64,
+    back: u64,
+    left: u32,
+    index: u32,
 }
 
 /// Free slots at which [`build_from_permutations`] switches to the direct search: the walk
@@ -203,7 +217,7 @@ fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
             let Some(f) = (best_pos != u64::MAX).then(|| free.swap_remove(best)) else {
                 break;
             };
-            table[f as usize] = p.index as u32;
+            table[f as usize] = p.index;
             p.left -= 1;
             any = true;
         }
@@ -381,8 +395,24 @@ mod tests {
                 assert_eq!(a * mod_inverse(a, m) % m, 1);
             }
         }
-        for (s, step, m) in [(0u64, 3u64, 7u64), (5, 3, 7), (6, 6, 7), (0, 0, 7)] {
-            assert_eq!(wrap_add(s, step, m), (s + step) % m);
+        for (s, skip, m) in [
+            (0u64, 3u64, 7u64),
+            (5, 3, 7),
+            (6, 6, 7),
+            (0, 0, 7),
+            (3, 4, 7),
+        ] {
+            assert_eq!(wrap_add(s, skip, m), (s + skip) % m);
+            assert_eq!(step(s, skip, skip.wrapping_sub(m)), (s + skip) % m);
+        }
+        for m in [7u64, 65537, 4_294_967_291] {
+            for (s, skip) in [(0, 1), (m - 1, 1), (m - 1, m - 1), (m / 2, m / 2 + 1)] {
+                assert_eq!(
+                    step(s, skip, skip.wrapping_sub(m)),
+                    (s + skip) % m,
+                    "{s} + {skip} mod {m}"
+                );
+            }
         }
     }
 
