@@ -134,9 +134,19 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32
 }
 
 /// The first free slot at or after `s` in steps of `skip` (the walk; `back` is `skip − m`).
+/// The first two candidates are tested together and picked without a branch: while the table
+/// is less than half full, the first free one is almost always among them, and whether the
+/// first is taken is a coin toss the branch predictor would lose.
 #[inline(always)]
-fn next_free(taken: &[u64], mut s: u64, skip: u64, back: u64) -> u64 {
-    while taken[(s >> 6) as usize] & (1 << (s & 63)) != 0 {
+fn next_free(taken: &[u64], s: u64, skip: u64, back: u64) -> u64 {
+    let bit = |s: u64| (taken[(s >> 6) as usize] >> (s & 63)) & 1;
+    let s1 = step(s, skip, back);
+    let (b0, b1) = (bit(s), bit(s1));
+    if b0 & b1 == 0 {
+        return if b0 == 0 { s } else { s1 };
+    }
+    let mut s = step(s1, skip, back);
+    while bit(s) != 0 {
         s = step(s, skip, back);
     }
     s
