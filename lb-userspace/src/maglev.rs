@@ -135,8 +135,8 @@ fn build_with_tail(perms: &[(Permutation, u32)], m: u32, tail: usize) -> Vec<u32
 
 /// The first free slot at or after `s` in steps of `skip` (the walk; `back` is `skip − m`).
 /// The first two candidates are tested together and picked without a branch: while the table
-/// is less than half full, the first free one is among them three times in four or more, and whether the
-/// first is taken is a coin toss the branch predictor would lose.
+/// is at most half full, the first free slot is among them in three walks of four or more,
+/// and whether the first is taken is a coin toss the branch predictor would lose.
 #[inline(always)]
 fn next_free(taken: &[u64], s: u64, skip: u64, back: u64) -> u64 {
     let bit = |s: u64| (taken[(s >> 6) as usize] >> (s & 63)) & 1;
