@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod cmd;
 pub mod lab;
 pub mod labnet;
+pub mod upgrade;

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use xtask::{cmd, lab, labnet};
+use xtask::{cmd, lab, labnet, upgrade};
 
 mod bench;
 mod demo;
@@ -250,6 +250,16 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
         }
     }
     cmd::bootstrap()?;
+    // The previous release's `lb` for the upgrade test builds while the first tiers run.
+    let previous = if want("lab") {
+        println!(
+            "==> building the previous release's lb ({}) in the background",
+            upgrade::PREVIOUS_RELEASE
+        );
+        Some(upgrade::start()?)
+    } else {
+        None
+    };
     if want("host") {
         println!("==> tier 1: host unit tests");
         cmd::cargo(&["test", "--locked"], &[])?;
@@ -279,7 +289,9 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
             &[],
         )?;
     }
-    if want("lab") {
+    if let Some(previous) = previous {
+        // Before the lab tier: its tests must not share the CPUs with a compiler.
+        let old = previous.wait()?;
         println!("==> tier 3: lab tests in network namespaces");
         build()?;
         cmd::cargo(
@@ -299,6 +311,25 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
             ],
             &[],
         )?;
+        if let Some(old) = old {
+            println!("==> tier 3: upgrade from and downgrade to the previous release");
+            let old = old.to_string_lossy();
+            cmd::cargo(
+                &[
+                    "test",
+                    "--locked",
+                    "--package",
+                    "xtask",
+                    "--test",
+                    "upgrade",
+                    "--",
+                    "--ignored",
+                    "--test-threads=1",
+                    "--nocapture",
+                ],
+                &[("LB_PREVIOUS_LB", &old)],
+            )?;
+        }
         println!("==> tier 3: the README's demo (`cargo xtask demo`)");
         demo::run(demo::Args::default())?;
         println!("==> tier 3: several nodes (`cargo xtask demo --nodes 3`)");
