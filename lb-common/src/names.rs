@@ -53,8 +53,12 @@ pub const SVC_CACHE: &str = "LB_SVC_CACHE";
 /// Fragmented datagrams in flight: [`crate::FragKey`] → [`crate::FragValue`] (LRU hash): every
 /// fragment of a datagram goes where the first one to arrive went.
 pub const FRAGS: &str = "LB_FRAGS";
-/// `lb trace`'s settings: one [`crate::TraceConfig`] (array).
+/// `lb trace`'s settings: one [`crate::TraceConfig`] (array of one).
 pub const TRACE_CFG: &str = "LB_TRACE_CFG";
+/// The object's name for [`TRACE_CFG`]'s map: the program holds the setting as a global
+/// ([`GLOBAL_TRACE_SETTING`]) in this data section of its own, read without a map lookup; the
+/// controller pins the section's map as [`TRACE_CFG`].
+pub const TRACE_CFG_SECTION: &str = ".data.lb_trace";
 /// `lb trace`'s events: [`crate::TraceEvent`]s (ring buffer).
 pub const TRACE: &str = "LB_TRACE";
 /// `lb trace`'s rate limit and loss counts: [`crate::TraceRate`] (per-CPU array of one).
@@ -73,6 +77,9 @@ pub const LINK_PIN: &str = "link";
 /// Load-time global (`[u8; 6]`): the MAC of the interface lb_xdp is attached to (all zeros: no
 /// check of the destination MAC).
 pub const GLOBAL_IF_MAC: &str = "LB_IF_MAC";
+/// The global in [`TRACE_CFG_SECTION`] (a [`crate::TraceConfig`]): its value at load is the
+/// pinned setting's, so replacing the program keeps a running trace.
+pub const GLOBAL_TRACE_SETTING: &str = "LB_TRACE_SETTING";
 
 /// Every map name, for tests and diagnostics.
 pub const ALL_MAPS: [&str; 24] = [

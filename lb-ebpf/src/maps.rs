@@ -1,5 +1,7 @@
 //! The maps. Sizes given here are defaults; the controller sets the real ones at load time.
 
+use core::cell::UnsafeCell;
+
 use aya_ebpf::{
     Global,
     bindings::BPF_F_MMAPABLE,
@@ -114,9 +116,47 @@ pub static LB_SVC_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(M
 #[map]
 pub static LB_BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// `lb trace`'s settings (index 0); `until_ns == 0`: off.
-#[map]
-pub static LB_TRACE_CFG: Array<TraceConfig> = Array::with_max_entries(1, 0);
+/// `lb trace`'s settings; `until_ns == 0`: off. A global in a data section of its own
+/// (`names::TRACE_CFG_SECTION`): the kernel gives an array map of one entry a fixed address, so
+/// the program reads it with one load, no map lookup. That map is an array of one
+/// `TraceConfig`, as `LB_TRACE_CFG` always was, and the controller pins it under that name (an
+/// earlier version's pinned `LB_TRACE_CFG` is reused as it is, and the other way round).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.lb_trace")]
+pub static LB_TRACE_SETTING: TraceCell = TraceCell(UnsafeCell::new(TraceConfig {
+    until_ns: 0,
+    vip: [0; 16],
+    client: [0; 16],
+    backend_mac: [0; 6],
+    _pad: [0; 2],
+    filters: 0,
+    rate: 0,
+}));
+
+/// [`LB_TRACE_SETTING`]'s cell: written from userspace only (through the map), read here.
+#[repr(transparent)]
+pub struct TraceCell(UnsafeCell<TraceConfig>);
+
+// SAFETY: the program never writes the cell; userspace writes whole values through the map
+// (a reader may see an update half done, as with any array map value: `until_ns` is one
+// aligned load, and the rest only filters what a running trace records).
+unsafe impl Sync for TraceCell {}
+
+impl TraceCell {
+    /// `until_ns`, read anew each time (volatile: userspace changes it at any moment).
+    #[inline(always)]
+    pub fn until_ns(&self) -> u64 {
+        // SAFETY: an aligned field of a live static.
+        unsafe { core::ptr::read_volatile(&raw const (*self.0.get()).until_ns) }
+    }
+
+    /// The whole setting (a trace is running).
+    #[inline(always)]
+    pub fn get(&self) -> &TraceConfig {
+        // SAFETY: a live static; the program never writes it (see `Sync` above).
+        unsafe { &*self.0.get() }
+    }
+}
 
 /// `lb trace`'s events (`TraceEvent`s).
 #[map]

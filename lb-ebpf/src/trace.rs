@@ -1,6 +1,6 @@
 //! `lb trace`: each decision of `lb_xdp`, with the frame as it left, into the `LB_TRACE` ring
 //! buffer, filtered and rate-limited as `LB_TRACE_CFG` says. Off (`until_ns == 0`), the
-//! packet path pays one map load and one branch ([`maybe_trace`]).
+//! packet path pays one load and one branch ([`running`]).
 
 use aya_ebpf::{
     helpers::{
@@ -14,7 +14,7 @@ use lb_common::{
     TraceRate,
 };
 
-use crate::maps::{LB_BACKENDS, LB_TRACE, LB_TRACE_CFG, LB_TRACE_RATE};
+use crate::maps::{LB_BACKENDS, LB_TRACE, LB_TRACE_RATE, LB_TRACE_SETTING};
 
 /// What `lb_xdp` decided for one packet (filled along the way).
 pub struct Decision {
@@ -24,19 +24,17 @@ pub struct Decision {
     pub reason: u32,
 }
 
-/// Whether a trace may be running (`lb_xdp`'s single-pass path is then not taken).
+/// Whether a trace may be running (`lb_xdp`'s single-pass path is then not taken): one load.
 #[inline(always)]
 pub fn running() -> bool {
-    LB_TRACE_CFG.get(0).is_some_and(|cfg| cfg.until_ns != 0)
+    LB_TRACE_SETTING.until_ns() != 0
 }
 
-/// The one check on the packet path: is a trace running?
+/// After the full path: the decision to the trace, if one runs.
 #[inline(always)]
 pub fn maybe_trace(ctx: &XdpContext, d: &Decision, action: u32) {
-    if let Some(cfg) = LB_TRACE_CFG.get(0)
-        && cfg.until_ns != 0
-    {
-        trace(ctx, cfg, d, action);
+    if running() {
+        trace(ctx, LB_TRACE_SETTING.get(), d, action);
     }
 }
 

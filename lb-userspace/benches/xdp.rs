@@ -156,6 +156,10 @@ fn main() {
         let _ = targets(&mut f, &est, &non_vip);
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("ab") {
+        ab_objects();
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("paths") {
         // The per-path figures alone (quick A/B of a data-plane change).
         let mut f = Fixture::new(&bench_config());
@@ -611,6 +615,94 @@ fn repeat_v(f: &mut Fixture, program: &'static str, pkt: &[u8], want: u32) -> f6
     let (v, d) = run(prog(f, program), pkt, REPEAT);
     assert_eq!(v, want, "{program}: verdict");
     d.as_nanos() as f64
+}
+
+/// `LB_BENCH_ONLY=ab LB_BENCH_OBJECTS=a,b,...`: compiled lb-ebpf objects side by side, each in a
+/// fixture of its own, every path measured on every object in each of 30 rounds (back to back,
+/// so this VM's drift between runs falls on all alike); prints each object's median ns and the
+/// median of its per-round ratio to the first object.
+fn ab_objects() {
+    let paths = std::env::var("LB_BENCH_OBJECTS").expect("LB_BENCH_OBJECTS=a,b,...");
+    let objects: Vec<(String, Vec<u8>)> = paths
+        .split(',')
+        .map(|p| {
+            (
+                p.to_owned(),
+                std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}")),
+            )
+        })
+        .collect();
+    let mut fixtures: Vec<Fixture> = objects
+        .iter()
+        .map(|(_, o)| Fixture::from_object(&bench_config(), o))
+        .collect();
+    let cases: [(&str, Vec<u8>, u32, Stat); 4] = [
+        (
+            "established",
+            tcp4_flags(C1, 40000, VIP4, 80, "A"),
+            XDP_TX,
+            Stat::FlowStateless,
+        ),
+        (
+            "non-VIP",
+            syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22),
+            XDP_PASS,
+            Stat::PassNoService,
+        ),
+        (
+            "IPv6 established",
+            tcp6_flags(C6, 40000, VIP6, 80, "A"),
+            XDP_TX,
+            Stat::FlowStateless,
+        ),
+        (
+            "table hit (SYN)",
+            syn4(C1, 40000, VIP4, 80),
+            XDP_TX,
+            Stat::FlowHit,
+        ),
+    ];
+    for f in &mut fixtures {
+        assert_eq!(f.run(&cases[3].1).0, XDP_TX, "the SYN's flow recorded");
+    }
+    const AB_ROUNDS: usize = 30;
+    let mut ns = vec![vec![Vec::new(); cases.len()]; fixtures.len()];
+    let mut ratio = vec![vec![Vec::new(); cases.len()]; fixtures.len()];
+    for _ in 0..AB_ROUNDS {
+        for (c, (name, pkt, want, stat)) in cases.iter().enumerate() {
+            let mut first = 0.0;
+            for (i, f) in fixtures.iter_mut().enumerate() {
+                let before = f.snapshot().get(*stat);
+                let (v, d) = run(prog(f, "lb_xdp"), pkt, REPEAT / 4);
+                assert_eq!(v, *want, "{name}: verdict");
+                assert_eq!(
+                    f.snapshot().get(*stat) - before,
+                    (REPEAT / 4) as u64,
+                    "{name}: path"
+                );
+                let x = d.as_nanos() as f64;
+                if i == 0 {
+                    first = x;
+                }
+                ns[i][c].push(x);
+                ratio[i][c].push(x / first);
+            }
+        }
+    }
+    for (i, (path, _)) in objects.iter().enumerate() {
+        let row: Vec<String> = cases
+            .iter()
+            .enumerate()
+            .map(|(c, (name, ..))| {
+                format!(
+                    "{name} {:.0} ns ({:.3}×)",
+                    median(ns[i][c].clone()),
+                    median(ratio[i][c].clone())
+                )
+            })
+            .collect();
+        println!("{path}: {}", row.join("; "));
+    }
 }
 
 /// Rounds of `a` and `b` in alternation on the same packet (this VM drifts between runs more

@@ -1182,6 +1182,66 @@ fn loader_refuses_an_active_backend_without_mac() {
 
 // ---- lb trace ---------------------------------------------------------------------------------
 
+/// The trace setting is the pinned `LB_TRACE_CFG`, which the program reads as a global of its
+/// own data section: a program loaded onto the same pins (a restart of `lb run`, `--replace`)
+/// starts with the setting as it was, so a running trace goes on, and it follows the setting
+/// when it changes.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn a_running_trace_goes_on_through_a_reload_onto_the_pins() {
+    use aya::TestRun as _;
+    use lb_common::TraceConfig;
+    use lb_userspace::{dataplane::loader::Dataplane, trace::TraceMaps};
+    require_root();
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-bpf-test-{}", std::process::id()));
+    lb_userspace::dataplane::pin::ensure_bpffs(&pin).expect("a bpffs");
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&pin);
+    let first = Dataplane::load_pinned(4099, 1024, &pin, [0; 6]).expect("load pinned");
+    let mut pinned = TraceMaps::open_pinned(&pin).expect("the pinned trace maps");
+    let on = TraceConfig {
+        until_ns: u64::MAX,
+        rate: 1000,
+        ..TraceConfig::default()
+    };
+    pinned.set(&on).expect("trace on");
+    let mut second =
+        Dataplane::load_pinned(4099, 1024, &pin, [0; 6]).expect("reload onto the pins");
+    assert_eq!(
+        pinned.get().expect("read"),
+        on,
+        "loading a program onto the pins keeps the running trace's setting"
+    );
+    let run = |dp: &mut Dataplane| {
+        let pkt = tcp4(C1, 40100, VIP4, 80).0;
+        let mut out = vec![0u8; pkt.len() + 512];
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(&pkt),
+            data_out: Some(&mut out),
+            ..aya::programs::TestRunOptions::new()
+        };
+        dp.program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value
+    };
+    let _ = pinned.reset();
+    assert_eq!(run(&mut second), XDP_PASS, "no service: passed");
+    assert_eq!(pinned.drain().len(), 1, "the reloaded program traces");
+    pinned.set(&TraceConfig::default()).expect("trace off");
+    assert_eq!(run(&mut second), XDP_PASS);
+    assert!(
+        pinned.drain().is_empty(),
+        "off: the program follows the pinned setting"
+    );
+    drop(first);
+}
+
 /// The trace carries each decision with the frame *as sent* (after the MAC rewrite), obeys its
 /// filters and rate limit, and costs nothing visible when off.
 #[test]

@@ -366,15 +366,27 @@ impl Dataplane {
             return Err(LoaderError::NoObject);
         }
         let mac = mac_word(if_mac);
+        // The trace setting lives in a data section whose map gets its value at load: the
+        // pinned one's (a trace running through a program replacement goes on).
+        let trace_cfg = pin
+            .and_then(|pin| {
+                open_pinned_array::<lb_common::TraceConfig>(&pin.join(names::TRACE_CFG)).ok()
+            })
+            .and_then(|a| a.get(&0, 0).ok())
+            .unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(names::GLOBAL_IF_MAC, &mac, true)
+            // (Not required: an object of an earlier version, loaded by the bench's A/B, has
+            // the setting as an ordinary map.)
+            .override_global(names::GLOBAL_TRACE_SETTING, &trace_cfg, false)
             .map_max_entries(names::RING, ring_capacity.div_ceil(RING_CHUNK))
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {
             for name in names::ALL_MAPS {
                 loader.map_pin_path(name, pin.join(name));
             }
+            loader.map_pin_path(names::TRACE_CFG_SECTION, pin.join(names::TRACE_CFG));
         }
         let mut ebpf = loader
             .load(object)
@@ -789,7 +801,7 @@ impl Dataplane {
     /// Switches off a trace whose lease ran out (its `lb trace` died): the packet path is back
     /// to one branch. `now_coarse_ns` is CLOCK_MONOTONIC_COARSE. Returns whether it did.
     pub fn clear_expired_trace(&mut self, now_coarse_ns: u64) -> Result<bool> {
-        let Some(map) = self.ebpf.map_mut(names::TRACE_CFG) else {
+        let Some(map) = self.trace_cfg_name().and_then(|n| self.ebpf.map_mut(n)) else {
             return Ok(false);
         };
         let mut cfg: Array<&mut MapData, lb_common::TraceConfig> =
@@ -801,6 +813,14 @@ impl Dataplane {
         cfg.set(0, lb_common::TraceConfig::default(), 0)
             .map_err(map_err(names::TRACE_CFG))?;
         Ok(true)
+    }
+
+    /// The object's name for the trace setting's map: its data section, or (an earlier
+    /// version's object, in the bench's A/B) the map `LB_TRACE_CFG`.
+    fn trace_cfg_name(&self) -> Option<&'static str> {
+        [names::TRACE_CFG_SECTION, names::TRACE_CFG]
+            .into_iter()
+            .find(|n| self.ebpf.map(n).is_some())
     }
 
     /// A map of the object by name (benchmarks configure their bench-only maps with it).
@@ -817,7 +837,7 @@ impl Dataplane {
 
     /// Takes the trace maps out of the object (tests read traces of an unpinned program).
     pub fn trace_maps(&mut self) -> Option<crate::trace::TraceMaps> {
-        let cfg = self.ebpf.take_map(names::TRACE_CFG)?;
+        let cfg = self.ebpf.take_map(self.trace_cfg_name()?)?;
         let ring = self.ebpf.take_map(names::TRACE)?;
         let rate = self.ebpf.take_map(names::TRACE_RATE)?;
         crate::trace::TraceMaps::from_maps(cfg, ring, rate).ok()

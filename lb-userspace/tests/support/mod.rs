@@ -246,6 +246,19 @@ impl Fixture {
         Fixture { dp, desired }
     }
 
+    /// As [`Fixture::new`] with another compiled lb-ebpf object (the bench's A/B).
+    pub fn from_object(toml: &str, object: &[u8]) -> Fixture {
+        require_root();
+        pin_to_cpu0();
+        let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
+        let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
+        let mut dp =
+            Dataplane::load_object_for_mac(object, cfg.dataplane.ring_capacity, 65536, LB_MAC)
+                .unwrap_or_else(|e| panic!("load: {e:#}"));
+        dp.apply(&desired).expect("apply");
+        Fixture { dp, desired }
+    }
+
     /// As [`Fixture::new`], with every slot of the maglev/sh tables marked changed
     /// (`RING_DIRTY`): every flow is recorded in the connection table, as after a table change.
     /// For the tests of the connection table itself.
