@@ -619,8 +619,9 @@ fn repeat_v(f: &mut Fixture, program: &'static str, pkt: &[u8], want: u32) -> f6
 
 /// `LB_BENCH_ONLY=ab LB_BENCH_OBJECTS=a,b,...`: compiled lb-ebpf objects side by side, each in a
 /// fixture of its own, every path measured on every object in each of 30 rounds (back to back,
-/// so this VM's drift between runs falls on all alike); prints each object's median ns and the
-/// median of its per-round ratio to the first object.
+/// so this VM's drift between runs falls on all alike), then new flows (one call per packet,
+/// 10 rounds of 5 000 fresh SYNs); prints each object's median ns and the median of its
+/// per-round ratio to the first object.
 fn ab_objects() {
     let paths = std::env::var("LB_BENCH_OBJECTS").expect("LB_BENCH_OBJECTS=a,b,...");
     let objects: Vec<(String, Vec<u8>)> = paths
@@ -689,8 +690,26 @@ fn ab_objects() {
             }
         }
     }
+    // New flows, one call per packet (fresh SYNs each round; every object's table sees the
+    // same ones).
+    let mut new_ns = vec![Vec::new(); fixtures.len()];
+    let mut new_ratio = vec![Vec::new(); fixtures.len()];
+    for round in 0..10 {
+        let pkts = new_flow_syns(100 + round as u8, 5000);
+        let mut first = 0.0;
+        for (i, f) in fixtures.iter_mut().enumerate() {
+            let before = f.snapshot().get(Stat::FlowNew);
+            let x = one_per_call(f, "lb_xdp", &pkts, XDP_TX);
+            assert_eq!(f.snapshot().get(Stat::FlowNew) - before, 5000, "new flows");
+            if i == 0 {
+                first = x;
+            }
+            new_ns[i].push(x);
+            new_ratio[i].push(x / first);
+        }
+    }
     for (i, (path, _)) in objects.iter().enumerate() {
-        let row: Vec<String> = cases
+        let mut row: Vec<String> = cases
             .iter()
             .enumerate()
             .map(|(c, (name, ..))| {
@@ -701,6 +720,11 @@ fn ab_objects() {
                 )
             })
             .collect();
+        row.push(format!(
+            "new flow {:.0} ns ({:.3}×)",
+            median(new_ns[i].clone()),
+            median(new_ratio[i].clone())
+        ));
         println!("{path}: {}", row.join("; "));
     }
 }
