@@ -294,41 +294,10 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
         let old = previous.wait()?;
         println!("==> tier 3: lab tests in network namespaces");
         build()?;
-        cmd::cargo(
-            &[
-                "test",
-                "--locked",
-                "--package",
-                "xtask",
-                "--test",
-                "lab",
-                "--test",
-                "cluster",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-                "--nocapture",
-            ],
-            &[],
-        )?;
+        xtask_tests(&["lab", "cluster"], &[])?;
         if let Some(old) = old {
             println!("==> tier 3: upgrade from and downgrade to the previous release");
-            let old = old.to_string_lossy();
-            cmd::cargo(
-                &[
-                    "test",
-                    "--locked",
-                    "--package",
-                    "xtask",
-                    "--test",
-                    "upgrade",
-                    "--",
-                    "--ignored",
-                    "--test-threads=1",
-                    "--nocapture",
-                ],
-                &[("LB_PREVIOUS_LB", &old)],
-            )?;
+            xtask_tests(&["upgrade"], &[("LB_PREVIOUS_LB", &old.to_string_lossy())])?;
         }
         println!("==> tier 3: the README's demo (`cargo xtask demo`)");
         demo::run(demo::Args::default())?;
@@ -341,6 +310,17 @@ fn test(tiers: Vec<String>) -> anyhow::Result<()> {
     }
     println!("==> all requested tiers passed");
     Ok(())
+}
+
+/// `cargo test -p xtask --test <each> -- --ignored --test-threads=1 --nocapture`: the lab's
+/// tests, one at a time (they share the namespaces' names and the CPUs).
+fn xtask_tests(tests: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut args = vec!["test", "--locked", "--package", "xtask"];
+    for t in tests {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--ignored", "--test-threads=1", "--nocapture"]);
+    cmd::cargo(&args, envs)
 }
 
 /// Path of this xtask binary (it serves `lab-backend` / `lab-client` inside namespaces).
