@@ -367,7 +367,9 @@ impl Dataplane {
         }
         let mac = mac_word(if_mac);
         // The trace setting lives in a data section whose map gets its value at load: the
-        // pinned one's (a trace running through a program replacement goes on).
+        // pinned one's (a trace running through a program replacement goes on; a setting
+        // `lb trace` writes between this read and the load is lost, and written again by its
+        // next renewal, within a second).
         let trace_cfg = pin
             .and_then(|pin| {
                 open_pinned_array::<lb_common::TraceConfig>(&pin.join(names::TRACE_CFG)).ok()
