@@ -167,28 +167,32 @@ fn main() {
         let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
         f.run(&syn4(C1, 40000, VIP4, 80));
         for _ in 0..3 {
-            let (e, t, r) = paired(
+            let e = paired(
                 &mut f,
                 ("lb_xdp", XDP_TX, Stat::FlowStateless),
                 ("lb_baseline_tx", XDP_TX),
                 &est,
             );
-            let (p, q, r2) = paired(
+            let p = paired(
                 &mut f,
                 ("lb_xdp", XDP_PASS, Stat::PassNoService),
                 ("lb_baseline_pass", XDP_PASS),
                 &non_vip,
             );
             println!(
-                "established {e:.1} ns vs {t:.1} ({r:.2}×); non-VIP {p:.1} vs {q:.1} ({r2:.2}×)"
+                "established {:.1} ns vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×); non-VIP {:.1} vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
+                e.a, e.b, e.ratio, e.lo, e.hi, p.a, p.b, p.ratio, p.lo, p.hi
             );
-            let (e6, t6, r6) = paired(
+            let e6 = paired(
                 &mut f,
                 ("lb_xdp", XDP_TX, Stat::FlowStateless),
                 ("lb_baseline_tx", XDP_TX),
                 &tcp6_flags(C6, 40000, VIP6, 80, "A"),
             );
-            println!("IPv6 established {e6:.1} ns vs {t6:.1} ({r6:.2}×)");
+            println!(
+                "IPv6 established {:.1} ns vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
+                e6.a, e6.b, e6.ratio, e6.lo, e6.hi
+            );
         }
         return;
     }
@@ -730,14 +734,13 @@ fn ab_objects() {
 }
 
 /// Rounds of `a` and `b` in alternation on the same packet (this VM drifts between runs more
-/// than some differences measured): (median a, median b, median of the per-round a/b), and
-/// `check` must count every repeat of `a`.
+/// than some differences measured), and `check` must count every repeat of `a`.
 fn paired(
     f: &mut Fixture,
     (a, want_a, check): (&'static str, u32, Stat),
     (b, want_b): (&'static str, u32),
     pkt: &[u8],
-) -> (f64, f64, f64) {
+) -> Paired {
     let (mut xs, mut ys, mut rs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 * ROUNDS {
         let before = f.snapshot().get(check);
@@ -753,7 +756,25 @@ fn paired(
         ys.push(y);
         rs.push(x / y);
     }
-    (median(xs), median(ys), median(rs))
+    let lo = rs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = rs.iter().copied().fold(0.0, f64::max);
+    Paired {
+        a: median(xs),
+        b: median(ys),
+        ratio: median(rs),
+        lo,
+        hi,
+    }
+}
+
+/// [`paired`]'s figures: the medians of `a` and `b` (ns), the median of the per-round a/b and
+/// its range over the rounds (this VM's fast and slow moments).
+struct Paired {
+    a: f64,
+    b: f64,
+    ratio: f64,
+    lo: f64,
+    hi: f64,
 }
 
 /// Issue #13's figures, each beside its target, computed in this run.
@@ -771,7 +792,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     };
     println!("issue #13 targets (interleaved rounds, medians):");
     // `est`: an ACK of an established flow through an unchanged slot (the stateless path).
-    let (e, t, r) = paired(
+    let e = paired(
         f,
         ("lb_xdp", XDP_TX, Stat::FlowStateless),
         ("lb_baseline_tx", XDP_TX),
@@ -779,14 +800,15 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     );
     target(
         "established_vs_trivial_tx",
-        r,
+        e.ratio,
         2.5,
         "×",
         format!(
-            "established flow (TCP ACK, unchanged slot) {e:.1} ns, trivial XDP_TX {t:.1} ns (repeat mode)"
+            "established flow (TCP ACK, unchanged slot) {:.1} ns, trivial XDP_TX {:.1} ns (repeat mode; rounds {:.2}–{:.2}×)",
+            e.a, e.b, e.lo, e.hi
         ),
     );
-    let (p, q, r) = paired(
+    let p = paired(
         f,
         ("lb_xdp", XDP_PASS, Stat::PassNoService),
         ("lb_baseline_pass", XDP_PASS),
@@ -794,10 +816,13 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     );
     target(
         "non_vip_vs_trivial_pass",
-        r,
+        p.ratio,
         1.5,
         "×",
-        format!("non-VIP {p:.1} ns, trivial XDP_PASS {q:.1} ns (an all-ports service configured)"),
+        format!(
+            "non-VIP {:.1} ns, trivial XDP_PASS {:.1} ns (an all-ports service configured; rounds {:.2}–{:.2}×)",
+            p.a, p.b, p.lo, p.hi
+        ),
     );
     // New flows, one call per packet, against the XDP_PASS floor measured on the same packets.
     let mut above = Vec::new();
