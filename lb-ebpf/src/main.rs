@@ -91,7 +91,7 @@ fn count_verdict(action: u32) {
 /// service found in the service cache, through an unchanged table slot (`flow_stateless`, see
 /// `select::stateless`). For an IPv4 header without options or an IPv6 header without
 /// extension headers, then a whole TCP or UDP header (no VLAN tag, no fragment). Exactly what
-/// [`process`] decides and counts for these packets; other IPv4 packets of a cached service
+/// [`process`] decides and counts for these packets; other packets of a cached service
 /// continue with [`to_service`] (not parsed twice). `None`: the rest, before anything was
 /// counted or changed; [`process`] then takes the packet from the start.
 #[inline(always)]
@@ -121,7 +121,7 @@ fn single_pass(ctx: &XdpContext) -> Option<u32> {
     let (ports, tcp_flags) = l4_ports(ctx, EthHdr::LEN + Ipv4Hdr::LEN, ip.proto)?;
     let mut key = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
     key.set_ports(ports);
-    decide::<true>(ctx, &key, tcp_flags, frame_len as u64)
+    decide(ctx, &key, tcp_flags, frame_len as u64)
 }
 
 /// [`single_pass`] of an IPv6 frame: TCP or UDP right after the fixed header, a payload length
@@ -139,7 +139,7 @@ fn single_pass_v6(ctx: &XdpContext) -> Option<u32> {
     let (ports, tcp_flags) = l4_ports(ctx, L4, ip.next_hdr)?;
     let mut key = FlowKey::v6(&ip.src_addr, &ip.dst_addr, ip.next_hdr);
     key.set_ports(ports);
-    decide::<false>(ctx, &key, tcp_flags, frame_len as u64)
+    decide(ctx, &key, tcp_flags, frame_len as u64)
 }
 
 /// The ports (as on the wire) and TCP flags of the whole TCP or UDP header at `l4`.
@@ -160,24 +160,16 @@ fn l4_ports(ctx: &XdpContext, l4: usize, protocol: u8) -> Option<([u8; 4], u8)> 
     }
 }
 
-/// [`single_pass`]'s decision for a parsed flow. `RESUME`: a packet of a cached service that
-/// is not stateless goes on with [`to_service`] (IPv4; else `None`: the full path).
+/// [`single_pass`]'s decision for a parsed flow. A packet of a cached service that is not
+/// stateless goes on with [`to_service`] from here (not parsed again).
 #[inline(always)]
-fn decide<const RESUME: bool>(
-    ctx: &XdpContext,
-    key: &FlowKey,
-    tcp_flags: u8,
-    frame_len: u64,
-) -> Option<u32> {
+fn decide(ctx: &XdpContext, key: &FlowKey, tcp_flags: u8, frame_len: u64) -> Option<u32> {
     if !maybe_vip(key) {
         count(Stat::PassNoService);
         return Some(xdp_action::XDP_PASS);
     }
     let svc = cached_service(key)?;
     let Some((id, b)) = select::stateless(key, &svc, tcp_flags) else {
-        if !RESUME {
-            return None;
-        }
         // The rest of the full path from here (no trace runs: the decision is not needed).
         let mut d = Decision {
             key: *key,

@@ -641,7 +641,7 @@ fn ab_objects() {
         .iter()
         .map(|(_, o)| Fixture::from_object(&bench_config(), o))
         .collect();
-    let cases: [(&str, Vec<u8>, u32, Stat); 4] = [
+    let cases: [(&str, Vec<u8>, u32, Stat); 5] = [
         (
             "established",
             tcp4_flags(C1, 40000, VIP4, 80, "A"),
@@ -666,9 +666,16 @@ fn ab_objects() {
             XDP_TX,
             Stat::FlowHit,
         ),
+        (
+            "IPv6 table hit (SYN)",
+            tcp6(C6, 40000, VIP6, 80).0,
+            XDP_TX,
+            Stat::FlowHit,
+        ),
     ];
     for f in &mut fixtures {
         assert_eq!(f.run(&cases[3].1).0, XDP_TX, "the SYN's flow recorded");
+        assert_eq!(f.run(&cases[4].1).0, XDP_TX, "the IPv6 SYN's flow recorded");
     }
     const AB_ROUNDS: usize = 30;
     let mut ns = vec![vec![Vec::new(); cases.len()]; fixtures.len()];
