@@ -1189,7 +1189,6 @@ fn loader_refuses_an_active_backend_without_mac() {
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn a_running_trace_goes_on_through_a_reload_onto_the_pins() {
-    use aya::TestRun as _;
     use lb_common::TraceConfig;
     use lb_userspace::{dataplane::loader::Dataplane, trace::TraceMaps};
     require_root();
@@ -1217,19 +1216,8 @@ fn a_running_trace_goes_on_through_a_reload_onto_the_pins() {
         on,
         "loading a program onto the pins keeps the running trace's setting"
     );
-    let run = |dp: &mut Dataplane| {
-        let pkt = tcp4(C1, 40100, VIP4, 80).0;
-        let mut out = vec![0u8; pkt.len() + 512];
-        let opts = aya::programs::TestRunOptions {
-            data_in: Some(&pkt),
-            data_out: Some(&mut out),
-            ..aya::programs::TestRunOptions::new()
-        };
-        dp.program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value
-    };
+    let pkt = tcp4(C1, 40100, VIP4, 80).0;
+    let run = |dp: &mut Dataplane| run_on(dp, &pkt).0;
     let _ = pinned.reset();
     assert_eq!(run(&mut second), XDP_PASS, "no service: passed");
     assert_eq!(pinned.drain().len(), 1, "the reloaded program traces");

@@ -193,6 +193,19 @@ pub fn cpus() -> usize {
     if n > 0 { n as usize } else { 1 }
 }
 
+/// Runs one packet through `dp`'s program: verdict and output frame.
+pub fn run_on(dp: &mut Dataplane, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; pkt.len() + 512];
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    };
+    let r = dp.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -227,34 +240,33 @@ impl Fixture {
 
     /// As [`Fixture::new`] with a connection table of `flows` entries.
     pub fn with_flow_table(toml: &str, flows: u32) -> Fixture {
-        require_root();
-        pin_to_cpu0();
-        let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
-        let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
         // LB_BENCH_OBJECT: another compiled lb-ebpf object instead of the embedded one (an A/B
         // of a data-plane change on the same machine, minutes apart).
-        let mut dp = match std::env::var_os("LB_BENCH_OBJECT") {
-            Some(path) => {
-                let object = std::fs::read(&path)
-                    .unwrap_or_else(|e| panic!("LB_BENCH_OBJECT {}: {e}", path.display()));
-                Dataplane::load_object_for_mac(&object, cfg.dataplane.ring_capacity, flows, LB_MAC)
-            }
-            None => Dataplane::load_for_mac(cfg.dataplane.ring_capacity, flows, LB_MAC),
-        }
-        .unwrap_or_else(|e| panic!("load: {e:#}"));
-        dp.apply(&desired).expect("apply");
-        Fixture { dp, desired }
+        let object = std::env::var_os("LB_BENCH_OBJECT").map(|path| {
+            std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("LB_BENCH_OBJECT {}: {e}", path.display()))
+        });
+        Fixture::load(toml, flows, object.as_deref())
     }
 
     /// As [`Fixture::new`] with another compiled lb-ebpf object (the bench's A/B).
     pub fn from_object(toml: &str, object: &[u8]) -> Fixture {
+        Fixture::load(toml, 65536, Some(object))
+    }
+
+    /// `object`, or the embedded one, loaded with a table of `flows` entries and filled from
+    /// `toml`.
+    fn load(toml: &str, flows: u32, object: Option<&[u8]>) -> Fixture {
         require_root();
         pin_to_cpu0();
         let cfg = Config::parse(toml, Path::new("test.toml")).expect("valid test config");
         let desired = DesiredState::from_config(&cfg, &FakeInterfaces).expect("desired state");
-        let mut dp =
-            Dataplane::load_object_for_mac(object, cfg.dataplane.ring_capacity, 65536, LB_MAC)
-                .unwrap_or_else(|e| panic!("load: {e:#}"));
+        let ring = cfg.dataplane.ring_capacity;
+        let mut dp = match object {
+            Some(object) => Dataplane::load_object_for_mac(object, ring, flows, LB_MAC),
+            None => Dataplane::load_for_mac(ring, flows, LB_MAC),
+        }
+        .unwrap_or_else(|e| panic!("load: {e:#}"));
         dp.apply(&desired).expect("apply");
         Fixture { dp, desired }
     }
@@ -282,15 +294,7 @@ impl Fixture {
 
     /// Runs one packet: verdict and output frame.
     pub fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; pkt.len() + 512];
-        let opts = TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        };
-        let r = self.dp.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_on(&mut self.dp, pkt)
     }
 
     fn desired_service(&self, name: &str) -> &DesiredService {
