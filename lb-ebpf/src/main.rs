@@ -201,6 +201,19 @@ pub fn lb_baseline_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// The trivial forwarder issue #13 measures against: swaps the Ethernet addresses and sends the
+/// frame back (XDP_TX), as `xdp-bench tx -m swap-macs` does; a frame shorter than an Ethernet
+/// header is dropped. The controller never loads it.
+#[xdp]
+pub fn lb_baseline_swap(ctx: XdpContext) -> u32 {
+    let Some(eth) = bounds::ptr_at_mut::<EthHdr>(&ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: `ptr_at_mut` checked that the header lies inside the packet.
+    unsafe { core::mem::swap(&mut (*eth).dst_addr, &mut (*eth).src_addr) };
+    xdp_action::XDP_TX
+}
+
 /// A trivial XDP_PASS program: the floor `cargo xtask bench` measures passed packets and
 /// one-call-per-packet costs against. The controller never loads it.
 #[xdp]

@@ -167,10 +167,10 @@ fn main() {
         let non_vip = syn4(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22);
         f.run(&syn4(C1, 40000, VIP4, 80));
         for _ in 0..3 {
-            let e = paired(
+            let [e, noop] = paired_with(
                 &mut f,
                 ("lb_xdp", XDP_TX, Stat::FlowStateless),
-                ("lb_baseline_tx", XDP_TX),
+                [("lb_baseline_swap", XDP_TX), ("lb_baseline_tx", XDP_TX)],
                 &est,
             );
             let p = paired(
@@ -180,17 +180,17 @@ fn main() {
                 &non_vip,
             );
             println!(
-                "established {:.1} ns vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×); non-VIP {:.1} vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
-                e.a, e.b, e.ratio, e.lo, e.hi, p.a, p.b, p.ratio, p.lo, p.hi
+                "established {:.1} ns vs MAC swap {:.1} ({:.2}×, rounds {:.2}–{:.2}×), vs no-op {:.1} ({:.2}×); non-VIP {:.1} vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
+                e.a, e.b, e.ratio, e.lo, e.hi, noop.b, noop.ratio, p.a, p.b, p.ratio, p.lo, p.hi
             );
             let e6 = paired(
                 &mut f,
                 ("lb_xdp", XDP_TX, Stat::FlowStateless),
-                ("lb_baseline_tx", XDP_TX),
+                ("lb_baseline_swap", XDP_TX),
                 &tcp6_flags(C6, 40000, VIP6, 80, "A"),
             );
             println!(
-                "IPv6 established {:.1} ns vs {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
+                "IPv6 established {:.1} ns vs MAC swap {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
                 e6.a, e6.b, e6.ratio, e6.lo, e6.hi
             );
         }
@@ -209,6 +209,7 @@ fn main() {
     assert_eq!(f.run(&est6).0, XDP_TX);
 
     let base = repeated(&mut f, "lb_baseline_tx", &est, XDP_TX, None);
+    let swap = repeated(&mut f, "lb_baseline_swap", &est, XDP_TX, None);
     let established = repeated(&mut f, "lb_xdp", &est, XDP_TX, Some(Stat::FlowHit));
     let stateless = repeated(
         &mut f,
@@ -295,6 +296,13 @@ fn main() {
             "baseline: trivial XDP_TX program",
             "baseline_tx",
             base,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "baseline: trivial MAC-swap XDP_TX program",
+            "baseline_swap",
+            swap,
             base,
             REPEAT as usize,
         ),
@@ -744,11 +752,24 @@ fn ab_objects() {
 /// than some differences measured), and `check` must count every repeat of `a`.
 fn paired(
     f: &mut Fixture,
-    (a, want_a, check): (&'static str, u32, Stat),
-    (b, want_b): (&'static str, u32),
+    a: (&'static str, u32, Stat),
+    b: (&'static str, u32),
     pkt: &[u8],
 ) -> Paired {
-    let (mut xs, mut ys, mut rs) = (Vec::new(), Vec::new(), Vec::new());
+    let [p] = paired_with(f, a, [b], pkt);
+    p
+}
+
+/// [`paired`] against several baselines: each round runs `a`, then each baseline; one
+/// [`Paired`] per baseline.
+fn paired_with<const N: usize>(
+    f: &mut Fixture,
+    (a, want_a, check): (&'static str, u32, Stat),
+    baselines: [(&'static str, u32); N],
+    pkt: &[u8],
+) -> [Paired; N] {
+    let mut xs = Vec::new();
+    let mut ys: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
     for _ in 0..2 * ROUNDS {
         let before = f.snapshot().get(check);
         let x = repeat_v(f, a, pkt, want_a);
@@ -758,20 +779,21 @@ fn paired(
             "{a}: every repeat took the path counted by {}",
             check.name()
         );
-        let y = repeat_v(f, b, pkt, want_b);
         xs.push(x);
-        ys.push(y);
-        rs.push(x / y);
+        for ((b, want_b), y) in baselines.iter().zip(&mut ys) {
+            y.push(repeat_v(f, b, pkt, *want_b));
+        }
     }
-    let lo = rs.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = rs.iter().copied().fold(0.0, f64::max);
-    Paired {
-        a: median(xs),
-        b: median(ys),
-        ratio: median(rs),
-        lo,
-        hi,
-    }
+    std::array::from_fn(|i| {
+        let rs: Vec<f64> = xs.iter().zip(&ys[i]).map(|(x, y)| x / y).collect();
+        Paired {
+            a: median(xs.clone()),
+            b: median(ys[i].clone()),
+            ratio: median(rs.clone()),
+            lo: rs.iter().copied().fold(f64::INFINITY, f64::min),
+            hi: rs.iter().copied().fold(0.0, f64::max),
+        }
+    })
 }
 
 /// [`paired`]'s figures: the medians of `a` and `b` (ns), the median of the per-round a/b and
@@ -799,10 +821,12 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     };
     println!("issue #13 targets (interleaved rounds, medians):");
     // `est`: an ACK of an established flow through an unchanged slot (the stateless path).
-    let e = paired(
+    // Against the issue's trivial forwarder (MAC swap, XDP_TX); the program that returns
+    // XDP_TX without touching the frame is measured in the same rounds and reported beside it.
+    let [e, noop] = paired_with(
         f,
         ("lb_xdp", XDP_TX, Stat::FlowStateless),
-        ("lb_baseline_tx", XDP_TX),
+        [("lb_baseline_swap", XDP_TX), ("lb_baseline_tx", XDP_TX)],
         est,
     );
     target(
@@ -811,8 +835,8 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         2.5,
         "×",
         format!(
-            "established flow (TCP ACK, unchanged slot) {:.1} ns, trivial XDP_TX {:.1} ns (repeat mode; rounds {:.2}–{:.2}×)",
-            e.a, e.b, e.lo, e.hi
+            "established flow (TCP ACK, unchanged slot) {:.1} ns, trivial MAC-swap XDP_TX {:.1} ns (repeat mode; rounds {:.2}–{:.2}×); no-op XDP_TX {:.1} ns: {:.2}× (rounds {:.2}–{:.2}×)",
+            e.a, e.b, e.lo, e.hi, noop.b, noop.ratio, noop.lo, noop.hi
         ),
     );
     let p = paired(
@@ -1080,6 +1104,7 @@ fn plots(doc: &serde_json::Value, dir: &std::path::Path) {
     };
     let bars = [
         ("trivial XDP_TX", case("baseline_tx")),
+        ("trivial MAC-swap XDP_TX", case("baseline_swap")),
         ("established, stateless", case("established_v4_stateless")),
         ("established, table hit", case("established_v4")),
         ("established IPv6", case("established_v6")),
@@ -1174,7 +1199,7 @@ fn plots(doc: &serde_json::Value, dir: &std::path::Path) {
 /// with XDP_TX; a sink program on `va` counts them per destination MAC and drops them.
 /// Generator, forwarder and sink share one CPU (the thread is pinned; veth runs the peer's NAPI
 /// on the sending CPU). Forwarders: `lb_xdp` (this object, the tests' services) and the trivial
-/// MAC-swap-free XDP_TX program, in alternation, with 1 flow and with 100 000 flows, UDP and
+/// MAC-swap XDP_TX program (`lb_baseline_swap`, the issue's trivial forwarder), in alternation, with 1 flow and with 100 000 flows, UDP and
 /// TCP ACKs (established), both through unchanged slots (the stateless path). The
 /// sink's per-MAC counts are checked against lb_xdp's per-backend counters.
 fn live_frames() -> Option<serde_json::Value> {
@@ -1278,9 +1303,9 @@ fn live_frames() -> Option<serde_json::Value> {
         // speed from one second to the next): the ratio is the median of the rounds' ratios.
         for round in 0..LIVE_ROUNDS {
             let order = if round % 2 == 0 {
-                ["lb_xdp", "lb_baseline_tx"]
+                ["lb_xdp", "lb_baseline_swap"]
             } else {
-                ["lb_baseline_tx", "lb_xdp"]
+                ["lb_baseline_swap", "lb_xdp"]
             };
             for forwarder in order {
                 enter(&nb);
@@ -1370,7 +1395,7 @@ fn live_frames() -> Option<serde_json::Value> {
         );
         let (l, t) = (median(lb_pps), median(triv_pps));
         println!(
-            "live frames {proto} {flows:>6} flows: lb_xdp {:.2} Mpps, trivial XDP_TX {:.2} Mpps: {ratio:.2}× (rounds {lo:.2}–{hi:.2}×)",
+            "live frames {proto} {flows:>6} flows: lb_xdp {:.2} Mpps, trivial MAC-swap XDP_TX {:.2} Mpps: {ratio:.2}× (rounds {lo:.2}–{hi:.2}×)",
             l / 1e6,
             t / 1e6,
         );
