@@ -183,6 +183,14 @@ pub const SCHED_WRR: u32 = 2;
 pub const SCHED_LC: u32 = 3;
 /// Weighted least connections (`conns_i·w_j < conns_j·w_i`), same table shape as LC.
 pub const SCHED_WLC: u32 = 4;
+/// [`ServiceValue::flags`] of a maglev/sh TCP service with `record_connections = "on_change"`:
+/// its connections are recorded only once their table slot changed, as UDP flows are. A SYN
+/// through an unchanged slot is forwarded by the slot alone (`flow_stateless`, and a new flow of
+/// the service and backend), without a table insert; a FIN or RST looks its entry up and closes
+/// it, and inserts nothing when there is none; a changed slot keeps its previous backend for
+/// `timeouts.tcp` ([`RING_PREV`]).
+pub const SVC_F_TCP_ON_CHANGE: u32 = 1;
+
 /// What the data plane knows of a service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -191,7 +199,8 @@ pub struct ServiceValue {
     pub id: u32,
     /// `SCHED_*`.
     pub scheduler: u32,
-    /// Reserved for flags (0).
+    /// `SVC_F_*` (0 before layout 5's `SVC_F_TCP_ON_CHANGE`; a data plane that knows no flag
+    /// ignores it).
     pub flags: u32,
     /// rr/wrr: length of the sequence; lc/wlc: number of backends listed; else 0.
     pub ring_len: u32,

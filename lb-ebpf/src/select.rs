@@ -15,7 +15,7 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
     FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, SCHED_LC, SCHED_MAGLEV, SCHED_SH,
-    SCHED_WLC, SCHED_WRR, ServiceValue, SyncEvent,
+    SCHED_WLC, SCHED_WRR, SVC_F_TCP_ON_CHANGE, ServiceValue, SyncEvent,
     hash::{flow_hash, reduce, source_hash},
     ring_id, ring_prev,
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
@@ -30,6 +30,14 @@ use crate::{
     },
     stats::{count, count_new_flow},
 };
+
+/// Whether flows of `svc` through an unchanged slot are not recorded: UDP, and TCP of a
+/// service with `record_connections = "on_change"` (maglev/sh only: the other schedulers have
+/// no slot).
+#[inline(always)]
+fn on_change(key: &FlowKey, svc: &ServiceValue) -> bool {
+    key.protocol == PROTO_UDP || svc.flags & SVC_F_TCP_ON_CHANGE != 0
+}
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -91,13 +99,14 @@ pub fn backend_for_flow(
     // maglev/sh: the flow's table slot says more (the other schedulers have no slot).
     let entry = maglev_entry(key, svc);
     if let Some(e) = entry
-        && key.protocol == PROTO_UDP
+        && on_change(key, svc)
         && !moved
         && e != NO_BACKEND
         && e & RING_DIRTY == 0
     {
-        // An unchanged slot records no UDP flow: its backend is every one of its flows'. (Only
-        // first fragments come this way: the rest takes `stateless`. An entry whose backend
+        // An unchanged slot records no UDP flow (nor a TCP connection of an "on_change"
+        // service): its backend is every one of its flows'. (Only first fragments, and FIN/RST
+        // without an entry, come this way: the rest takes `stateless`. An entry whose backend
         // went away is rewritten below, so its count is not subtracted twice.)
         let b = usable(e)?;
         count(Stat::FlowStateless);
@@ -110,7 +119,9 @@ pub fn backend_for_flow(
         _ => schedule(svc, entry)?,
     };
     let b = usable(id)?;
-    let counted = !closing && (key.protocol == PROTO_UDP || syn);
+    // Counted: a UDP flow, a TCP connection from its SYN, or (on_change) one recorded through
+    // its changed slot.
+    let counted = !closing && (syn || on_change(key, svc));
     let value = FlowValue {
         backend: id,
         generation: b.generation,
@@ -318,13 +329,15 @@ fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
 /// ([`RING_DIRTY`] clear) goes to the slot's backend, which every flow of the slot has had,
 /// without the connection table: established TCP (no SYN, FIN or RST) and UDP. `None`: take
 /// the full path (SYN, FIN and RST, which open and close the recorded connection; other
-/// schedulers; a changed or empty slot; an inactive backend).
+/// schedulers; a changed or empty slot; an inactive backend). A service with
+/// [`SVC_F_TCP_ON_CHANGE`] takes SYNs this way too (counted as a new flow of the service and
+/// backend), unrecorded.
 ///
 /// What skipping the table means (README, "Stateless slots"): TCP connections are recorded at
-/// their SYN but their entries not touched afterwards; UDP flows of unchanged slots are not
-/// recorded at all. When a UDP service's slot changes, the controller keeps its previous
-/// backend in the slot ([`lb_common::RING_PREV`]) for `timeouts.udp`, so an unrecorded flow's
-/// next packet finds it and is recorded with it.
+/// their SYN (unless "on_change") but their entries not touched afterwards; UDP flows of
+/// unchanged slots are not recorded at all. When such a service's slot changes, the controller
+/// keeps its previous backend in the slot ([`lb_common::RING_PREV`]) for the protocol's idle
+/// timeout, so an unrecorded flow's next packet finds it and is recorded with it.
 #[inline(always)]
 pub fn stateless(
     key: &FlowKey,
@@ -333,6 +346,9 @@ pub fn stateless(
 ) -> Option<(u32, &'static Backend)> {
     match key.protocol {
         PROTO_TCP if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 => {}
+        // "on_change": a SYN is not recorded either (a FIN or RST may close a recorded one).
+        PROTO_TCP
+            if svc.flags & SVC_F_TCP_ON_CHANGE != 0 && tcp_flags & (TCP_FIN | TCP_RST) == 0 => {}
         PROTO_UDP => {}
         _ => return None,
     }
@@ -340,7 +356,11 @@ pub fn stateless(
     if e & RING_DIRTY != 0 {
         return None; // a changed slot, or an empty one (NO_BACKEND has every bit)
     }
-    Some((e, usable(e)?))
+    let b = usable(e)?;
+    if tcp_flags & TCP_SYN != 0 {
+        count_new_flow(svc.id, e); // a new connection, not recorded
+    }
+    Some((e, b))
 }
 
 /// The scan's state, on the caller's stack; `bpf_loop` hands a pointer to it to [`lc_step`].

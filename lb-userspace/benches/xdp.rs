@@ -872,6 +872,34 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         "ns",
         "a new 5-tuple per call (table insert), minus XDP_PASS per call".into(),
     );
+    // The same with the service recording connections only on change: a SYN through an
+    // unchanged slot is forwarded by the slot, not inserted (flow_stateless, asserted).
+    let mut oc = Fixture::new(&bench_config().replacen(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
+        1,
+    ));
+    let mut above = Vec::new();
+    for round in 0..ROUNDS {
+        let pkts = new_flow_syns(160 + round as u8, NEW_FLOWS);
+        let before = oc.snapshot().get(Stat::FlowStateless);
+        let lb = one_per_call(&mut oc, "lb_xdp", &pkts, XDP_TX);
+        assert_eq!(
+            oc.snapshot().get(Stat::FlowStateless) - before,
+            NEW_FLOWS as u64,
+            "every SYN by its unchanged slot"
+        );
+        let floor = one_per_call(&mut oc, "lb_baseline_pass", &pkts, XDP_PASS);
+        above.push(lb - floor);
+    }
+    assert_eq!(oc.snapshot().get(Stat::FlowNew), 0, "nothing inserted");
+    target(
+        "new_flow_on_change_above_pass_floor",
+        median(above),
+        200.0,
+        "ns",
+        "the same with record_connections = \"on_change\" (no table insert through an unchanged slot), minus XDP_PASS per call".into(),
+    );
 
     // 1M live flows, random lookups, against the same path with one hot flow.
     const FLOWS: u32 = 1_000_000;

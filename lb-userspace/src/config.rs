@@ -308,7 +308,34 @@ pub struct Service {
     pub min_healthy: u32,
     /// Slots of the service's table (`ring_size`, default `dataplane.ring_size`).
     pub ring_size: u32,
+    /// When TCP connections enter the connection table (`record_connections`).
+    pub record_connections: RecordConnections,
     pub backends: Vec<Backend>,
+}
+
+impl RecordConnections {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordConnections::AtSyn => "at_syn",
+            RecordConnections::OnChange => "on_change",
+        }
+    }
+}
+
+/// `record_connections`: when a TCP connection of a maglev/sh service is recorded in the
+/// connection table (README, Stateless slots).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordConnections {
+    /// At its SYN: active connections counted from the start, a connection keeps its backend
+    /// through any number of table changes.
+    #[default]
+    AtSyn,
+    /// Only once its table slot changes (as UDP flows): no table insert for a new connection
+    /// through an unchanged slot, so a SYN flood cannot fill the table; active connections
+    /// count the connections seen since their slot changed.
+    OnChange,
 }
 
 /// `fallback`: a service whose backends are all down.
@@ -448,6 +475,7 @@ struct RawService {
     fallback: Option<Fallback>,
     min_healthy: Option<i64>,
     ring_size: Option<i64>,
+    record_connections: Option<RecordConnections>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -1073,6 +1101,16 @@ impl Validator {
                 ));
             }
         };
+        let record_connections = rs.record_connections.unwrap_or_default();
+        if record_connections == RecordConnections::OnChange
+            && (protocol != Protocol::Tcp
+                || !matches!(scheduler, Scheduler::Maglev | Scheduler::Sh))
+        {
+            return Err(self.err(
+                format!("{loc}: record_connections"),
+                "\"on_change\" needs a tcp service with the maglev or sh scheduler (UDP flows of maglev/sh are always recorded on change; the other schedulers need every connection in the table)",
+            ));
+        }
         Ok(Service {
             name,
             vip,
@@ -1082,6 +1120,7 @@ impl Validator {
             fallback: rs.fallback.unwrap_or_default(),
             min_healthy,
             ring_size,
+            record_connections,
             backends,
         })
     }
@@ -1488,6 +1527,15 @@ mac = "02:00:00:00:00:22"
             (80, 1000, 500, 2, 2)
         );
         assert_eq!(c.services[0].fallback, Fallback::Drop);
+        assert_eq!(c.services[0].record_connections, RecordConnections::AtSyn);
+        let on_change = GOOD.replace(
+            "scheduler = \"maglev\"",
+            "scheduler = \"sh\"\nrecord_connections = \"on_change\"",
+        );
+        assert_eq!(
+            parse(&on_change).unwrap().services[0].record_connections,
+            RecordConnections::OnChange
+        );
         let with = GOOD.replacen(
             "scheduler = \"maglev\"\n",
             "scheduler = \"maglev\"\nfallback = \"all\"\n\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\nfall = 3\n",
@@ -1643,6 +1691,21 @@ mac = "02:00:00:00:00:22"
                 "scheduler = \"maglev\"",
                 "scheduler = \"maglev\"\nring_size = 11",
                 "service \"web\": backend: 2 backends for a ring of 11 slots",
+            ),
+            (
+                "scheduler = \"maglev\"",
+                "scheduler = \"rr\"\nrecord_connections = \"on_change\"",
+                "lb.toml: service \"web\": record_connections: \"on_change\" needs a tcp service with the maglev or sh scheduler",
+            ),
+            (
+                "protocol = \"tcp\"",
+                "protocol = \"udp\"\nrecord_connections = \"on_change\"",
+                "lb.toml: service \"web\": record_connections: \"on_change\" needs a tcp service",
+            ),
+            (
+                "scheduler = \"maglev\"",
+                "scheduler = \"maglev\"\nrecord_connections = \"always\"",
+                "unknown variant `always`, expected `at_syn` or `on_change`",
             ),
             (
                 "ring_size = 65537",

@@ -241,11 +241,18 @@ fn schedule(
     };
     // maglev/sh: what the slot says beyond its backend.
     let udp = key.protocol == lb_common::PROTO_UDP;
+    let on_change = !udp && svc.value.flags & lb_common::SVC_F_TCP_ON_CHANGE != 0;
     let slot_note = |v: u32| match lb_common::ring_prev(v) {
         Some(p) if udp => format!(
             "; the slot changed from backend #{p}: a UDP flow without an entry goes back there \
              while it is usable (a new one cannot be told from one of before the change) and is \
              recorded there"
+        ),
+        Some(p) if on_change => format!(
+            "; the slot changed from backend #{p}: a packet without an entry that is not a SYN \
+             goes back there while it is usable and is recorded there (record_connections = \
+             on_change: connections of the unchanged slot were not recorded), a new connection \
+             comes here"
         ),
         Some(p) => format!(
             "; the slot changed from backend #{p}: a packet without an entry that is not a SYN \
@@ -253,6 +260,8 @@ fn schedule(
         ),
         None if v != NO_BACKEND && v & lb_common::RING_DIRTY == 0 => if udp {
             "; an unchanged slot: its UDP flows are not recorded"
+        } else if on_change {
+            "; an unchanged slot: its connections are not recorded (record_connections = on_change)"
         } else {
             "; an unchanged slot: established packets skip the connection table"
         }

@@ -393,6 +393,7 @@ mod tests {
                 ring_digest: String::new(),
                 changed_slots: 0,
                 ring_size: 65537,
+                record_connections: "at_syn".into(),
                 traffic,
                 backends: vec![api::BackendStatus {
                     address: "10.0.0.21".parse().unwrap(),

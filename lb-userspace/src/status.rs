@@ -119,6 +119,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             ring_digest: format!("{:016x}", ds.ring_digest),
             changed_slots: ds.dirty.len() as u64,
             ring_size: ds.value.ring_size,
+            record_connections: cs.record_connections.name().to_owned(),
             traffic: rate(&now, before),
             backends,
         });

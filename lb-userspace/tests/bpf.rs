@@ -1660,7 +1660,8 @@ fn hostile_frames_are_harmless() {
 /// alike: the same frames (valid ones of every kind and TCP flag, and hostile variants of
 /// them) through two data planes of one config, one tracing, give the same verdicts, the same
 /// output bytes and, at the end, the same counters (global, per service, per backend). Once
-/// with unchanged tables, once with every slot marked changed (all recorded).
+/// with unchanged tables, once with every slot marked changed (all recorded), once with a
+/// service that records connections only on change.
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn the_single_pass_path_decides_as_the_full_path() {
@@ -1696,12 +1697,18 @@ fn the_single_pass_path_decides_as_the_full_path() {
         prop::collection::vec((0usize..80, any::<u8>()), 0..3),
         prop::option::weighted(0.1, 0usize..80),
     );
-    for recording in [false, true] {
+    // And with web4 recording its connections only on change (SYNs take the single pass).
+    let on_change = CONFIG.replacen(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
+        1,
+    );
+    for (recording, cfg) in [(false, CONFIG), (true, CONFIG), (false, on_change.as_str())] {
         let make = || {
             if recording {
-                Fixture::recording(CONFIG)
+                Fixture::recording(cfg)
             } else {
-                Fixture::new(CONFIG)
+                Fixture::new(cfg)
             }
         };
         let (mut single, mut full) = (make(), make());
@@ -2035,6 +2042,106 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
         other,
     );
     assert_eq!(f.dp.flow(&key7).unwrap().unwrap().backend, other);
+}
+
+/// `record_connections = "on_change"` (a TCP maglev service): a SYN through an unchanged slot
+/// is forwarded by the slot and not recorded (`flow_stateless`, a new flow of the service and
+/// the backend, no active connection); FIN and RST without an entry insert nothing; once the
+/// slot changes and names its previous backend, an unrecorded connection's next packet goes
+/// there and is recorded, counted, and its FIN closes it; a SYN then takes the slot's backend
+/// and is recorded. A recorded connection of an unchanged slot is closed by its FIN.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn on_change_records_tcp_only_when_its_slot_changed() {
+    let cfg = CONFIG.replacen(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
+        1,
+    );
+    let mut f = Fixture::new(&cfg);
+    let svc = f.service("web4");
+    assert_eq!(svc.value.flags, lb_common::SVC_F_TCP_ON_CHANGE);
+    let (syn, key) = tcp4(C1, 48000, VIP4, 80);
+    let b = f.expect_forward("SYN through an unchanged slot", &syn, &key, "web4");
+    assert!(f.dp.flow(&key).unwrap().is_none(), "the SYN: not recorded");
+    f.assert_stat(Stat::FlowStateless, 1);
+    f.assert_stat(Stat::FlowNew, 0);
+    let snap = f.snapshot();
+    assert_eq!(
+        snap.services[&svc.value.id].new_flows, 1,
+        "a new flow of the service"
+    );
+    assert_eq!(snap.backends[&b].new_flows, 1, "and of the backend");
+    assert_eq!(active(&mut f, b), 0);
+    f.expect_mac("ACK", &tcp4_flags(C1, 48000, VIP4, 80, "A"), b);
+    for flags in ["FA", "R"] {
+        f.expect_mac(
+            &format!("{flags} without an entry: the slot"),
+            &tcp4_flags(C1, 48000, VIP4, 80, flags),
+            b,
+        );
+        assert!(
+            f.dp.flow(&key).unwrap().is_none(),
+            "{flags}: nothing inserted"
+        );
+    }
+    f.assert_stat(Stat::FlowNew, 0);
+    assert_eq!(
+        f.snapshot().services[&svc.value.id].new_flows,
+        1,
+        "FIN, RST: no new flow"
+    );
+
+    // The slot changes from b to other and names b.
+    let other = *svc.backends.iter().find(|x| **x != b).unwrap();
+    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), svc.value.ring_size);
+    f.dp.set_slot(
+        svc.value.ring_base + slot,
+        lb_common::ring_value(other, true, Some(b)),
+    )
+    .unwrap();
+    f.expect_mac(
+        "unrecorded connection after the change: its previous backend",
+        &tcp4_flags(C1, 48000, VIP4, 80, "PA"),
+        b,
+    );
+    let e = f.dp.flow(&key).unwrap().expect("recorded");
+    assert_eq!(e.backend, b);
+    assert_ne!(e.flags & lb_common::FLOW_F_COUNTED, 0, "counted from now");
+    assert_eq!(active(&mut f, b), 1);
+    f.expect_mac("FIN: closes it", &tcp4_flags(C1, 48000, VIP4, 80, "FA"), b);
+    assert_eq!(active(&mut f, b), 0);
+    let (a3, p3, key3) = (0..32u8)
+        .flat_map(|h| (1024..=65535u16).map(move |p| (Ipv4Addr::new(10, 98, 2, h), p)))
+        .map(|(a, p)| (a, p, key4(a, p, VIP4, 80, 6)))
+        .find(|(_, _, k)| {
+            lb_common::hash::reduce(lb_common::hash::flow_hash(k), svc.value.ring_size) == slot
+        })
+        .expect("a flow on the same slot");
+    f.expect_mac(
+        "a SYN through the changed slot: its backend",
+        &tcp4(a3, p3, VIP4, 80).0,
+        other,
+    );
+    let e = f.dp.flow(&key3).unwrap().expect("recorded at the SYN");
+    assert_eq!(e.backend, other);
+    assert_eq!(active(&mut f, other), 1);
+
+    // The mark cleared (the sweep found no entry of another backend): the recorded
+    // connection's packets take the slot, its FIN still finds and closes its entry.
+    f.dp.set_slot(svc.value.ring_base + slot, other).unwrap();
+    f.expect_mac(
+        "ACK, unchanged slot",
+        &tcp4_flags(a3, p3, VIP4, 80, "A"),
+        other,
+    );
+    f.expect_mac("FIN", &tcp4_flags(a3, p3, VIP4, 80, "FA"), other);
+    assert_ne!(
+        f.dp.flow(&key3).unwrap().unwrap().flags & lb_common::FLOW_F_CLOSED,
+        0,
+        "closed"
+    );
+    assert_eq!(active(&mut f, other), 0);
 }
 
 /// UDP through a changed slot that names its previous backend: an unrecorded flow (a new one

@@ -189,9 +189,34 @@ fn distribution(mode: Mode) {
 /// under it: a backend is added, and the connection's own backend is set to weight 0 (drain).
 /// New connections follow the new weights meanwhile.
 fn affinity(mode: Mode) {
+    affinity_with(mode, false);
+}
+
+/// [`affinity`] with the echo service recording its connections only on change
+/// (`record_connections = "on_change"`): the held connection's SYN is not recorded, so it keeps
+/// its backend through the changed slots' previous backends (README, Stateless slots).
+fn affinity_on_change(mode: Mode) {
+    affinity_with(mode, true);
+}
+
+fn affinity_with(mode: Mode, on_change: bool) {
     let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    let echo = format!(
+        "name = \"echo\"\nvip = \"{}\"\nport = {}\nprotocol = \"tcp\"\n",
+        lab::VIP4,
+        lab::ECHO_PORT
+    );
+    let setting = |c: String| {
+        if on_change {
+            let with = format!("{echo}record_connections = \"on_change\"\n");
+            assert!(c.contains(&echo), "the echo service in {c}");
+            c.replacen(&echo, &with, 1)
+        } else {
+            c
+        }
+    };
     // Start with b1 and b2 only; b3 is added later.
-    let config = lab.config_with(mode, &[Some(100), Some(100), None]);
+    let config = setting(lab.config_with(mode, &[Some(100), Some(100), None]));
     lab.start_lb(&cmd::lb_binary(), &config).expect("lb run");
     let (conn, held) = hold(&mut lab, "10.99.0.15");
     let idx = lab
@@ -205,14 +230,14 @@ fn affinity(mode: Mode) {
     );
 
     // Change 1: add b3.
-    let added = lab.config_with(mode, &[Some(100), Some(100), Some(100)]);
+    let added = setting(lab.config_with(mode, &[Some(100), Some(100), Some(100)]));
     let r = lab.reload(&added).expect("reload adding b3");
     assert!(r.contains("backends +"), "{r}");
     std::thread::sleep(Duration::from_millis(500));
     // Change 2: the held connection's backend gets weight 0.
     let mut w = [Some(100u16), Some(100), Some(100)];
     w[idx] = Some(0);
-    lab.reload(&lab.config_with(mode, &w))
+    lab.reload(&setting(lab.config_with(mode, &w)))
         .expect("reload draining the held backend");
     std::thread::sleep(Duration::from_millis(500));
     // The slots that changed are marked: the held connection's packets consult the connection
@@ -228,6 +253,11 @@ fn affinity(mode: Mode) {
     assert!(
         echo["changed_slots"].as_u64().unwrap_or(0) > 0,
         "the echo table changed twice: {echo}"
+    );
+    assert_eq!(
+        echo["record_connections"],
+        if on_change { "on_change" } else { "at_syn" },
+        "{echo}"
     );
 
     // New connections: none to the drained backend, some to the new one.
@@ -2309,6 +2339,7 @@ both_modes!(
     dsr,
     distribution,
     affinity,
+    affinity_on_change,
     udp_affinity,
     non_vip_traffic,
     cli_drain,

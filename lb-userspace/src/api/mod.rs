@@ -145,6 +145,10 @@ pub struct ServiceStatus {
     /// Slots of the service's table (`ring_size`).
     #[serde(default)]
     pub ring_size: u32,
+    /// `record_connections`: `at_syn` or `on_change` (README, Stateless slots). Empty from a
+    /// daemon older than the setting (which records at the SYN).
+    #[serde(default)]
+    pub record_connections: String,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
 }

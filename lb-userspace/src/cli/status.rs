@@ -73,6 +73,10 @@ pub fn render(s: &api::Status) -> String {
                 format!(", {} changed slots", svc.changed_slots)
             } else {
                 String::new()
+            } + if svc.record_connections == "on_change" {
+                ", connections recorded on change"
+            } else {
+                ""
             },
             rate(t.packets_per_second),
             rate(t.bits_per_second),

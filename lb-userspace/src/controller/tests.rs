@@ -901,6 +901,46 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// A TCP service with `record_connections = "on_change"` keeps previous backends as UDP does,
+/// for `timeouts.tcp`; with the default (`at_syn`) its changed slots name none.
+#[test]
+fn changed_slots_of_tcp_on_change_name_their_previous_backend() {
+    const TCP_NS: u64 = 900 * 1_000_000_000; // timeouts.tcp, the default
+    let set_now = |t: u64| super::TEST_NOW.with(|n| n.set(Some(t)));
+    for on_change in [true, false] {
+        set_now(1);
+        let d = dir();
+        let net = FakeNet::default();
+        let mut text = config(&d, 100);
+        if on_change {
+            text = text.replace(
+                "protocol = \"tcp\"",
+                "protocol = \"tcp\"\nrecord_connections = \"on_change\"",
+            );
+        }
+        let mut c = start_with(&d, &net, &text);
+        reachable(&mut c, A, 1);
+        reachable(&mut c, B, 2);
+        let a = id(&c, A);
+        let sid = c.desired.services[0].value.id;
+        let base = c.desired.services[0].value.ring_base;
+        let prev_of = |c: &Ctl, i: u32| lb_common::ring_prev(c.maps.ring[&(base + i)]);
+        let changed = c.maps.changed(sid);
+        assert!(!changed.is_empty());
+        if !on_change {
+            assert!(changed.iter().all(|i| prev_of(&c, *i).is_none()));
+            continue;
+        }
+        assert!(changed.iter().all(|i| prev_of(&c, *i) == Some(a.0)));
+        set_now(TCP_NS);
+        c.sweep(0).unwrap();
+        assert_eq!(c.maps.changed(sid), changed, "within timeouts.tcp: kept");
+        set_now(1 + TCP_NS);
+        c.sweep(0).unwrap();
+        assert!(c.maps.changed(sid).is_empty(), "lapsed after timeouts.tcp");
+    }
+}
+
 /// Stateless slots of a UDP service: a slot that changes from unchanged (its flows were never
 /// recorded) names its previous backend until the UDP idle timeout lapses; a sweep clears every
 /// mark but those of slots with a live previous backend or an entry that names another backend;

@@ -253,6 +253,15 @@ impl DesiredService {
         matches!(self.value.scheduler, SCHED_MAGLEV | SCHED_SH)
     }
 
+    /// Whether flows of this service through an unchanged slot are not recorded (maglev/sh:
+    /// UDP, and TCP with `record_connections = "on_change"`), so a changed slot keeps its
+    /// previous backend for them.
+    pub fn records_on_change(&self) -> bool {
+        self.stateless()
+            && (self.key.protocol == lb_common::PROTO_UDP
+                || self.value.flags & lb_common::SVC_F_TCP_ON_CHANGE != 0)
+    }
+
     /// maglev/sh: the table slot of `key` (the data plane's hash); `None` for the other
     /// schedulers, whose tables are sequences or lists.
     pub fn slot_of(&self, key: &lb_common::FlowKey) -> Option<u32> {
@@ -356,14 +365,16 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
     d
 }
 
-/// maglev/sh UDP services: the previous backends of `next`'s changed slots, after `old` (the
-/// same service as the maps hold it), at `now_ns`; new ones are kept for `window_ns`. UDP flows
-/// of an unchanged slot are not recorded, so a slot that changes from unchanged names the
-/// backend it had (its unrecorded flows go back there and are recorded); one that had a
-/// previous backend keeps it until it lapses, unless the slot has that backend again. Another
-/// scheduler or table size: no slot corresponds, nothing is kept. TCP services have none: a
-/// connection is recorded at its SYN (active connections, drains), and a slot keeps its mark
-/// only while an entry names another backend.
+/// maglev/sh UDP services, and TCP services that record connections on change: the previous
+/// backends of `next`'s changed slots, after `old` (the same service as the maps hold it), at
+/// `now_ns`; new ones are kept for `window_ns`. Their flows of an unchanged slot are not
+/// recorded, so a slot that changes from unchanged names the backend it had (its unrecorded
+/// flows go back there and are recorded); one that had a previous backend keeps it until it
+/// lapses, unless the slot has that backend again. Another scheduler or table size: no slot
+/// corresponds, nothing is kept. Other TCP services have none: a connection is recorded at its
+/// SYN (active connections, drains), and a slot keeps its mark only while an entry names
+/// another backend. (A service that just switched from `on_change` still has unrecorded
+/// connections: it keeps previous backends too.)
 pub fn with_previous(
     next: &mut DesiredService,
     old: Option<&DesiredService>,
@@ -372,7 +383,9 @@ pub fn with_previous(
 ) {
     let old = old.filter(|o| {
         next.stateless()
-            && next.key.protocol == lb_common::PROTO_UDP
+            && (next.records_on_change()
+                || o.value.flags & lb_common::SVC_F_TCP_ON_CHANGE != 0
+                    && o.key.protocol == next.key.protocol)
             && o.value.scheduler == next.value.scheduler
             && o.ring.len() == next.ring.len()
     });
@@ -635,7 +648,10 @@ impl DesiredState {
                     Scheduler::Lc => SCHED_LC,
                     Scheduler::Wlc => SCHED_WLC,
                 },
-                flags: 0,
+                flags: match s.cfg.record_connections {
+                    config::RecordConnections::AtSyn => 0,
+                    config::RecordConnections::OnChange => lb_common::SVC_F_TCP_ON_CHANGE,
+                },
                 ring_len: 0,
                 ring_base: 0,
                 ring_size: s.cfg.ring_size,

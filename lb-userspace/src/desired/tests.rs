@@ -746,4 +746,31 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     with_previous(&mut tcp, Some(&old), 10, W);
     assert!(tcp.prev.is_empty());
     assert_eq!(tcp.slot_value(0), Some(2 | lb_common::RING_DIRTY));
+    // A TCP service with record_connections = "on_change" (its connections of unchanged slots
+    // are not recorded): as UDP. And one that just switched back to "at_syn" still has
+    // unrecorded connections: as UDP too; from at_syn to at_syn: none.
+    let tcp_svc = |ring: &[u32], dirty: &[u32], on_change: bool| {
+        let mut s = svc(ring, dirty, &[], 0);
+        s.key.protocol = lb_common::PROTO_TCP;
+        if on_change {
+            s.value.flags = lb_common::SVC_F_TCP_ON_CHANGE;
+        }
+        s
+    };
+    for (was, is, kept) in [
+        (true, true, true),
+        (true, false, true),
+        (false, true, true),
+        (false, false, false),
+    ] {
+        let old = tcp_svc(&[1, 1, 1, 1], &[2], was);
+        let mut next = tcp_svc(&[2, 2, 2, 1], &[0, 1, 2], is);
+        with_previous(&mut next, Some(&old), 10, W);
+        let want: BTreeMap<u32, u32> = if kept {
+            [(0, 1), (1, 1)].into_iter().collect()
+        } else {
+            BTreeMap::new()
+        };
+        assert_eq!(*next.prev, want, "on_change {was} → {is}");
+    }
 }
