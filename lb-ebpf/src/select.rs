@@ -357,8 +357,8 @@ pub fn stateless(
         return None; // a changed slot, or an empty one (NO_BACKEND has every bit)
     }
     let b = usable(e)?;
-    if tcp_flags & TCP_SYN != 0 {
-        count_new_flow(svc.id, e); // a new connection, not recorded
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        count_new_flow(svc.id, e); // a new connection (as `backend_for_flow` tells), not recorded
     }
     Some((e, b))
 }
