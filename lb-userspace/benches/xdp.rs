@@ -156,6 +156,10 @@ fn main() {
         let _ = targets(&mut f, &est, &non_vip);
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("flood") {
+        println!("{}", syn_flood());
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("ab") {
         ab_objects();
         return;
@@ -491,12 +495,50 @@ fn syn_flood() -> serde_json::Value {
         "SYN flood (65 536-entry table, {} new flows): new flow {new_room:.1} ns with room, {new_flood:.1} ns evicting; established ACK {est_quiet:.1} ns quiet, {est_flood:.1} ns under the flood",
         n
     );
+    // The same flood at a service with record_connections = "on_change": nothing inserted.
+    let mut g = Fixture::with_flow_table(
+        &bench_config().replacen(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
+            1,
+        ),
+        65_536,
+    );
+    one_per_call(&mut g, "lb_xdp", &syns, XDP_TX);
+    let (mut oc_new, mut oc_est) = (Vec::new(), Vec::new());
+    let mut m = 0u32;
+    for _ in 0..ROUNDS {
+        let flood: Vec<Vec<u8>> = (0..CHUNK)
+            .map(|_| {
+                m += 1;
+                let src = Ipv4Addr::new(10, 230 + (m >> 20) as u8, (m >> 12) as u8, (m >> 4) as u8);
+                syn4(src, 1024 + (m % 60_000) as u16, VIP4, 80)
+            })
+            .collect();
+        let before = g.snapshot().get(Stat::FlowStateless);
+        oc_new.push(one_per_call(&mut g, "lb_xdp", &flood, XDP_TX));
+        oc_est.push(one_per_call(&mut g, "lb_xdp", &acks, XDP_TX));
+        assert_eq!(
+            g.snapshot().get(Stat::FlowStateless) - before,
+            (CHUNK + EST) as u64,
+            "every SYN and ACK by its slot"
+        );
+    }
+    assert_eq!(g.snapshot().get(Stat::FlowNew), 0);
+    assert_eq!(g.dp.flow_count().unwrap(), 0, "nothing in the table");
+    let (oc_new, oc_est) = (median(oc_new), median(oc_est));
+    println!(
+        "SYN flood, record_connections = \"on_change\" ({m} new flows): new flow {oc_new:.1} ns, established ACK {oc_est:.1} ns under the flood; the table stays empty"
+    );
     serde_json::json!({
         "new_flow_with_room_ns": new_room,
         "new_flow_evicting_ns": new_flood,
         "established_quiet_ns": est_quiet,
         "established_under_flood_ns": est_flood,
         "flood_syns": n,
+        "on_change_new_flow_ns": oc_new,
+        "on_change_established_under_flood_ns": oc_est,
+        "on_change_flood_syns": m,
     })
 }
 
