@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Take a backend out of rotation without breaking a connection:
 #   1. drain it: no new flows, existing connections stay;
-#   2. wait until its active connections reach 0 and no unrecorded UDP flow can reach it
-#      any more (unrecorded_flows_seconds: maglev/sh UDP services, timeouts.udp after the
-#      drain), or --timeout seconds pass;
+#   2. wait until its active connections reach 0 and no unrecorded flow can reach it any
+#      more (unrecorded_flows_seconds: maglev/sh UDP services, timeouts.udp after the drain;
+#      TCP services with record_connections = "on_change", timeouts.tcp), or --timeout
+#      seconds pass;
 #   3. disable it: whatever is left is moved to other backends at its next packet.
 #
 # Usage: lb-maintenance.sh [--timeout SECONDS] [--interval SECONDS] <service> <address>
@@ -34,7 +35,7 @@ done
 service=$1
 address=$2
 
-# Sets left (active connections) and quiet (seconds unrecorded UDP flows may still come).
+# Sets left (active connections) and quiet (seconds unrecorded flows may still come).
 poll() {
   local show
   show=$("$LB" backend show "$service" "$address")
@@ -48,11 +49,11 @@ start=$SECONDS
 poll
 while [ "$left" -gt 0 ] || [ "$quiet" -gt 0 ]; do
   if [ $((SECONDS - start)) -ge "$timeout" ]; then
-    echo "lb-maintenance: $left connections still active after ${timeout}s (unrecorded UDP flows for ${quiet}s more); disabling moves them" >&2
+    echo "lb-maintenance: $left connections still active after ${timeout}s (unrecorded flows for ${quiet}s more); disabling moves them" >&2
     "$LB" backend disable "$service" "$address"
     exit 3
   fi
-  echo "lb-maintenance: $service $address draining, $left active connections, unrecorded UDP flows for ${quiet}s more"
+  echo "lb-maintenance: $service $address draining, $left active connections, unrecorded flows for ${quiet}s more"
   sleep "$interval"
   poll
 done
