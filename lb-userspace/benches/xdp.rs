@@ -446,6 +446,23 @@ fn main() {
 /// packet): a new flow into a table with room vs under the flood, an established packet
 /// without vs with the flood. Checked through the counters: every flood packet a new flow,
 /// every ACK the stateless path.
+/// `count` SYNs of fresh 5-tuples, from sources 10.`net`.x.y on; `n`: how many were made
+/// before (the next ones go on from there).
+fn flood_syns(net: u8, n: &mut u32, count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|_| {
+            *n += 1;
+            let src = Ipv4Addr::new(
+                10,
+                net + (*n >> 20) as u8,
+                (*n >> 12) as u8,
+                (*n >> 4) as u8,
+            );
+            syn4(src, 1024 + (*n % 60_000) as u16, VIP4, 80)
+        })
+        .collect()
+}
+
 fn syn_flood() -> serde_json::Value {
     const EST: usize = 10_000;
     const CHUNK: usize = 20_000;
@@ -471,13 +488,7 @@ fn syn_flood() -> serde_json::Value {
     let mut est_flood = Vec::new();
     let mut n = 0u32;
     for round in 0..2 * ROUNDS {
-        let flood: Vec<Vec<u8>> = (0..CHUNK)
-            .map(|_| {
-                n += 1;
-                let src = Ipv4Addr::new(10, 220 + (n >> 20) as u8, (n >> 12) as u8, (n >> 4) as u8);
-                syn4(src, 1024 + (n % 60_000) as u16, VIP4, 80)
-            })
-            .collect();
+        let flood = flood_syns(220, &mut n, CHUNK);
         let before = f.snapshot().get(Stat::FlowNew);
         let c = one_per_call(&mut f, "lb_xdp", &flood, XDP_TX);
         assert_eq!(f.snapshot().get(Stat::FlowNew) - before, CHUNK as u64);
@@ -496,25 +507,12 @@ fn syn_flood() -> serde_json::Value {
         n
     );
     // The same flood at a service with record_connections = "on_change": nothing inserted.
-    let mut g = Fixture::with_flow_table(
-        &bench_config().replacen(
-            "protocol = \"tcp\"\n",
-            "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
-            1,
-        ),
-        65_536,
-    );
+    let mut g = Fixture::with_flow_table(&on_change(&bench_config()), 65_536);
     one_per_call(&mut g, "lb_xdp", &syns, XDP_TX);
     let (mut oc_new, mut oc_est) = (Vec::new(), Vec::new());
     let mut m = 0u32;
     for _ in 0..ROUNDS {
-        let flood: Vec<Vec<u8>> = (0..CHUNK)
-            .map(|_| {
-                m += 1;
-                let src = Ipv4Addr::new(10, 230 + (m >> 20) as u8, (m >> 12) as u8, (m >> 4) as u8);
-                syn4(src, 1024 + (m % 60_000) as u16, VIP4, 80)
-            })
-            .collect();
+        let flood = flood_syns(230, &mut m, CHUNK);
         let before = g.snapshot().get(Stat::FlowStateless);
         oc_new.push(one_per_call(&mut g, "lb_xdp", &flood, XDP_TX));
         oc_est.push(one_per_call(&mut g, "lb_xdp", &acks, XDP_TX));
@@ -916,11 +914,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     );
     // The same with the service recording connections only on change: a SYN through an
     // unchanged slot is forwarded by the slot, not inserted (flow_stateless, asserted).
-    let mut oc = Fixture::new(&bench_config().replacen(
-        "protocol = \"tcp\"\n",
-        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
-        1,
-    ));
+    let mut oc = Fixture::new(&on_change(&bench_config()));
     let mut above = Vec::new();
     for round in 0..ROUNDS {
         let pkts = new_flow_syns(160 + round as u8, NEW_FLOWS);

@@ -1698,11 +1698,7 @@ fn the_single_pass_path_decides_as_the_full_path() {
         prop::option::weighted(0.1, 0usize..80),
     );
     // And with web4 recording its connections only on change (SYNs take the single pass).
-    let on_change = CONFIG.replacen(
-        "protocol = \"tcp\"\n",
-        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
-        1,
-    );
+    let on_change = on_change(CONFIG);
     for (recording, cfg) in [(false, CONFIG), (true, CONFIG), (false, on_change.as_str())] {
         let make = || {
             if recording {
@@ -2053,12 +2049,7 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn on_change_records_tcp_only_when_its_slot_changed() {
-    let cfg = CONFIG.replacen(
-        "protocol = \"tcp\"\n",
-        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
-        1,
-    );
-    let mut f = Fixture::new(&cfg);
+    let mut f = Fixture::new(&on_change(CONFIG));
     let svc = f.service("web4");
     assert_eq!(svc.value.flags, lb_common::SVC_F_TCP_ON_CHANGE);
     let (syn, key) = tcp4(C1, 48000, VIP4, 80);

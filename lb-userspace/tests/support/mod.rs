@@ -219,6 +219,18 @@ pub fn require_root() {
     );
 }
 
+/// `cfg` with its first TCP service (the tests' `web4`) recording connections only on change
+/// (`record_connections = "on_change"`).
+pub fn on_change(cfg: &str) -> String {
+    let tcp = "protocol = \"tcp\"\n";
+    assert!(cfg.contains(tcp), "a TCP service in the config");
+    cfg.replacen(
+        tcp,
+        "protocol = \"tcp\"\nrecord_connections = \"on_change\"\n",
+        1,
+    )
+}
+
 /// A service as the fixtures use it.
 #[derive(Clone, Debug)]
 pub struct Svc {
