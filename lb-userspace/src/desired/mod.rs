@@ -373,8 +373,9 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
 /// lapses, unless the slot has that backend again. Another scheduler or table size: no slot
 /// corresponds, nothing is kept. Other TCP services have none: a connection is recorded at its
 /// SYN (active connections, drains), and a slot keeps its mark only while an entry names
-/// another backend. (A service that just switched from `on_change` still has unrecorded
-/// connections: it keeps previous backends too.)
+/// another backend. (A TCP service switched from `on_change` still has unrecorded connections:
+/// it keeps previous backends, and adds new ones, in the change that switches it and while
+/// those it has live.)
 pub fn with_previous(
     next: &mut DesiredService,
     old: Option<&DesiredService>,
@@ -382,10 +383,13 @@ pub fn with_previous(
     window_ns: u64,
 ) {
     let old = old.filter(|o| {
+        // A TCP service switched from on_change (in this change, or with previous backends
+        // still live from it) has unrecorded connections.
+        let switched = o.key.protocol == next.key.protocol
+            && (o.value.flags & lb_common::SVC_F_TCP_ON_CHANGE != 0
+                || !o.prev.is_empty() && now_ns < o.prev_until_ns);
         next.stateless()
-            && (next.records_on_change()
-                || o.value.flags & lb_common::SVC_F_TCP_ON_CHANGE != 0
-                    && o.key.protocol == next.key.protocol)
+            && (next.records_on_change() || switched)
             && o.value.scheduler == next.value.scheduler
             && o.ring.len() == next.ring.len()
     });

@@ -772,5 +772,14 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
             BTreeMap::new()
         };
         assert_eq!(*next.prev, want, "on_change {was} → {is}");
+        if was && !is {
+            // The next change of the (now at_syn) service keeps them while they live.
+            let mut again = tcp_svc(&[2, 2, 3, 1], &[0, 1, 2], false);
+            with_previous(&mut again, Some(&next), 20, W);
+            assert_eq!(*again.prev, want, "live: kept");
+            let mut lapsed = tcp_svc(&[2, 2, 3, 1], &[0, 1, 2], false);
+            with_previous(&mut lapsed, Some(&next), 10 + W, W);
+            assert!(lapsed.prev.is_empty(), "lapsed: none");
+        }
     }
 }
