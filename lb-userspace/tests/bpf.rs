@@ -2259,6 +2259,46 @@ fn sweep_expires_udp_entries_of_unchanged_slots() {
     assert!(f.dp.flow(&key).unwrap().is_none());
 }
 
+/// With `record_connections = "on_change"` an open TCP entry of an unchanged slot (recorded
+/// while the slot was changed) is not needed either: it expires by idleness, its count
+/// subtracted, and the connection goes on by its slot (with `"at_syn"` it is kept, above).
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn sweep_expires_on_change_tcp_entries_of_unchanged_slots() {
+    use std::collections::BTreeMap;
+    let mut f = Fixture::new(&on_change(CONFIG));
+    let svc = f.service("web4");
+    let (_, key) = tcp4(C1, 47200, VIP4, 80);
+    let ack = tcp4_flags(C1, 47200, VIP4, 80, "A");
+    let b = f.predict(&key, "web4");
+    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), svc.value.ring_size);
+    // Recorded through its changed slot (counted), then the mark is cleared.
+    let other = *svc.backends.iter().find(|x| **x != b).unwrap();
+    f.dp.set_slot(
+        svc.value.ring_base + slot,
+        lb_common::ring_value(other, true, Some(b)),
+    )
+    .unwrap();
+    f.expect_mac("recorded with its previous backend", &ack, b);
+    assert_eq!(active(&mut f, b), 1);
+    f.dp.set_slot(svc.value.ring_base + slot, b).unwrap();
+    let seen = f.dp.flow(&key).unwrap().unwrap().last_seen_ns;
+    f.expect_mac("unchanged slot", &ack, b);
+    let t = lb_userspace::config::Timeouts {
+        tcp: 100,
+        tcp_fin: 10,
+        udp: 5,
+    };
+    let changed = BTreeMap::new();
+    let view = lb_userspace::desired::TableView::new(&f.desired, &changed);
+    let s = f.dp.sweep(seen + 101_000_000_000, &t, &view).unwrap();
+    assert_eq!((s.entries, s.exempt, s.expired), (1, 0, 1), "{s:?}");
+    assert!(f.dp.flow(&key).unwrap().is_none());
+    assert_eq!(active(&mut f, b), 0, "its count subtracted");
+    f.expect_mac("and it goes on by its slot", &ack, b);
+    assert!(f.dp.flow(&key).unwrap().is_none(), "unrecorded");
+}
+
 /// A SYN flood (ten times the connection table's size in distinct new 5-tuples) evicts the
 /// established flows' entries, yet their packets keep their backends: their slots never
 /// changed, so the slot decides (issue #13, SYN flood). The flood's own SYNs are all forwarded.

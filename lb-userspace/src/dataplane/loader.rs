@@ -905,8 +905,12 @@ impl Dataplane {
             if let Some(si) = &info {
                 // An open TCP connection of an unchanged slot: its packets skip the table, so
                 // its idle time says nothing. (A UDP entry there is not needed at all: the
-                // slot sends the flow to the same backend; it expires by idleness.)
-                let open = k.protocol == PROTO_TCP && v.flags & FLOW_F_CLOSED == 0;
+                // slot sends the flow to the same backend; it expires by idleness. So does a
+                // TCP one of a service that records on change: its count ends with it, and the
+                // connection goes on unrecorded, as one that never changed slot.)
+                let open = k.protocol == PROTO_TCP
+                    && !si.records_on_change
+                    && v.flags & FLOW_F_CLOSED == 0;
                 if !si.dirty && open && v.backend == si.backend && v.generation == si.generation {
                     stats.exempt += 1;
                     continue;

@@ -32,6 +32,9 @@ pub struct SlotInfo {
     pub dirty: bool,
     /// When the service's table last gained a changed slot (CLOCK_MONOTONIC_COARSE ns).
     pub changed_ns: u64,
+    /// The service records its flows only once their slot changed (UDP; TCP with
+    /// `record_connections = "on_change"`): an entry of an unchanged slot is not needed.
+    pub records_on_change: bool,
 }
 
 /// The sweep's view of the tables. Established packets of an unchanged maglev/sh slot skip the

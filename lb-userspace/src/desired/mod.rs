@@ -1149,6 +1149,7 @@ impl crate::dataplane::SlotView for TableView<'_> {
                 .map_or(0, |b| b.generation),
             dirty: s.dirty.contains(slot),
             changed_ns: self.changed_ns.get(&s.value.id).copied().unwrap_or(0),
+            records_on_change: s.records_on_change(),
         })
     }
 }
