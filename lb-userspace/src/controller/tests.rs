@@ -927,6 +927,21 @@ fn changed_slots_of_tcp_on_change_name_their_previous_backend() {
         let prev_of = |c: &Ctl, i: u32| lb_common::ring_prev(c.maps.ring[&(base + i)]);
         let changed = c.maps.changed(sid);
         assert!(!changed.is_empty());
+        // `lb explain` says so, whether the flow's slot changed or not.
+        let q = crate::explain::Query {
+            protocol: crate::config::Protocol::Tcp,
+            client: addr("192.0.2.7"),
+            client_port: 40000,
+            vip: addr("10.0.0.100"),
+            port: 80,
+        };
+        let e = c.explain(&q, 0).unwrap();
+        assert_eq!(
+            e.reason.contains("record_connections = on_change"),
+            on_change,
+            "{}",
+            e.reason
+        );
         if !on_change {
             assert!(changed.iter().all(|i| prev_of(&c, *i).is_none()));
             continue;
