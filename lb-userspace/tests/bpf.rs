@@ -2337,6 +2337,57 @@ fn established_flows_keep_their_backend_through_a_syn_flood() {
     assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, 50);
 }
 
+/// The connection table is shared: a SYN flood at an `"at_syn"` maglev service evicts the
+/// entries of an rr service's established connections (which then would be scheduled again);
+/// at an `"on_change"` one it writes nothing, and every rr connection keeps its entry and its
+/// backend.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn a_flood_at_an_on_change_service_evicts_no_other_entries() {
+    let rr = "\n[[service]]\nname = \"rr4\"\nvip = \"10.99.0.100\"\nport = 8080\nprotocol = \"tcp\"\nscheduler = \"rr\"\n[[service.backend]]\naddress = \"10.99.0.21\"\nmac = \"02:00:00:00:00:21\"\n[[service.backend]]\naddress = \"10.99.0.22\"\nmac = \"02:00:00:00:00:22\"\n";
+    for on in [false, true] {
+        let base = format!("{CONFIG}{rr}");
+        let cfg = if on { on_change(&base) } else { base };
+        let mut f = Fixture::with_flow_table(&cfg, 1024);
+        let flows: Vec<(u16, FlowKey, u32)> = (0..50u16)
+            .map(|i| {
+                let (syn, key) = tcp4(C1, 31000 + 2 * i, VIP4, 8080);
+                f.run(&syn);
+                let b =
+                    f.dp.flow(&key)
+                        .unwrap()
+                        .expect("an rr flow is recorded")
+                        .backend;
+                (31000 + 2 * i, key, b)
+            })
+            .collect();
+        for i in 0..10_240u32 {
+            let src = Ipv4Addr::new(10, 97, (i >> 8) as u8, i as u8);
+            let (v, _) = f.run(&tcp4(src, 1024 + (i % 50_000) as u16, VIP4, 80).0);
+            assert_eq!(v, XDP_TX);
+        }
+        let evicted = flows
+            .iter()
+            .filter(|(_, k, _)| f.dp.flow(k).unwrap().is_none())
+            .count();
+        if !on {
+            assert!(
+                evicted > 40,
+                "at_syn: the flood evicted them ({evicted} of 50)"
+            );
+            continue;
+        }
+        assert_eq!(evicted, 0, "on_change: the flood evicted none");
+        for (port, _, b) in &flows {
+            f.expect_mac(
+                "rr connection after the flood",
+                &tcp4_flags(C1, *port, VIP4, 8080, "A"),
+                *b,
+            );
+        }
+    }
+}
+
 /// Per-service table sizes (layout 3): each service's table lies at its own `ring_base` in
 /// `LB_RING` with its own `ring_size`, and the data plane takes a flow's slot in its service's
 /// table (`reduce(hash, ring_size)`), as the controller predicts.
