@@ -1977,23 +1977,13 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
     f.assert_stat(Stat::FlowStateless, 4);
 
     // The slot changes (marked): the table decides the ACK.
-    let ring = svc.value.ring_size;
-    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), ring);
-    f.dp.set_slot(svc.value.ring_base + slot, b | lb_common::RING_DIRTY)
+    let slot = svc.slot_of(&key);
+    f.dp.set_slot(svc.ring_index(&key), b | lb_common::RING_DIRTY)
         .unwrap();
     f.expect_mac("ACK through a changed slot: its flow's entry", &ack, other);
     f.assert_stat(Stat::FlowStateless, 4);
-    // Other flows on the same slot (searched by hash: one in ring_size).
-    let same_slot = |skip: usize| {
-        (0..32u8)
-            .flat_map(|h| (1024..=65535u16).map(move |p| (Ipv4Addr::new(10, 98, 1, h), p)))
-            .map(|(a, p)| (a, p, key4(a, p, VIP4, 80, 6)))
-            .filter(|(_, _, k)| {
-                lb_common::hash::reduce(lb_common::hash::flow_hash(k), ring) == slot
-            })
-            .nth(skip)
-            .expect("a flow on the same slot")
-    };
+    // Other flows on the same slot.
+    let same_slot = |skip: usize| svc.flow_on_slot(slot, 1, skip);
     // A new flow through a changed slot: the slot's backend (without the mark), recorded.
     let (a2, p2, key2) = same_slot(0);
     let syn2 = tcp4(a2, p2, VIP4, 80).0;
@@ -2085,9 +2075,9 @@ fn on_change_records_tcp_only_when_its_slot_changed() {
 
     // The slot changes from b to other and names b.
     let other = *svc.backends.iter().find(|x| **x != b).unwrap();
-    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), svc.value.ring_size);
+    let slot = svc.slot_of(&key);
     f.dp.set_slot(
-        svc.value.ring_base + slot,
+        svc.ring_index(&key),
         lb_common::ring_value(other, true, Some(b)),
     )
     .unwrap();
@@ -2102,13 +2092,7 @@ fn on_change_records_tcp_only_when_its_slot_changed() {
     assert_eq!(active(&mut f, b), 1);
     f.expect_mac("FIN: closes it", &tcp4_flags(C1, 48000, VIP4, 80, "FA"), b);
     assert_eq!(active(&mut f, b), 0);
-    let (a3, p3, key3) = (0..32u8)
-        .flat_map(|h| (1024..=65535u16).map(move |p| (Ipv4Addr::new(10, 98, 2, h), p)))
-        .map(|(a, p)| (a, p, key4(a, p, VIP4, 80, 6)))
-        .find(|(_, _, k)| {
-            lb_common::hash::reduce(lb_common::hash::flow_hash(k), svc.value.ring_size) == slot
-        })
-        .expect("a flow on the same slot");
+    let (a3, p3, key3) = svc.flow_on_slot(slot, 2, 0);
     f.expect_mac(
         "a SYN through the changed slot: its backend",
         &tcp4(a3, p3, VIP4, 80).0,
@@ -2145,9 +2129,8 @@ fn udp_of_a_changed_slot_stays_with_its_previous_backend() {
     let (udp, key) = udp4(C1, 46000, VIP4, 53);
     let b = f.expect_forward("UDP", &udp, &key, "dns4");
     let other = *dns.backends.iter().find(|x| **x != b).unwrap();
-    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), dns.value.ring_size);
     f.dp.set_slot(
-        dns.value.ring_base + slot,
+        dns.ring_index(&key),
         lb_common::ring_value(other, true, Some(b)),
     )
     .unwrap();
@@ -2192,8 +2175,7 @@ fn sweep_keeps_open_flows_of_unchanged_slots() {
     assert!(s.still_dirty.is_empty());
 
     // The slot changes at t0: a full timeout from then.
-    let ring = svc.value.ring_size;
-    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), ring);
+    let slot = svc.slot_of(&key);
     let web4 = f
         .desired
         .services
@@ -2271,17 +2253,16 @@ fn sweep_expires_on_change_tcp_entries_of_unchanged_slots() {
     let (_, key) = tcp4(C1, 47200, VIP4, 80);
     let ack = tcp4_flags(C1, 47200, VIP4, 80, "A");
     let b = f.predict(&key, "web4");
-    let slot = lb_common::hash::reduce(lb_common::hash::flow_hash(&key), svc.value.ring_size);
     // Recorded through its changed slot (counted), then the mark is cleared.
     let other = *svc.backends.iter().find(|x| **x != b).unwrap();
     f.dp.set_slot(
-        svc.value.ring_base + slot,
+        svc.ring_index(&key),
         lb_common::ring_value(other, true, Some(b)),
     )
     .unwrap();
     f.expect_mac("recorded with its previous backend", &ack, b);
     assert_eq!(active(&mut f, b), 1);
-    f.dp.set_slot(svc.value.ring_base + slot, b).unwrap();
+    f.dp.set_slot(svc.ring_index(&key), b).unwrap();
     let seen = f.dp.flow(&key).unwrap().unwrap().last_seen_ns;
     f.expect_mac("unchanged slot", &ack, b);
     let t = lb_userspace::config::Timeouts {

@@ -239,6 +239,29 @@ pub struct Svc {
     pub backends: Vec<u32>,
 }
 
+impl Svc {
+    /// maglev: `key`'s slot in this service's table (the data plane's hash).
+    pub fn slot_of(&self, key: &FlowKey) -> u32 {
+        lb_common::hash::reduce(flow_hash(key), self.value.ring_size)
+    }
+
+    /// The `LB_RING` index of `key`'s slot.
+    pub fn ring_index(&self, key: &FlowKey) -> u32 {
+        self.value.ring_base + self.slot_of(key)
+    }
+
+    /// The `n`th IPv4 TCP flow to `VIP4:80` from 10.98.`net`.x whose slot is `slot` (searched
+    /// by hash: one flow in `ring_size` lands there): source address, port and key.
+    pub fn flow_on_slot(&self, slot: u32, net: u8, n: usize) -> (Ipv4Addr, u16, FlowKey) {
+        (0..32u8)
+            .flat_map(|h| (1024..=65535u16).map(move |p| (Ipv4Addr::new(10, 98, net, h), p)))
+            .map(|(a, p)| (a, p, key4(a, p, VIP4, 80, 6)))
+            .filter(|(_, _, k)| self.slot_of(k) == slot)
+            .nth(n)
+            .expect("a flow on the same slot")
+    }
+}
+
 /// A freshly loaded program with the maps filled from a config.
 pub struct Fixture {
     pub dp: Dataplane,
