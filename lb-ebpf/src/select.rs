@@ -35,7 +35,7 @@ use crate::{
 /// service with `record_connections = "on_change"` (maglev/sh only: the other schedulers have
 /// no slot).
 #[inline(always)]
-fn on_change(key: &FlowKey, svc: &ServiceValue) -> bool {
+fn records_on_change(key: &FlowKey, svc: &ServiceValue) -> bool {
     key.protocol == PROTO_UDP || svc.flags & SVC_F_TCP_ON_CHANGE != 0
 }
 
@@ -99,7 +99,7 @@ pub fn backend_for_flow(
     // maglev/sh: the flow's table slot says more (the other schedulers have no slot).
     let entry = maglev_entry(key, svc);
     if let Some(e) = entry
-        && on_change(key, svc)
+        && records_on_change(key, svc)
         && !moved
         && e != NO_BACKEND
         && e & RING_DIRTY == 0
@@ -121,7 +121,7 @@ pub fn backend_for_flow(
     let b = usable(id)?;
     // Counted: a UDP flow, a TCP connection from its SYN, or (on_change) one recorded through
     // its changed slot.
-    let counted = !closing && (syn || on_change(key, svc));
+    let counted = !closing && (syn || records_on_change(key, svc));
     let value = FlowValue {
         backend: id,
         generation: b.generation,

@@ -230,6 +230,19 @@ pub struct Timeouts {
     pub udp: u32,
 }
 
+impl Timeouts {
+    /// The idle timeout of an open flow of `protocol` (UDP: `udp`, TCP: `tcp`), in ns: also how
+    /// long a changed slot keeps its previous backend for the protocol's unrecorded flows.
+    pub fn open_ns(&self, protocol: u8) -> u64 {
+        let secs = if protocol == lb_common::PROTO_UDP {
+            self.udp
+        } else {
+            self.tcp
+        };
+        secs as u64 * 1_000_000_000
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
@@ -313,16 +326,6 @@ pub struct Service {
     pub backends: Vec<Backend>,
 }
 
-impl RecordConnections {
-    /// The config value.
-    pub fn name(self) -> &'static str {
-        match self {
-            RecordConnections::AtSyn => "at_syn",
-            RecordConnections::OnChange => "on_change",
-        }
-    }
-}
-
 /// `record_connections`: when a TCP connection of a maglev/sh service is recorded in the
 /// connection table (README, Stateless slots).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
@@ -336,6 +339,16 @@ pub enum RecordConnections {
     /// through an unchanged slot, so a SYN flood cannot fill the table; active connections
     /// count the connections seen since their slot changed.
     OnChange,
+}
+
+impl RecordConnections {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordConnections::AtSyn => "at_syn",
+            RecordConnections::OnChange => "on_change",
+        }
+    }
 }
 
 /// `fallback`: a service whose backends are all down.

@@ -311,12 +311,8 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         // maglev/sh slots that change keep the backend they had for their unrecorded flows
         // (UDP; TCP with record_connections = "on_change"), for the protocol's idle timeout.
         for s in &mut next.services {
-            let secs = if s.key.protocol == lb_common::PROTO_UDP {
-                self.cfg.timeouts.udp
-            } else {
-                self.cfg.timeouts.tcp
-            };
-            desired::with_previous(s, before_of(s.value.id), now, secs as u64 * 1_000_000_000);
+            let window = self.cfg.timeouts.open_ns(s.key.protocol);
+            desired::with_previous(s, before_of(s.value.id), now, window);
         }
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
         for s in &next.services {

@@ -883,14 +883,11 @@ impl Dataplane {
     ) -> Result<SweepStats> {
         use lb_common::{FLOW_F_CLOSED, PROTO_TCP};
         let idle_limit = |k: &FlowKey, v: &FlowValue| -> u64 {
-            let secs = if k.protocol != PROTO_TCP {
-                timeouts.udp
-            } else if v.flags & FLOW_F_CLOSED != 0 {
-                timeouts.tcp_fin
+            if k.protocol == PROTO_TCP && v.flags & FLOW_F_CLOSED != 0 {
+                timeouts.tcp_fin as u64 * 1_000_000_000
             } else {
-                timeouts.tcp
-            };
-            secs as u64 * 1_000_000_000
+                timeouts.open_ns(k.protocol)
+            }
         };
         // An entry of a changed slot naming another backend keeps the slot changed.
         let mismatch = |v: &FlowValue, si: &super::SlotInfo| {

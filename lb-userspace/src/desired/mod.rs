@@ -564,12 +564,7 @@ impl DesiredState {
                 prev_until_ns: if prev.is_empty() {
                     0
                 } else {
-                    let window = if k.protocol == lb_common::PROTO_UDP {
-                        timeouts.udp
-                    } else {
-                        timeouts.tcp
-                    };
-                    now_ns.saturating_add(window as u64 * 1_000_000_000)
+                    now_ns.saturating_add(timeouts.open_ns(k.protocol))
                 },
                 prev: std::sync::Arc::new(prev),
             });
