@@ -41,7 +41,11 @@ use crate::{
     trace::{Decision, maybe_trace},
 };
 
+// `#[inline(always)]`: the attribute macro wraps this function in the program's entry point;
+// inlined, the whole path is one BPF function (otherwise every packet pays a BPF-to-BPF call:
+// a second JITed prologue and epilogue).
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     run::<true>(ctx)
 }
@@ -49,6 +53,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// `lb_xdp` without the trace check, so `cargo xtask bench` can measure what the check costs
 /// when no trace runs. The controller never loads it.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp_notrace(ctx: XdpContext) -> u32 {
     run::<false>(ctx)
 }
