@@ -53,13 +53,9 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
         .iter()
         .map(|&i| (Permutation::of(entries[i].id, m as u64), entries[i].weight))
         .collect();
-    let mut table = build_from_permutations(&perms, m);
-    for s in &mut table {
-        if *s != EMPTY {
-            *s = order[*s as usize] as u32;
-        }
-    }
-    table
+    // The slots name the entries themselves (not their place in the turn order).
+    let walk = Walk::for_size(m);
+    build_with(&perms, Some(&order), m, walk, walk.tail())
 }
 
 /// The core of [`build`], for given permutations (in turn order) and weights. Slots hold
@@ -79,13 +75,8 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
 ///   in its permutation (it would have claimed it when passing), so its next slot is the free
 ///   slot of least position, `(slot − offset) · skip⁻¹ mod M`, over the short free list.
 pub fn build_from_permutations(perms: &[(Permutation, u32)], m: u32) -> Vec<u32> {
-    // (The wide walk's lanes hold a slot plus a step below 2m in 32 bits.)
-    let walk = if m < 1 << 31 {
-        Walk::best()
-    } else {
-        Walk::Scalar
-    };
-    build_with(perms, m, walk, walk.tail())
+    let walk = Walk::for_size(m);
+    build_with(perms, None, m, walk, walk.tail())
 }
 
 /// How the walk phase probes the bitmap. Both give the same table (tested).
@@ -107,6 +98,16 @@ impl Walk {
         }
     }
 
+    /// The fastest walk this CPU can run for a table of `m` slots (the wide walk's lanes hold
+    /// a slot plus a step, below 2m, in 32 bits).
+    fn for_size(m: u32) -> Walk {
+        if m < 1 << 31 {
+            Walk::best()
+        } else {
+            Walk::Scalar
+        }
+    }
+
     /// Free slots below which the direct search is faster than this walk (measured: the wide
     /// walk's probes are cheaper, so it walks further).
     fn tail(self) -> usize {
@@ -117,7 +118,15 @@ impl Walk {
     }
 }
 
-fn build_with(perms: &[(Permutation, u32)], m: u32, walk: Walk, tail: usize) -> Vec<u32> {
+/// [`build_from_permutations`] with a given walk and tail; slot values are `ids[i]` for
+/// `perms[i]` (`i` without `ids`).
+fn build_with(
+    perms: &[(Permutation, u32)],
+    ids: Option<&[usize]>,
+    m: u32,
+    walk: Walk,
+    tail: usize,
+) -> Vec<u32> {
     let m_us = m as usize;
     let quotas = quotas(perms.iter().map(|(_, w)| *w), m);
     // The players' state side by side (one cache line holds two): next candidate slot
@@ -132,7 +141,7 @@ fn build_with(perms: &[(Permutation, u32)], m: u32, walk: Walk, tail: usize) -> 
                 skip,
                 back: skip.wrapping_sub(m64),
                 left: quotas[i] as u32,
-                index: i as u32,
+                index: ids.map_or(i, |ids| ids[i]) as u32,
             }
         })
         .collect();
@@ -204,17 +213,23 @@ fn claim(
 /// and whether the first is taken is a coin toss the branch predictor would lose.
 #[inline(always)]
 fn next_free(taken: &[u64], s: u64, skip: u64, back: u64) -> u64 {
-    let bit = |s: u64| (taken[(s >> 6) as usize] >> (s & 63)) & 1;
     let s1 = step(s, skip, back);
-    let (b0, b1) = (bit(s), bit(s1));
+    let (b0, b1) = (bit(taken, s), bit(taken, s1));
     if b0 & b1 == 0 {
         return if b0 == 0 { s } else { s1 };
     }
     let mut s = step(s1, skip, back);
-    while bit(s) != 0 {
+    while bit(taken, s) != 0 {
         s = step(s, skip, back);
     }
     s
+}
+
+/// Slot `s`'s bit in the bitmap of taken slots (1: taken). (A function, not a closure: a
+/// closure in [`wide`]'s AVX-512 function is not inlined.)
+#[inline(always)]
+fn bit(taken: &[u64], s: u64) -> u64 {
+    (taken[(s >> 6) as usize] >> (s & 63)) & 1
 }
 
 /// `s + skip` modulo `m`, for `s, skip < m`, given `back = skip − m` (wrapping): the smaller of
@@ -242,7 +257,7 @@ struct Player {
 /// The same claims as [`walk_scalar`]; on other CPUs (and other architectures) it is never
 /// called.
 mod wide {
-    use super::{Player, claim, step};
+    use super::{Player, bit, claim, step};
 
     /// Whether this CPU can run [`walk`].
     pub(super) fn available() -> bool {
@@ -322,10 +337,9 @@ mod wide {
                 if p.left == 0 {
                     continue;
                 }
-                let bit = |s: u64| (taken[(s >> 6) as usize] >> (s & 63)) & 1;
                 let s0 = p.slot;
                 let s1 = step(s0, p.skip, p.back);
-                let (b0, b1) = (bit(s0), bit(s1));
+                let (b0, b1) = (bit(taken, s0), bit(taken, s1));
                 let s = if b0 & b1 == 0 {
                     if b0 == 0 { s0 } else { s1 }
                 } else {
@@ -533,7 +547,7 @@ mod tests {
         walk: Walk,
         tail: usize,
     ) -> Vec<Option<usize>> {
-        opt(super::build_with(perms, m, walk, tail))
+        opt(super::build_with(perms, None, m, walk, tail))
     }
 
     /// The paper's loop as written (no tail phase, plain modulo): the reference the fast
@@ -674,7 +688,7 @@ mod tests {
         for _ in 0..31 {
             for (walk, tail, t) in &mut cases {
                 let t0 = std::time::Instant::now();
-                std::hint::black_box(super::build_with(&perms, 65537, *walk, *tail));
+                std::hint::black_box(super::build_with(&perms, None, 65537, *walk, *tail));
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
