@@ -1,6 +1,7 @@
-//! Bench only (`cargo xtask bench`, live frames): a traffic generator run through
-//! BPF_PROG_TEST_RUN with `BPF_F_TEST_XDP_LIVE_FRAMES`, and a counting sink. The controller
-//! never loads them.
+//! Bench only (`cargo xtask bench`): a traffic generator run through BPF_PROG_TEST_RUN with
+//! `BPF_F_TEST_XDP_LIVE_FRAMES` and a counting sink (live frames), and the connection table's
+//! insert alone (the new-flow figure's part that is the kernel's). The controller never loads
+//! them.
 //!
 //! The generator rewrites every frame before sending it (live frames are recycled pages, with
 //! whatever the forwarder wrote into them): destination and source MAC, and the flow (source
@@ -8,10 +9,12 @@
 //! untagged IPv4 frame with a TCP or UDP header right after a 20-byte IP header.
 
 use crate::{
-    bounds::ptr_at_mut,
-    maps::{LB_BENCH_GEN, LB_BENCH_SEQ, LB_BENCH_SINK},
+    bounds::{ptr_at, ptr_at_mut},
+    maps::{LB_BENCH_GEN, LB_BENCH_SEQ, LB_BENCH_SINK, LB_FLOWS},
 };
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use lb_common::{FlowKey, FlowValue};
+use network_types::ip::Ipv4Hdr;
 
 const ETH_LEN: usize = 14;
 const IP_SRC: usize = ETH_LEN + 12;
@@ -56,4 +59,25 @@ pub fn sink(ctx: &XdpContext) {
         // SAFETY: this CPU's slot.
         unsafe { *c += 1 };
     }
+}
+
+/// The kernel's part of recording a new flow: this frame's 5-tuple inserted into `LB_FLOWS` as
+/// a new entry, and nothing else (no VIP, service, scheduler, counter or clock). `None`: not an
+/// untagged IPv4 frame with 4 bytes of ports after a 20-byte header, or the entry exists.
+#[inline(always)]
+pub fn insert(ctx: &XdpContext) -> Option<()> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    let ports = ptr_at::<[u8; 4]>(ctx, ETH_LEN + 20)?;
+    // SAFETY: both bounds-checked by `ptr_at`.
+    let (ip, ports) = unsafe { (&*ip, *ports) };
+    let mut key = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
+    key.set_ports(ports);
+    let value = FlowValue {
+        backend: 0,
+        generation: 0,
+        last_seen_ns: 0,
+        flags: 0,
+        cpu: 0,
+    };
+    LB_FLOWS.insert(&key, &value, BPF_NOEXIST as u64).ok()
 }

@@ -252,6 +252,17 @@ pub fn lb_bench_gen(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Bench only: the connection table's insert alone (see bench.rs): XDP_TX when the frame's
+/// 5-tuple was inserted as a new `LB_FLOWS` entry, XDP_DROP otherwise. `cargo xtask bench`
+/// shows beside the new-flow figure what the kernel's insert costs by itself.
+#[xdp]
+pub fn lb_baseline_insert(ctx: XdpContext) -> u32 {
+    match bench::insert(&ctx) {
+        Some(()) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_DROP,
+    }
+}
+
 /// Bench only: counts what arrives by destination MAC and drops it.
 #[xdp]
 pub fn lb_bench_sink(ctx: XdpContext) -> u32 {
