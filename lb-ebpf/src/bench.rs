@@ -79,5 +79,5 @@ pub fn insert(ctx: &XdpContext) -> Option<()> {
         flags: 0,
         cpu: 0,
     };
-    LB_FLOWS.insert(&key, &value, BPF_NOEXIST as u64).ok()
+    LB_FLOWS.insert(key, value, BPF_NOEXIST as u64).ok()
 }
