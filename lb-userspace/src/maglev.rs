@@ -257,7 +257,7 @@ struct Player {
 /// The same claims as [`walk_scalar`]; on other CPUs (and other architectures) it is never
 /// called.
 mod wide {
-    use super::{Player, bit, claim, step};
+    use super::Player;
 
     /// Whether this CPU can run [`walk`].
     pub(super) fn available() -> bool {
@@ -267,19 +267,8 @@ mod wide {
         return false;
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
-    pub(super) fn walk(
-        _: &mut [Player],
-        _: &mut [u32],
-        _: &mut [u64],
-        _: u32,
-        _: usize,
-    ) -> (usize, usize) {
-        unreachable!("the wide walk needs x86-64 with AVX-512F")
-    }
-
-    /// [`super::walk_scalar`] 16 probes at a time. Panics on a CPU without AVX-512F.
-    #[cfg(target_arch = "x86_64")]
+    /// [`super::walk_scalar`] 16 probes at a time. Panics on a CPU without AVX-512F (never
+    /// called there: see [`available`]).
     pub(super) fn walk(
         players: &mut [Player],
         table: &mut [u32],
@@ -287,13 +276,19 @@ mod wide {
         m: u32,
         tail: usize,
     ) -> (usize, usize) {
-        assert!(available(), "the wide walk needs AVX-512F");
+        assert!(available(), "the wide walk needs x86-64 with AVX-512F");
         assert!(
             m < 1 << 31,
             "the wide walk's lanes hold slots below 2m in 32 bits"
         );
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (asserted above).
-        unsafe { walk_avx512(players, table, taken, m, tail) }
+        return unsafe { walk_avx512(players, table, taken, m, tail) };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (players, table, taken, tail);
+            unreachable!("asserted above")
+        }
     }
 
     /// A player's next 16 candidates relative to any one: `j·skip mod m` for j = 0..16.
@@ -310,6 +305,7 @@ mod wide {
         m: u32,
         tail: usize,
     ) -> (usize, usize) {
+        use super::{bit, claim, step};
         use std::arch::x86_64::{
             _mm512_add_epi32, _mm512_and_si512, _mm512_i32gather_epi32, _mm512_load_si512,
             _mm512_min_epu32, _mm512_set1_epi32, _mm512_srli_epi32, _mm512_srlv_epi32,
