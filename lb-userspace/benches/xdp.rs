@@ -21,6 +21,8 @@ use support::*;
 const REPEAT: u32 = 2_000_000;
 const NEW_FLOWS: usize = 50_000;
 const ROUNDS: usize = 5;
+/// Maglev builds timed for the median (a build is about 1 ms).
+const MAGLEV_ROUNDS: usize = 15;
 
 fn run(prog: &Xdp, pkt: &[u8], repeat: u32) -> (u32, Duration) {
     let mut out = vec![0u8; pkt.len() + 256];
@@ -1154,19 +1156,33 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             weight: 100,
         })
         .collect();
+    // After the machine is quiet (the kernel frees the 1M-entry tables of the part above in
+    // the background, as before the health figures) and a few builds not timed (the first
+    // ones after the wait pay for a CPU coming back from idle and for fresh pages).
+    drop(g);
+    control::quiesce();
+    for _ in 0..MAGLEV_ROUNDS / 3 {
+        std::hint::black_box(lb_userspace::maglev::build(&entries, 65537));
+    }
     let mut builds = Vec::new();
-    for _ in 0..ROUNDS {
+    for _ in 0..MAGLEV_ROUNDS {
         let t = std::time::Instant::now();
         let table = lb_userspace::maglev::build(&entries, 65537);
         builds.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(table.len(), 65537);
     }
+    let (lo, hi) = builds
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
     target(
         "maglev_build_1000_backends",
         median(builds),
         1.0,
         "ms",
-        "M = 65 537 (release build)".into(),
+        format!(
+            "M = 65 537 (release build), median of {MAGLEV_ROUNDS} builds (range {lo:.2}–{hi:.2} ms) once the machine is quiet, after {} not timed",
+            MAGLEV_ROUNDS / 3
+        ),
     );
     serde_json::json!({
         "targets": out,
