@@ -1074,26 +1074,10 @@ fn lb_xdp_calls_no_memory_functions() {
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn the_bench_baseline_swaps_the_macs_and_nothing_else() {
-    use aya::programs::TestRun as _;
     require_root();
     let mut f = Fixture::new(CONFIG);
     let (pkt, _) = tcp4(C1, 40000, VIP4, 80);
-    let prog =
-        f.dp.other_program("lb_baseline_swap")
-            .expect("lb_baseline_swap");
-    let run = |prog: &aya::programs::Xdp, data: &[u8]| {
-        let mut out = vec![0u8; data.len() + 64];
-        let r = prog
-            .test_run(aya::programs::TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ..aya::programs::TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    };
-    let (verdict, out) = run(prog, &pkt);
+    let (verdict, out) = f.run_program("lb_baseline_swap", &pkt);
     assert_eq!(verdict, XDP_TX);
     let mut want = pkt.clone();
     want[..6].copy_from_slice(&pkt[6..12]);
@@ -1101,32 +1085,17 @@ fn the_bench_baseline_swaps_the_macs_and_nothing_else() {
     assert_eq!(out, want, "only the two addresses swapped");
     // (Test-run refuses frames shorter than an Ethernet header: the drop is not reachable here.)
 }
+
 /// The bench's insert baseline (`lb_baseline_insert`, the kernel's part of a new flow)
 /// records the frame's 5-tuple and does nothing else.
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn the_bench_insert_baseline_inserts_the_five_tuple_and_nothing_else() {
-    use aya::programs::TestRun as _;
     require_root();
     let mut f = Fixture::new(CONFIG);
     let (pkt, key) = tcp4(C1, 40000, VIP4, 80);
-    let run = |f: &mut Fixture| {
-        let prog =
-            f.dp.other_program("lb_baseline_insert")
-                .expect("lb_baseline_insert");
-        let mut out = vec![0u8; pkt.len() + 64];
-        let r = prog
-            .test_run(aya::programs::TestRunOptions {
-                data_in: Some(&pkt),
-                data_out: Some(&mut out),
-                ..aya::programs::TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    };
     let before = f.snapshot();
-    let (verdict, out) = run(&mut f);
+    let (verdict, out) = f.run_program("lb_baseline_insert", &pkt);
     assert_eq!(verdict, XDP_TX, "a new entry");
     assert_eq!(out, pkt, "the frame untouched");
     assert!(
@@ -1135,7 +1104,7 @@ fn the_bench_insert_baseline_inserts_the_five_tuple_and_nothing_else() {
     );
     assert_eq!(f.dp.flow_count().unwrap(), 1, "that entry alone");
     assert_eq!(f.snapshot(), before, "no counter moved");
-    let (verdict, _) = run(&mut f);
+    let (verdict, _) = f.run_program("lb_baseline_insert", &pkt);
     assert_eq!(verdict, XDP_DROP, "the entry exists: no new one");
 }
 

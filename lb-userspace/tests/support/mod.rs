@@ -195,13 +195,18 @@ pub fn cpus() -> usize {
 
 /// Runs one packet through `dp`'s program: verdict and output frame.
 pub fn run_on(dp: &mut Dataplane, pkt: &[u8]) -> (u32, Vec<u8>) {
+    run_prog(dp.program(), pkt)
+}
+
+/// Runs one packet through `prog`: verdict and output frame.
+pub fn run_prog(prog: &aya::programs::Xdp, pkt: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; pkt.len() + 512];
     let opts = TestRunOptions {
         data_in: Some(pkt),
         data_out: Some(&mut out),
         ..TestRunOptions::new()
     };
-    let r = dp.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
 }
@@ -330,6 +335,12 @@ impl Fixture {
     /// Runs one packet: verdict and output frame.
     pub fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         run_on(&mut self.dp, pkt)
+    }
+
+    /// Runs one packet through another program of the object (the bench's baselines).
+    pub fn run_program(&mut self, name: &'static str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.dp.other_program(name).expect(name);
+        run_prog(prog, pkt)
     }
 
     fn desired_service(&self, name: &str) -> &DesiredService {
@@ -657,14 +668,8 @@ impl Fixture {
                         (0..n)
                             .map(|i| {
                                 let pkt = tcp4_flags(src, port + 2 * i as u16, VIP4, 80, "S");
-                                let mut out = vec![0u8; pkt.len() + 512];
-                                let opts = TestRunOptions {
-                                    data_in: Some(&pkt),
-                                    data_out: Some(&mut out),
-                                    ..TestRunOptions::new()
-                                };
-                                let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-                                assert_eq!(r.return_value, XDP_TX);
+                                let (verdict, out) = run_prog(prog, &pkt);
+                                assert_eq!(verdict, XDP_TX);
                                 macs.iter()
                                     .position(|m| *m == out[0..6])
                                     .expect("a backend of the service")
