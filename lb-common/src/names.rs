@@ -71,6 +71,11 @@ pub const SYNC_CFG: &str = "LB_SYNC_CFG";
 /// Flow sharing's per-CPU rate limit and loss counts: [`crate::TraceRate`] (per-CPU array of one).
 pub const SYNC_RATE: &str = "LB_SYNC_RATE";
 
+/// The connection-table record limit's per-CPU state ([`crate::RecordRate`], per-CPU array of
+/// one). Not pinned (not in [`ALL_MAPS`]): each loaded program has its own, which the
+/// controller that loaded it sets up.
+pub const RECORD_RATE: &str = "LB_RECORD_RATE";
+
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 

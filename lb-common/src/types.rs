@@ -514,6 +514,26 @@ pub struct TraceRate {
     pub lost: u64,
 }
 
+/// Per-CPU state of the connection-table record limit (`LB_RECORD_RATE`, an array of one that
+/// is not pinned: every load of `lb_xdp` starts it afresh, and the controller writes `limit`
+/// into each CPU's copy after the load).
+///
+/// At most `limit` SYNs a second on this CPU are recorded through a table slot that never
+/// changed (maglev/sh, `record_connections = "at_syn"`); beyond it such a SYN is forwarded by
+/// its slot alone, as `"on_change"` would (`flow_stateless`), and counted in `limited`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordRate {
+    /// Start of the current one-second window (ns, coarse clock).
+    pub window_ns: u64,
+    /// SYNs recorded through unchanged slots in the current window.
+    pub recorded: u64,
+    /// SYNs not recorded because of the limit, since this program was loaded.
+    pub limited: u64,
+    /// `dataplane.record_limit` (0: no limit).
+    pub limit: u64,
+}
+
 /// One new connection-table entry, reported through the `LB_SYNC` ring buffer for flow sharing
 /// (`[flow_sync]`): the controller sends it to the other balancer nodes, which insert it into
 /// their own tables (by backend address: ids differ between nodes).
@@ -565,6 +585,7 @@ const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
 const _: () = assert!(size_of::<TraceRate>() == 32);
+const _: () = assert!(size_of::<RecordRate>() == 32);
 const _: () = assert!(size_of::<SyncEvent>() == 48);
 const _: () = assert!(size_of::<SyncConfig>() == 8);
 const _: () = assert!(size_of::<BenchGen>() == 16);
@@ -596,6 +617,7 @@ mod pod {
         TraceConfig,
         TraceEvent,
         TraceRate,
+        RecordRate,
         VipValue,
         FragKey,
         FragValue,

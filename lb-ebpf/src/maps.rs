@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendMeta, BenchGen, Counters, FlowKey, FlowValue, FragKey, FragValue, META_LEN,
-    ServiceKey, ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
+    RecordRate, ServiceKey, ServiceValue, SyncConfig, TraceConfig, TraceRate, VipKey, VipValue,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_CAPACITY, FRAG_TABLE_SIZE, MAX_BACKENDS,
         MAX_SERVICES, MAX_TX_PORTS, RING_CHUNK, SVC_CACHE_SLOTS, VIP_FILTER_SLOTS,
@@ -177,6 +177,11 @@ pub static LB_SYNC: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
 /// Flow sharing's rate limit, per CPU.
 #[map]
 pub static LB_SYNC_RATE: PerCpuArray<TraceRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// The record limit's state and setting, per CPU (`RecordRate`). Not pinned: each loaded
+/// program has its own, written by the controller that loaded it (`limit` 0 until then).
+#[map]
+pub static LB_RECORD_RATE: PerCpuArray<RecordRate> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bench only: the live-frames generator's settings (index 0).
 #[map]

@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
-    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, SCHED_LC, SCHED_MAGLEV, SCHED_SH,
-    SCHED_WLC, SCHED_WRR, SVC_F_TCP_ON_CHANGE, ServiceValue, SyncEvent,
+    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, RecordRate, SCHED_LC, SCHED_MAGLEV,
+    SCHED_SH, SCHED_WLC, SCHED_WRR, SVC_F_TCP_ON_CHANGE, ServiceValue, SyncEvent,
     hash::{flow_hash, reduce, source_hash},
     ring_id, ring_prev,
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
@@ -25,8 +25,8 @@ use lb_common::{
 use crate::{
     atomic,
     maps::{
-        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RR_CURSOR, LB_SYNC,
-        LB_SYNC_CFG, LB_SYNC_RATE, ring_get,
+        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RECORD_RATE, LB_RR_CURSOR,
+        LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, ring_get,
     },
     stats::{count, count_new_flow},
 };
@@ -66,6 +66,32 @@ pub fn backend_for_flow(
     // SAFETY: no arguments; reads the coarse monotonic clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let closing = key.protocol == PROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let bare_syn =
+        key.protocol == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN;
+    // An "at_syn" service's SYN through an unchanged slot beyond this CPU's record limit
+    // (`dataplane.record_limit`): forwarded by the slot as "on_change" would have it, and the
+    // table not even read: an entry of an unchanged slot names the slot's backend (the
+    // controller keeps a slot changed while one names another), so a retransmitted SYN of a
+    // recorded connection reaches its backend all the same. (Only SYNs that would be recorded
+    // through an unchanged slot count against the limit. Without a limit, no slot is looked
+    // at here.)
+    let limit = if bare_syn && svc.flags & SVC_F_TCP_ON_CHANGE == 0 {
+        record_limit()
+    } else {
+        None
+    };
+    // maglev/sh: the flow's table slot says more (the other schedulers have no slot).
+    let early = limit.is_some().then(|| maglev_entry(key, svc));
+    if let Some(rate) = limit
+        && let Some(Some(e)) = early
+        && e & RING_DIRTY == 0
+        && let Some(b) = usable(e)
+        && over_record_limit(rate, now)
+    {
+        count(Stat::FlowStateless);
+        count_new_flow(svc.id, e);
+        return Some((e, b, Stat::FlowStateless));
+    }
     let mut moved = false;
     if let Some(flow) = LB_FLOWS.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer. LRU entries may be recycled under us; a torn read
@@ -96,18 +122,23 @@ pub fn backend_for_flow(
     }
 
     let syn = key.protocol == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // maglev/sh: the flow's table slot says more (the other schedulers have no slot).
-    let entry = maglev_entry(key, svc);
+    let entry = match early {
+        Some(e) => e,
+        None => maglev_entry(key, svc),
+    };
     if let Some(e) = entry
-        && records_on_change(key, svc)
         && !moved
         && e != NO_BACKEND
         && e & RING_DIRTY == 0
+        && (closing || records_on_change(key, svc))
     {
         // An unchanged slot records no UDP flow (nor a TCP connection of an "on_change"
         // service): its backend is every one of its flows'. (Only first fragments, and FIN/RST
         // without an entry, come this way: the rest takes `stateless`. An entry whose backend
-        // went away is rewritten below, so its count is not subtracted twice.)
+        // went away is rewritten below, so its count is not subtracted twice.) Nor does it
+        // record the FIN or RST of an "at_syn" connection without an entry (its SYN was beyond
+        // the record limit, or its entry was evicted): the slot has its backend, and the
+        // connection is ending.
         let b = usable(e)?;
         count(Stat::FlowStateless);
         return Some((e, b, Stat::FlowStateless));
@@ -151,6 +182,32 @@ pub fn backend_for_flow(
             Stat::FlowNew
         },
     ))
+}
+
+/// This CPU's record-limit state, when a limit is set (`dataplane.record_limit` ≠ 0).
+#[inline(always)]
+fn record_limit() -> Option<&'static mut RecordRate> {
+    let r = LB_RECORD_RATE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; only this CPU writes it while the program runs (the controller
+    // writes `limit` once, after the load).
+    let r = unsafe { &mut *r };
+    (r.limit != 0).then_some(r)
+}
+
+/// Whether this SYN, about to be recorded through an unchanged slot, is over this CPU's record
+/// limit (`rate.limit` a second). Counts it either way.
+#[inline(always)]
+fn over_record_limit(rate: &mut RecordRate, now: u64) -> bool {
+    if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {
+        rate.window_ns = now;
+        rate.recorded = 0;
+    }
+    if rate.recorded >= rate.limit {
+        rate.limited += 1;
+        return true;
+    }
+    rate.recorded += 1;
+    false
 }
 
 /// Flow sharing: reports a new connection-table entry through `LB_SYNC`, at most
@@ -331,7 +388,8 @@ fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
 /// the full path (SYN, FIN and RST, which open and close the recorded connection; other
 /// schedulers; a changed or empty slot; an inactive backend). A service with
 /// [`SVC_F_TCP_ON_CHANGE`] takes SYNs this way too (counted as a new flow of the service and
-/// backend), unrecorded.
+/// backend), unrecorded (an "at_syn" service's SYN beyond the record limit goes by its slot
+/// in [`backend_for_flow`]).
 ///
 /// What skipping the table means (README, "Stateless slots"): TCP connections are recorded at
 /// their SYN (unless "on_change") but their entries not touched afterwards; UDP flows of

@@ -12,8 +12,8 @@ use std::{
 };
 
 use lb_common::limits::{
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_CAPACITY, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    MAX_RING_CAPACITY, MAX_RING_SIZE, MAX_SERVICES,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RECORD_LIMIT, DEFAULT_RING_CAPACITY, DEFAULT_RING_SIZE,
+    MAX_BACKENDS, MAX_RING_CAPACITY, MAX_RING_SIZE, MAX_SERVICES,
 };
 use serde::Deserialize;
 
@@ -293,6 +293,10 @@ pub struct Dataplane {
     pub pin_path: PathBuf,
     /// What to do about receive-VLAN offload when attached in native mode.
     pub rx_vlan_offload: RxVlanOffload,
+    /// SYNs recorded a second per CPU through unchanged maglev/sh table slots of
+    /// `record_connections = "at_syn"` services; beyond it they are forwarded by the slot
+    /// without an entry (0: no limit).
+    pub record_limit: u32,
 }
 
 /// `dataplane.rx_vlan_offload`: with receive-VLAN offload on, a native XDP program never sees
@@ -457,6 +461,7 @@ struct RawDataplane {
     pin_path: Option<PathBuf>,
     #[serde(default)]
     rx_vlan_offload: RxVlanOffload,
+    record_limit: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -1003,6 +1008,19 @@ impl Validator {
             }
             Some(p) => p,
         };
+        let record_limit = match dp.record_limit {
+            None => DEFAULT_RECORD_LIMIT,
+            Some(n) if (0..=u32::MAX as i64).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(self.err(
+                    "dataplane.record_limit",
+                    format!(
+                        "{n} is out of range 0..={} (SYNs recorded a second per CPU; 0: no limit)",
+                        u32::MAX
+                    ),
+                ));
+            }
+        };
         Ok(Dataplane {
             interface,
             xdp_mode: dp.xdp_mode,
@@ -1011,6 +1029,7 @@ impl Validator {
             ring_capacity,
             pin_path,
             rx_vlan_offload: dp.rx_vlan_offload,
+            record_limit,
         })
     }
 
@@ -1419,6 +1438,14 @@ mac = "02:00:00:00:00:22"
     }
 
     #[test]
+    fn record_limit_is_read_and_zero_turns_it_off() {
+        let c = parse("[dataplane]\ninterface = \"eth0\"\nrecord_limit = 0\n").unwrap();
+        assert_eq!(c.dataplane.record_limit, 0);
+        let c = parse("[dataplane]\ninterface = \"eth0\"\nrecord_limit = 250000\n").unwrap();
+        assert_eq!(c.dataplane.record_limit, 250_000);
+    }
+
+    #[test]
     fn good_config_parses_with_all_fields() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.dataplane.interface, "eth0");
@@ -1657,6 +1684,7 @@ mac = "02:00:00:00:00:22"
         assert_eq!(c.dataplane.xdp_mode, XdpMode::Auto);
         assert_eq!(c.dataplane.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
         assert_eq!(c.dataplane.ring_size, DEFAULT_RING_SIZE);
+        assert_eq!(c.dataplane.record_limit, DEFAULT_RECORD_LIMIT);
         assert!(c.services.is_empty());
     }
 
@@ -1729,6 +1757,11 @@ mac = "02:00:00:00:00:22"
                 "flow_table_size = 65536",
                 "flow_table_size = 10",
                 "dataplane.flow_table_size: 10 is out of range",
+            ),
+            (
+                "flow_table_size = 65536",
+                "flow_table_size = 65536\nrecord_limit = -1",
+                "lb.toml: dataplane.record_limit: -1 is out of range 0..=4294967295",
             ),
             (
                 "vip = \"10.99.0.100\"",

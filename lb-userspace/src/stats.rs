@@ -12,6 +12,9 @@ pub struct Snapshot {
     pub services: BTreeMap<u32, Counters>,
     /// Backend id → counters.
     pub backends: BTreeMap<u32, Counters>,
+    /// SYNs kept out of the connection table by `dataplane.record_limit` since the program was
+    /// loaded (not an `LB_STATS` counter: the limit's state belongs to each loaded program).
+    pub record_limited: u64,
 }
 
 impl Snapshot {

@@ -40,6 +40,11 @@ pub struct Process<'a> {
     pub flows_expired: u64,
 }
 
+/// The counter of SYNs kept out of the connection table by `dataplane.record_limit`, beside
+/// the `LB_STATS` counters in `lb status` and the metrics (`lb_flow_events{event="record_limited"}`).
+/// It counts from the program's load (each loaded program keeps its own).
+pub const RECORD_LIMITED: &str = "flow_record_limited";
+
 pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Status {
     let (t1, s1) = samples.now;
     let rate = |now: &Counters, before: Option<&Counters>| -> api::Traffic {
@@ -138,6 +143,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
         counters: Stat::ALL
             .iter()
             .map(|s| (s.name().to_owned(), s1.get(*s)))
+            .chain([(RECORD_LIMITED.to_owned(), s1.record_limited)])
             .collect(),
         vips: None,
         flow_sync: None,

@@ -2325,6 +2325,128 @@ fn established_flows_keep_their_backend_through_a_syn_flood() {
     assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, 50);
 }
 
+/// `dataplane.record_limit`: beyond this CPU's limit a second, the SYN of an `"at_syn"` maglev
+/// service through an unchanged slot is forwarded by the slot (the same backend, output bytes
+/// checked) and not recorded: nothing evicted, nothing counted active, `flow_stateless` and
+/// the limit's own count say so. Its ACKs still go to that backend. SYNs through a changed slot
+/// and new flows of schedulers without slots are recorded whatever the limit; after a second the
+/// window starts again.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn syns_beyond_the_record_limit_are_forwarded_by_their_slot_unrecorded() {
+    let rr = "\n[[service]]\nname = \"rr4\"\nvip = \"10.99.0.100\"\nport = 8080\nprotocol = \"tcp\"\nscheduler = \"rr\"\n[[service.backend]]\naddress = \"10.99.0.21\"\nmac = \"02:00:00:00:00:21\"\n";
+    let mut f = Fixture::with_flow_table(&format!("{CONFIG}{rr}"), 1024);
+    f.dp.set_record_limit(10).unwrap();
+    let svc = f.service("web4");
+    let recorded: Vec<(FlowKey, u32)> = (0..10u16)
+        .map(|i| {
+            let (syn, key) = tcp4(C1, 30000 + i, VIP4, 80);
+            let b = f.expect_forward("within the limit", &syn, &key, "web4");
+            assert_eq!(f.dp.flow(&key).unwrap().map(|e| e.backend), Some(b));
+            (key, b)
+        })
+        .collect();
+    f.assert_stat(Stat::FlowNew, 10);
+    let active_before: u64 = svc.backends.iter().map(|b| active(&mut f, *b)).sum();
+    assert_eq!(active_before, 10);
+
+    let mut flood = Vec::new();
+    for i in 0..500u32 {
+        let src = Ipv4Addr::new(10, 97, (i >> 8) as u8, i as u8);
+        let (syn, key) = tcp4(src, 1024 + i as u16, VIP4, 80);
+        let b = f.expect_forward("beyond the limit: by the slot", &syn, &key, "web4");
+        flood.push((src, 1024 + i as u16, key, b));
+    }
+    f.assert_stat(Stat::FlowNew, 10);
+    f.assert_stat(Stat::FlowStateless, 500);
+    assert_eq!(f.snapshot().record_limited, 500);
+    assert!(
+        flood
+            .iter()
+            .all(|(.., k, _)| f.dp.flow(k).unwrap().is_none()),
+        "none recorded"
+    );
+    assert!(
+        recorded
+            .iter()
+            .all(|(k, b)| f.dp.flow(k).unwrap().map(|e| e.backend) == Some(*b)),
+        "nothing evicted"
+    );
+    let active_after: u64 = svc.backends.iter().map(|b| active(&mut f, *b)).sum();
+    assert_eq!(active_after, 10, "unrecorded SYNs are not counted active");
+    let snap = f.snapshot();
+    assert_eq!(
+        snap.services[&svc.value.id].new_flows, 510,
+        "each a new flow of the service"
+    );
+    let per_backend: u64 = svc
+        .backends
+        .iter()
+        .map(|b| snap.backends[b].new_flows)
+        .sum();
+    assert_eq!(per_backend, 510, "and of its backend");
+    let (key, b) = recorded[3];
+    let port = u16::from_be_bytes(key.src_port);
+    f.expect_mac(
+        "a recorded connection's SYN again, beyond the limit",
+        &tcp4(C1, port, VIP4, 80).0,
+        b,
+    );
+    let (src, port, key, b) = flood[7];
+    f.expect_mac(
+        "the ACK of an unrecorded SYN",
+        &tcp4_flags(src, port, VIP4, 80, "A"),
+        b,
+    );
+    for flags in ["FA", "R"] {
+        f.expect_mac(
+            &format!("{flags} of an unrecorded connection: by the slot"),
+            &tcp4_flags(src, port, VIP4, 80, flags),
+            b,
+        );
+        assert!(
+            f.dp.flow(&key).unwrap().is_none(),
+            "{flags}: nothing inserted"
+        );
+    }
+    f.assert_stat(Stat::FlowNew, 10);
+
+    // A SYN through a changed slot is recorded, limit or not.
+    let (_, key0) = tcp4(C1, 40000, VIP4, 80);
+    let slot = svc.slot_of(&key0);
+    let old = svc.ring[slot as usize];
+    let other = *svc.backends.iter().find(|x| **x != old).unwrap();
+    f.dp.set_slot(
+        svc.ring_index(&key0),
+        lb_common::ring_value(other, true, Some(old)),
+    )
+    .unwrap();
+    let (a, p, key) = svc.flow_on_slot(slot, 3, 0);
+    f.expect_mac(
+        "a SYN through the changed slot",
+        &tcp4(a, p, VIP4, 80).0,
+        other,
+    );
+    assert_eq!(f.dp.flow(&key).unwrap().map(|e| e.backend), Some(other));
+    // So is a new flow of a scheduler without slots.
+    let (syn, key) = tcp4(C1, 41000, VIP4, 8080);
+    assert_eq!(f.run(&syn).0, XDP_TX);
+    assert!(f.dp.flow(&key).unwrap().is_some(), "rr: recorded");
+    assert_eq!(f.snapshot().record_limited, 501, "neither counted");
+    // (The window was still full: the next SYN of an unchanged slot is over the limit.)
+    let (syn, key) = tcp4(C1, 30400, VIP4, 80);
+    f.expect_forward("still beyond the limit", &syn, &key, "web4");
+    assert!(f.dp.flow(&key).unwrap().is_none());
+    assert_eq!(f.snapshot().record_limited, 502);
+
+    // A new window a second later.
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let (syn, key) = tcp4(C1, 30500, VIP4, 80);
+    let b = f.expect_forward("a second later", &syn, &key, "web4");
+    assert_eq!(f.dp.flow(&key).unwrap().map(|e| e.backend), Some(b));
+    assert_eq!(f.snapshot().record_limited, 502);
+}
+
 /// The connection table is shared: a SYN flood at an `"at_syn"` maglev service evicts the
 /// entries of an rr service's established connections (which then would be scheduled again);
 /// at an `"on_change"` one it writes nothing, and every rr connection keeps its entry and its

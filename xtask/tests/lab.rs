@@ -276,6 +276,29 @@ fn affinity_with(mode: Mode, on_change: bool) {
     assert!(pings >= 5, "only {pings} echoes over the connection");
 }
 
+/// `dataplane.record_limit`: with a limit of one SYN a second per CPU, the maglev `web`
+/// service's new connections beyond it are forwarded by their table slots without an entry.
+/// Every request is answered, over every backend, and `lb status` counts them
+/// (`flow_record_limited`): each connection was recorded or counted there.
+fn record_limit(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    let config = lab.config_with(mode, &[Some(100); 3]);
+    assert!(config.contains("[dataplane]\n"), "{config}");
+    let config = config.replacen("[dataplane]\n", "[dataplane]\nrecord_limit = 1\n", 1);
+    lab.start_lb(&cmd::lb_binary(), &config).expect("lb run");
+    const N: u64 = 100;
+    let t = http(&lab, N as usize);
+    assert_eq!(t.by_backend.values().sum::<usize>() as u64, N, "{t:?}");
+    assert_eq!(t.by_backend.len(), 3, "every backend answered: {t:?}");
+    let (get, st) = counters(&lab);
+    let (new, limited) = (get("flow_new"), get("flow_record_limited"));
+    assert!(limited > 0, "none beyond the limit: {st}");
+    assert!(
+        new + limited >= N,
+        "new {new} + limited {limited} < {N}: {st}"
+    );
+}
+
 /// A UDP flow keeps its backend while the backend set changes under it, although UDP of
 /// unchanged maglev slots is not recorded (README, Stateless slots): a backend is added, and the
 /// flow's own backend is drained. The slots that changed name their previous backend, so the
@@ -2340,6 +2363,7 @@ both_modes!(
     distribution,
     affinity,
     affinity_on_change,
+    record_limit,
     udp_affinity,
     non_vip_traffic,
     cli_drain,

@@ -140,6 +140,9 @@ pub async fn serve(
             .1
     };
     let mut dp = Dataplane::load_pinned(dpc.ring_capacity, dpc.flow_table_size, &pin, if_mac.0)?;
+    // Before the program is attached (or swapped into the pinned link): this program's own.
+    dp.set_record_limit(dpc.record_limit)
+        .context("dataplane.record_limit: setting it in LB_RECORD_RATE")?;
     if !existing {
         dp.write_meta(&dpc)?;
     }

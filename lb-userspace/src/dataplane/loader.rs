@@ -19,7 +19,7 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendMeta, Counters, FlowKey, FlowValue, LAYOUT_VERSION, META_FLOW_TABLE_SIZE,
-    META_LAYOUT, META_RING_CAPACITY, META_XDP_MODE, ServiceKey, ServiceValue, VipKey,
+    META_LAYOUT, META_RING_CAPACITY, META_XDP_MODE, RecordRate, ServiceKey, ServiceValue, VipKey,
     limits::{MAX_BACKENDS, RING_CHUNK},
     names,
     rules::{active_connections, counted_and_open},
@@ -209,6 +209,9 @@ struct Handles {
     rr_cursor: Array<MapData, u64>,
     vip_filter: Array<MapData, u8>,
     svc_cache: super::svc_cache::SvcCache<super::ring::RingMem>,
+    /// Not pinned, this program's own (absent from objects before session 12: the bench's
+    /// A/B of older objects).
+    record_rate: Option<PerCpuArray<MapData, RecordRate>>,
 }
 
 impl Handles {
@@ -266,6 +269,10 @@ impl Handles {
             rr_cursor: take(ebpf, names::RR_CURSOR)?,
             vip_filter: take(ebpf, names::VIP_FILTER)?,
             svc_cache,
+            record_rate: match ebpf.take_map(names::RECORD_RATE) {
+                Some(map) => Some(PerCpuArray::try_from(map).map_err(map_err(names::RECORD_RATE))?),
+                None => None,
+            },
         })
     }
 }
@@ -1015,9 +1022,40 @@ impl Dataplane {
             .map_err(map_err(names::SERVICES))
     }
 
+    /// Sets the record limit (`dataplane.record_limit`: SYNs recorded a second per CPU through
+    /// unchanged maglev/sh slots; 0: none) of this loaded program, on every CPU. Its counts
+    /// start from zero.
+    pub fn set_record_limit(&mut self, limit: u32) -> Result<()> {
+        let Some(map) = self.maps.record_rate.as_mut() else {
+            return Ok(());
+        };
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, e)| syscall(names::RECORD_RATE, "nr_cpus", e))?;
+        let value = RecordRate {
+            limit: limit.into(),
+            ..RecordRate::default()
+        };
+        let values = aya::maps::PerCpuValues::try_from(vec![value; cpus])
+            .map_err(|e| syscall(names::RECORD_RATE, "per-CPU values", e))?;
+        map.set(0, values, 0).map_err(map_err(names::RECORD_RATE))
+    }
+
+    /// SYNs the record limit kept out of the connection table since this program was loaded
+    /// (all CPUs).
+    fn record_limited(&self) -> Result<u64> {
+        let Some(map) = self.maps.record_rate.as_ref() else {
+            return Ok(0);
+        };
+        let v = map.get(&0, 0).map_err(map_err(names::RECORD_RATE))?;
+        Ok(v.iter().map(|r| r.limited).sum())
+    }
+
     /// Reads every counter, summed over CPUs.
     pub fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot> {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot {
+            record_limited: self.record_limited()?,
+            ..Snapshot::default()
+        };
         for (i, stat) in Stat::ALL.iter().enumerate().take(STATS_LEN as usize) {
             let v = self
                 .maps
