@@ -166,6 +166,13 @@ fn main() {
         ab_objects();
         return;
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("plots") {
+        // The plots again from the last full run's target/bench/results.json.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json");
+        plots(&serde_json::from_str(&text).expect("results.json"), &dir);
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("paths") {
         // The per-path figures alone (quick A/B of a data-plane change).
         let mut f = Fixture::new(&bench_config());
@@ -1274,8 +1281,10 @@ fn plots(doc: &serde_json::Value, dir: &std::path::Path) {
         ("new flow (1 call)", case("new_flow_v4")),
     ];
     let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
-    let mut svg = String::from(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"300\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"18\" font-size=\"14\">lb_xdp ns per packet (BPF_PROG_TEST_RUN, median of rounds)</text>\n",
+    // Room for every bar (34 px of title, 36 a bar, a margin).
+    let height = 34 + 36 * bars.len() + 8;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"18\" font-size=\"14\">lb_xdp ns per packet (BPF_PROG_TEST_RUN, median of rounds)</text>\n",
     );
     for (i, (label, v)) in bars.iter().enumerate() {
         let y = 34.0 + i as f64 * 36.0;
