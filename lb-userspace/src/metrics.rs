@@ -249,7 +249,7 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
     );
     r.register(
         "lb_flow_events",
-        "Connection table events: new, hit, rescheduled, insert_failed",
+        "Flow decisions by kind (the flow_* counters): new, hit, rescheduled, insert_failed, stateless, record_limited (SYNs beyond dataplane.record_limit, counted since the program was loaded), ...",
         flows,
     );
 

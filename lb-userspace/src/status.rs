@@ -41,7 +41,7 @@ pub struct Process<'a> {
 }
 
 /// The counter of SYNs kept out of the connection table by `dataplane.record_limit`, beside
-/// the `LB_STATS` counters in `lb status` and the metrics (`lb_flow_events{event="record_limited"}`).
+/// the `LB_STATS` counters in `lb status` and the metrics (`lb_flow_events_total{event="record_limited"}`).
 /// It counts from the program's load (each loaded program keeps its own).
 pub const RECORD_LIMITED: &str = "flow_record_limited";
 
