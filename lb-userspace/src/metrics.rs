@@ -420,6 +420,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, n)| (n.to_owned(), i as u64))
                 .collect(),
+            record_limit: None,
             vips: None,
             flow_sync: None,
         }

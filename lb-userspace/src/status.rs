@@ -145,6 +145,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             .map(|s| (s.name().to_owned(), s1.get(*s)))
             .chain([(RECORD_LIMITED.to_owned(), s1.record_limited)])
             .collect(),
+        record_limit: Some(v.cfg.dataplane.record_limit),
         vips: None,
         flow_sync: None,
     }

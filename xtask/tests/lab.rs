@@ -293,6 +293,13 @@ fn record_limit(mode: Mode) {
     let (get, st) = counters(&lab);
     let (new, limited) = (get("flow_new"), get("flow_record_limited"));
     assert!(limited > 0, "none beyond the limit: {st}");
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(v["record_limit"], 1, "{st}");
+    let human = lab.lb_cli(&lb(), &["status"]).unwrap();
+    assert!(
+        human.contains("record limit: 1 SYNs a second per CPU"),
+        "{human}"
+    );
     assert!(
         new + limited >= N,
         "new {new} + limited {limited} < {N}: {st}"

@@ -118,6 +118,10 @@ pub struct Status {
     pub flows_expired: u64,
     /// Global counters by name (`verdict_tx`, `drop_no_backend`, ...).
     pub counters: Vec<(String, u64)>,
+    /// `dataplane.record_limit` of the running program: SYNs recorded a second per CPU through
+    /// unchanged maglev/sh slots of "at_syn" services (0: no limit; absent from an older `lb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_limit: Option<u32>,
     /// `[announce]`: each VIP's route (absent without `[announce]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vips: Option<Vec<crate::announce::VipStatus>>,

@@ -58,6 +58,26 @@ pub fn render(s: &api::Status) -> String {
             }
         );
     }
+    match s.record_limit {
+        Some(0) => {
+            let _ = writeln!(
+                o,
+                "record limit: none (every SYN of an at_syn service recorded)"
+            );
+        }
+        Some(n) => {
+            let limited = s
+                .counters
+                .iter()
+                .find(|(k, _)| k == lb_userspace::status::RECORD_LIMITED)
+                .map_or(0, |(_, v)| *v);
+            let _ = writeln!(
+                o,
+                "record limit: {n} SYNs a second per CPU through unchanged slots ({limited} beyond it forwarded by their slot since the program was loaded)"
+            );
+        }
+        None => {}
+    }
     for svc in &s.services {
         let t = &svc.traffic;
         let _ = writeln!(

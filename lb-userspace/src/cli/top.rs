@@ -468,6 +468,7 @@ mod tests {
             flow_entries: 12,
             flows_expired: 0,
             counters: vec![("verdict_tx".into(), 9), ("drop_no_backend".into(), 2)],
+            record_limit: None,
             vips: None,
             flow_sync: None,
         }
