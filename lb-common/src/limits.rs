@@ -20,9 +20,11 @@ pub const RING_CHUNK: u32 = 16;
 pub const MAX_RING_CAPACITY: u32 = 1 << 28;
 /// Default size of the connection table.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
-/// Default `dataplane.record_limit`: SYNs recorded a second per CPU through unchanged maglev/sh
-/// table slots (a SYN flood beyond it is forwarded by the slots without filling the table).
-pub const DEFAULT_RECORD_LIMIT: u32 = 100_000;
+/// Default `dataplane.record_limit` (SYNs recorded a second per CPU through unchanged maglev/sh
+/// table slots; a SYN flood beyond it is forwarded by the slots without filling the table): 0,
+/// no limit. With a limit, "at_syn" services keep previous backends on table changes as
+/// "on_change" ones do, so drains also wait `timeouts.tcp` for connections it kept unrecorded.
+pub const DEFAULT_RECORD_LIMIT: u32 = 0;
 /// Number of egress interfaces usable for XDP_REDIRECT.
 pub const MAX_TX_PORTS: u32 = 64;
 /// IPv6 extension headers walked before giving up on finding TCP/UDP.

@@ -143,16 +143,22 @@ pub fn backend_for_flow(
         count(Stat::FlowStateless);
         return Some((e, b, Stat::FlowStateless));
     }
+    // A flow of the slot from before its change that has no entry (UDP of the unchanged slot,
+    // a TCP connection of an "on_change" service or beyond the record limit): it stays with
+    // the backend it had.
+    let mut before_change = false;
     let id = match entry.and_then(ring_prev) {
-        // A flow of the slot from before its change that has no entry (UDP of the unchanged
-        // slot): it stays with the backend it had.
-        Some(p) if !moved && !syn && usable(p).is_some() => p,
+        Some(p) if !moved && !syn && usable(p).is_some() => {
+            before_change = true;
+            p
+        }
         _ => schedule(svc, entry)?,
     };
     let b = usable(id)?;
-    // Counted: a UDP flow, a TCP connection from its SYN, or (on_change) one recorded through
-    // its changed slot.
-    let counted = !closing && (syn || records_on_change(key, svc));
+    // Counted: a UDP flow, a TCP connection from its SYN, or one recorded through its changed
+    // slot (on_change; and an "at_syn" connection kept off the table by the record limit, that
+    // its previous backend takes back: a drain then waits for it).
+    let counted = !closing && (syn || before_change || records_on_change(key, svc));
     let value = FlowValue {
         backend: id,
         generation: b.generation,

@@ -2014,8 +2014,14 @@ fn established_tcp_of_an_unchanged_slot_skips_the_table() {
         &tcp4_flags(a4, p4, VIP4, 80, "A"),
         b,
     );
+    // Counted from now (a connection kept off the table by the record limit was never counted;
+    // one whose entry was evicted was, and its count stays as stale as the eviction left it):
+    // a drain of b waits for it.
     let e = f.dp.flow(&key4_).unwrap().unwrap();
-    assert_eq!((e.backend, e.flags & lb_common::FLOW_F_COUNTED), (b, 0));
+    assert_eq!(
+        (e.backend, e.flags & lb_common::FLOW_F_COUNTED),
+        (b, lb_common::FLOW_F_COUNTED)
+    );
     f.expect_mac("and after", &tcp4_flags(a4, p4, VIP4, 80, "PA"), b);
     let (a5, p5, key5) = same_slot(3);
     f.expect_mac(
@@ -2410,6 +2416,32 @@ fn syns_beyond_the_record_limit_are_forwarded_by_their_slot_unrecorded() {
         );
     }
     f.assert_stat(Stat::FlowNew, 10);
+    // Its slot changes (the controller names the previous backend when a limit is set): the
+    // unrecorded connection stays on its backend, recorded and counted from its next packet,
+    // and its FIN closes it.
+    let (src, port, key, b) = flood[9];
+    let other = *svc.backends.iter().find(|x| **x != b).unwrap();
+    f.dp.set_slot(
+        svc.ring_index(&key),
+        lb_common::ring_value(other, true, Some(b)),
+    )
+    .unwrap();
+    let before = active(&mut f, b);
+    f.expect_mac(
+        "an unrecorded connection after its slot changed",
+        &tcp4_flags(src, port, VIP4, 80, "PA"),
+        b,
+    );
+    let e = f.dp.flow(&key).unwrap().expect("recorded now");
+    assert_eq!(
+        (e.backend, e.flags & lb_common::FLOW_F_COUNTED),
+        (b, lb_common::FLOW_F_COUNTED)
+    );
+    assert_eq!(active(&mut f, b), before + 1);
+    f.expect_mac("its FIN", &tcp4_flags(src, port, VIP4, 80, "FA"), b);
+    assert_eq!(active(&mut f, b), before);
+    f.dp.set_slot(svc.ring_index(&key), svc.ring[svc.slot_of(&key) as usize])
+        .unwrap();
 
     // A SYN through a changed slot is recorded, limit or not.
     let (_, key0) = tcp4(C1, 40000, VIP4, 80);

@@ -309,10 +309,12 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             .collect();
         let before_of = |id: u32| before.get(&id).map(|i| &self.desired.services[*i]);
         // maglev/sh slots that change keep the backend they had for their unrecorded flows
-        // (UDP; TCP with record_connections = "on_change"), for the protocol's idle timeout.
+        // (UDP; TCP with record_connections = "on_change", or beyond a record limit), for the
+        // protocol's idle timeout.
+        let unrecorded_syns = self.cfg.dataplane.record_limit != 0;
         for s in &mut next.services {
             let window = self.cfg.timeouts.open_ns(s.key.protocol);
-            desired::with_previous(s, before_of(s.value.id), now, window);
+            desired::with_previous(s, before_of(s.value.id), now, window, unrecorded_syns);
         }
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
         for s in &next.services {

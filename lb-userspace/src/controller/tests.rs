@@ -907,7 +907,9 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
 fn changed_slots_of_tcp_on_change_name_their_previous_backend() {
     const TCP_NS: u64 = 900 * 1_000_000_000; // timeouts.tcp, the default
     let set_now = |t: u64| super::TEST_NOW.with(|n| n.set(Some(t)));
-    for on_change in [true, false] {
+    // (on_change, a record limit): "at_syn" with a limit keeps previous backends too (its SYNs
+    // beyond the limit are not recorded).
+    for (on_change, limit) in [(true, false), (false, false), (false, true)] {
         set_now(1);
         let d = dir();
         let net = FakeNet::default();
@@ -917,6 +919,10 @@ fn changed_slots_of_tcp_on_change_name_their_previous_backend() {
                 "protocol = \"tcp\"",
                 "protocol = \"tcp\"\nrecord_connections = \"on_change\"",
             );
+        }
+        if limit {
+            assert!(text.contains("[dataplane]\n"));
+            text = text.replacen("[dataplane]\n", "[dataplane]\nrecord_limit = 100000\n", 1);
         }
         let mut c = start_with(&d, &net, &text);
         reachable(&mut c, A, 1);
@@ -942,7 +948,7 @@ fn changed_slots_of_tcp_on_change_name_their_previous_backend() {
             "{}",
             e.reason
         );
-        if !on_change {
+        if !on_change && !limit {
             assert!(changed.iter().all(|i| prev_of(&c, *i).is_none()));
             continue;
         }

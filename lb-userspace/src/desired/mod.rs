@@ -365,15 +365,17 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
     d
 }
 
-/// maglev/sh UDP services, and TCP services that record connections on change: the previous
+/// maglev/sh UDP services, TCP services that record connections on change, and (with
+/// `unrecorded_syns`: a record limit is set, `dataplane.record_limit`) TCP services that record
+/// at the SYN, whose SYNs beyond the limit are not recorded: the previous
 /// backends of `next`'s changed slots, after `old` (the same service as the maps hold it), at
 /// `now_ns`; new ones are kept for `window_ns`. Their flows of an unchanged slot are not
 /// recorded, so a slot that changes from unchanged names the backend it had (its unrecorded
 /// flows go back there and are recorded); one that had a previous backend keeps it until it
 /// lapses, unless the slot has that backend again. Another scheduler or table size: no slot
-/// corresponds, nothing is kept. Other TCP services have none: a connection is recorded at its
-/// SYN (active connections, drains), and a slot keeps its mark only while an entry names
-/// another backend. (A TCP service switched from `on_change` still has unrecorded connections:
+/// corresponds, nothing is kept. Other TCP services (no record limit) have none: a connection
+/// is recorded at its SYN (active connections, drains), and a slot keeps its mark only while an
+/// entry names another backend. (A TCP service switched from `on_change` still has unrecorded connections:
 /// it keeps previous backends, and adds new ones, in the change that switches it and while
 /// those it has live.)
 pub fn with_previous(
@@ -381,7 +383,9 @@ pub fn with_previous(
     old: Option<&DesiredService>,
     now_ns: u64,
     window_ns: u64,
+    unrecorded_syns: bool,
 ) {
+    let limited_tcp = unrecorded_syns && next.key.protocol == lb_common::PROTO_TCP;
     let old = old.filter(|o| {
         // A TCP service switched from on_change (in this change, or with previous backends
         // still live from it) has unrecorded connections.
@@ -389,7 +393,7 @@ pub fn with_previous(
             && (o.value.flags & lb_common::SVC_F_TCP_ON_CHANGE != 0
                 || !o.prev.is_empty() && now_ns < o.prev_until_ns);
         next.stateless()
-            && (next.records_on_change() || switched)
+            && (next.records_on_change() || limited_tcp || switched)
             && o.value.scheduler == next.value.scheduler
             && o.ring.len() == next.ring.len()
     });

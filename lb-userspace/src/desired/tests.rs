@@ -697,7 +697,7 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     // flows are recorded); slot 3 stays.
     let old = svc(&[1, 1, 1, 1], &[2], &[], 0);
     let mut next = svc(&[2, 2, 2, 1], &[0, 1, 2], &[], 0);
-    with_previous(&mut next, Some(&old), 10, W);
+    with_previous(&mut next, Some(&old), 10, W, false);
     assert_eq!(*next.prev, [(0, 1), (1, 1)].into_iter().collect());
     assert_eq!(next.prev_until_ns, 10 + W);
     assert_eq!(
@@ -719,7 +719,7 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     // Then slot 0 goes to C (3) and slot 1 back to A, slot 3 from A to C: slot 0 keeps A, slot
     // 1 has A again (nothing to keep), slot 3 names A from now on.
     let mut later = svc(&[3, 1, 2, 3], &[0, 1, 2, 3], &[], 0);
-    with_previous(&mut later, Some(&next), 50, W);
+    with_previous(&mut later, Some(&next), 50, W, false);
     assert_eq!(*later.prev, [(0, 1), (3, 1)].into_iter().collect());
     assert_eq!(
         later.prev_until_ns,
@@ -728,24 +728,37 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     );
     // Lapsed: nothing kept, nothing new.
     let mut lapsed = svc(&[3, 1, 2, 3], &[0, 1, 2, 3], &[], 0);
-    with_previous(&mut lapsed, Some(&later), 50 + W, W);
+    with_previous(&mut lapsed, Some(&later), 50 + W, W, false);
     assert!(lapsed.prev.is_empty());
     assert_eq!(lapsed.prev_until_ns, 0);
     // An empty slot keeps its previous backend for when it has one again.
     let mut empty = svc(&[NO_BACKEND, 2, 2, 1], &[0, 1, 2], &[], 0);
-    with_previous(&mut empty, Some(&old), 10, W);
+    with_previous(&mut empty, Some(&old), 10, W, false);
     assert_eq!(empty.prev.get(&0), Some(&1));
     assert_eq!(empty.slot_value(0), Some(NO_BACKEND));
     // Another table size: no slot corresponds.
     let mut resized = svc(&[2, 2, 2, 2, 2], &[0, 1, 2, 3, 4], &[], 0);
-    with_previous(&mut resized, Some(&old), 10, W);
+    with_previous(&mut resized, Some(&old), 10, W, false);
     assert!(resized.prev.is_empty());
     // A TCP service: none (its connections are recorded at their SYN).
     let mut tcp = svc(&[2, 2, 2, 1], &[0, 1, 2], &[], 0);
     tcp.key.protocol = lb_common::PROTO_TCP;
-    with_previous(&mut tcp, Some(&old), 10, W);
+    with_previous(&mut tcp, Some(&old), 10, W, false);
     assert!(tcp.prev.is_empty());
     assert_eq!(tcp.slot_value(0), Some(2 | lb_common::RING_DIRTY));
+    // Unless a record limit is set (SYNs beyond it are not recorded): as UDP. (Not UDP's
+    // business: it keeps them either way.)
+    let mut limited = svc(&[2, 2, 2, 1], &[0, 1, 2], &[], 0);
+    limited.key.protocol = lb_common::PROTO_TCP;
+    with_previous(&mut limited, Some(&old), 10, W, true);
+    assert_eq!(*limited.prev, [(0, 1), (1, 1)].into_iter().collect());
+    assert_eq!(
+        limited.slot_value(0),
+        Some(lb_common::ring_value(2, true, Some(1)))
+    );
+    let mut udp = svc(&[2, 2, 2, 1], &[0, 1, 2], &[], 0);
+    with_previous(&mut udp, Some(&old), 10, W, true);
+    assert_eq!(*udp.prev, *limited.prev);
     // A TCP service with record_connections = "on_change" (its connections of unchanged slots
     // are not recorded): as UDP. And one that just switched back to "at_syn" still has
     // unrecorded connections: as UDP too; from at_syn to at_syn: none.
@@ -765,7 +778,7 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
     ] {
         let old = tcp_svc(&[1, 1, 1, 1], &[2], was);
         let mut next = tcp_svc(&[2, 2, 2, 1], &[0, 1, 2], is);
-        with_previous(&mut next, Some(&old), 10, W);
+        with_previous(&mut next, Some(&old), 10, W, false);
         let want: BTreeMap<u32, u32> = if kept {
             [(0, 1), (1, 1)].into_iter().collect()
         } else {
@@ -775,10 +788,10 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
         if was && !is {
             // The next change of the (now at_syn) service keeps them while they live.
             let mut again = tcp_svc(&[2, 2, 3, 1], &[0, 1, 2], false);
-            with_previous(&mut again, Some(&next), 20, W);
+            with_previous(&mut again, Some(&next), 20, W, false);
             assert_eq!(*again.prev, want, "live: kept");
             let mut lapsed = tcp_svc(&[2, 2, 3, 1], &[0, 1, 2], false);
-            with_previous(&mut lapsed, Some(&next), 10 + W, W);
+            with_previous(&mut lapsed, Some(&next), 10 + W, W, false);
             assert!(lapsed.prev.is_empty(), "lapsed: none");
         }
     }
