@@ -263,8 +263,8 @@ fn schedule(
         } else if on_change {
             "; an unchanged slot: its connections are not recorded (record_connections = on_change)"
         } else {
-            "; an unchanged slot: established packets skip the connection table (and SYNs \
-             beyond dataplane.record_limit a second per CPU are not recorded)"
+            "; an unchanged slot: established packets skip the connection table (SYNs are \
+             recorded, up to dataplane.record_limit a second per CPU when one is set)"
         }
         .to_owned(),
         None => String::new(),
