@@ -520,16 +520,15 @@ pub struct TraceRate {
 ///
 /// At most `limit` SYNs a second on this CPU are recorded through a table slot that never
 /// changed (maglev/sh, `record_connections = "at_syn"`); beyond it such a SYN is forwarded by
-/// its slot alone, as `"on_change"` would (`flow_stateless`), and counted in `limited`.
+/// its slot alone, as `"on_change"` would (`flow_stateless`), and counted in
+/// `window.suppressed`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordRate {
-    /// Start of the current one-second window (ns, coarse clock).
-    pub window_ns: u64,
-    /// SYNs recorded through unchanged slots in the current window.
-    pub recorded: u64,
-    /// SYNs not recorded because of the limit, since this program was loaded.
-    pub limited: u64,
+    /// The one-second window, as `lb trace` and flow sharing keep theirs: `sent` = SYNs
+    /// recorded through unchanged slots in it, `suppressed` = SYNs not recorded because of the
+    /// limit since this program was loaded (`lost` is not used).
+    pub window: TraceRate,
     /// `dataplane.record_limit` (0: no limit).
     pub limit: u64,
 }
@@ -585,7 +584,7 @@ const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
 const _: () = assert!(size_of::<TraceRate>() == 32);
-const _: () = assert!(size_of::<RecordRate>() == 32);
+const _: () = assert!(size_of::<RecordRate>() == 40);
 const _: () = assert!(size_of::<SyncEvent>() == 48);
 const _: () = assert!(size_of::<SyncConfig>() == 8);
 const _: () = assert!(size_of::<BenchGen>() == 16);

@@ -201,18 +201,14 @@ fn record_limit() -> Option<&'static mut RecordRate> {
 }
 
 /// Whether this SYN, about to be recorded through an unchanged slot, is over this CPU's record
-/// limit (`rate.limit` a second). Counts it either way.
+/// limit (`rate.limit` a second: the window `lb trace` and flow sharing use). Counts it either
+/// way.
 #[inline(always)]
 fn over_record_limit(rate: &mut RecordRate, now: u64) -> bool {
-    if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {
-        rate.window_ns = now;
-        rate.recorded = 0;
-    }
-    if rate.recorded >= rate.limit {
-        rate.limited += 1;
+    if !crate::trace::admit(&mut rate.window, now, rate.limit as u32) {
         return true;
     }
-    rate.recorded += 1;
+    rate.window.sent += 1;
     false
 }
 

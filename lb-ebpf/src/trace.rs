@@ -40,7 +40,7 @@ pub fn maybe_trace(ctx: &XdpContext, d: &Decision, action: u32) {
 
 /// A per-CPU limit of `limit` events a second (a window of one second from the first event):
 /// whether one more may go. A refused one is counted in `rate.suppressed`; the caller counts
-/// `sent` (or `lost`) once it tried. Used by `lb trace` and by flow sharing.
+/// `sent` (or `lost`) once it tried. Used by `lb trace`, flow sharing and the record limit.
 #[inline(always)]
 pub fn admit(rate: &mut TraceRate, now: u64, limit: u32) -> bool {
     if now.wrapping_sub(rate.window_ns) >= 1_000_000_000 {

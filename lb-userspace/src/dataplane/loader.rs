@@ -1047,7 +1047,7 @@ impl Dataplane {
             return Ok(0);
         };
         let v = map.get(&0, 0).map_err(map_err(names::RECORD_RATE))?;
-        Ok(v.iter().map(|r| r.limited).sum())
+        Ok(v.iter().map(|r| r.window.suppressed).sum())
     }
 
     /// Reads every counter, summed over CPUs.

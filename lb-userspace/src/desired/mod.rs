@@ -375,9 +375,9 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
 /// lapses, unless the slot has that backend again. Another scheduler or table size: no slot
 /// corresponds, nothing is kept. Other TCP services (no record limit) have none: a connection
 /// is recorded at its SYN (active connections, drains), and a slot keeps its mark only while an
-/// entry names another backend. (A TCP service switched from `on_change` still has unrecorded connections:
-/// it keeps previous backends, and adds new ones, in the change that switches it and while
-/// those it has live.)
+/// entry names another backend. (A TCP service switched from `on_change` still has unrecorded
+/// connections: it keeps previous backends, and adds new ones, in the change that switches it
+/// and while those it has live.)
 pub fn with_previous(
     next: &mut DesiredService,
     old: Option<&DesiredService>,
