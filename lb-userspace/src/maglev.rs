@@ -242,7 +242,7 @@ fn step(s: u64, skip: u64, back: u64) -> u64 {
 }
 
 /// One backend's progress through its permutation.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Player {
     slot: u64,
     skip: u64,
@@ -400,6 +400,16 @@ fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
             clear &= clear - 1;
         }
     }
+    if m64 < 1 << 26 && free.len() < 1 << 20 {
+        search_f64(players, table, free, m, keys::avx2());
+    } else {
+        search_u64(players, table, free, m);
+    }
+}
+
+/// [`fill_tail`]'s search with 64-bit integers (any `m` < 2^32).
+fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: u32) {
+    let m64 = m as u64;
     let div = FastMod::new(m64);
     // A player's skip⁻¹, computed when it first plays here (many never do: their quota is met).
     let mut inv = vec![0u64; players.len()];
@@ -432,6 +442,110 @@ fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
         if !any {
             break;
         }
+    }
+}
+
+/// [`fill_tail`]'s search in doubles, for `m` < 2^26 and fewer than 2^20 free slots: every
+/// number is an integer below 2^53, so each is exact (a product of two numbers below `m` is
+/// below 2^52; the quotient is rounded to the nearest integer, one off at worst, and the
+/// remainder brought back into [0, m)). Each free slot's position and index are one key,
+/// `position · 2^20 + index`, and the least key wins: the loops over the free slots have no
+/// branch and no 128-bit multiply, so the compiler runs them several slots at a time.
+fn search_f64(players: &mut [Player], table: &mut [u32], free: Vec<u64>, m: u32, avx2: bool) {
+    let m64 = m as u64;
+    let mut free: Vec<f64> = free.into_iter().map(|f| f as f64).collect();
+    let index: Vec<f64> = (0..free.len()).map(|j| j as f64).collect();
+    let mut keys: Vec<i64> = vec![0; free.len()];
+    let mut inv = vec![0.0f64; players.len()];
+    while !free.is_empty() {
+        let mut any = false;
+        for (p, k) in players.iter_mut().zip(&mut inv) {
+            if p.left == 0 {
+                continue;
+            }
+            if *k == 0.0 {
+                *k = mod_inverse(p.skip, m64) as f64;
+            }
+            let n = free.len();
+            let s = keys::Search {
+                slot: p.slot as f64,
+                inv: *k,
+                m: m as f64,
+            };
+            let j = keys::least(&s, &free, &index[..n], &mut keys[..n], avx2);
+            let f = free.swap_remove(j);
+            table[f as usize] = p.index;
+            p.left -= 1;
+            any = true;
+        }
+        if !any {
+            break;
+        }
+    }
+}
+
+/// The loops of [`search_f64`], compiled twice on x86-64: for any CPU and with AVX2 (four
+/// slots at a time instead of two).
+mod keys {
+    /// Adding and subtracting 2^52 rounds a non-negative double below 2^51 to an integer.
+    const ROUND: f64 = (1u64 << 52) as f64;
+    const INDEX: f64 = (1u64 << 20) as f64;
+
+    /// One player's search: its pointer, skip⁻¹ and the table size, as doubles.
+    pub(super) struct Search {
+        pub slot: f64,
+        pub inv: f64,
+        pub m: f64,
+    }
+
+    /// Whether this CPU runs [`least`]'s loops four slots at a time (AVX2).
+    pub(super) fn avx2() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return std::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
+    /// [`least`]'s loops: every free slot's key, then the least key.
+    #[inline(always)]
+    fn least_body(s: &Search, free: &[f64], index: &[f64], keys: &mut [i64]) -> usize {
+        let rm = 1.0 / s.m;
+        for ((key, &f), &j) in keys.iter_mut().zip(free).zip(index) {
+            let d = f - s.slot;
+            let d = if d < 0.0 { d + s.m } else { d };
+            let x = d * s.inv;
+            let q = (x * rm + ROUND) - ROUND;
+            let r = x - q * s.m;
+            let r = if r < 0.0 { r + s.m } else { r };
+            // Non-negative doubles order as their bits do (as signed integers too).
+            *key = (r * INDEX + j).to_bits() as i64;
+        }
+        let best = keys.iter().copied().min().unwrap_or(0);
+        (f64::from_bits(best as u64) as u64 & ((1 << 20) - 1)) as usize
+    }
+
+    /// The index of the free slot of least position (`free` is not empty), with AVX2 when
+    /// `avx2` (see [`avx2`]).
+    pub(super) fn least(
+        s: &Search,
+        free: &[f64],
+        index: &[f64],
+        keys: &mut [i64],
+        avx2: bool,
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2 (the caller checked with `avx2()`).
+            return unsafe { least_avx2(s, free, index, keys) };
+        }
+        let _ = avx2;
+        least_body(s, free, index, keys)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn least_avx2(s: &Search, free: &[f64], index: &[f64], keys: &mut [i64]) -> usize {
+        least_body(s, free, index, keys)
     }
 }
 
@@ -605,6 +719,51 @@ mod tests {
                         "m {m} n {n} {walk:?} tail {tail}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn both_tail_searches_give_the_walks_table() {
+        // The search in doubles (every table the controller builds) and the one in 64-bit
+        // integers (tables of 2^26 slots or more), from the same state, against the paper.
+        for (m, n, tail) in [
+            (251u32, 20usize, 100usize),
+            (4099, 300, 600),
+            (65537, 1000, 256),
+            (65537, 7, 3000),
+        ] {
+            let ids = ids(n);
+            let perms: Vec<(Permutation, u32)> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (Permutation::of(id, m as u64), 1 + (i as u32 * 7919) % 300))
+                .collect();
+            let want = reference(&perms, m);
+            let m64 = m as u64;
+            let q = quotas(perms.iter().map(|(_, w)| *w), m);
+            let mut players: Vec<Player> = (0..n)
+                .map(|i| Player {
+                    slot: perms[i].0.offset,
+                    skip: perms[i].0.skip,
+                    back: perms[i].0.skip.wrapping_sub(m64),
+                    left: q[i] as u32,
+                    index: i as u32,
+                })
+                .collect();
+            let mut table = vec![EMPTY; m as usize];
+            let mut taken = vec![0u64; (m as usize).div_ceil(64)];
+            let (filled, resume) = walk_scalar(&mut players, &mut table, &mut taken, tail);
+            assert_eq!(m as usize - filled, tail.min(m as usize), "m {m} n {n}");
+            players.rotate_left(resume);
+            let free: Vec<u64> = (0..m64).filter(|&s| bit(&taken, s) == 0).collect();
+            let (mut p2, mut t2) = (players.clone(), table.clone());
+            search_u64(&mut p2, &mut t2, free.clone(), m);
+            assert_eq!(opt(t2), want, "integers, m {m} n {n}");
+            for avx2 in [false, keys::avx2()] {
+                let (mut p2, mut t2) = (players.clone(), table.clone());
+                search_f64(&mut p2, &mut t2, free.clone(), m, avx2);
+                assert_eq!(opt(t2), want, "doubles, avx2 {avx2}, m {m} n {n}");
             }
         }
     }
