@@ -146,6 +146,20 @@ fn main() {
         Ok("health-lb-syn") => return println!("{}", control::daemon_health_checks("syn")),
         _ => {}
     }
+    if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("maglev") {
+        // The Maglev build alone, on any CPU and pinned to CPU 0 (as in the full run, after
+        // the parts that pin the bench's thread), three times each.
+        for _ in 0..3 {
+            let (any, lo, hi) = maglev_builds();
+            println!("maglev build, 1 000 backends: {any:.3} ms ({lo:.3}–{hi:.3}), any CPU");
+        }
+        pin_to_cpu0();
+        for _ in 0..3 {
+            let (cpu0, lo, hi) = maglev_builds();
+            println!("maglev build, 1 000 backends: {cpu0:.3} ms ({lo:.3}–{hi:.3}), CPU 0");
+        }
+        return;
+    }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("control") {
         println!("{}", control::control_plane());
         return;
@@ -1205,38 +1219,15 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         );
     }
 
-    // Control plane: one Maglev table of 65 537 slots for 1 000 backends.
-    let names: Vec<String> = (0..1000)
-        .map(|i| format!("10.1.{}.{}", i / 250, i % 250))
-        .collect();
-    let entries: Vec<lb_userspace::maglev::Entry<'_>> = names
-        .iter()
-        .map(|n| lb_userspace::maglev::Entry {
-            id: n.as_bytes(),
-            weight: 100,
-        })
-        .collect();
-    // After the machine is quiet (the kernel frees the 1M-entry tables of the part above in
-    // the background, as before the health figures) and a few builds not timed (the first
-    // ones after the wait pay for a CPU coming back from idle and for fresh pages).
+    // Control plane: one Maglev table of 65 537 slots for 1 000 backends, after the machine is
+    // quiet (the kernel frees the 1M-entry tables of the part above in the background, as
+    // before the health figures).
     drop(g);
     control::quiesce();
-    for _ in 0..MAGLEV_ROUNDS / 3 {
-        std::hint::black_box(lb_userspace::maglev::build(&entries, 65537));
-    }
-    let mut builds = Vec::new();
-    for _ in 0..MAGLEV_ROUNDS {
-        let t = std::time::Instant::now();
-        let table = lb_userspace::maglev::build(&entries, 65537);
-        builds.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(table.len(), 65537);
-    }
-    let (lo, hi) = builds
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+    let (builds, lo, hi) = maglev_builds();
     target(
         "maglev_build_1000_backends",
-        median(builds),
+        builds,
         1.0,
         "ms",
         format!(
@@ -1251,6 +1242,36 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         "new_flow_insert_alone_above_floor_ns": insert_above,
         "flow_table_entries": 1 << 20,
     })
+}
+
+/// The median, least and greatest time of [`MAGLEV_ROUNDS`] builds of one Maglev table of
+/// 65 537 slots for 1 000 backends, in ms, after a few builds not timed (the first ones after
+/// a wait pay for a CPU coming back from idle and for fresh pages).
+fn maglev_builds() -> (f64, f64, f64) {
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("10.1.{}.{}", i / 250, i % 250))
+        .collect();
+    let entries: Vec<lb_userspace::maglev::Entry<'_>> = names
+        .iter()
+        .map(|n| lb_userspace::maglev::Entry {
+            id: n.as_bytes(),
+            weight: 100,
+        })
+        .collect();
+    for _ in 0..MAGLEV_ROUNDS / 3 {
+        std::hint::black_box(lb_userspace::maglev::build(&entries, 65537));
+    }
+    let mut builds = Vec::new();
+    for _ in 0..MAGLEV_ROUNDS {
+        let t = std::time::Instant::now();
+        let table = lb_userspace::maglev::build(&entries, 65537);
+        builds.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(table.len(), 65537);
+    }
+    let (lo, hi) = builds
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+    (median(builds), lo, hi)
 }
 
 /// Bytes the kernel accounts for the largest `LB_FLOWS` map loaded (bpftool).
