@@ -467,6 +467,9 @@ fn search_f64(players: &mut [Player], table: &mut [u32], free: Vec<u64>, m: u32,
                 *k = mod_inverse(p.skip, m64) as f64;
             }
             let n = free.len();
+            if n == 0 {
+                break; // (never: the quotas sum to the slots)
+            }
             let s = keys::Search {
                 slot: p.slot as f64,
                 inv: *k,
