@@ -131,20 +131,7 @@ fn build_with(
     let quotas = quotas(perms.iter().map(|(_, w)| *w), m);
     // The players' state side by side (one cache line holds two): next candidate slot
     // (offset + next·skip mod m), skip, skip − m, slots still to claim, index into `perms`.
-    let m64 = m as u64;
-    let mut players: Vec<Player> = (0..perms.len())
-        .filter(|&i| quotas[i] > 0)
-        .map(|i| {
-            let skip = perms[i].0.skip % m64;
-            Player {
-                slot: perms[i].0.offset % m64,
-                skip,
-                back: skip.wrapping_sub(m64),
-                left: quotas[i] as u32,
-                index: ids.map_or(i, |ids| ids[i]) as u32,
-            }
-        })
-        .collect();
+    let mut players = players(perms, ids, &quotas, m);
     if players.is_empty() {
         return vec![EMPTY; m_us];
     }
@@ -160,6 +147,30 @@ fn build_with(
         fill_tail(&mut players, &mut table, &taken, m);
     }
     table
+}
+
+/// The players with a quota, in turn order; slot values are `ids[i]` for `perms[i]` (`i`
+/// without `ids`).
+fn players(
+    perms: &[(Permutation, u32)],
+    ids: Option<&[usize]>,
+    quotas: &[u64],
+    m: u32,
+) -> Vec<Player> {
+    let m64 = m as u64;
+    (0..perms.len())
+        .filter(|&i| quotas[i] > 0)
+        .map(|i| {
+            let skip = perms[i].0.skip % m64;
+            Player {
+                slot: perms[i].0.offset % m64,
+                skip,
+                back: skip.wrapping_sub(m64),
+                left: quotas[i] as u32,
+                index: ids.map_or(i, |ids| ids[i]) as u32,
+            }
+        })
+        .collect()
 }
 
 /// The walk phase: players take turns claiming their next free slot until the table is full
@@ -242,7 +253,7 @@ fn step(s: u64, skip: u64, back: u64) -> u64 {
 }
 
 /// One backend's progress through its permutation.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 struct Player {
     slot: u64,
     skip: u64,
@@ -407,42 +418,54 @@ fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
     }
 }
 
-/// [`fill_tail`]'s search with 64-bit integers (any `m` < 2^32).
-fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: u32) {
-    let m64 = m as u64;
-    let div = FastMod::new(m64);
-    // A player's skip⁻¹, computed when it first plays here (many never do: their quota is met).
+/// The tail's turns: in turn order, each player with slots left claims the slot `take`
+/// returns for it (given its skip⁻¹, computed when it first plays here: many never do, their
+/// quota met), until `take` finds no free slot or no player has slots left.
+fn tail_turns(
+    players: &mut [Player],
+    table: &mut [u32],
+    m: u32,
+    mut take: impl FnMut(&Player, u64) -> Option<u64>,
+) {
     let mut inv = vec![0u64; players.len()];
-    while !free.is_empty() {
+    loop {
         let mut any = false;
         for (p, k) in players.iter_mut().zip(&mut inv) {
             if p.left == 0 {
                 continue;
             }
             if *k == 0 {
-                *k = mod_inverse(p.skip, m64);
+                *k = mod_inverse(p.skip, m as u64);
             }
-            let k = *k;
-            let mut best = 0;
-            let mut best_pos = u64::MAX;
-            for (j, &f) in free.iter().enumerate() {
-                let pos = div.rem(wrap_add(f, m64 - p.slot, m64) * k);
-                // (Branch-free: which slot wins is unpredictable.)
-                let better = pos < best_pos;
-                best_pos = if better { pos } else { best_pos };
-                best = if better { j } else { best };
-            }
-            let Some(f) = (best_pos != u64::MAX).then(|| free.swap_remove(best)) else {
-                break;
+            let Some(f) = take(p, *k) else {
+                return; // every slot is taken
             };
             table[f as usize] = p.index;
             p.left -= 1;
             any = true;
         }
         if !any {
-            break;
+            return;
         }
     }
+}
+
+/// [`fill_tail`]'s search with 64-bit integers (any `m` < 2^32).
+fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: u32) {
+    let m64 = m as u64;
+    let div = FastMod::new(m64);
+    tail_turns(players, table, m, |p, k| {
+        let mut best = 0;
+        let mut best_pos = u64::MAX;
+        for (j, &f) in free.iter().enumerate() {
+            let pos = div.rem(wrap_add(f, m64 - p.slot, m64) * k);
+            // (Branch-free: which slot wins is unpredictable.)
+            let better = pos < best_pos;
+            best_pos = if better { pos } else { best_pos };
+            best = if better { j } else { best };
+        }
+        (best_pos != u64::MAX).then(|| free.swap_remove(best))
+    });
 }
 
 /// [`fill_tail`]'s search in doubles, for `m` < 2^26 and fewer than 2^20 free slots: every
@@ -452,39 +475,22 @@ fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: 
 /// `position · 2^20 + index`, and the least key wins: the loops over the free slots have no
 /// branch and no 128-bit multiply, so the compiler runs them several slots at a time.
 fn search_f64(players: &mut [Player], table: &mut [u32], free: Vec<u64>, m: u32, avx2: bool) {
-    let m64 = m as u64;
     let mut free: Vec<f64> = free.into_iter().map(|f| f as f64).collect();
     let index: Vec<f64> = (0..free.len()).map(|j| j as f64).collect();
     let mut keys: Vec<i64> = vec![0; free.len()];
-    let mut inv = vec![0.0f64; players.len()];
-    while !free.is_empty() {
-        let mut any = false;
-        for (p, k) in players.iter_mut().zip(&mut inv) {
-            if p.left == 0 {
-                continue;
-            }
-            if *k == 0.0 {
-                *k = mod_inverse(p.skip, m64) as f64;
-            }
-            let n = free.len();
-            if n == 0 {
-                break; // (never: the quotas sum to the slots)
-            }
-            let s = keys::Search {
-                slot: p.slot as f64,
-                inv: *k,
-                m: m as f64,
-            };
-            let j = keys::least(&s, &free, &index[..n], &mut keys[..n], avx2);
-            let f = free.swap_remove(j);
-            table[f as usize] = p.index;
-            p.left -= 1;
-            any = true;
+    tail_turns(players, table, m, |p, k| {
+        let n = free.len();
+        if n == 0 {
+            return None;
         }
-        if !any {
-            break;
-        }
-    }
+        let s = keys::Search {
+            slot: p.slot as f64,
+            inv: k as f64,
+            m: m as f64,
+        };
+        let j = keys::least(&s, &free, &index[..n], &mut keys[..n], avx2);
+        Some(free.swap_remove(j) as u64)
+    });
 }
 
 /// The loops of [`search_f64`], compiled twice on x86-64: for any CPU and with AVX2 (four
@@ -697,6 +703,15 @@ mod tests {
         table
     }
 
+    /// `n` backends' permutations in a table of `m` slots, with weights from 1 to 300.
+    fn weighted(m: u32, n: usize) -> Vec<(Permutation, u32)> {
+        ids(n)
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (Permutation::of(id, m as u64), 1 + (i as u32 * 7919) % 300))
+            .collect()
+    }
+
     #[test]
     fn fast_builder_matches_the_paper_loop() {
         for (m, n) in [
@@ -706,12 +721,7 @@ mod tests {
             (65537, 1000),
             (65537, 7),
         ] {
-            let ids = ids(n);
-            let perms: Vec<(Permutation, u32)> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (Permutation::of(id, m as u64), 1 + (i as u32 * 7919) % 300))
-                .collect();
+            let perms = weighted(m, n);
             let want = reference(&perms, m);
             assert_eq!(build_from_permutations(&perms, m), want, "m {m} n {n}");
             for walk in walks() {
@@ -736,24 +746,11 @@ mod tests {
             (65537, 1000, 256),
             (65537, 7, 3000),
         ] {
-            let ids = ids(n);
-            let perms: Vec<(Permutation, u32)> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (Permutation::of(id, m as u64), 1 + (i as u32 * 7919) % 300))
-                .collect();
+            let perms = weighted(m, n);
             let want = reference(&perms, m);
             let m64 = m as u64;
             let q = quotas(perms.iter().map(|(_, w)| *w), m);
-            let mut players: Vec<Player> = (0..n)
-                .map(|i| Player {
-                    slot: perms[i].0.offset,
-                    skip: perms[i].0.skip,
-                    back: perms[i].0.skip.wrapping_sub(m64),
-                    left: q[i] as u32,
-                    index: i as u32,
-                })
-                .collect();
+            let mut players = players(&perms, None, &q, m);
             let mut table = vec![EMPTY; m as usize];
             let mut taken = vec![0u64; (m as usize).div_ceil(64)];
             let (filled, resume) = walk_scalar(&mut players, &mut table, &mut taken, tail);
