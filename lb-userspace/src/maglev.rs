@@ -476,6 +476,8 @@ fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: 
 /// branch and no 128-bit multiply, so the compiler runs them several slots at a time.
 fn search_f64(players: &mut [Player], table: &mut [u32], free: Vec<u64>, m: u32, avx2: bool) {
     let mut free: Vec<f64> = free.into_iter().map(|f| f as f64).collect();
+    // The positions as doubles, made once: converting the loop's counter in it would be one
+    // slot at a time (there is no packed conversion from 64-bit integers before AVX-512).
     let index: Vec<f64> = (0..free.len()).map(|j| j as f64).collect();
     let mut keys: Vec<i64> = vec![0; free.len()];
     tail_turns(players, table, m, |p, k| {
