@@ -314,6 +314,13 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
         "Idle flows removed by the controller's sweep since lb run started",
         expired,
     );
+    let uncounted = Counter::<u64>::default();
+    set(&uncounted, st.connections_uncounted);
+    r.register(
+        "lb_connections_uncounted",
+        "Active connections the sweep subtracted beyond its expiries since lb run started: counted connections whose entries the LRU evicted",
+        uncounted,
+    );
     let mode = Family::<Labels, Gauge>::default();
     mode.get_or_create(&labels(&[
         ("interface", &st.interface),
@@ -416,6 +423,7 @@ mod tests {
             }],
             flow_entries: 42,
             flows_expired: 1,
+            connections_uncounted: 3,
             counters: counter_names()
                 .enumerate()
                 .map(|(i, n)| (n.to_owned(), i as u64))

@@ -38,6 +38,7 @@ pub struct Process<'a> {
     pub started: Instant,
     pub flow_entries: u64,
     pub flows_expired: u64,
+    pub connections_uncounted: u64,
 }
 
 /// The counter of SYNs kept out of the connection table by `dataplane.record_limit`, beside
@@ -140,6 +141,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
         services,
         flow_entries: p.flow_entries,
         flows_expired: p.flows_expired,
+        connections_uncounted: p.connections_uncounted,
         counters: Stat::ALL
             .iter()
             .map(|s| (s.name().to_owned(), s1.get(*s)))

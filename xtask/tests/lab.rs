@@ -276,6 +276,74 @@ fn affinity_with(mode: Mode, on_change: bool) {
     assert!(pings >= 5, "only {pings} echoes over the connection");
 }
 
+/// A full connection table (issue #13: what the LRU's evictions mean for active connections).
+/// With `flow_table_size = 1024`, three connections held open to `echo` lose their entries
+/// while 3 000 HTTP connections pass (their packets skip the table, so nothing refreshes
+/// them); when they close, their FINs find no entry to close. The sweep (every second here)
+/// reconciles each backend's count with the table: every count goes back to 0, and `lb status`
+/// says how many connections it uncounted. (Before, an evicted connection stayed counted for
+/// good, and a drain of its backend never reached 0.)
+fn full_table_uncounts_evicted(mode: Mode) {
+    let mut lab = Lab::up(mode, &[100, 100, 100], Path::new(XTASK)).expect("lab up");
+    let config = lab.config(mode);
+    assert!(config.contains("flow_table_size = 65536"), "{config}");
+    let config = config.replacen("flow_table_size = 65536", "flow_table_size = 1024", 1)
+        + "\n[timeouts]\ntcp_fin = 2\n";
+    lab.start_lb(&cmd::lb_binary(), &config).expect("lb run");
+    // (active connections of `service`, summed over its backends; connections uncounted)
+    let counts = |lab: &Lab, service: &str| -> (u64, u64) {
+        let st: serde_json::Value =
+            serde_json::from_str(&lab.lb_cli(&lb(), &["status", "--json"]).unwrap()).unwrap();
+        let svc = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .expect("service")
+            .clone();
+        let active = svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["active_connections"].as_u64().unwrap_or(0))
+            .sum();
+        (
+            active,
+            st["connections_uncounted"]
+                .as_u64()
+                .expect("connections_uncounted"),
+        )
+    };
+    let held: Vec<lab::Spawned> = ["10.99.0.15", "10.99.0.16", "10.99.0.17"]
+        .iter()
+        .map(|src| hold(&mut lab, src).0)
+        .collect();
+    assert_eq!(counts(&lab, "echo"), (3, 0), "three held connections");
+    let t = http(&lab, 3000);
+    assert_eq!(t.by_backend.values().sum::<usize>(), 3000, "{t:?}");
+    for h in held {
+        let (ok, out, err) = h.finish(Duration::from_secs(10)).unwrap();
+        assert!(ok, "a held connection broke: {out:?} {err:?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (echo, web) = loop {
+        let (echo, web) = (counts(&lab, "echo"), counts(&lab, "web"));
+        if (echo.0, web.0) == (0, 0) || std::time::Instant::now() > deadline {
+            break (echo, web);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        (echo.0, web.0),
+        (0, 0),
+        "connections still counted after every one closed (echo, web)"
+    );
+    assert!(
+        echo.1 >= 1,
+        "the sweep uncounted no evicted connection: {echo:?}"
+    );
+}
+
 /// `dataplane.record_limit`: with a limit of one SYN a second per CPU, the maglev `web`
 /// service's new connections beyond it are forwarded by their table slots without an entry.
 /// Every request is answered, over every backend, and `lb status` counts them
@@ -2371,6 +2439,7 @@ both_modes!(
     affinity,
     affinity_on_change,
     record_limit,
+    full_table_uncounts_evicted,
     udp_affinity,
     non_vip_traffic,
     cli_drain,

@@ -116,6 +116,10 @@ pub struct Status {
     pub flow_entries: u64,
     /// Idle flows removed by the sweeper since start (`[timeouts]`).
     pub flows_expired: u64,
+    /// Active connections the sweep subtracted since start beyond its expiries: counted
+    /// connections whose entries were gone (evicted by the LRU when the table was full).
+    #[serde(default)]
+    pub connections_uncounted: u64,
     /// Global counters by name (`verdict_tx`, `drop_no_backend`, ...).
     pub counters: Vec<(String, u64)>,
     /// `dataplane.record_limit` of the running program: SYNs recorded a second per CPU through

@@ -467,6 +467,7 @@ mod tests {
             ],
             flow_entries: 12,
             flows_expired: 0,
+            connections_uncounted: 0,
             counters: vec![("verdict_tx".into(), 9), ("drop_no_backend".into(), 2)],
             record_limit: None,
             vips: None,

@@ -527,7 +527,8 @@ async fn event_loop(
     sync_checks(ctl, &mut checks);
     let started = Instant::now();
     let mut samples: [Option<(Instant, Snapshot)>; 2] = [None, None];
-    let mut flows = (0u64, 0u64); // entries at the last sweep, expired so far
+    // Entries at the last sweep; expired, and connections uncounted by the sweeps so far.
+    let mut flows = (0u64, 0u64, 0u64);
     let mut sample = tokio::time::interval(Duration::from_secs(1));
     let mut probe_tick = tokio::time::interval(Duration::from_millis(500));
     let t = &ctl.config().timeouts;
@@ -670,8 +671,15 @@ async fn event_loop(
                 Ok(s) => {
                     flows.0 = s.entries - s.expired;
                     flows.1 += s.expired;
+                    flows.2 += s.uncounted;
                     if s.expired > 0 {
                         tracing::debug!("sweep: {} of {} flows expired", s.expired, s.entries);
+                    }
+                    if s.uncounted > 0 {
+                        tracing::info!(
+                            "sweep: {} counted connections had no entry in the connection table any more (evicted when it was full): no longer active",
+                            s.uncounted
+                        );
                     }
                 }
                 Err(e) => tracing::warn!("sweeping the connection table: {e}"),
@@ -772,7 +780,7 @@ fn status(
     samples: &mut [Option<(Instant, Snapshot)>; 2],
     mode: (AttachedMode, bool),
     started: Instant,
-    flows: (u64, u64),
+    flows: (u64, u64, u64),
     extra: Extra,
 ) -> server::Reply {
     if samples[1].is_none() {
@@ -796,7 +804,7 @@ fn status_now(
     samples: &[Option<(Instant, Snapshot)>; 2],
     mode: (AttachedMode, bool),
     started: Instant,
-    flows: (u64, u64),
+    flows: (u64, u64, u64),
     extra: Extra,
 ) -> Result<crate::api::Status, crate::api::ApiError> {
     let fresh = ctl.snapshot().map_err(|e| {
@@ -824,7 +832,7 @@ fn report(
     before: Option<(Instant, &Snapshot)>,
     (mode, adopted): (AttachedMode, bool),
     started: Instant,
-    flows: (u64, u64),
+    flows: (u64, u64, u64),
     (vips, flow_sync): Extra,
 ) -> Result<crate::api::Status, crate::api::ApiError> {
     let mode = mode.to_string();
@@ -838,6 +846,7 @@ fn report(
             started,
             flow_entries: flows.0,
             flows_expired: flows.1,
+            connections_uncounted: flows.2,
         },
     );
     (st.vips, st.flow_sync) = (vips, flow_sync);

@@ -290,6 +290,20 @@ pub struct SweepStats {
     /// Changed slots `(service id, slot)` that still have an entry naming another backend (or
     /// another generation of it): they stay changed.
     pub still_dirty: std::collections::BTreeSet<(u32, u32)>,
+    /// Active connections subtracted beyond the expiries: counted connections that had no
+    /// entry any more (the LRU evicted it when the table was full, or a close was counted
+    /// twice), found by reconciling each backend's count with the table.
+    pub uncounted: u64,
+    /// Active connections added back by that reconciliation (a close counted twice; races
+    /// with the walk, corrected at the next sweep).
+    pub recounted: u64,
+}
+
+/// The two shared per-backend connection counters.
+#[derive(Clone, Copy)]
+enum Counter {
+    Conns,
+    Expired,
 }
 
 /// How the program got attached.
@@ -901,9 +915,22 @@ impl Dataplane {
             si.dirty && (v.backend != si.backend || v.generation != si.generation)
         };
         let mut stats = SweepStats::default();
+        // The backends whose counts are reconciled with the table (see `reconciled_expired`):
+        // their generations, and their `LB_BE_CONNS` before the walk.
+        let generations: BTreeMap<u32, u32> = slots.live_backends().into_iter().collect();
+        let ids: Vec<u32> = generations.keys().copied().collect();
+        let opened_before = self.counters_of(Counter::Conns, &ids)?;
+        // Counted, open entries of each such backend's current generation that stay.
+        let mut live: BTreeMap<u32, u64> = BTreeMap::new();
+        let ours = |v: &FlowValue| {
+            counted_and_open(v) && generations.get(&v.backend) == Some(&v.generation)
+        };
         let mut candidates = Vec::new();
         for (k, v) in self.maps.flows.iter().flatten() {
             stats.entries += 1;
+            if ours(&v) {
+                *live.entry(v.backend).or_default() += 1;
+            }
             let info = slots.slot(&k);
             let mut seen = v.last_seen_ns;
             if let Some(si) = &info {
@@ -946,15 +973,65 @@ impl Dataplane {
             stats.expired += 1;
             if counted_and_open(&v) {
                 *expired.entry(v.backend).or_default() += 1;
+                if ours(&v)
+                    && let Some(n) = live.get_mut(&v.backend)
+                {
+                    *n -= 1;
+                }
             }
         }
-        for (b, n) in expired {
+        // Backends the controller does not know (any more): their expiries added as counted.
+        for (b, n) in expired.iter().filter(|(b, _)| !generations.contains_key(b)) {
             let map = &mut self.maps.backend_expired;
-            let cur = map.get(&b, 0).map_err(map_err(names::BACKEND_EXPIRED))?;
-            map.set(b, cur.wrapping_add(n), 0)
+            let cur = map.get(b, 0).map_err(map_err(names::BACKEND_EXPIRED))?;
+            map.set(*b, cur.wrapping_add(*n), 0)
                 .map_err(map_err(names::BACKEND_EXPIRED))?;
         }
+        // The others: opened − expired made equal to what the table holds.
+        let opened_after = self.counters_of(Counter::Conns, &ids)?;
+        let expired_now = self.counters_of(Counter::Expired, &ids)?;
+        for (i, id) in ids.iter().enumerate() {
+            let want = super::reconciled_expired(
+                opened_before[i],
+                opened_after[i],
+                live.get(id).copied().unwrap_or(0),
+            );
+            // Beyond this sweep's own expiries: connections without their entry (evicted, or
+            // a close counted twice).
+            let by_expiry = expired_now[i].wrapping_add(expired.get(id).copied().unwrap_or(0));
+            let off = want.wrapping_sub(by_expiry) as i64;
+            if off > 0 {
+                stats.uncounted += off as u64;
+            } else {
+                stats.recounted += off.unsigned_abs();
+            }
+            if want != expired_now[i] {
+                self.maps
+                    .backend_expired
+                    .set(*id, want, 0)
+                    .map_err(map_err(names::BACKEND_EXPIRED))?;
+            }
+        }
         Ok(stats)
+    }
+
+    /// `LB_BE_CONNS` or `LB_BE_EXPIRED` of `ids` (sorted), read with batch lookups of the
+    /// range they span (one lookup each if the kernel has none).
+    fn counters_of(&self, which: Counter, ids: &[u32]) -> Result<Vec<u64>> {
+        let (map, name) = match which {
+            Counter::Conns => (&self.maps.backend_conns, names::BACKEND_CONNS),
+            Counter::Expired => (&self.maps.backend_expired, names::BACKEND_EXPIRED),
+        };
+        let Some(last) = ids.last() else {
+            return Ok(Vec::new());
+        };
+        let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(map).fd());
+        if let Ok(all) = super::batch::per_cpu_array::<u64>(fd, last + 1, 1) {
+            return Ok(ids.iter().map(|id| all[*id as usize]).collect());
+        }
+        ids.iter()
+            .map(|id| map.get(id, 0).map_err(map_err(name)))
+            .collect()
     }
 
     /// Zeroes a backend id's per-CPU counters (traffic, connections, expired): a new backend

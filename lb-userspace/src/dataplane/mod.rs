@@ -43,6 +43,41 @@ pub struct SlotInfo {
 /// are looked up again and get a full idle timeout from the change (`changed_ns`).
 pub trait SlotView {
     fn slot(&self, key: &FlowKey) -> Option<SlotInfo>;
+
+    /// The backend ids the controller has in use, with their current generations: the sweep
+    /// reconciles their active-connection counts with the table (see [`reconciled_expired`]).
+    /// Empty (the default): counts only change by the sweep's own expiries.
+    fn live_backends(&self) -> Vec<(u32, u32)> {
+        Vec::new()
+    }
+}
+
+/// A backend's `LB_BE_EXPIRED` after a sweep, reconciled with the connection table: the value
+/// that makes its active connections (`LB_BE_CONNS` − `LB_BE_EXPIRED`, [`lb_common::rules::active_connections`])
+/// equal `live`, its counted and open entries of its current generation that the sweep found
+/// in the table (after its own expiries). `before` and `after`: its `LB_BE_CONNS`, read before
+/// and after the sweep's walk over the table.
+///
+/// What this repairs: a counted connection whose entry is gone without its −1. The LRU evicts
+/// entries when the table is full (a flood, more connections than `flow_table_size`), and an
+/// evicted connection's FIN finds no entry; two CPUs may both count one FIN; a stale
+/// generation's close lands on the id's next backend. Without this, each leaves the count off
+/// for good (a drain that never reaches 0).
+///
+/// The walk is not atomic: connections open and close while it runs. Of the two readings the
+/// smaller is used, so a backend that gains no connection during the walk (one being drained)
+/// is never counted below what is really open: closes during the walk lower `after`, and an
+/// entry the walk found open and that closed later only raises the result. Otherwise the
+/// result is off by at most the connections that opened or closed during the walk, until the
+/// next sweep (tested below).
+pub fn reconciled_expired(before: u64, after: u64, live: u64) -> u64 {
+    // Wrapping counters: the smaller one is the one the other is ahead of.
+    let opened = if (after.wrapping_sub(before) as i64) < 0 {
+        after
+    } else {
+        before
+    };
+    opened.wrapping_sub(live)
 }
 
 /// No stateless slots: every entry expires by idleness.
@@ -102,9 +137,85 @@ pub fn check_op(op: &Op) -> Result<(), LoaderError> {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::Backend;
+    use lb_common::{Backend, rules::active_connections};
+    use proptest::prelude::*;
 
     use super::*;
+
+    /// One sweep's walk, as counts: `alive` counted open entries and `leaked` counts without an
+    /// entry when it starts (`expired` so far), then during the walk connections close or are
+    /// evicted before or after the walk reaches them, and new ones open where the walk still
+    /// goes (found) or where it has been (missed). Returns (active after the sweep, really open).
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        alive: u64,
+        leaked: u64,
+        expired: u64,
+        closed_before: u64,
+        closed_after: u64,
+        evicted_before: u64,
+        evicted_after: u64,
+        opened_found: u64,
+        opened_missed: u64,
+    ) -> (u64, u64) {
+        let before = alive + leaked + expired;
+        let after = before - closed_before - closed_after + opened_found + opened_missed;
+        let live = alive - closed_before - evicted_before + opened_found;
+        let open = alive - closed_before - closed_after - evicted_before - evicted_after
+            + opened_found
+            + opened_missed;
+        let e = reconciled_expired(before, after, live);
+        (active_connections(after, e), open)
+    }
+
+    #[test]
+    fn a_quiet_sweep_counts_what_the_table_holds() {
+        // Nothing leaked: unchanged. Leaked (evicted earlier): subtracted.
+        assert_eq!(walk(5, 0, 3, 0, 0, 0, 0, 0, 0), (5, 5));
+        assert_eq!(walk(5, 40, 3, 0, 0, 0, 0, 0, 0), (5, 5));
+        assert_eq!(walk(0, 40, 0, 0, 0, 0, 0, 0, 0), (0, 0));
+        // A close counted twice left the counter one low (wrapped below the expiries).
+        assert_eq!(
+            active_connections(2, reconciled_expired(2, 2, 3)),
+            3,
+            "raised back"
+        );
+        // Wrapping counters: two closes of one connection counted twice took the counter
+        // below zero; one connection is open.
+        let e = reconciled_expired(u64::MAX, u64::MAX, 1);
+        assert_eq!(active_connections(u64::MAX, e), 1);
+    }
+
+    proptest! {
+        /// While a backend gains no connection (a drain), the sweep never counts it below what
+        /// is open, whatever closes or evictions happen during the walk.
+        #[test]
+        fn a_drain_is_never_counted_low(
+            alive in 0u64..50, leaked in 0u64..50, expired in 0u64..50,
+            cb in 0u64..10, ca in 0u64..10, eb in 0u64..10, ea in 0u64..10,
+        ) {
+            prop_assume!(cb + ca + eb + ea <= alive);
+            let (active, open) = walk(alive, leaked, expired, cb, ca, eb, ea, 0, 0);
+            prop_assert!(active >= open, "{active} < {open}");
+            prop_assert!(active <= open + ca + ea, "{active} > {open} + changes after the walk");
+        }
+
+        /// With connections opening and closing during the walk, the count is off by at most
+        /// those changes (until the next sweep), and a leak from before is gone.
+        #[test]
+        fn churn_during_the_walk_bounds_the_error(
+            alive in 0u64..50, leaked in 0u64..50, expired in 0u64..50,
+            cb in 0u64..10, ca in 0u64..10, eb in 0u64..10, ea in 0u64..10,
+            of in 0u64..10, om in 0u64..10,
+        ) {
+            prop_assume!(cb + ca + eb + ea <= alive);
+            let (active, open) = walk(alive, leaked, expired, cb, ca, eb, ea, of, om);
+            let churn = cb + ca + ea + of + om;
+            prop_assert!(active.abs_diff(open) <= churn, "{active} vs {open}, churn {churn}");
+            let (no_leak, _) = walk(alive, 0, expired, cb, ca, eb, ea, of, om);
+            prop_assert_eq!(active, no_leak, "the leak is gone");
+        }
+    }
 
     #[test]
     fn an_active_backend_with_a_zero_mac_is_refused() {

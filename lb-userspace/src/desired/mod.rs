@@ -1151,4 +1151,12 @@ impl crate::dataplane::SlotView for TableView<'_> {
             records_on_change: s.records_on_change(),
         })
     }
+
+    fn live_backends(&self) -> Vec<(u32, u32)> {
+        self.desired
+            .backends
+            .iter()
+            .map(|(id, b)| (id.0, b.generation))
+            .collect()
+    }
 }
