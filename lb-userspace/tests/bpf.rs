@@ -2379,7 +2379,12 @@ fn the_sweep_uncounts_connections_the_lru_evicted() {
     let desired = f.desired.clone();
     let view = lb_userspace::desired::TableView::new(&desired, &changed);
     let s = f.dp.sweep(seen, &t, &view).unwrap();
-    assert_eq!(s.expired, 0, "{s:?}");
+    assert_eq!(
+        (s.entries, s.expired),
+        (entries, 0),
+        "the sweep's walk (batches of buckets) sees every entry once: {s:?}"
+    );
+    assert_eq!(f.dp.flow_count().unwrap() as u64, entries);
     assert_eq!((s.uncounted, s.recounted), (N as u64 - entries, 0), "{s:?}");
     for b in &svc.backends {
         assert_eq!(

@@ -329,7 +329,7 @@ impl Drop for Backends {
 }
 
 /// CPU time (user, system) of this process so far.
-fn cpu_time() -> (Duration, Duration) {
+pub fn cpu_time() -> (Duration, Duration) {
     // SAFETY: getrusage writes the struct it is given.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above; RUSAGE_SELF is always valid.

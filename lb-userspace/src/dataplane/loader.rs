@@ -867,7 +867,21 @@ impl Dataplane {
     }
 
     pub fn flow_count(&mut self) -> Result<usize> {
-        Ok(self.maps.flows.keys().filter(|k| k.is_ok()).count())
+        let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.flows).fd());
+        let (mut n, mut walked) = (0, false);
+        match super::batch::hash_map::<FlowKey, FlowValue>(fd, |keys, _| {
+            walked = true;
+            n += keys.len();
+        }) {
+            Ok(()) => Ok(n),
+            Err(_) if !walked => Ok(self.maps.flows.keys().filter(|k| k.is_ok()).count()),
+            Err(e) => Err(map_err(names::FLOWS)(aya::maps::MapError::SyscallError(
+                aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: e,
+                },
+            ))),
+        }
     }
 
     /// Active connections of backends `ids`: `LB_BE_CONNS` − `LB_BE_EXPIRED`; ids with
@@ -926,7 +940,7 @@ impl Dataplane {
             counted_and_open(v) && generations.get(&v.backend) == Some(&v.generation)
         };
         let mut candidates = Vec::new();
-        for (k, v) in self.maps.flows.iter().flatten() {
+        let mut visit = |k: FlowKey, v: FlowValue| {
             stats.entries += 1;
             if ours(&v) {
                 *live.entry(v.backend).or_default() += 1;
@@ -944,7 +958,7 @@ impl Dataplane {
                     && v.flags & FLOW_F_CLOSED == 0;
                 if !si.dirty && open && v.backend == si.backend && v.generation == si.generation {
                     stats.exempt += 1;
-                    continue;
+                    return;
                 }
                 if si.dirty {
                     seen = seen.max(si.changed_ns);
@@ -954,6 +968,32 @@ impl Dataplane {
                 candidates.push((k, v, info));
             } else if let Some(si) = info.filter(|si| mismatch(&v, si)) {
                 stats.still_dirty.insert((si.service_id, si.slot));
+            }
+        };
+        // The whole table in batches of buckets (a few hundred system calls for 10^6 entries);
+        // entry by entry where the kernel has no batch lookup.
+        let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.flows).fd());
+        let mut walked = false;
+        let batched = super::batch::hash_map::<FlowKey, FlowValue>(fd, |keys, values| {
+            walked = true;
+            for (k, v) in keys.iter().zip(values) {
+                visit(*k, *v);
+            }
+        });
+        match batched {
+            Ok(()) => {}
+            Err(_) if !walked => {
+                for (k, v) in self.maps.flows.iter().flatten() {
+                    visit(k, v);
+                }
+            }
+            Err(e) => {
+                return Err(map_err(names::FLOWS)(aya::maps::MapError::SyscallError(
+                    aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    },
+                )));
             }
         }
         let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
