@@ -318,7 +318,7 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
     set(&uncounted, st.connections_uncounted);
     r.register(
         "lb_connections_uncounted",
-        "Active connections the sweep subtracted beyond its expiries since lb run started: counted connections whose entries the LRU evicted",
+        "Active connections the sweep subtracted beyond its expiries since lb run started: counted connections whose entries the LRU evicted (a few may have closed while a sweep walked the table)",
         uncounted,
     );
     let mode = Family::<Labels, Gauge>::default();

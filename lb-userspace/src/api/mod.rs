@@ -117,7 +117,8 @@ pub struct Status {
     /// Idle flows removed by the sweeper since start (`[timeouts]`).
     pub flows_expired: u64,
     /// Active connections the sweep subtracted since start beyond its expiries: counted
-    /// connections whose entries were gone (evicted by the LRU when the table was full).
+    /// connections whose entries were gone (evicted by the LRU when the table was full; a few
+    /// may be connections that closed while a sweep walked the table, counted back at the next).
     #[serde(default)]
     pub connections_uncounted: u64,
     /// Global counters by name (`verdict_tx`, `drop_no_backend`, ...).

@@ -677,7 +677,7 @@ async fn event_loop(
                     }
                     if s.uncounted > 0 {
                         tracing::info!(
-                            "sweep: {} counted connections had no entry in the connection table any more (evicted when it was full): no longer active",
+                            "sweep: {} counted connections without an entry in the connection table (evicted when it was full, or closed while the sweep walked it) no longer counted",
                             s.uncounted
                         );
                     }

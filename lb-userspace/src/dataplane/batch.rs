@@ -28,9 +28,55 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// One `BPF_MAP_LOOKUP_BATCH` call on `fd`: up to `count` entries from the kernel's position
+/// `from` (`None`: the start) into `keys` and `values`; the position after them goes to `next`.
+/// Returns how many it filled and whether that was the map's end.
+///
+/// # Safety
+/// `keys` and `values` must have room for `count` keys and `count` values of the map's sizes
+/// (a per-CPU map's values: `round_up(value_size, 8)` × possible CPUs each).
+unsafe fn lookup_batch(
+    fd: BorrowedFd<'_>,
+    from: Option<&u32>,
+    next: &mut u32,
+    keys: *mut u8,
+    values: *mut u8,
+    count: u32,
+) -> io::Result<(u32, bool)> {
+    let mut attr = BatchAttr {
+        in_batch: from.map_or(0, |f| f as *const u32 as u64),
+        out_batch: next as *mut u32 as u64,
+        keys: keys as u64,
+        values: values as u64,
+        count,
+        map_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is the batch form of bpf_attr with its exact size; the kernel reads one
+    // position from `from`, writes at most `count` keys and values where the caller made room
+    // for them and one position into `next`, all alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+        return Ok((attr.count, true)); // the map's end: `count` says how many were filled
+    }
+    Ok((attr.count, false))
+}
+
 /// Entries `0..n` of the per-CPU array `fd` (values of `T`), each CPU's value in turn:
-/// `out[i * cpus + c]` is entry `i` on CPU `c` (`cpus`: the possible CPUs). `Err` when the
-/// kernel has no batch lookup (before 5.6) or the map is smaller than `n`.
+/// `out[i * cpus + c]` is entry `i` on CPU `c` (`cpus`: the possible CPUs; 1 for a plain
+/// array, whose values of 8 bytes or a multiple of 8 come the same way). `Err` when the kernel
+/// has no batch lookup (before 5.6) or the map is smaller than `n`.
 pub fn per_cpu_array<T: bytemuck::Pod>(
     fd: BorrowedFd<'_>,
     n: u32,
@@ -45,40 +91,19 @@ pub fn per_cpu_array<T: bytemuck::Pod>(
     let mut started = false;
     while (out.len() / cpus.max(1)) < n as usize {
         let want = (n - (out.len() / cpus.max(1)) as u32).min(CHUNK);
-        let mut attr = BatchAttr {
-            in_batch: if started {
-                (&from as *const u32) as u64
-            } else {
-                0
-            },
-            out_batch: (&mut next as *mut u32) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: want,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
+        // SAFETY: `keys` has room for CHUNK ≥ `want` keys of 4 bytes (an array's) and
+        // `values` for as many values of `cpus` × `stride` bytes (of `T`, per CPU).
+        let (got, done) = unsafe {
+            lookup_batch(
+                fd,
+                started.then_some(&from),
+                &mut next,
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr(),
+                want,
+            )?
         };
-        // SAFETY: `attr` is the batch form of bpf_attr with its exact size; the kernel writes
-        // at most `count` keys into `keys`, `count` values of `cpus` × `stride` bytes into
-        // `values` (both sized for CHUNK) and one key into `next`, all alive for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        let done = if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e);
-            }
-            true // the map's end: `count` says how many were filled
-        } else {
-            false
-        };
-        let got = attr.count.min(want) as usize;
+        let got = got.min(want) as usize;
         for (i, key) in keys.iter().take(got).enumerate() {
             if *key as usize != out.len() / cpus.max(1) {
                 return Err(io::Error::other("batch lookup: keys out of order"));
@@ -103,8 +128,8 @@ pub fn per_cpu_array<T: bytemuck::Pod>(
 /// Every entry of the (non-per-CPU) hash map `fd`, `CHUNK` or so at a time: `f` gets each
 /// batch's keys and values. The kernel hands out whole buckets, each read under its lock, so
 /// an entry present for the whole walk is seen exactly once (unlike a walk by next key, which
-/// starts over when its current key is deleted meanwhile). `Err` when the kernel has no batch
-/// lookup for this map (before 5.6); nothing was passed to `f` then.
+/// starts over when its current key is deleted meanwhile). `Err`: the kernel's error (one
+/// without batch lookups, before 5.6, refuses the first call, before anything reaches `f`).
 pub fn hash_map<K: bytemuck::Pod, V: bytemuck::Pod>(
     fd: BorrowedFd<'_>,
     mut f: impl FnMut(&[K], &[V]),
@@ -116,48 +141,30 @@ pub fn hash_map<K: bytemuck::Pod, V: bytemuck::Pod>(
     let (mut from, mut next) = (0u32, 0u32);
     let mut started = false;
     loop {
-        let mut attr = BatchAttr {
-            in_batch: if started {
-                (&from as *const u32) as u64
-            } else {
-                0
-            },
-            out_batch: (&mut next as *mut u32) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: cap as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: `attr` is the batch form of bpf_attr with its exact size; the kernel writes
-        // at most `count` keys of the map's key size (`K`, checked by the caller's map type)
-        // into `keys` and as many values into `values`, both `cap` long, and one bucket index
-        // into `next`, all alive for the call.
+        // SAFETY: `keys` and `values` have room for `cap` keys and values of `K` and `V`, the
+        // map's key and value types (the caller's typed map checked their sizes).
         let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
+            lookup_batch(
+                fd,
+                started.then_some(&from),
+                &mut next,
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                cap as u32,
             )
         };
-        let done = if r < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENOENT) => true, // the last bucket: `count` says how many
-                // A bucket holds more entries than fit: room for more, the same bucket again.
-                Some(libc::ENOSPC) if cap < 1 << 20 => {
-                    cap *= 4;
-                    keys.resize(cap, K::zeroed());
-                    values.resize(cap, V::zeroed());
-                    continue;
-                }
-                _ => return Err(e),
+        let (got, done) = match r {
+            Ok(r) => r,
+            // A bucket holds more entries than fit: room for more, the same bucket again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && cap < 1 << 20 => {
+                cap *= 4;
+                keys.resize(cap, K::zeroed());
+                values.resize(cap, V::zeroed());
+                continue;
             }
-        } else {
-            false
+            Err(e) => return Err(e),
         };
-        let got = (attr.count as usize).min(cap);
+        let got = (got as usize).min(cap);
         f(&keys[..got], &values[..got]);
         if done {
             return Ok(());
