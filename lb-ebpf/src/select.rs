@@ -103,8 +103,9 @@ pub fn backend_for_flow(
         {
             if closing && counted_and_open(flow) {
                 // Two CPUs may both see a FIN of this flow (generic mode, RSS changes) and
-                // both subtract: the count is then one low until the controller's next sweep
-                // (idle expiry skips flows already closed). Rare, and never negative (clamped).
+                // both subtract: the count is then one low until the controller's next sweep,
+                // which sets each backend's count to the open entries it finds. Rare, and never
+                // negative (clamped).
                 flow.flags |= FLOW_F_CLOSED;
                 add_conns(id, u64::MAX); // −1
                 flow.last_seen_ns = now;
