@@ -867,14 +867,30 @@ impl Dataplane {
     }
 
     pub fn flow_count(&mut self) -> Result<usize> {
+        let mut n = 0;
+        self.for_each_flow(|_, _| n += 1)?;
+        Ok(n)
+    }
+
+    /// Every entry of `LB_FLOWS`, in batches of buckets (a few hundred system calls for 10^6
+    /// entries); entry by entry where the kernel has no batch lookup.
+    fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowValue)) -> Result<()> {
         let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.flows).fd());
-        let (mut n, mut walked) = (0, false);
-        match super::batch::hash_map::<FlowKey, FlowValue>(fd, |keys, _| {
+        let mut walked = false;
+        let batched = super::batch::hash_map::<FlowKey, FlowValue>(fd, |keys, values| {
             walked = true;
-            n += keys.len();
-        }) {
-            Ok(()) => Ok(n),
-            Err(_) if !walked => Ok(self.maps.flows.keys().filter(|k| k.is_ok()).count()),
+            for (k, v) in keys.iter().zip(values) {
+                f(*k, *v);
+            }
+        });
+        match batched {
+            Ok(()) => Ok(()),
+            Err(_) if !walked => {
+                for (k, v) in self.maps.flows.iter().flatten() {
+                    f(k, v);
+                }
+                Ok(())
+            }
             Err(e) => Err(map_err(names::FLOWS)(aya::maps::MapError::SyscallError(
                 aya::sys::SyscallError {
                     call: "bpf_map_lookup_batch",
@@ -970,32 +986,7 @@ impl Dataplane {
                 stats.still_dirty.insert((si.service_id, si.slot));
             }
         };
-        // The whole table in batches of buckets (a few hundred system calls for 10^6 entries);
-        // entry by entry where the kernel has no batch lookup.
-        let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.flows).fd());
-        let mut walked = false;
-        let batched = super::batch::hash_map::<FlowKey, FlowValue>(fd, |keys, values| {
-            walked = true;
-            for (k, v) in keys.iter().zip(values) {
-                visit(*k, *v);
-            }
-        });
-        match batched {
-            Ok(()) => {}
-            Err(_) if !walked => {
-                for (k, v) in self.maps.flows.iter().flatten() {
-                    visit(k, v);
-                }
-            }
-            Err(e) => {
-                return Err(map_err(names::FLOWS)(aya::maps::MapError::SyscallError(
-                    aya::sys::SyscallError {
-                        call: "bpf_map_lookup_batch",
-                        io_error: e,
-                    },
-                )));
-            }
-        }
+        self.for_each_flow(&mut visit)?;
         let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
         for (k, v, info) in candidates {
             // Re-read: a packet since the scan makes it live again (the window left is a
