@@ -10,6 +10,7 @@
 pub mod hash;
 pub mod limits;
 pub mod names;
+pub mod packed;
 pub mod rules;
 pub mod stats;
 pub mod svc_cache;

@@ -76,6 +76,14 @@ pub const SYNC_RATE: &str = "LB_SYNC_RATE";
 /// controller that loaded it sets up.
 pub const RECORD_RATE: &str = "LB_RECORD_RATE";
 
+/// The packed copy of the maglev/sh tables' unchanged slots (`u64` words in chunks of
+/// [`crate::packed::CHUNK`], memory-mapped; see [`crate::packed`]). Not pinned (not in
+/// [`ALL_MAPS`]): each loaded program has its own, which its controller fills.
+pub const RING_PACKED: &str = "LB_RING_PACKED";
+/// The packed tables' headers and index → backend id lists, by service id (`[u16; 256]`,
+/// memory-mapped; see [`crate::packed`]). Not pinned, like [`RING_PACKED`].
+pub const RING_IDS: &str = "LB_RING_IDS";
+
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 

@@ -15,6 +15,7 @@ use lb_common::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_CAPACITY, FRAG_TABLE_SIZE, MAX_BACKENDS,
         MAX_SERVICES, MAX_TX_PORTS, RING_CHUNK, SVC_CACHE_SLOTS, VIP_FILTER_SLOTS,
     },
+    packed,
     stats::STATS_LEN,
     svc_cache,
 };
@@ -74,6 +75,51 @@ pub static LB_RING: Array<[u32; RING_CHUNK as usize]> =
 pub fn ring_get(i: u32) -> Option<u32> {
     let chunk = LB_RING.get(i / RING_CHUNK)?;
     Some(chunk[(i % RING_CHUNK) as usize])
+}
+
+/// The packed copy of the maglev/sh tables' unchanged slots (see `lb_common::packed`), a byte
+/// of `LB_RING` slots each, set at load time. Not pinned: this program's own.
+#[map]
+pub static LB_RING_PACKED: Array<[u64; packed::CHUNK as usize]> =
+    Array::with_max_entries(DEFAULT_RING_CAPACITY / (8 * packed::CHUNK), BPF_F_MMAPABLE);
+
+/// The packed tables' headers and index → backend id lists, by service id. Not pinned.
+#[map]
+pub static LB_RING_IDS: Array<[u16; packed::IDS]> =
+    Array::with_max_entries(MAX_SERVICES, BPF_F_MMAPABLE);
+
+/// Slot `slot` of the table of service `svc_id` (at `ring_base`) from the packed copy: the
+/// backend id of an unchanged slot (its `LB_RING` value), or `None`: read `LB_RING` (a changed
+/// or empty slot, a service not packed, its fields being rewritten).
+#[inline(always)]
+pub fn packed_get(svc_id: u32, ring_base: u32, slot: u32) -> Option<u32> {
+    let ids = LB_RING_IDS.get_ptr(svc_id)? as *const u16;
+    // SAFETY: `ids` points to a map value of `IDS` u16 entries, valid while the program runs;
+    // every index below is masked into it. The controller may write concurrently: the
+    // header's sequence count, read before and after, detects it (loads stay in program
+    // order: volatile, and x86-64 keeps loads ordered).
+    let h = unsafe { core::ptr::read_volatile(ids.add(packed::HDR)) };
+    let k = (h & packed::BITS_MASK) as u32;
+    if k == 0 || h & packed::WRITING != 0 {
+        return None;
+    }
+    let bit = packed::bit_of(ring_base, slot, k);
+    let word = bit >> 6;
+    let chunk = LB_RING_PACKED.get_ptr(word / packed::CHUNK)? as *const u64;
+    // SAFETY: a map value of `CHUNK` u64 words; `word % CHUNK` is inside it.
+    let w = unsafe { core::ptr::read_volatile(chunk.add((word % packed::CHUNK) as usize)) };
+    let v = (w >> (bit & 63)) as u32 & ((1u32 << k) - 1);
+    if v == 0 {
+        return None;
+    }
+    // SAFETY: as above; `v & 0xff` < IDS.
+    let (id, again) = unsafe {
+        (
+            core::ptr::read_volatile(ids.add((v & 0xff) as usize)),
+            core::ptr::read_volatile(ids.add(packed::HDR)),
+        )
+    };
+    (again == h).then_some(id as u32)
 }
 
 /// Backend id → backend.

@@ -26,7 +26,7 @@ use crate::{
     atomic,
     maps::{
         LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RECORD_RATE, LB_RR_CURSOR,
-        LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, ring_get,
+        LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, packed_get, ring_get,
     },
     stats::{count, count_new_flow},
 };
@@ -382,7 +382,12 @@ fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
         SCHED_SH => source_hash(key),
         _ => return None,
     };
-    ring_get(svc.ring_base.wrapping_add(reduce(h, svc.ring_size)))
+    let slot = reduce(h, svc.ring_size);
+    // The packed copy first: a few KiB for the whole table, where `LB_RING` has 4 bytes a slot.
+    if let Some(id) = packed_get(svc.id, svc.ring_base, slot) {
+        return Some(id);
+    }
+    ring_get(svc.ring_base.wrapping_add(slot))
 }
 
 /// The fast path of a maglev or sh service: a packet through a table slot that never changed

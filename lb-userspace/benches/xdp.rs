@@ -1206,23 +1206,29 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         );
         curve.push(row);
     }
-    // The same with smaller Maglev tables (dataplane.ring_size = 4099: 16 KiB per service,
-    // cache-resident), which is what the stateless path's remaining growth comes from.
+    // The same on another config: its web4 table filled with the same 1M flows, then measured.
+    let variant = |cfg: &str| {
+        let mut h = Fixture::with_flow_table(cfg, 1 << 20);
+        for i in 0..FLOWS {
+            let k = key_of(i);
+            let b = h.predict(&k, "web4");
+            let v = lb_common::FlowValue {
+                backend: b,
+                generation: h.backend(b).generation,
+                last_seen_ns: coarse,
+                flags: 0,
+                cpu: 0,
+            };
+            h.dp.set_flow(&k, &v).expect("insert flow");
+        }
+        let id = h.service("web4").value.id;
+        let bits = h.dp.packed_bits(id);
+        let r = measure(&mut h, Stat::FlowStateless);
+        (r, bits)
+    };
+    // Smaller Maglev tables (dataplane.ring_size = 4099: 16 KiB per service in LB_RING).
     let small = CONFIG.replacen("[dataplane]\n", "[dataplane]\nring_size = 4099\n", 1);
-    let mut h = Fixture::with_flow_table(&small, 1 << 20);
-    for i in 0..FLOWS {
-        let k = key_of(i);
-        let b = h.predict(&k, "web4");
-        let v = lb_common::FlowValue {
-            backend: b,
-            generation: h.backend(b).generation,
-            last_seen_ns: coarse,
-            flags: 0,
-            cpu: 0,
-        };
-        h.dp.set_flow(&k, &v).expect("insert flow");
-    }
-    let (sm, so, sratio) = measure(&mut h, Stat::FlowStateless);
+    let ((sm, so, sratio), _) = variant(&small);
     target(
         "established_1m_flows_vs_one_flow_ring_4099",
         sratio,
@@ -1232,7 +1238,23 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             "the same with dataplane.ring_size = 4099 (Maglev tables of 16 KiB): {sm:.1} vs {so:.1} ns above the floor"
         ),
     );
-    drop(h);
+    // The default tables with more backends: the packed copy's fields widen (2 backends: 2
+    // bits a slot, 16 KiB; up to 15: 4 bits, 32 KiB; up to 255: 8 bits, 64 KiB).
+    let mut by_backends = Vec::new();
+    for n in [2u32, 10, 100] {
+        let ((bm, bo, bratio), bits) = if n == 2 {
+            ((m, o, ratio), g.dp.packed_bits(web4.value.id))
+        } else {
+            variant(&with_backends(n))
+        };
+        println!(
+            "1M flows, web4 with {n} backends ({bits}-bit packed slots, {} KiB): {bm:.1} vs {bo:.1} ns above the floor ({bratio:.2}×)",
+            65537 * bits as u64 / 8 / 1024
+        );
+        by_backends.push(serde_json::json!({
+            "backends": n, "packed_bits": bits, "many_ns": bm, "one_ns": bo, "ratio": bratio,
+        }));
+    }
     let memlock = flows_memlock();
     if let Some(bytes) = memlock {
         println!(
@@ -1261,11 +1283,30 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     serde_json::json!({
         "targets": out,
         "cost_vs_flows": curve,
+        "established_1m_flows_by_backends": by_backends,
         "flows_memlock_bytes": memlock,
         "new_flow_insert_alone_above_floor_ns": insert_above,
         "flow_table_entries": 1 << 20,
         "sweep_1m_flows": sweep,
     })
+}
+
+/// The bench config with `n` backends in web4 (the first service) instead of two.
+fn with_backends(n: u32) -> String {
+    let two = "[[service.backend]]\naddress = \"10.99.0.21\"\nmac = \"02:00:00:00:00:21\"\n[[service.backend]]\naddress = \"10.99.0.22\"\nmac = \"02:00:00:00:00:22\"\n";
+    assert!(CONFIG.contains(two), "web4's two backends");
+    let many: String = (0..n)
+        .map(|i| {
+            format!(
+                "[[service.backend]]\naddress = \"10.99.{}.{}\"\nmac = \"02:00:00:01:{:02x}:{:02x}\"\n",
+                1 + i / 200,
+                10 + i % 200,
+                i >> 8,
+                i & 0xff
+            )
+        })
+        .collect();
+    CONFIG.replacen(two, &many, 1)
 }
 
 /// The median, least and greatest time of [`MAGLEV_ROUNDS`] builds of one Maglev table of

@@ -157,6 +157,72 @@ fn same_flow_same_backend_over_many_packets() {
 
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn unchanged_slots_are_read_from_the_packed_copy() {
+    let mut f = Fixture::new(CONFIG);
+    let svc = f.service("web4");
+    let id = svc.value.id;
+    assert_eq!(f.dp.packed_bits(id), 2, "two backends: 2-bit fields");
+    // Established packets (ACKs, no entry) of 200 flows: each by its slot, no table lookup.
+    let flows: Vec<(Vec<u8>, FlowKey)> = (0..200)
+        .map(|i| {
+            let port = 30000 + i;
+            (
+                tcp4_flags(C1, port, VIP4, 80, "A"),
+                key4(C1, port, VIP4, 80, 6),
+            )
+        })
+        .collect();
+    let forward = |f: &mut Fixture, ring: &[u32], desc: &str| {
+        for (p, k) in &flows {
+            f.expect_mac(desc, p, ring[svc.slot_of(k) as usize]);
+        }
+    };
+    forward(&mut f, &svc.ring, "packed");
+    f.assert_stat(Stat::FlowStateless, 200);
+    // `LB_RING` alone rewritten: packets still go by the packed copy (what the fast path reads).
+    let other: Vec<u32> = svc
+        .ring
+        .iter()
+        .map(|b| svc.backends[usize::from(*b == svc.backends[0])])
+        .collect();
+    f.dp.set_ring_unpacked(svc.value.ring_base, &other).unwrap();
+    forward(&mut f, &svc.ring, "LB_RING changed behind the packed copy");
+    // Through the controller's write both change: a table over every backend of the config
+    // (more than 3: the fields widen), a third of its slots changed (those read `LB_RING`).
+    let all: Vec<u32> = f.desired.backends.keys().map(|b| b.0).collect();
+    assert!(all.len() > 3, "{all:?}");
+    let mixed: Vec<u32> = (0..svc.value.ring_size as usize)
+        .map(|s| {
+            let b = all[(s * 7 + s / 5) % all.len()];
+            if s % 3 == 0 {
+                b | lb_common::RING_DIRTY
+            } else {
+                b
+            }
+        })
+        .collect();
+    f.dp.set_ring(svc.value.ring_base, &mixed).unwrap();
+    assert!(f.dp.packed_bits(id) >= 4, "{} bits", f.dp.packed_bits(id));
+    let before = f.snapshot().get(Stat::FlowStateless);
+    let clean = flows
+        .iter()
+        .filter(|(_, k)| mixed[svc.slot_of(k) as usize] & lb_common::RING_DIRTY == 0)
+        .count() as u64;
+    let plain: Vec<u32> = mixed.iter().map(|b| b & !lb_common::RING_DIRTY).collect();
+    forward(&mut f, &plain, "mixed table");
+    assert_eq!(
+        f.snapshot().get(Stat::FlowStateless) - before,
+        clean,
+        "only unchanged slots skip the connection table"
+    );
+    assert!(clean > 0 && clean < 200);
+    // Back to two backends: narrower again only after a whole write, but every slot right.
+    f.dp.set_ring(svc.value.ring_base, &svc.ring).unwrap();
+    forward(&mut f, &svc.ring, "back");
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn table_change_keeps_existing_flows() {
     let mut f = Fixture::new(CONFIG);
     let svc = f.service("web4");

@@ -19,7 +19,8 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendMeta, Counters, FlowKey, FlowValue, LAYOUT_VERSION, META_FLOW_TABLE_SIZE,
-    META_LAYOUT, META_RING_CAPACITY, META_XDP_MODE, RecordRate, ServiceKey, ServiceValue, VipKey,
+    META_LAYOUT, META_RING_CAPACITY, META_XDP_MODE, NO_BACKEND, RecordRate, ServiceKey,
+    ServiceValue, VipKey,
     limits::{MAX_BACKENDS, RING_CHUNK},
     names,
     rules::{active_connections, counted_and_open},
@@ -212,6 +213,8 @@ struct Handles {
     /// Not pinned, this program's own (absent from objects before session 12: the bench's
     /// A/B of older objects).
     record_rate: Option<PerCpuArray<MapData, RecordRate>>,
+    /// The packed tables, not pinned, this program's own (absent from older objects).
+    packed: Option<super::packed::Packer<super::ring::PackedMem>>,
 }
 
 impl Handles {
@@ -225,7 +228,11 @@ impl Handles {
                 .ok_or(LoaderError::MissingMap { name })?;
             T::try_from(map).map_err(map_err(name))
         }
-        fn mapped(ebpf: &mut Ebpf, name: &'static str, words: u32) -> Result<super::ring::RingMem> {
+        fn mapped<A: super::ring::Atom>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+            words: u32,
+        ) -> Result<super::ring::Mem<A>> {
             let map = ebpf
                 .take_map(name)
                 .ok_or(LoaderError::MissingMap { name })?;
@@ -237,7 +244,7 @@ impl Handles {
                 .map_err(map_err(name))?
                 .max_entries()
                 .saturating_mul(words);
-            super::ring::RingMem::new(data, len).map_err(|e| syscall(name, "mmap", e))
+            super::ring::Mem::new(data, len).map_err(|e| syscall(name, "mmap", e))
         }
         let services: HashMap<MapData, ServiceKey, ServiceValue> = take(ebpf, names::SERVICES)?;
         // The cache holds what the services map holds (a pinned cache may be stale).
@@ -250,6 +257,26 @@ impl Handles {
             let (k, v) = kv.map_err(map_err(names::SERVICES))?;
             cached.push((k.cache_key(), v));
         }
+        let ring: super::ring::RingMem = mapped(ebpf, names::RING, RING_CHUNK)?;
+        // The packed tables of this program: every maglev/sh table packed from `LB_RING` (the
+        // pinned one's, adopted) before the program takes traffic.
+        let packed = if ebpf.map(names::RING_PACKED).is_some() {
+            let mem = super::ring::PackedMem {
+                words: mapped(ebpf, names::RING_PACKED, lb_common::packed::CHUNK)?,
+                ids: mapped(ebpf, names::RING_IDS, lb_common::packed::IDS as u32)?,
+            };
+            let mut p = super::packed::Packer::new(mem, super::svc_cache::FILLED);
+            for (_, v) in &cached {
+                if packs(v) {
+                    p.pack(v.id, v.ring_base, v.ring_size, |i| {
+                        ring.get(v.ring_base.wrapping_add(i)).unwrap_or(NO_BACKEND)
+                    });
+                }
+            }
+            Some(p)
+        } else {
+            None
+        };
         svc_cache.rebuild(cached);
         Ok(Handles {
             meta: take(ebpf, names::META)?,
@@ -257,7 +284,7 @@ impl Handles {
             services,
             vips: take(ebpf, names::VIPS)?,
             backends: take(ebpf, names::BACKENDS)?,
-            ring: mapped(ebpf, names::RING, RING_CHUNK)?,
+            ring,
             flows: take(ebpf, names::FLOWS)?,
             flags: take(ebpf, names::FLAGS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
@@ -273,8 +300,14 @@ impl Handles {
                 Some(map) => Some(PerCpuArray::try_from(map).map_err(map_err(names::RECORD_RATE))?),
                 None => None,
             },
+            packed,
         })
     }
+}
+
+/// Whether a service's table is packed (maglev and sh: a backend per slot).
+fn packs(v: &ServiceValue) -> bool {
+    matches!(v.scheduler, lb_common::SCHED_MAGLEV | lb_common::SCHED_SH)
 }
 
 /// What a sweep of the connection table did.
@@ -404,6 +437,10 @@ impl Dataplane {
             // the setting as an ordinary map.)
             .override_global(names::GLOBAL_TRACE_SETTING, &trace_cfg, false)
             .map_max_entries(names::RING, ring_capacity.div_ceil(RING_CHUNK))
+            .map_max_entries(
+                names::RING_PACKED,
+                lb_common::packed::chunks_for(ring_capacity),
+            )
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {
             for name in names::ALL_MAPS {
@@ -548,8 +585,28 @@ impl Dataplane {
         Ok(())
     }
 
-    /// `LB_RING[index] := backend` (a plain store into the mapping).
+    /// `LB_RING[index] := backend` (a plain store into the mapping), and the packed copy of
+    /// the slot.
     pub fn set_slot(&mut self, index: u32, backend: u32) -> Result<()> {
+        self.write_slot(index, backend)?;
+        let ring = &self.maps.ring;
+        if let Some(p) = self.maps.packed.as_mut() {
+            p.update_index(index, backend, |i| ring.get(i).unwrap_or(NO_BACKEND));
+        }
+        Ok(())
+    }
+
+    /// Rewrites a table in `LB_RING` only, leaving the packed copy as it was (tests: which of
+    /// the two a packet was forwarded by).
+    pub fn set_ring_unpacked(&mut self, base: u32, ring: &[u32]) -> Result<()> {
+        for (slot, backend) in ring.iter().enumerate() {
+            self.write_slot(base.wrapping_add(slot as u32), *backend)?;
+        }
+        Ok(())
+    }
+
+    /// `LB_RING[index] := backend`, nothing else (the caller updates the packed copy).
+    fn write_slot(&mut self, index: u32, backend: u32) -> Result<()> {
         if self.maps.ring.set(index, backend) {
             Ok(())
         } else {
@@ -558,6 +615,17 @@ impl Dataplane {
                 len: self.maps.ring.slots(),
             })
         }
+    }
+
+    /// The field width of service `id`'s packed table (0: not packed; see
+    /// `lb_common::packed`).
+    pub fn packed_bits(&self, id: u32) -> u32 {
+        self.maps.packed.as_ref().map_or(0, |p| p.bits(id))
+    }
+
+    /// Bytes of the packed copy that the packed tables use.
+    pub fn packed_bytes(&self) -> u64 {
+        self.maps.packed.as_ref().map_or(0, |p| p.packed_bytes())
     }
 
     /// Records what the pinned maps were made for (a fresh pin directory).
@@ -1231,22 +1299,40 @@ impl Maps for Dataplane {
                         .set(id.0, BackendMeta::default(), 0)
                         .map_err(map_err(names::BACKEND_META))?;
                 }
-                Op::Ring { base, slots, .. } => {
+                Op::Ring {
+                    service_id,
+                    base,
+                    slots,
+                } => {
                     for (slot, backend) in slots {
-                        self.set_slot(base.wrapping_add(*slot), *backend)?;
+                        self.write_slot(base.wrapping_add(*slot), *backend)?;
+                    }
+                    let (ring, base) = (&self.maps.ring, *base);
+                    if let Some(p) = self.maps.packed.as_mut() {
+                        p.update(*service_id, base, slots, |i| {
+                            ring.get(base.wrapping_add(i)).unwrap_or(NO_BACKEND)
+                        });
                     }
                 }
                 Op::Table {
+                    service_id,
                     base,
                     ring,
                     dirty,
                     prev,
-                    ..
                 } => {
                     for i in 0..ring.len() {
                         if let Some(v) = crate::desired::slot_value(ring, dirty, prev, i) {
-                            self.set_slot(base.wrapping_add(i as u32), v)?;
+                            self.write_slot(base.wrapping_add(i as u32), v)?;
                         }
+                    }
+                    // A packed service's table written whole in place is packed again; one that
+                    // moved is unpacked until its service (with the new range) is written.
+                    let (mem, base) = (&self.maps.ring, *base);
+                    if let Some(p) = self.maps.packed.as_mut() {
+                        p.rewritten(*service_id, base, ring.len() as u32, |i| {
+                            mem.get(base.wrapping_add(i)).unwrap_or(NO_BACKEND)
+                        });
                     }
                 }
                 Op::Service { key, value } => {
@@ -1254,13 +1340,28 @@ impl Maps for Dataplane {
                         .insert(key, value, 0)
                         .map_err(map_err(names::SERVICES))?;
                     m.svc_cache.set(key.cache_key(), value);
+                    let ring = &m.ring;
+                    if let Some(p) = m.packed.as_mut() {
+                        if packs(value) {
+                            p.pack(value.id, value.ring_base, value.ring_size, |i| {
+                                ring.get(value.ring_base.wrapping_add(i))
+                                    .unwrap_or(NO_BACKEND)
+                            });
+                        } else {
+                            p.unpack(value.id);
+                        }
+                    }
                 }
                 Op::RemoveService(key) => {
+                    let id = m.services.get(key, 0).ok().map(|v| v.id);
                     match m.services.remove(key) {
                         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                         Err(e) => return Err(map_err(names::SERVICES)(e)),
                     }
                     m.svc_cache.remove(key.cache_key());
+                    if let (Some(p), Some(id)) = (m.packed.as_mut(), id) {
+                        p.unpack(id);
+                    }
                 }
                 Op::Vip { key, value } => {
                     m.vips.insert(key, value, 0).map_err(map_err(names::VIPS))?

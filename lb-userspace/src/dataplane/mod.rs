@@ -5,6 +5,7 @@
 mod batch;
 pub mod fake;
 pub mod loader;
+pub mod packed;
 pub mod pin;
 pub mod ring;
 pub mod svc_cache;
