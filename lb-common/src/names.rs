@@ -77,12 +77,16 @@ pub const SYNC_RATE: &str = "LB_SYNC_RATE";
 pub const RECORD_RATE: &str = "LB_RECORD_RATE";
 
 /// The packed copy of the maglev/sh tables' unchanged slots (`u64` words in chunks of
-/// [`crate::packed::CHUNK`], memory-mapped; see [`crate::packed`]). Not pinned (not in
-/// [`ALL_MAPS`]): each loaded program has its own, which its controller fills.
+/// [`crate::packed::CHUNK`], memory-mapped; see [`crate::packed`]). Pinned, but not in
+/// [`ALL_MAPS`] ([`PACKED_MAPS`]): a pin directory of an earlier release lacks it, and gets it
+/// at the takeover.
 pub const RING_PACKED: &str = "LB_RING_PACKED";
 /// The packed tables' headers and index → backend id lists, by service id (`[u16; 256]`,
-/// memory-mapped; see [`crate::packed`]). Not pinned, like [`RING_PACKED`].
+/// memory-mapped; see [`crate::packed`]). Pinned like [`RING_PACKED`].
 pub const RING_IDS: &str = "LB_RING_IDS";
+/// Maps pinned when present, made (and pinned) when missing: a controller packs them from
+/// `LB_RING` when it loads its program, so they are no layout state to check.
+pub const PACKED_MAPS: [&str; 2] = [RING_PACKED, RING_IDS];
 
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";

@@ -78,12 +78,12 @@ pub fn ring_get(i: u32) -> Option<u32> {
 }
 
 /// The packed copy of the maglev/sh tables' unchanged slots (see `lb_common::packed`), a byte
-/// of `LB_RING` slots each, set at load time. Not pinned: this program's own.
+/// per `LB_RING` slot, set at load time.
 #[map]
 pub static LB_RING_PACKED: Array<[u64; packed::CHUNK as usize]> =
     Array::with_max_entries(DEFAULT_RING_CAPACITY / (8 * packed::CHUNK), BPF_F_MMAPABLE);
 
-/// The packed tables' headers and index → backend id lists, by service id. Not pinned.
+/// The packed tables' headers and index → backend id lists, by service id.
 #[map]
 pub static LB_RING_IDS: Array<[u16; packed::IDS]> =
     Array::with_max_entries(MAX_SERVICES, BPF_F_MMAPABLE);

@@ -400,6 +400,7 @@ mod tests {
                 ring_digest: String::new(),
                 changed_slots: 0,
                 ring_size: 65537,
+                packed_bits: 2,
                 record_connections: "at_syn".into(),
                 traffic,
                 backends: vec![api::BackendStatus {

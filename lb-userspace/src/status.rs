@@ -22,6 +22,8 @@ pub struct View<'a> {
     pub weight_notes: &'a BTreeMap<BackendId, String>,
     /// Active connections by backend (none: left out).
     pub active: BTreeMap<BackendId, u64>,
+    /// Bits a slot in the packed copy of each service's table, by service id (0: not packed).
+    pub packed: BTreeMap<u32, u32>,
 }
 
 /// Two counter samples for rates: the latest and the one before.
@@ -125,6 +127,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             ring_digest: format!("{:016x}", ds.ring_digest),
             changed_slots: ds.dirty.len() as u64,
             ring_size: ds.value.ring_size,
+            packed_bits: v.packed.get(&ds.value.id).copied().unwrap_or(0),
             record_connections: cs.record_connections.name().to_owned(),
             traffic: rate(&now, before),
             backends,

@@ -572,6 +572,8 @@ fn cli_drain(mode: Mode) {
         .iter()
         .find(|s| s["name"] == "web")
         .unwrap();
+    // Three backends: the data plane reads web's slots from a copy of 2 bits a slot.
+    assert_eq!(web["packed_bits"], 2, "{web}");
     let b = web["backends"]
         .as_array()
         .unwrap()

@@ -154,6 +154,11 @@ pub struct ServiceStatus {
     /// Slots of the service's table (`ring_size`).
     #[serde(default)]
     pub ring_size: u32,
+    /// maglev/sh: bits a slot of its table takes in the packed copy the data plane reads first
+    /// (2, 4 or 8); 0: not packed (another scheduler, more than 255 backends, not x86-64, or a
+    /// daemon older than the copy).
+    #[serde(default)]
+    pub packed_bits: u32,
     /// `record_connections`: `at_syn` or `on_change` (README, Stateless slots). Empty from a
     /// daemon older than the setting (which records at the SYN).
     #[serde(default)]

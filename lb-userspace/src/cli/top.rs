@@ -438,6 +438,7 @@ mod tests {
                 ring_digest: String::new(),
                 changed_slots: 0,
                 ring_size: 65537,
+                packed_bits: 2,
                 record_connections: "at_syn".into(),
                 traffic: t(backends.iter().map(|b| b.traffic.packets_per_second).sum()),
                 backends,

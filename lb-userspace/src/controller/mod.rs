@@ -742,6 +742,12 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             .maps
             .active_connections(&ids)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let packed = self
+            .desired
+            .services
+            .iter()
+            .map(|s| (s.value.id, self.maps.packed_bits(s.value.id)))
+            .collect();
         Ok(crate::status::View {
             cfg: &self.cfg,
             config_path: &self.config_path,
@@ -749,6 +755,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             health: &self.health,
             weight_notes: &self.weight_notes,
             active,
+            packed,
         })
     }
 }

@@ -213,7 +213,7 @@ struct Handles {
     /// Not pinned, this program's own (absent from objects before session 12: the bench's
     /// A/B of older objects).
     record_rate: Option<PerCpuArray<MapData, RecordRate>>,
-    /// The packed tables, not pinned, this program's own (absent from older objects).
+    /// The packed tables (absent from older objects).
     packed: Option<super::packed::Packer<super::ring::PackedMem>>,
 }
 
@@ -258,21 +258,16 @@ impl Handles {
             cached.push((k.cache_key(), v));
         }
         let ring: super::ring::RingMem = mapped(ebpf, names::RING, RING_CHUNK)?;
-        // The packed tables of this program: every maglev/sh table packed from `LB_RING` (the
-        // pinned one's, adopted) before the program takes traffic.
+        // The packed tables: every maglev/sh table packed again from `LB_RING` (adopted ones:
+        // whatever the copy held, kept by another controller, or by none while an earlier
+        // release ran) before this program takes traffic, and before anything else is written.
         let packed = if ebpf.map(names::RING_PACKED).is_some() {
             let mem = super::ring::PackedMem {
                 words: mapped(ebpf, names::RING_PACKED, lb_common::packed::CHUNK)?,
                 ids: mapped(ebpf, names::RING_IDS, lb_common::packed::IDS as u32)?,
             };
             let mut p = super::packed::Packer::new(mem, super::svc_cache::FILLED);
-            for (_, v) in &cached {
-                if packs(v) {
-                    p.pack(v.id, v.ring_base, v.ring_size, |i| {
-                        ring.get(v.ring_base.wrapping_add(i)).unwrap_or(NO_BACKEND)
-                    });
-                }
-            }
+            repack(&mut p, &ring, cached.iter().map(|(_, v)| v));
             Some(p)
         } else {
             None
@@ -308,6 +303,23 @@ impl Handles {
 /// Whether a service's table is packed (maglev and sh: a backend per slot).
 fn packs(v: &ServiceValue) -> bool {
     matches!(v.scheduler, lb_common::SCHED_MAGLEV | lb_common::SCHED_SH)
+}
+
+/// Packs the tables of `services` (all of `LB_SERVICES`) from `ring` whole; every other
+/// service id is unpacked.
+fn repack<'a>(
+    p: &mut super::packed::Packer<super::ring::PackedMem>,
+    ring: &super::ring::RingMem,
+    services: impl Iterator<Item = &'a ServiceValue>,
+) {
+    let mut packed = std::collections::BTreeSet::new();
+    for v in services.filter(|v| packs(v)) {
+        p.pack(v.id, v.ring_base, v.ring_size, |i| {
+            ring.get(v.ring_base.wrapping_add(i)).unwrap_or(NO_BACKEND)
+        });
+        packed.insert(v.id);
+    }
+    p.unpack_others(&packed);
 }
 
 /// What a sweep of the connection table did.
@@ -443,7 +455,7 @@ impl Dataplane {
             )
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {
-            for name in names::ALL_MAPS {
+            for name in names::ALL_MAPS.iter().chain(&names::PACKED_MAPS) {
                 loader.map_pin_path(name, pin.join(name));
             }
             loader.map_pin_path(names::TRACE_CFG_SECTION, pin.join(names::TRACE_CFG));
@@ -782,6 +794,16 @@ impl Dataplane {
         report.push(format!(
             "services: {n} keys copied (their tables are rebuilt); traffic counters start from 0"
         ));
+        // The packed copy knows the copied services (their tables, written next, are packed
+        // as they are written).
+        let mut values = Vec::new();
+        for kv in self.maps.services.iter() {
+            values.push(kv.map_err(map_err(names::SERVICES))?.1);
+        }
+        let (ring, packed) = (&self.maps.ring, self.maps.packed.as_mut());
+        if let Some(p) = packed {
+            repack(p, ring, values.iter());
+        }
         Ok(report)
     }
 
@@ -1390,6 +1412,10 @@ impl Maps for Dataplane {
 
     fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot> {
         Dataplane::snapshot(self, desired)
+    }
+
+    fn packed_bits(&self, service_id: u32) -> u32 {
+        Dataplane::packed_bits(self, service_id)
     }
 
     fn sweep(

@@ -115,6 +115,12 @@ pub trait Maps {
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError>;
     /// Slot `slot` of `svc`'s table (`LB_RING[ring_base + slot]`) as the data plane reads it.
     fn ring_entry(&mut self, svc: &lb_common::ServiceValue, slot: u32) -> Result<u32, LoaderError>;
+    /// Bits a slot of service `service_id`'s table takes in the packed copy (0: not packed;
+    /// see `lb_common::packed`).
+    fn packed_bits(&self, service_id: u32) -> u32 {
+        let _ = service_id;
+        0
+    }
     /// `LB_RR_CURSOR[service_id]`.
     fn rr_cursor(&mut self, service_id: u32) -> Result<u64, LoaderError>;
     /// Flow sharing: inserts an entry a peer node reported, unless the table already has one

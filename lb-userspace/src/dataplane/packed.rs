@@ -87,7 +87,8 @@ impl<W: PackedWords> Packer<W> {
     /// Starts a write of service `id`'s fields or ids (readers then take `LB_RING`); returns the
     /// header to pass to [`Packer::end`].
     fn begin(&self, id: u32) -> u16 {
-        let h = self.mem.id(id, HDR).wrapping_add(WRITING);
+        // (Odd already: a writer that stopped halfway, whose fields no reader used.)
+        let h = self.mem.id(id, HDR) | WRITING;
         self.mem.set_id(id, HDR, h, Ordering::Release);
         h
     }
@@ -183,6 +184,22 @@ impl<W: PackedWords> Packer<W> {
         }
         self.end(id, h, k);
         self.svcs.insert(id, svc);
+    }
+
+    /// Every service id but `keep` is unpacked, whatever its header says (a copy adopted from
+    /// another controller: ids it packed that are gone or another scheduler now).
+    pub fn unpack_others(&mut self, keep: &std::collections::BTreeSet<u32>) {
+        for id in 0..self.mem.services() {
+            if keep.contains(&id) {
+                continue;
+            }
+            self.svcs.remove(&id);
+            let h = self.mem.id(id, HDR);
+            if h & (BITS_MASK | WRITING) != 0 {
+                let h = self.begin(id);
+                self.end(id, h, 0);
+            }
+        }
     }
 
     /// Service `id`'s table was written whole at `base` (`size` slots): packed again if it was
@@ -414,6 +431,28 @@ mod tests {
         p.pack(0, 8, 7, |_| 3);
         assert_eq!(p.bits(0), 1);
         assert_eq!(p.read(0, 8, 6), Some(3));
+    }
+
+    #[test]
+    fn an_adopted_copy_is_packed_again_and_stale_headers_cleared() {
+        let mem = Mem::new(64, 4);
+        // Another controller's copy: service 1 packed (k = 2), service 2 halfway through a
+        // write (count odd), service 3 packed but gone now.
+        (&mem).set_id(1, HDR, 5 << 5 | 2, Ordering::Relaxed);
+        (&mem).set_id(2, HDR, WRITING | 3 << 5 | 4, Ordering::Relaxed);
+        (&mem).set_id(3, HDR, 1 << 5 | 2, Ordering::Relaxed);
+        let mut p = Packer::new(&mem, true);
+        let ring = vec![9u32; 64];
+        p.pack(1, 0, 64, |i| ring[i as usize]);
+        p.pack(2, 64, 64, |i| ring[i as usize]);
+        p.unpack_others(&BTreeSet::from([1, 2]));
+        for id in [1, 2] {
+            let h = (&mem).id(id, HDR);
+            assert_eq!((h & WRITING, h & BITS_MASK), (0, 1), "service {id}: {h:#x}");
+            assert_eq!(p.read(id, 64 * (id - 1), 5), Some(9));
+        }
+        assert_eq!((&mem).id(3, HDR) & (BITS_MASK | WRITING), 0);
+        assert_eq!((&mem).id(0, HDR), 0, "never packed: untouched");
     }
 
     proptest! {
