@@ -387,7 +387,11 @@ fn maglev_entry(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
     if let Some(id) = packed_get(svc.id, svc.ring_base, slot) {
         return Some(id);
     }
-    ring_get(svc.ring_base.wrapping_add(slot))
+    // A slot outside `LB_RING` reads as an empty one (the same decisions as `None` would
+    // give: no backend). Always `Some` with a defined value: with a `None` here LLVM let a
+    // later compare read the payload of either branch, an uninitialised register to the
+    // verifier (in `lb_xdp_notrace`).
+    Some(ring_get(svc.ring_base.wrapping_add(slot)).unwrap_or(NO_BACKEND))
 }
 
 /// The fast path of a maglev or sh service: a packet through a table slot that never changed

@@ -1135,6 +1135,34 @@ fn lb_xdp_calls_no_memory_functions() {
     assert!(checked > 0, "no xdp section found");
 }
 
+/// Every program of the object passes the verifier (the bench loads the others; a change of
+/// the shared code can break one of them alone), and `lb_xdp_notrace` decides as `lb_xdp`.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn every_program_of_the_object_loads() {
+    let mut f = Fixture::new(CONFIG);
+    for name in [
+        "lb_xdp_notrace",
+        "lb_baseline_tx",
+        "lb_baseline_swap",
+        "lb_baseline_pass",
+        "lb_baseline_insert",
+        "lb_bench_gen",
+        "lb_bench_sink",
+    ] {
+        f.dp.other_program(name)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
+    for i in 0..50 {
+        let pkt = tcp4_flags(C1, 31000 + i, VIP4, 80, "A");
+        assert_eq!(
+            f.run_program("lb_xdp_notrace", &pkt),
+            f.run(&pkt),
+            "packet {i}"
+        );
+    }
+}
+
 /// The bench's trivial forwarder (`lb_baseline_swap`, issue #13's baseline) swaps the two
 /// Ethernet addresses and changes nothing else.
 #[test]
