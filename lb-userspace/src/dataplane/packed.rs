@@ -11,7 +11,10 @@
 //! Only filled on x86-64, whose loads the program's seqlock reads rely on being kept in order;
 //! elsewhere no service is packed (every read goes to `LB_RING`).
 
-use std::{collections::BTreeMap, sync::atomic::Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{Ordering, fence},
+};
 
 use lb_common::{
     RING_DIRTY,
@@ -93,7 +96,9 @@ impl<W: PackedWords> Packer<W> {
     fn begin(&self, id: u32) -> u16 {
         // (Odd already: a writer that stopped halfway, whose fields no reader used.)
         let h = self.mem.id(id, HDR) | WRITING;
-        self.mem.set_id(id, HDR, h, Ordering::Release);
+        self.mem.set_id(id, HDR, h, Ordering::Relaxed);
+        // The odd count before every write that follows (a seqlock writer's fence).
+        fence(Ordering::Release);
         h
     }
 
@@ -286,7 +291,7 @@ impl<W: PackedWords> Packer<W> {
                 0
             };
             if old != new {
-                svc.counts[old] -= 1;
+                svc.counts[old] = svc.counts[old].saturating_sub(1);
                 svc.counts[new] += 1;
                 self.set_field(bit, k, new as u32);
             }
