@@ -1065,19 +1065,23 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             6,
         )
     };
+    // The 1M flows written into a fixture's table, each with the backend web4 gives it.
+    let fill_flows = |f: &mut Fixture| {
+        for i in 0..FLOWS {
+            let k = key_of(i);
+            let b = f.predict(&k, "web4");
+            let v = lb_common::FlowValue {
+                backend: b,
+                generation: f.backend(b).generation,
+                last_seen_ns: coarse,
+                flags: 0,
+                cpu: 0,
+            };
+            f.dp.set_flow(&k, &v).expect("insert flow");
+        }
+    };
     let t0 = std::time::Instant::now();
-    for i in 0..FLOWS {
-        let k = key_of(i);
-        let b = g.predict(&k, "web4");
-        let v = lb_common::FlowValue {
-            backend: b,
-            generation: g.backend(b).generation,
-            last_seen_ns: coarse,
-            flags: 0,
-            cpu: 0,
-        };
-        g.dp.set_flow(&k, &v).expect("insert flow");
-    }
+    fill_flows(&mut g);
     let fill = t0.elapsed();
     // The controller's sweep over the 1M entries (idle expiry, slot marks, and the active
     // connections reconciled with the table), as `lb run` does every 1-10 s: nothing expires.
@@ -1209,18 +1213,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
     // The same on another config: its web4 table filled with the same 1M flows, then measured.
     let variant = |cfg: &str| {
         let mut h = Fixture::with_flow_table(cfg, 1 << 20);
-        for i in 0..FLOWS {
-            let k = key_of(i);
-            let b = h.predict(&k, "web4");
-            let v = lb_common::FlowValue {
-                backend: b,
-                generation: h.backend(b).generation,
-                last_seen_ns: coarse,
-                flags: 0,
-                cpu: 0,
-            };
-            h.dp.set_flow(&k, &v).expect("insert flow");
-        }
+        fill_flows(&mut h);
         let id = h.service("web4").value.id;
         let bits = h.dp.packed_bits(id);
         let r = measure(&mut h, Stat::FlowStateless);
