@@ -30,6 +30,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mib(slots),
         mib(cfg.dataplane.ring_capacity as u64)
     );
+    // The packed copy the data plane reads first (maglev/sh; the fields as wide as the
+    // configured backends need: each distinct backend of a table takes an index).
+    let (mut packed, mut bits, mut wide) = (0usize, 0u64, 0usize);
+    for s in cfg.services.iter().filter(|s| {
+        matches!(
+            s.scheduler,
+            lb_userspace::config::Scheduler::Maglev | lb_userspace::config::Scheduler::Sh
+        )
+    }) {
+        match lb_common::packed::bits_for(s.backends.len()) {
+            0 => wide += 1,
+            k => {
+                packed += 1;
+                bits += s.ring_size as u64 * k as u64;
+            }
+        }
+    }
+    println!(
+        "packed copy: {packed} maglev/sh tables in LB_RING_PACKED ({} KiB of {:.1} MiB){}",
+        (bits / 8).div_ceil(1024),
+        cfg.dataplane.ring_capacity as f64 / (1024.0 * 1024.0),
+        if wide > 0 {
+            format!("; {wide} with more than 255 backends read LB_RING only")
+        } else {
+            String::new()
+        }
+    );
     for w in cfg.warnings() {
         println!("warning: {w}");
     }
