@@ -635,11 +635,6 @@ impl Dataplane {
         self.maps.packed.as_ref().map_or(0, |p| p.bits(id))
     }
 
-    /// Bytes of the packed copy that the packed tables use.
-    pub fn packed_bytes(&self) -> u64 {
-        self.maps.packed.as_ref().map_or(0, |p| p.packed_bytes())
-    }
-
     /// Records what the pinned maps were made for (a fresh pin directory).
     pub fn write_meta(&mut self, dpc: &crate::config::Dataplane) -> Result<()> {
         let m = &mut self.maps.meta;

@@ -83,14 +83,6 @@ impl<W: PackedWords> Packer<W> {
         self.svcs.get(&id).map_or(0, |s| s.k)
     }
 
-    /// Bytes of `LB_RING_PACKED` the packed services use.
-    pub fn packed_bytes(&self) -> u64 {
-        self.svcs
-            .values()
-            .map(|s| (s.size as u64 * s.k as u64).div_ceil(8))
-            .sum()
-    }
-
     /// Starts a write of service `id`'s fields or ids (readers then take `LB_RING`); returns the
     /// header to pass to [`Packer::end`].
     fn begin(&self, id: u32) -> u16 {
