@@ -121,6 +121,29 @@ fn apply(ring_size: u32) -> serde_json::Value {
         })
         .sum::<u64>()
         / lb_common::limits::MAX_SERVICES as u64;
+    // The packed copy (a byte per LB_RING slot, of which each table uses its fields) and the
+    // packed tables' headers and ids (per service id).
+    let packed_bytes = memlock
+        .iter()
+        .find(|(n, e, _)| {
+            n == "LB_RING_PACKED"
+                && *e == lb_common::packed::chunks_for(cfg.dataplane.ring_capacity) as u64
+        })
+        .map(|(_, _, b)| *b);
+    let ids_bytes = memlock
+        .iter()
+        .find(|(n, e, _)| n == "LB_RING_IDS" && *e == lb_common::limits::MAX_SERVICES as u64)
+        .map(|(_, _, b)| *b / lb_common::limits::MAX_SERVICES as u64);
+    let packed_bits = state
+        .services
+        .first()
+        .map_or(0, |s| dp.packed_bits(s.value.id));
+    if let (Some(p), Some(i)) = (packed_bytes, ids_bytes) {
+        println!(
+            "  packed copy: {packed_bits} bits a slot; LB_RING_PACKED {p} bytes ({} per service), LB_RING_IDS {i} bytes per service id",
+            p / SERVICES as u64
+        );
+    }
     if let Some(r) = ring_bytes {
         println!(
             "  memory per service: {} bytes of table (LB_RING {r} bytes for {SERVICES}) + {per_id} bytes of service maps (LB_SERVICES, LB_VIPS, LB_SVC_STATS on {} CPUs, LB_RR_CURSOR)",
@@ -194,6 +217,9 @@ fn apply(ring_size: u32) -> serde_json::Value {
         "load_ms": ms(t_load),
         "memory_per_service_table_bytes": ring_bytes.map(|r| r / SERVICES as u64),
         "memory_per_service_maps_bytes": per_id,
+        "memory_per_service_packed_bytes": packed_bytes.map(|p| p / SERVICES as u64),
+        "memory_per_service_id_packed_ids_bytes": ids_bytes,
+        "packed_bits": packed_bits,
         "one_backend_change": {
             "map_writes": sum2.map_writes,
             "slots_changed": differ,
