@@ -155,7 +155,7 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub ring_size: u32,
     /// maglev/sh: bits a slot of its table takes in the packed copy the data plane reads first
-    /// (2, 4 or 8); 0: not packed (another scheduler, more than 255 backends, not x86-64, or a
+    /// (1, 2, 4 or 8); 0: not packed (another scheduler, more than 255 backends, not x86-64, or a
     /// daemon older than the copy).
     #[serde(default)]
     pub packed_bits: u32,
