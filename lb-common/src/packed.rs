@@ -16,8 +16,9 @@
 //! packed) and a sequence count above it; the controller makes the count odd ([`WRITING`])
 //! while it rewrites the service's fields or ids, so a reader that saw an even count, read a
 //! field and an id, and sees the same header again, read a consistent pair; anything else
-//! reads `LB_RING`, which stays the authority. Both maps belong to the loaded program (not
-//! pinned): a fresh program's are zero (not packed) until its controller fills them.
+//! reads `LB_RING`, which stays the authority. Both maps are pinned beside the others but are
+//! no layout state: made zero (nothing packed) when missing, and packed again whole from
+//! `LB_RING` by every controller that loads its program.
 
 /// u64 words per `LB_RING_PACKED` value (64 bytes).
 pub const CHUNK: u32 = 8;
@@ -29,8 +30,6 @@ pub const HDR: usize = 0;
 pub const BITS_MASK: u16 = 0xf;
 /// The header's sequence count steps by this; set while the controller writes.
 pub const WRITING: u16 = 1 << 4;
-/// Widest field: indexes up to 255.
-pub const MAX_BITS: u32 = 8;
 
 /// The bit of slot `slot` of a table at `ring_base` with `k`-bit fields (below 2^32 for every
 /// table inside `MAX_RING_CAPACITY` slots).

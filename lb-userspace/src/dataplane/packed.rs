@@ -310,6 +310,7 @@ impl<W: PackedWords> Packer<W> {
 
     /// What the packed copy says of slot `slot` of service `id`: `Some(backend)` for a packed
     /// field, `None` for "read `LB_RING`" (the data plane's reading, for tests).
+    #[cfg(test)]
     pub fn read(&self, id: u32, ring_base: u32, slot: u32) -> Option<u32> {
         let h = self.mem.id(id, HDR);
         let k = (h & BITS_MASK) as u32;
