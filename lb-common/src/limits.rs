@@ -26,6 +26,12 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 /// "on_change" ones do, so drains also wait `timeouts.tcp` for connections it kept unrecorded.
 pub const DEFAULT_RECORD_LIMIT: u32 = 0;
 /// Number of egress interfaces usable for XDP_REDIRECT.
+/// Bytes of the `LB_RECORD` ring buffer (`dataplane.defer_records`): 65 535 records of 56 bytes
+/// and their 8-byte headers, about 0.1–0.5 s of a busy node's new connections for the
+/// controller to fall behind by before SYNs are recorded on the packet path again.
+pub const RECORD_RING_BYTES: u32 = 1 << 22;
+/// `dataplane.defer_records` by default: SYNs recorded by the controller.
+pub const DEFAULT_DEFER_RECORDS: bool = true;
 pub const MAX_TX_PORTS: u32 = 64;
 /// IPv6 extension headers walked before giving up on finding TCP/UDP.
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;

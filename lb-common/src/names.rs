@@ -88,6 +88,12 @@ pub const RING_IDS: &str = "LB_RING_IDS";
 /// `LB_RING` when it loads its program, so they are no layout state to check.
 pub const PACKED_MAPS: [&str; 2] = [RING_PACKED, RING_IDS];
 
+/// Connection-table records handed to the controller ([`crate::RecordEvent`], ring buffer of
+/// [`crate::limits::RECORD_RING_BYTES`]; `dataplane.defer_records`). Pinned when present, made
+/// (and pinned) when missing, like [`PACKED_MAPS`]: what a program wrote before a restart is
+/// drained by the next controller.
+pub const RECORD: &str = "LB_RECORD";
+
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 

@@ -531,6 +531,43 @@ pub struct RecordRate {
     pub window: TraceRate,
     /// `dataplane.record_limit` (0: no limit).
     pub limit: u64,
+    /// Non-zero while a controller drains `LB_RECORD` (`dataplane.defer_records`): a SYN that
+    /// would be recorded through an unchanged slot is handed to the controller as a
+    /// [`RecordEvent`] instead of inserted here (see [`RecordEvent`]).
+    pub defer: u64,
+    /// SYNs handed to the controller through `LB_RECORD` since this program was loaded.
+    pub deferred: u64,
+    /// SYNs recorded here because `LB_RECORD` was full (no controller draining it, or one
+    /// that falls behind), since this program was loaded.
+    pub defer_full: u64,
+}
+
+/// [`RecordEvent::kind`]: a SYN to record (an entry counted and open, unless the table has
+/// one for the key already).
+pub const RECORD_OPEN: u32 = 0;
+/// [`RecordEvent::kind`]: a FIN or RST that found no entry: the controller closes the entry
+/// an earlier [`RECORD_OPEN`] of the key made, if any.
+pub const RECORD_CLOSE: u32 = 1;
+
+/// A connection-table record handed from the packet path to the controller through the
+/// `LB_RECORD` ring buffer (`dataplane.defer_records`, on by default): the SYN of a
+/// `record_connections = "at_syn"` maglev/sh connection through an unchanged table slot is
+/// forwarded by the slot at once, and the controller inserts its entry (counted, open,
+/// `BPF_NOEXIST`) off the packet path. The slot names the entry's backend until the slot
+/// changes; the controller keeps a changed slot's previous backend until it has drained the
+/// ring past the change, so a connection not yet recorded keeps its backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordEvent {
+    pub key: FlowKey,
+    /// Backend id (the slot's), for [`RECORD_OPEN`].
+    pub backend: u32,
+    /// [`Backend::generation`] of that id when the SYN went through.
+    pub generation: u32,
+    /// [`RECORD_OPEN`] or [`RECORD_CLOSE`].
+    pub kind: u32,
+    /// The CPU that saw the packet ([`FlowValue::cpu`]).
+    pub cpu: u32,
 }
 
 /// One new connection-table entry, reported through the `LB_SYNC` ring buffer for flow sharing
@@ -584,7 +621,8 @@ const _: () = assert!(size_of::<FragKey>() == 40);
 const _: () = assert!(size_of::<FragValue>() == 8);
 const _: () = assert!(size_of::<TraceEvent>() == 72 + TRACE_SNAP);
 const _: () = assert!(size_of::<TraceRate>() == 32);
-const _: () = assert!(size_of::<RecordRate>() == 40);
+const _: () = assert!(size_of::<RecordRate>() == 64);
+const _: () = assert!(size_of::<RecordEvent>() == 56);
 const _: () = assert!(size_of::<SyncEvent>() == 48);
 const _: () = assert!(size_of::<SyncConfig>() == 8);
 const _: () = assert!(size_of::<BenchGen>() == 16);
@@ -617,6 +655,7 @@ mod pod {
         TraceEvent,
         TraceRate,
         RecordRate,
+        RecordEvent,
         VipValue,
         FragKey,
         FragValue,

@@ -174,7 +174,7 @@ fn decide(ctx: &XdpContext, key: &FlowKey, tcp_flags: u8, frame_len: u64) -> Opt
         return Some(xdp_action::XDP_PASS);
     }
     let svc = cached_service(key)?;
-    let Some((id, b)) = select::stateless(key, &svc, tcp_flags) else {
+    let Some((id, b, how)) = select::stateless(key, &svc, tcp_flags) else {
         // The rest of the full path from here (no trace runs: the decision is not needed).
         let mut d = Decision {
             key: *key,
@@ -191,7 +191,7 @@ fn decide(ctx: &XdpContext, key: &FlowKey, tcp_flags: u8, frame_len: u64) -> Opt
         ));
     };
     count_service(svc.id, frame_len);
-    count(Stat::FlowStateless);
+    count(how);
     count_backend(id, frame_len);
     Some(transmit(ctx, b).unwrap_or_else(|| {
         count(Stat::DropTxPort);
@@ -335,11 +335,11 @@ fn to_service(
     // decides.
     if try_stateless
         && !frag.is
-        && let Some((id, b)) = select::stateless(&d.key, svc, tcp_flags)
+        && let Some((id, b, how)) = select::stateless(&d.key, svc, tcp_flags)
     {
-        count(Stat::FlowStateless);
+        count(how);
         count_backend(id, frame_len);
-        d.reason = Stat::FlowStateless as u32;
+        d.reason = how as u32;
         return forward(ctx, d, id, b);
     }
     // A first fragment goes where an earlier-arriving fragment of its datagram went.

@@ -229,6 +229,11 @@ pub static LB_SYNC_RATE: PerCpuArray<TraceRate> = PerCpuArray::with_max_entries(
 #[map]
 pub static LB_RECORD_RATE: PerCpuArray<RecordRate> = PerCpuArray::with_max_entries(1, 0);
 
+/// Connection-table records for the controller (`RecordEvent`s; `dataplane.defer_records`).
+/// Pinned (made when missing): the next controller drains what this one did not.
+#[map]
+pub static LB_RECORD: RingBuf = RingBuf::with_byte_size(lb_common::limits::RECORD_RING_BYTES, 0);
+
 /// Bench only: the live-frames generator's settings (index 0).
 #[map]
 pub static LB_BENCH_GEN: Array<BenchGen> = Array::with_max_entries(1, 0);

@@ -14,8 +14,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, FLOW_F_CLOSED, FLOW_F_COUNTED, FlowKey, FlowValue, FragKey,
-    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_DIRTY, RecordRate, SCHED_LC, SCHED_MAGLEV,
-    SCHED_SH, SCHED_WLC, SCHED_WRR, SVC_F_TCP_ON_CHANGE, ServiceValue, SyncEvent,
+    FragValue, NO_BACKEND, PROTO_TCP, PROTO_UDP, RECORD_CLOSE, RECORD_OPEN, RING_DIRTY,
+    RecordEvent, RecordRate, SCHED_LC, SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR,
+    SVC_F_TCP_ON_CHANGE, ServiceValue, SyncEvent,
     hash::{flow_hash, reduce, source_hash},
     ring_id, ring_prev,
     rules::{active_connections, clamp_active, counted_and_open, wlc_less},
@@ -25,8 +26,8 @@ use lb_common::{
 use crate::{
     atomic,
     maps::{
-        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RECORD_RATE, LB_RR_CURSOR,
-        LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, packed_get, ring_get,
+        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RECORD, LB_RECORD_RATE,
+        LB_RR_CURSOR, LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, packed_get, ring_get,
     },
     stats::{count, count_new_flow},
 };
@@ -141,6 +142,9 @@ pub fn backend_for_flow(
         // the record limit, or its entry was evicted): the slot has its backend, and the
         // connection is ending.
         let b = usable(e)?;
+        if closing && !records_on_change(key, svc) {
+            deferred_close(key, now);
+        }
         count(Stat::FlowStateless);
         return Some((e, b, Stat::FlowStateless));
     }
@@ -413,12 +417,16 @@ pub fn stateless(
     key: &FlowKey,
     svc: &ServiceValue,
     tcp_flags: u8,
-) -> Option<(u32, &'static Backend)> {
+) -> Option<(u32, &'static Backend, Stat)> {
     match key.protocol {
         PROTO_TCP if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 => {}
         // "on_change": a SYN is not recorded either (a FIN or RST may close a recorded one).
         PROTO_TCP
             if svc.flags & SVC_F_TCP_ON_CHANGE != 0 && tcp_flags & (TCP_FIN | TCP_RST) == 0 => {}
+        // "at_syn": a SYN is recorded by the controller, when one drains `LB_RECORD`.
+        PROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN => {
+            return deferred_syn(key, svc);
+        }
         PROTO_UDP => {}
         _ => return None,
     }
@@ -430,7 +438,118 @@ pub fn stateless(
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         count_new_flow(svc.id, e); // a new connection (as `backend_for_flow` tells), not recorded
     }
-    Some((e, b))
+    Some((e, b, Stat::FlowStateless))
+}
+
+/// An "at_syn" service's SYN through an unchanged slot while a controller drains `LB_RECORD`
+/// (`dataplane.defer_records`): forwarded by the slot, and its entry handed to the controller
+/// as a [`RecordEvent`] (inserted off the packet path: counted, open, unless the table has one
+/// for the key). A retransmitted SYN of a recorded connection goes the same way: an entry of an
+/// unchanged slot names the slot's backend, and the controller's insert leaves it as it is.
+/// Beyond a record limit (`dataplane.record_limit`) such a SYN is not recorded at all, as in
+/// [`backend_for_flow`]. `None` (the full path, which inserts the entry here): no controller
+/// drains the ring, the ring is full, another scheduler, a changed or empty slot, an inactive
+/// backend.
+#[inline(always)]
+fn deferred_syn(key: &FlowKey, svc: &ServiceValue) -> Option<(u32, &'static Backend, Stat)> {
+    if LB_RECORD_RATE.get(0).is_none_or(|r| r.defer == 0) {
+        return None;
+    }
+    let e = maglev_entry(key, svc)?;
+    if e & RING_DIRTY != 0 {
+        return None;
+    }
+    let b = usable(e)?;
+    // A new connection (recorded, by the controller), or one beyond the record limit,
+    // forwarded by its slot unrecorded (as in `backend_for_flow`).
+    let how = match hand_over(key, e, b.generation) {
+        HANDED_OVER => Stat::FlowNew,
+        BEYOND_LIMIT => Stat::FlowStateless,
+        _ => return None,
+    };
+    count_new_flow(svc.id, e);
+    Some((e, b, how))
+}
+
+/// [`hand_over`]: the record is in `LB_RECORD`.
+const HANDED_OVER: u32 = 1;
+/// [`hand_over`]: beyond the record limit, not recorded at all.
+const BEYOND_LIMIT: u32 = 2;
+/// [`hand_over`]: not handed over (the ring is full, or the handover was switched off).
+const NOT_HANDED_OVER: u32 = 0;
+
+/// [`deferred_syn`]'s record: the record limit applied, then the record written to `LB_RECORD`
+/// and counted. A BPF subprogram, not inlined: inlined, LLVM gave the pointer into
+/// `LB_RECORD_RATE` a stack slot that another path reads as a `u32`, which the verifier rejects
+/// ("invalid size of register fill").
+#[inline(never)]
+fn hand_over(key: &FlowKey, backend: u32, generation: u32) -> u32 {
+    let Some(r) = LB_RECORD_RATE.get_ptr_mut(0) else {
+        return NOT_HANDED_OVER;
+    };
+    // SAFETY: this CPU's slot; only this CPU writes it while the program runs (the controller
+    // writes `limit` and `defer` after the load, and clears `defer` when it stops).
+    let r = unsafe { &mut *r };
+    if r.defer == 0 {
+        return NOT_HANDED_OVER;
+    }
+    // SAFETY: no arguments; reads the coarse monotonic clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if r.limit != 0 && over_record_limit(r, now) {
+        return BEYOND_LIMIT;
+    }
+    let ev = RecordEvent {
+        key: *key,
+        backend,
+        generation,
+        kind: RECORD_OPEN,
+        // SAFETY: no arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+    };
+    if LB_RECORD.output::<RecordEvent>(&ev, 0).is_err() {
+        r.defer_full += 1;
+        return NOT_HANDED_OVER;
+    }
+    r.deferred += 1;
+    report_new_flow(key, backend, generation, now);
+    HANDED_OVER
+}
+
+/// A FIN or RST of an "at_syn" connection that found no entry in an unchanged slot, while a
+/// controller drains `LB_RECORD`: its SYN's record may still be on its way, so the controller
+/// is told to close the entry that record makes. When the ring is full, a closed entry that
+/// counts nothing is inserted here instead, which the controller's insert then leaves as it is.
+///
+/// A BPF subprogram, not inlined: a rare path (LLVM's stack slots of the inlined version
+/// shared a slot between this pointer and a later `u32` in a way the verifier rejects).
+#[inline(never)]
+fn deferred_close(key: &FlowKey, now: u64) {
+    let Some(r) = LB_RECORD_RATE.get(0) else {
+        return;
+    };
+    if r.defer == 0 {
+        return;
+    }
+    // SAFETY: no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let ev = RecordEvent {
+        key: *key,
+        backend: NO_BACKEND,
+        generation: 0,
+        kind: RECORD_CLOSE,
+        cpu,
+    };
+    if LB_RECORD.output::<RecordEvent>(&ev, 0).is_ok() {
+        return;
+    }
+    let closed = FlowValue {
+        backend: NO_BACKEND,
+        generation: 0,
+        last_seen_ns: now,
+        flags: FLOW_F_CLOSED,
+        cpu,
+    };
+    let _ = LB_FLOWS.insert(key, closed, BPF_NOEXIST as u64);
 }
 
 /// The scan's state, on the caller's stack; `bpf_loop` hands a pointer to it to [`lc_step`].

@@ -297,6 +297,10 @@ pub struct Dataplane {
     /// `record_connections = "at_syn"` services; beyond it they are forwarded by the slot
     /// without an entry (0: no limit).
     pub record_limit: u32,
+    /// The SYNs of `record_connections = "at_syn"` maglev/sh services through unchanged slots
+    /// are recorded by the controller from `LB_RECORD` instead of on the packet path (see
+    /// [`lb_common::RecordEvent`]).
+    pub defer_records: bool,
 }
 
 /// `dataplane.rx_vlan_offload`: with receive-VLAN offload on, a native XDP program never sees
@@ -462,6 +466,7 @@ struct RawDataplane {
     #[serde(default)]
     rx_vlan_offload: RxVlanOffload,
     record_limit: Option<i64>,
+    defer_records: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1030,6 +1035,9 @@ impl Validator {
             pin_path,
             rx_vlan_offload: dp.rx_vlan_offload,
             record_limit,
+            defer_records: dp
+                .defer_records
+                .unwrap_or(lb_common::limits::DEFAULT_DEFER_RECORDS),
         })
     }
 
@@ -1435,6 +1443,16 @@ mac = "02:00:00:00:00:22"
         );
         let e = err_of("protocol = \"tcp\"", "protocol = \"tcp\"\nmin_healthy = 9");
         assert!(e.contains("min_healthy: 9 is out of range 0..="), "{e}");
+    }
+
+    #[test]
+    fn defer_records_is_on_by_default_and_can_be_turned_off() {
+        let c = parse("[dataplane]\ninterface = \"eth0\"\n").unwrap();
+        assert!(c.dataplane.defer_records);
+        let c = parse("[dataplane]\ninterface = \"eth0\"\ndefer_records = false\n").unwrap();
+        assert!(!c.dataplane.defer_records);
+        let e = parse("[dataplane]\ninterface = \"eth0\"\ndefer_records = 1\n").unwrap_err();
+        assert!(e.to_string().contains("defer_records"), "{e}");
     }
 
     #[test]

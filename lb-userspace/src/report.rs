@@ -36,7 +36,7 @@ pub fn render(desired: &DesiredState, snap: &Snapshot) -> String {
     let nonzero: Vec<String> = Stat::ALL
         .iter()
         .map(|s| (s.name(), snap.get(*s)))
-        .chain([(crate::status::RECORD_LIMITED, snap.record_limited)])
+        .chain(crate::status::extra_counters(snap))
         .filter(|(_, v)| *v != 0)
         .map(|(n, v)| format!("{n}={v}"))
         .collect();

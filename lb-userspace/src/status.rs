@@ -47,6 +47,23 @@ pub struct Process<'a> {
 /// the `LB_STATS` counters in `lb status` and the metrics (`lb_flow_events_total{event="record_limited"}`).
 /// It counts from the program's load (each loaded program keeps its own).
 pub const RECORD_LIMITED: &str = "flow_record_limited";
+/// SYNs handed to the controller through `LB_RECORD` (`dataplane.defer_records`), counted from
+/// the program's load like [`RECORD_LIMITED`].
+pub const RECORD_DEFERRED: &str = "flow_record_deferred";
+/// SYNs the program recorded itself because `LB_RECORD` was full, from the program's load.
+pub const RECORD_RING_FULL: &str = "flow_record_ring_full";
+/// Connection-table entries the controller made from `LB_RECORD` since `lb run` started.
+pub const RECORD_INSERTED: &str = "flow_record_inserted";
+
+/// The counters beside `LB_STATS`'s in `lb status`, the report and the metrics.
+pub fn extra_counters(s: &crate::stats::Snapshot) -> [(&'static str, u64); 4] {
+    [
+        (RECORD_LIMITED, s.record_limited),
+        (RECORD_DEFERRED, s.record_deferred),
+        (RECORD_RING_FULL, s.record_ring_full),
+        (RECORD_INSERTED, s.record_inserted),
+    ]
+}
 
 pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Status {
     let (t1, s1) = samples.now;
@@ -148,7 +165,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
         counters: Stat::ALL
             .iter()
             .map(|s| (s.name().to_owned(), s1.get(*s)))
-            .chain([(RECORD_LIMITED.to_owned(), s1.record_limited)])
+            .chain(extra_counters(s1).map(|(n, v)| (n.to_owned(), v)))
             .collect(),
         record_limit: Some(v.cfg.dataplane.record_limit),
         vips: None,

@@ -2737,3 +2737,161 @@ fn services_have_their_own_table_sizes() {
     }
     assert_eq!(seen.len(), 13, "every backend of both services took flows");
 }
+
+/// `dataplane.defer_records`: an `"at_syn"` SYN through an unchanged slot is forwarded by the
+/// slot (output bytes checked) and handed to the controller through `LB_RECORD` instead of
+/// inserted; the controller's `record_flows` makes the entry (counted, open), a FIN that came
+/// first closes it, a retransmitted SYN leaves it, and the entry keeps the connection on its
+/// backend once its slot changes. With the handover off, or `LB_RECORD` full, SYNs are recorded
+/// on the packet path again; a record limit still keeps SYNs beyond it out of the table.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn syns_handed_to_the_controller_are_recorded_from_lb_record() {
+    use lb_userspace::dataplane::Maps as _;
+    let mut f = Fixture::with_flow_table(CONFIG, 1024);
+    assert!(
+        f.dp.set_defer_records(true).unwrap(),
+        "the object has LB_RECORD"
+    );
+    let svc = f.service("web4");
+    let conns: Vec<(u16, FlowKey, u32)> = (0..20u16)
+        .map(|i| {
+            let (syn, key) = tcp4(C1, 30000 + i, VIP4, 80);
+            let b = f.expect_forward("a SYN handed over", &syn, &key, "web4");
+            assert!(f.dp.flow(&key).unwrap().is_none(), "not inserted here");
+            (30000 + i, key, b)
+        })
+        .collect();
+    // New flows (recorded, a moment later), not forwarded statelessly.
+    f.assert_stat(Stat::FlowNew, 20);
+    f.assert_stat(Stat::FlowStateless, 0);
+    let snap = f.snapshot();
+    assert_eq!(snap.record_deferred, 20);
+    assert_eq!(
+        snap.services[&svc.value.id].new_flows, 20,
+        "new flows all the same"
+    );
+    let total = |f: &mut Fixture| -> u64 { svc.backends.iter().map(|b| active(f, *b)).sum() };
+    assert_eq!(total(&mut f), 0, "counted once recorded");
+    // The first connection's FIN comes before the controller drains: by the slot, and a close
+    // record after the open one.
+    let (port0, key0, b0) = conns[0];
+    f.expect_mac(
+        "a FIN before its record",
+        &tcp4_flags(C1, port0, VIP4, 80, "FA"),
+        b0,
+    );
+    assert!(f.dp.flow(&key0).unwrap().is_none());
+    let records = f.dp.take_records(100);
+    assert_eq!(records.len(), 21);
+    for (r, (_, key, b)) in records.iter().zip(&conns) {
+        assert_eq!(
+            (r.key, r.backend, r.kind),
+            (*key, *b, lb_common::RECORD_OPEN)
+        );
+    }
+    assert_eq!(
+        (records[20].key, records[20].kind),
+        (key0, lb_common::RECORD_CLOSE)
+    );
+    // (A record whose generation is not the backend's is skipped: all 20 are current.)
+    let st = f.dp.record_flows(&records, 1).unwrap();
+    assert_eq!((st.inserted.len(), st.skipped, st.closed), (20, 0, 1));
+    for (_, key, b) in &conns[1..] {
+        let e = f.dp.flow(key).unwrap().expect("recorded by the controller");
+        assert_eq!((e.backend, e.flags), (*b, lb_common::FLOW_F_COUNTED));
+    }
+    let e0 = f.dp.flow(&key0).unwrap().unwrap();
+    assert_eq!(
+        e0.flags,
+        lb_common::FLOW_F_COUNTED | lb_common::FLOW_F_CLOSED
+    );
+    assert_eq!(
+        total(&mut f),
+        19,
+        "counted from the record, the closed one not"
+    );
+    // A retransmitted SYN: handed over again, its record finds the entry.
+    let (port1, key1, b1) = conns[1];
+    f.expect_mac("a retransmitted SYN", &tcp4(C1, port1, VIP4, 80).0, b1);
+    let again = f.dp.take_records(100);
+    let st = f.dp.record_flows(&again, 2).unwrap();
+    assert_eq!((st.inserted.len(), st.skipped), (0, 1));
+    assert_eq!(total(&mut f), 19);
+    // Its slot changes: the entry keeps the connection on its backend; its FIN closes it.
+    let other = *svc.backends.iter().find(|x| **x != b1).unwrap();
+    f.dp.set_slot(
+        svc.ring_index(&key1),
+        lb_common::ring_value(other, true, None),
+    )
+    .unwrap();
+    f.expect_mac(
+        "an ACK after the change",
+        &tcp4_flags(C1, port1, VIP4, 80, "A"),
+        b1,
+    );
+    f.expect_mac("its FIN", &tcp4_flags(C1, port1, VIP4, 80, "FA"), b1);
+    assert_eq!(total(&mut f), 18);
+    assert!(
+        f.dp.take_records(100).is_empty(),
+        "a marked slot hands nothing over"
+    );
+    f.dp.set_slot(svc.ring_index(&key1), svc.ring[svc.slot_of(&key1) as usize])
+        .unwrap();
+
+    // Off: recorded here.
+    assert!(!f.dp.set_defer_records(false).unwrap());
+    let (syn, key) = tcp4(C1, 31000, VIP4, 80);
+    let new_before = f.snapshot().get(Stat::FlowNew);
+    f.expect_forward("a SYN with the handover off", &syn, &key, "web4");
+    assert!(f.dp.flow(&key).unwrap().is_some());
+    f.assert_stat(Stat::FlowNew, new_before + 1);
+    assert_eq!(
+        f.snapshot().record_deferred,
+        21,
+        "the 20 and one retransmission"
+    );
+    assert!(f.dp.take_records(100).is_empty());
+
+    // A full ring: recorded here, and counted.
+    assert!(f.dp.set_defer_records(true).unwrap());
+    // 64 bytes a record with its header; a ring buffer holds one byte less than its size.
+    let cap = lb_common::limits::RECORD_RING_BYTES / 64 - 1;
+    let mut handed = 0u32;
+    for i in 0..cap + 1 {
+        let src = Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8);
+        let (syn, key) = tcp4(src, 1024 + (i >> 16) as u16, VIP4, 80);
+        assert_eq!(f.run(&syn).0, XDP_TX);
+        if f.snapshot().record_ring_full > 0 {
+            assert!(
+                f.dp.flow(&key).unwrap().is_some(),
+                "the ring is full: recorded here"
+            );
+            break;
+        }
+        handed += 1;
+    }
+    assert_eq!(handed, cap, "the ring holds {cap} records");
+    assert_eq!(f.snapshot().record_ring_full, 1);
+    f.assert_stat(Stat::FlowNew, new_before + 2 + cap as u64);
+    let mut drained = 0;
+    loop {
+        let r = f.dp.take_records(4096);
+        if r.is_empty() {
+            break;
+        }
+        drained += r.len();
+    }
+    assert_eq!(drained, cap as usize);
+
+    // A record limit: SYNs within it are handed over, the rest go by the slot unrecorded.
+    f.dp.set_record_limit(3).unwrap();
+    assert!(f.dp.set_defer_records(true).unwrap());
+    for i in 0..5u16 {
+        let (syn, key) = tcp4(C1, 32000 + i, VIP4, 80);
+        f.expect_forward("a SYN with a record limit", &syn, &key, "web4");
+    }
+    let snap = f.snapshot();
+    assert_eq!((snap.record_deferred, snap.record_limited), (3, 2));
+    assert_eq!(f.dp.take_records(100).len(), 3);
+}

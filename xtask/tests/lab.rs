@@ -1689,8 +1689,11 @@ fn observability(mode: Mode) {
             "600",
         ],
     );
-    // New flows count connection-table entries: a client port the kernel hands out again
-    // within the flow timeout is the same flow. So: distinct (source, port) per backend.
+    // New flows: the connections each backend answered. A SYN handed to the controller
+    // (`dataplane.defer_records`, the default) is a new flow each time; one recorded on the
+    // packet path is not when its client port was handed out again within the flow timeout
+    // (its entry is found). Either way the trace says which were new (`new_flow`); the
+    // distinct (source, port) pairs bound them from below.
     let requests = http_detail(&lab, 1000);
     let mut flows: std::collections::BTreeMap<String, std::collections::BTreeSet<(String, u64)>> =
         Default::default();
@@ -1716,17 +1719,22 @@ fn observability(mode: Mode) {
         let d = |m: &str| after.get(m, &l) - before.get(m, &l);
         let new = d("lb_backend_new_flows_total");
         new_total += new;
-        assert_eq!(
-            new as usize,
-            flows.get(&b.name).map_or(0, |s| s.len()),
-            "{}: new flows vs distinct connections answered",
-            b.name
-        );
         // What the trace saw leave for this backend on port 80.
         let mine: Vec<&serde_json::Value> = evs
             .iter()
             .filter(|e| e["port"] == 80 && e["backend"] == b.v4.to_string() && e["verdict"] == "tx")
             .collect();
+        let traced_new = mine.iter().filter(|e| e["new_flow"] == true).count();
+        assert_eq!(
+            new as usize, traced_new,
+            "{}: new flows vs the new flows the trace saw",
+            b.name
+        );
+        assert!(
+            new as usize >= flows.get(&b.name).map_or(0, |s| s.len()),
+            "{}: at least one new flow per distinct connection answered",
+            b.name
+        );
         let bytes: u64 = mine.iter().map(|e| e["len"].as_u64().unwrap()).sum();
         assert_eq!(
             d("lb_backend_packets_total"),
@@ -1745,9 +1753,10 @@ fn observability(mode: Mode) {
             b.name
         );
     }
-    assert_eq!(
-        new_total as usize, distinct,
-        "new flows add up to the connections"
+    assert!(
+        (distinct..=requests.len()).contains(&(new_total as usize)),
+        "new flows: {new_total}, between the {distinct} distinct 5-tuples and the {} connections",
+        requests.len()
     );
     println!(
         "{} metrics: 1000 requests, {distinct} distinct 5-tuples (the rest reused a client port), {new_total} new flows",

@@ -78,7 +78,21 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
     /// Service id → when its table last gained a changed slot (coarse clock, ns): entries of
     /// changed slots get a full idle timeout from then (see [`crate::dataplane::SlotView`]).
     ring_changed: BTreeMap<u32, u64>,
+    /// Entries made from `LB_RECORD` since this controller started.
+    record_inserted: u64,
 }
+
+/// How long a changed slot of an `"at_syn"` TCP service keeps its previous backend while the
+/// packet path hands SYNs to the controller (`dataplane.defer_records`): the connections whose
+/// SYN went through the slot before the change and whose records the controller has not drained
+/// yet reach their backend by it. The controller drains `LB_RECORD` before every map write and
+/// every 10 ms, so this is a margin of two orders of magnitude (and a drain waits this long for
+/// a drained backend's unrecorded connections).
+pub const DEFER_WINDOW_NS: u64 = 2_000_000_000;
+/// Records the controller takes from `LB_RECORD` per read, and per drain at most (the ring
+/// holds 65 536; the rest wait for the next drain, 10 ms later).
+const RECORD_BATCH: usize = 4096;
+const RECORD_DRAIN_MAX: usize = 16 * RECORD_BATCH;
 
 #[cfg(test)]
 thread_local! {
@@ -130,8 +144,11 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             probes: BTreeMap::new(),
             weight_notes: BTreeMap::new(),
             ring_changed: BTreeMap::new(),
+            record_inserted: 0,
         };
         c.resolver = resolver;
+        // Records an earlier program left in the pinned ring, before anything is written.
+        c.drain_records();
         if let Some(a) = adopted {
             // Ids, generations and health from the maps an earlier controller left: established
             // flows keep their backends, and a backend that was out stays out until its checks
@@ -296,9 +313,55 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         self.write(plan.desired)
     }
 
+    /// Makes the connection-table entries the packet path handed over through `LB_RECORD`
+    /// (`dataplane.defer_records`; at most [`RECORD_DRAIN_MAX`] a call). Returns the entries
+    /// made (key, backend id, generation), for flow sharing.
+    pub fn drain_records(&mut self) -> Vec<(lb_common::FlowKey, u32, u32)> {
+        let mut made = Vec::new();
+        let mut taken = 0;
+        while taken < RECORD_DRAIN_MAX {
+            let batch = self.maps.take_records(RECORD_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            taken += batch.len();
+            match self.maps.record_flows(&batch, clock_ns()) {
+                Ok(st) => {
+                    self.record_inserted += st.inserted.len() as u64;
+                    made.extend(st.inserted);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "LB_RECORD: {} connections not recorded (their slots keep them on their backends until a change): {e}",
+                        batch.len()
+                    );
+                }
+            }
+            if batch.len() < RECORD_BATCH {
+                break;
+            }
+        }
+        made
+    }
+
+    /// Stops handing SYNs to the controller (`lb run` exits: they are recorded on the packet
+    /// path again) and drains what was handed over until then.
+    pub fn stop_deferring(&mut self) {
+        if self.maps.defers_records() {
+            if let Err(e) = self.maps.set_defer_records(false) {
+                tracing::warn!("LB_RECORD_RATE: switching the handover of SYNs off: {e}");
+            }
+            // What a program run on another CPU reserved just before.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.drain_records();
+    }
+
     /// Writes the difference to `next` and makes it current (even after a partial failure: the
     /// maps then hold parts of it).
     fn write(&mut self, mut next: DesiredState) -> Result<DiffSummary, ApiError> {
+        // Every connection handed over so far is recorded before a slot changes.
+        self.drain_records();
         let now = clock_ns();
         let before: std::collections::HashMap<u32, usize> = self
             .desired
@@ -310,11 +373,19 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         let before_of = |id: u32| before.get(&id).map(|i| &self.desired.services[*i]);
         // maglev/sh slots that change keep the backend they had for their unrecorded flows
         // (UDP; TCP with record_connections = "on_change", or beyond a record limit), for the
-        // protocol's idle timeout.
-        let unrecorded_syns = self.cfg.dataplane.record_limit != 0;
+        // protocol's idle timeout; "at_syn" TCP whose SYNs the controller records
+        // (`dataplane.defer_records`), for [`DEFER_WINDOW_NS`]: the records handed over before
+        // the change are drained by then (and are, right here, before anything is written).
+        let limited = self.cfg.dataplane.record_limit != 0;
+        let deferring = self.maps.defers_records();
         for s in &mut next.services {
-            let window = self.cfg.timeouts.open_ns(s.key.protocol);
-            desired::with_previous(s, before_of(s.value.id), now, window, unrecorded_syns);
+            let old = before_of(s.value.id);
+            let window = if desired::deferred_window_applies(s, old, now, deferring, limited) {
+                DEFER_WINDOW_NS
+            } else {
+                self.cfg.timeouts.open_ns(s.key.protocol)
+            };
+            desired::with_previous(s, old, now, window, limited || deferring);
         }
         let (ops, summary) = desired::diff(Some(&self.desired), &next);
         for s in &next.services {
@@ -664,6 +735,9 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// Sweeps the connection table, then clears the changed-slot mark of every slot no entry
     /// names another backend for any more: its established packets skip the table again.
     pub fn sweep(&mut self, now_ns: u64) -> Result<SweepStats, crate::dataplane::LoaderError> {
+        // The records handed over count in what the sweep finds (and are in the table before
+        // a previous backend lapses).
+        self.drain_records();
         let timeouts = self.cfg.timeouts.clone();
         let view = desired::TableView::new(&self.desired, &self.ring_changed);
         let stats = self.maps.sweep(now_ns, &timeouts, &view)?;
@@ -732,7 +806,9 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     /// A counter snapshot.
     pub fn snapshot(&mut self) -> Result<Snapshot, crate::dataplane::LoaderError> {
         let d = &self.desired;
-        self.maps.snapshot(d)
+        let mut s = self.maps.snapshot(d)?;
+        s.record_inserted = self.record_inserted;
+        Ok(s)
     }
 
     /// What `lb status` reports of each backend beyond the desired state.

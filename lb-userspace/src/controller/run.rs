@@ -143,6 +143,15 @@ pub async fn serve(
     // Before the program is attached (or swapped into the pinned link): this program's own.
     dp.set_record_limit(dpc.record_limit)
         .context("dataplane.record_limit: setting it in LB_RECORD_RATE")?;
+    // The controller records "at_syn" SYNs from LB_RECORD (drained below, from its first write).
+    let deferring = dp
+        .set_defer_records(dpc.defer_records)
+        .context("dataplane.defer_records: setting it in LB_RECORD_RATE")?;
+    if dpc.defer_records && !deferring {
+        tracing::warn!(
+            "dataplane.defer_records: this program has no LB_RECORD: SYNs are recorded on the packet path"
+        );
+    }
     if !existing {
         dp.write_meta(&dpc)?;
     }
@@ -298,6 +307,8 @@ pub async fn serve(
     if let Some(a) = cluster.announcer.take() {
         a.shutdown().await;
     }
+    // SYNs are recorded on the packet path again while no controller runs.
+    ctl.stop_deferring();
     if let Some(s) = cluster.sync.take() {
         s.stop();
     }
@@ -539,6 +550,10 @@ async fn event_loop(
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_tick = tokio::time::interval(Duration::from_millis(100));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // LB_RECORD (dataplane.defer_records): the SYNs handed over are recorded within 10 ms.
+    let mut records = tokio::time::interval(Duration::from_millis(10));
+    records.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deferring = crate::dataplane::Maps::defers_records(ctl.maps());
     take_sample(ctl, &mut samples);
     cluster
         .announce(ctl, samples[1].as_ref().map(|(_, s)| s))
@@ -660,6 +675,17 @@ async fn event_loop(
             _ = drain_tick.tick(), if cluster.announcer.as_ref().is_some_and(|a| a.draining()) => {
                 let fresh = ctl.snapshot().ok();
                 cluster.announce(ctl, fresh.as_ref()).await;
+            }
+            _ = records.tick(), if deferring => {
+                let made = ctl.drain_records();
+                if let Some(s) = cluster.sync.as_mut() {
+                    for (key, backend, generation) in made {
+                        let ev = lb_common::SyncEvent { key, backend, generation };
+                        if let Some(f) = ctl.shared_of(&ev) {
+                            s.report(f);
+                        }
+                    }
+                }
             }
             Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
             _ = probe_tick.tick() => ctl.tick(),

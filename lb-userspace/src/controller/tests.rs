@@ -1123,3 +1123,115 @@ fn services_migrated_from_layout_2_get_whole_tables_marked_changed() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `dataplane.defer_records`: the controller records the SYNs the packet path hands over
+/// (counted, open; a close record closes the entry again), drains them before it writes a
+/// change, and the changed slots of its `"at_syn"` TCP service name their previous backend for
+/// [`DEFER_WINDOW_NS`] only (a record may still be in the ring), not for `timeouts.tcp`.
+#[test]
+fn handed_over_syns_are_recorded_before_a_change_and_previous_backends_are_brief() {
+    use lb_common::{RECORD_CLOSE, RECORD_OPEN, RecordEvent};
+    let set_now = |t: u64| super::TEST_NOW.with(|n| n.set(Some(t)));
+    set_now(1);
+    let d = dir();
+    let net = FakeNet::default();
+    let path = d.join("lb.toml");
+    std::fs::write(&path, config(&d, 100)).unwrap();
+    let maps = FakeMaps {
+        defer: true,
+        ..FakeMaps::default()
+    };
+    let mut c = Controller::new(
+        &path,
+        Config::load(&path).unwrap(),
+        AdminState::default(),
+        maps,
+        net.clone(),
+        FakeIfaces,
+        None,
+        Resolver::default(),
+    )
+    .unwrap();
+    let checked: Vec<BackendId> = c.wanted_checks().keys().copied().collect();
+    c.sync_health(checked);
+    reachable(&mut c, A, 1);
+    let a = id(&c, A);
+    let generation = c.maps.backends[&a.0].generation;
+    let key = |port: u16| {
+        let mut k = lb_common::FlowKey::v4([192, 0, 2, 7], [10, 0, 0, 100], 6);
+        k.set_ports([(port >> 8) as u8, port as u8, 0, 80]);
+        k
+    };
+    let open = |port: u16| RecordEvent {
+        key: key(port),
+        backend: a.0,
+        generation,
+        kind: RECORD_OPEN,
+        cpu: 1,
+    };
+    // Three SYNs through A's slots wait in LB_RECORD, the third closed already; B's resolution
+    // takes slots from A: they are recorded first.
+    c.maps.records.extend([
+        open(40000),
+        open(40001),
+        open(40002),
+        RecordEvent {
+            kind: RECORD_CLOSE,
+            ..open(40002)
+        },
+        // A SYN with a stale generation (its backend id was reused): not recorded.
+        RecordEvent {
+            generation: generation + 1,
+            ..open(40003)
+        },
+    ]);
+    reachable(&mut c, B, 2);
+    assert!(c.maps.records.is_empty(), "drained before the change");
+    let entry = |c: &Ctl, port: u16| {
+        c.maps
+            .flows
+            .iter()
+            .find(|(k, _)| *k == key(port))
+            .map(|(_, v)| *v)
+    };
+    let e = entry(&c, 40000).expect("recorded");
+    assert_eq!(
+        (e.backend, e.flags, e.cpu),
+        (a.0, lb_common::FLOW_F_COUNTED, 1)
+    );
+    assert!(entry(&c, 40001).is_some());
+    assert_eq!(
+        entry(&c, 40002).unwrap().flags,
+        lb_common::FLOW_F_COUNTED | lb_common::FLOW_F_CLOSED
+    );
+    assert!(entry(&c, 40003).is_none());
+    assert_eq!(
+        c.maps.active.get(&a),
+        Some(&2),
+        "two open connections counted"
+    );
+    assert_eq!(c.snapshot().unwrap().record_inserted, 3);
+    // The changed slots name A, for the short window only.
+    let sid = c.desired.services[0].value.id;
+    let base = c.desired.services[0].value.ring_base;
+    let prev_of = |c: &Ctl, i: u32| lb_common::ring_prev(c.maps.ring[&(base + i)]);
+    let changed = c.maps.changed(sid);
+    assert!(!changed.is_empty());
+    assert!(changed.iter().all(|i| prev_of(&c, *i) == Some(a.0)));
+    assert_eq!(c.desired.services[0].prev_until_ns, 1 + DEFER_WINDOW_NS);
+    set_now(1 + DEFER_WINDOW_NS);
+    c.sweep(0).unwrap();
+    assert!(
+        c.maps
+            .changed(sid)
+            .iter()
+            .all(|i| prev_of(&c, *i).is_none()),
+        "lapsed after the window"
+    );
+    // Stopping hands SYNs back to the packet path, and drains what is left.
+    c.maps.records.push_back(open(40004));
+    c.stop_deferring();
+    assert!(!c.maps.defer);
+    assert!(entry(&c, 40004).is_some());
+    std::fs::remove_dir_all(&d).unwrap();
+}

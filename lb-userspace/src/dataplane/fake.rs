@@ -33,6 +33,11 @@ pub struct FakeMaps {
     pub rr_cursors: BTreeMap<u32, u64>,
     /// `LB_VIP_FILTER` slots set.
     pub vip_filter: std::collections::BTreeSet<u32>,
+    /// `LB_RECORD`: records waiting for the controller, and whether the program defers.
+    pub records: std::collections::VecDeque<lb_common::RecordEvent>,
+    pub defer: bool,
+    /// `LB_BE_EXPIRED` changes made by [`Maps::record_flows`], by backend id (wrapping).
+    pub expired: BTreeMap<u32, u64>,
 }
 
 impl Maps for FakeMaps {
@@ -160,6 +165,58 @@ impl Maps for FakeMaps {
         self.flows.push((*key, *value));
         self.writes += 1;
         Ok(true)
+    }
+
+    fn defers_records(&self) -> bool {
+        self.defer
+    }
+
+    fn set_defer_records(&mut self, on: bool) -> Result<bool, LoaderError> {
+        self.defer = on;
+        Ok(on)
+    }
+
+    fn take_records(&mut self, max: usize) -> Vec<lb_common::RecordEvent> {
+        let n = max.min(self.records.len());
+        self.records.drain(..n).collect()
+    }
+
+    fn record_flows(
+        &mut self,
+        records: &[lb_common::RecordEvent],
+        now_ns: u64,
+    ) -> Result<super::RecordStats, LoaderError> {
+        let flows = std::cell::RefCell::new(std::mem::take(&mut self.flows));
+        let backends = &self.backends;
+        let r = super::record_flows_with(
+            records,
+            now_ns,
+            |k| Ok(flows.borrow().iter().find(|(f, _)| f == k).map(|(_, v)| *v)),
+            |k, v| {
+                let mut f = flows.borrow_mut();
+                if f.iter().any(|(x, _)| x == k) {
+                    return Ok(false);
+                }
+                f.push((*k, *v));
+                Ok(true)
+            },
+            |k, v| {
+                if let Some(e) = flows.borrow_mut().iter_mut().find(|(f, _)| f == k) {
+                    e.1 = *v;
+                }
+                Ok(())
+            },
+            |id| backends.get(&id).map(|b| b.generation),
+        );
+        self.flows = flows.into_inner();
+        let (st, expired) = r?;
+        for (id, d) in expired {
+            let e = self.expired.entry(id).or_default();
+            *e = e.wrapping_add(d);
+            let a = self.active.entry(BackendId(id)).or_default();
+            *a = a.wrapping_sub(d);
+        }
+        Ok(st)
     }
 }
 

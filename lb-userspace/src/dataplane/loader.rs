@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
@@ -215,6 +215,10 @@ struct Handles {
     record_rate: Option<PerCpuArray<MapData, RecordRate>>,
     /// The packed tables (absent from older objects).
     packed: Option<super::packed::Packer<super::ring::PackedMem>>,
+    /// `LB_RECORD` (absent from older objects), and whether this program hands SYNs to the
+    /// controller through it.
+    records: Option<RingBuf<MapData>>,
+    defer: bool,
 }
 
 impl Handles {
@@ -296,6 +300,11 @@ impl Handles {
                 None => None,
             },
             packed,
+            records: match ebpf.take_map(names::RECORD) {
+                Some(map) => Some(RingBuf::try_from(map).map_err(map_err(names::RECORD))?),
+                None => None,
+            },
+            defer: false,
         })
     }
 }
@@ -455,7 +464,11 @@ impl Dataplane {
             )
             .map_max_entries(names::FLOWS, flow_table_size);
         if let Some(pin) = pin {
-            for name in names::ALL_MAPS.iter().chain(&names::PACKED_MAPS) {
+            for name in names::ALL_MAPS
+                .iter()
+                .chain(&names::PACKED_MAPS)
+                .chain(&[names::RECORD])
+            {
                 loader.map_pin_path(name, pin.join(name));
             }
             loader.map_pin_path(names::TRACE_CFG_SECTION, pin.join(names::TRACE_CFG));
@@ -1233,20 +1246,51 @@ impl Dataplane {
         map.set(0, values, 0).map_err(map_err(names::RECORD_RATE))
     }
 
-    /// SYNs the record limit kept out of the connection table since this program was loaded
-    /// (all CPUs).
-    fn record_limited(&self) -> Result<u64> {
+    /// Whether this program hands the SYNs it would record through unchanged slots to the
+    /// controller (`dataplane.defer_records`), on every CPU. Returns whether it does: an
+    /// object without `LB_RECORD` never does. Before the program takes traffic (on), and
+    /// when the controller stops (off: the next SYNs are recorded on the packet path; what is
+    /// left in the pinned ring waits for the next controller).
+    pub fn set_defer_records(&mut self, on: bool) -> Result<bool> {
+        let on = on && self.maps.records.is_some();
+        let Some(map) = self.maps.record_rate.as_mut() else {
+            return Ok(false);
+        };
+        let now = map.get(&0, 0).map_err(map_err(names::RECORD_RATE))?;
+        let values: Vec<RecordRate> = now
+            .iter()
+            .map(|r| RecordRate {
+                defer: on.into(),
+                ..*r
+            })
+            .collect();
+        let values = aya::maps::PerCpuValues::try_from(values)
+            .map_err(|e| syscall(names::RECORD_RATE, "per-CPU values", e))?;
+        map.set(0, values, 0).map_err(map_err(names::RECORD_RATE))?;
+        self.maps.defer = on;
+        Ok(on)
+    }
+
+    /// The record limit's and `LB_RECORD`'s counts since this program was loaded (all CPUs):
+    /// SYNs kept out of the table by the limit, handed to the controller, recorded here for a
+    /// full ring.
+    fn record_counts(&self) -> Result<(u64, u64, u64)> {
         let Some(map) = self.maps.record_rate.as_ref() else {
-            return Ok(0);
+            return Ok((0, 0, 0));
         };
         let v = map.get(&0, 0).map_err(map_err(names::RECORD_RATE))?;
-        Ok(v.iter().map(|r| r.window.suppressed).sum())
+        Ok(v.iter().fold((0, 0, 0), |(l, d, f), r| {
+            (l + r.window.suppressed, d + r.deferred, f + r.defer_full)
+        }))
     }
 
     /// Reads every counter, summed over CPUs.
     pub fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot> {
+        let (record_limited, record_deferred, record_ring_full) = self.record_counts()?;
         let mut snap = Snapshot {
-            record_limited: self.record_limited()?,
+            record_limited,
+            record_deferred,
+            record_ring_full,
             ..Snapshot::default()
         };
         for (i, stat) in Stat::ALL.iter().enumerate().take(STATS_LEN as usize) {
@@ -1432,6 +1476,82 @@ impl Maps for Dataplane {
             index,
             len: self.maps.ring.slots(),
         })
+    }
+
+    fn defers_records(&self) -> bool {
+        self.maps.defer
+    }
+
+    fn set_defer_records(&mut self, on: bool) -> Result<bool> {
+        Dataplane::set_defer_records(self, on)
+    }
+
+    fn take_records(&mut self, max: usize) -> Vec<lb_common::RecordEvent> {
+        let Some(ring) = self.maps.records.as_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = ring.next() else {
+                break;
+            };
+            if item.len() >= size_of::<lb_common::RecordEvent>() {
+                // SAFETY: the item holds at least a RecordEvent's bytes (checked); the type is
+                // plain old data, read unaligned.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        out
+    }
+
+    fn record_flows(
+        &mut self,
+        records: &[lb_common::RecordEvent],
+        now_ns: u64,
+    ) -> Result<super::RecordStats> {
+        let m = &mut self.maps;
+        let flows = std::cell::RefCell::new(&mut m.flows);
+        let backends = &m.backends;
+        let (st, expired) = super::record_flows_with(
+            records,
+            now_ns,
+            |k| match flows.borrow().get(k, 0) {
+                Ok(v) => Ok(Some(v)),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+                Err(e) => Err(map_err(names::FLOWS)(e)),
+            },
+            // BPF_NOEXIST: an entry the packet path made (or an earlier record) stays.
+            |k, v| match flows.borrow_mut().insert(k, v, 1) {
+                Ok(()) => Ok(true),
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(map_err(names::FLOWS)(e)),
+            },
+            // BPF_EXIST: an entry evicted meanwhile is not made again.
+            |k, v| match flows.borrow_mut().insert(k, v, 2) {
+                Ok(()) => Ok(()),
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(map_err(names::FLOWS)(e)),
+            },
+            |id| backends.get(&id, 0).ok().map(|b| b.generation),
+        )?;
+        for (id, d) in expired {
+            let was = m
+                .backend_expired
+                .get(&id, 0)
+                .map_err(map_err(names::BACKEND_EXPIRED))?;
+            m.backend_expired
+                .set(id, was.wrapping_add(d), 0)
+                .map_err(map_err(names::BACKEND_EXPIRED))?;
+        }
+        Ok(st)
     }
 
     fn insert_shared_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {

@@ -12,7 +12,7 @@ pub mod svc_cache;
 
 use std::collections::BTreeMap;
 
-use lb_common::{BACKEND_F_ACTIVE, FlowKey, FlowValue};
+use lb_common::{BACKEND_F_ACTIVE, FlowKey, FlowValue, RecordEvent};
 
 pub use self::loader::{Adopted, AttachedMode, Dataplane, LoaderError, SweepStats};
 use crate::{
@@ -127,6 +127,101 @@ pub trait Maps {
     /// for `key` (this node's own decision wins). Returns whether it was inserted.
     fn insert_shared_flow(&mut self, key: &FlowKey, value: &FlowValue)
     -> Result<bool, LoaderError>;
+    /// Whether the loaded program hands SYNs to the controller through `LB_RECORD`
+    /// (`dataplane.defer_records`; see [`lb_common::RecordEvent`]).
+    fn defers_records(&self) -> bool {
+        false
+    }
+    /// Switches the handover of SYNs through `LB_RECORD` on or off in the loaded program.
+    /// Returns whether it is on (never with an object without `LB_RECORD`).
+    fn set_defer_records(&mut self, on: bool) -> Result<bool, LoaderError> {
+        let _ = on;
+        Ok(false)
+    }
+    /// Takes up to `max` records out of `LB_RECORD`, oldest first (none: nothing waits, or no
+    /// ring).
+    fn take_records(&mut self, max: usize) -> Vec<RecordEvent> {
+        let _ = max;
+        Vec::new()
+    }
+    /// Makes the connection-table entries `records` ask for, in order: an open one inserts a
+    /// counted, open entry unless the table has one for its key (or its backend id now
+    /// belongs to another backend), and counts it in its backend's active connections
+    /// (through `LB_BE_EXPIRED`, the controller's side of the count); a close one closes the
+    /// entry of its key if it is counted and open, and uncounts it.
+    fn record_flows(
+        &mut self,
+        records: &[RecordEvent],
+        now_ns: u64,
+    ) -> Result<RecordStats, LoaderError>;
+}
+
+/// What [`Maps::record_flows`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordStats {
+    /// Entries inserted, as (key, backend id, generation): flow sharing reports them.
+    pub inserted: Vec<(FlowKey, u32, u32)>,
+    /// Open records whose key had an entry already (a retransmitted SYN, or a packet that
+    /// recorded the connection first), or whose backend id was reused meanwhile.
+    pub skipped: u64,
+    /// Entries closed by close records.
+    pub closed: u64,
+}
+
+/// [`Maps::record_flows`] on any table: `lookup`/`insert` (`BPF_NOEXIST`; false when the key
+/// has an entry)/`update` of the connection table, `generation` of a backend id, and the
+/// `LB_BE_EXPIRED` change per backend (wrapping: −1 counts one more active connection)
+/// returned for the caller to apply.
+pub fn record_flows_with(
+    records: &[RecordEvent],
+    now_ns: u64,
+    mut lookup: impl FnMut(&FlowKey) -> Result<Option<FlowValue>, LoaderError>,
+    mut insert: impl FnMut(&FlowKey, &FlowValue) -> Result<bool, LoaderError>,
+    mut update: impl FnMut(&FlowKey, &FlowValue) -> Result<(), LoaderError>,
+    generation: impl Fn(u32) -> Option<u32>,
+) -> Result<(RecordStats, BTreeMap<u32, u64>), LoaderError> {
+    let mut st = RecordStats::default();
+    let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in records {
+        match r.kind {
+            lb_common::RECORD_OPEN => {
+                if generation(r.backend) != Some(r.generation) {
+                    st.skipped += 1;
+                    continue;
+                }
+                let v = FlowValue {
+                    backend: r.backend,
+                    generation: r.generation,
+                    last_seen_ns: now_ns,
+                    flags: lb_common::FLOW_F_COUNTED,
+                    cpu: r.cpu,
+                };
+                if insert(&r.key, &v)? {
+                    let e = expired.entry(r.backend).or_default();
+                    *e = e.wrapping_sub(1);
+                    st.inserted.push((r.key, r.backend, r.generation));
+                } else {
+                    st.skipped += 1;
+                }
+            }
+            lb_common::RECORD_CLOSE => {
+                let Some(mut v) = lookup(&r.key)? else {
+                    continue;
+                };
+                if !lb_common::rules::counted_and_open(&v) {
+                    continue;
+                }
+                v.flags |= lb_common::FLOW_F_CLOSED;
+                v.last_seen_ns = now_ns;
+                update(&r.key, &v)?;
+                let e = expired.entry(v.backend).or_default();
+                *e = e.wrapping_add(1);
+                st.closed += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok((st, expired))
 }
 
 /// The bug guard in front of every map write: an active backend must have a MAC. A zero MAC

@@ -434,6 +434,32 @@ pub fn with_previous(
     next.prev = std::sync::Arc::new(prev);
 }
 
+/// Whether the previous backends that `next`'s changed slots gain now need only the short
+/// window of `dataplane.defer_records` ([`crate::controller::DEFER_WINDOW_NS`]) instead of the
+/// protocol's idle timeout: an `"at_syn"` maglev/sh TCP service whose SYNs the controller
+/// records (`deferring`, no record limit), whose connections through unchanged slots are all
+/// recorded but for the records still in the ring. Not when it comes from `"on_change"`: in
+/// the change that switches it, or while previous backends that outlast the short window (its
+/// unrecorded `"on_change"` connections') are live.
+pub fn deferred_window_applies(
+    next: &DesiredService,
+    old: Option<&DesiredService>,
+    now_ns: u64,
+    deferring: bool,
+    limited: bool,
+) -> bool {
+    deferring
+        && !limited
+        && next.stateless()
+        && next.key.protocol == lb_common::PROTO_TCP
+        && !next.records_on_change()
+        && old.is_none_or(|o| {
+            o.value.flags & lb_common::SVC_F_TCP_ON_CHANGE == 0
+                && (o.prev.is_empty()
+                    || o.prev_until_ns <= now_ns.saturating_add(crate::controller::DEFER_WINDOW_NS))
+        })
+}
+
 /// The inputs of a service's table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RingKey {

@@ -796,3 +796,68 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
         }
     }
 }
+
+/// The short window of `dataplane.defer_records` applies to `"at_syn"` maglev/sh TCP services
+/// without a record limit, and not to a service that comes from `"on_change"` (in the change,
+/// or while its long previous backends are live).
+#[test]
+fn the_deferred_window_is_for_at_syn_tcp_without_on_change_history() {
+    const W: u64 = crate::controller::DEFER_WINDOW_NS;
+    let svc = |dirty: &[u32], prev: &[(u32, u32)], until: u64| {
+        let mut d = Slots::new(4);
+        for i in dirty {
+            d.insert(*i);
+        }
+        DesiredService {
+            name: "web".into(),
+            key: ServiceKey {
+                protocol: lb_common::PROTO_TCP,
+                ..Default::default()
+            },
+            value: ServiceValue {
+                scheduler: SCHED_MAGLEV,
+                ring_size: 4,
+                ..Default::default()
+            },
+            ring: std::sync::Arc::new(vec![1; 4]),
+            backends: Vec::new(),
+            ring_digest: 0,
+            ring_key: RingKey::none(),
+            dirty: d,
+            prev: std::sync::Arc::new(prev.iter().copied().collect()),
+            prev_until_ns: until,
+        }
+    };
+    let tcp = svc(&[], &[], 0);
+    assert_eq!(tcp.key.protocol, lb_common::PROTO_TCP);
+    assert!(deferred_window_applies(&tcp, Some(&tcp), 10, true, false));
+    assert!(deferred_window_applies(&tcp, None, 10, true, false));
+    assert!(
+        !deferred_window_applies(&tcp, Some(&tcp), 10, false, false),
+        "not deferring"
+    );
+    assert!(
+        !deferred_window_applies(&tcp, Some(&tcp), 10, true, true),
+        "a record limit"
+    );
+    let mut on_change = tcp.clone();
+    on_change.value.flags |= lb_common::SVC_F_TCP_ON_CHANGE;
+    assert!(!deferred_window_applies(
+        &on_change,
+        Some(&tcp),
+        10,
+        true,
+        false
+    ));
+    assert!(
+        !deferred_window_applies(&tcp, Some(&on_change), 10, true, false),
+        "switched now"
+    );
+    let long = svc(&[0], &[(0, 2)], 10 + 900 * 1_000_000_000);
+    assert!(
+        !deferred_window_applies(&tcp, Some(&long), 10, true, false),
+        "switched earlier"
+    );
+    let short = svc(&[0], &[(0, 2)], 10 + W);
+    assert!(deferred_window_applies(&tcp, Some(&short), 10, true, false));
+}
