@@ -30,6 +30,8 @@ pub const DEFAULT_RECORD_LIMIT: u32 = 0;
 /// and their 8-byte headers, about 0.1–0.5 s of a busy node's new connections for the
 /// controller to fall behind by before SYNs are recorded on the packet path again.
 pub const RECORD_RING_BYTES: u32 = 1 << 22;
+/// Records the controller hands `lb_record_apply` per run (`LB_RECORD_IN`'s entries).
+pub const RECORD_APPLY_BATCH: u32 = 4096;
 /// `dataplane.defer_records` by default: SYNs recorded by the controller.
 pub const DEFAULT_DEFER_RECORDS: bool = true;
 pub const MAX_TX_PORTS: u32 = 64;

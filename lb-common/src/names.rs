@@ -94,6 +94,12 @@ pub const PACKED_MAPS: [&str; 2] = [RING_PACKED, RING_IDS];
 /// drained by the next controller.
 pub const RECORD: &str = "LB_RECORD";
 
+/// The records `lb_record_apply` applies in one run ([`crate::RecordEvent`]s, array of
+/// [`crate::limits::RECORD_APPLY_BATCH`]). Not pinned: each loaded program has its own.
+pub const RECORD_IN: &str = "LB_RECORD_IN";
+/// The program the controller runs (`BPF_PROG_TEST_RUN`, never attached) to apply records.
+pub const RECORD_APPLY: &str = "lb_record_apply";
+
 /// File name of the pinned XDP link inside the pin directory.
 pub const LINK_PIN: &str = "link";
 

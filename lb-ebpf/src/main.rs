@@ -263,6 +263,17 @@ pub fn lb_baseline_insert(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The controller's side of `dataplane.defer_records`: never attached, run by `lb run` with
+/// `BPF_PROG_TEST_RUN` on a frame whose first word is how many records of `LB_RECORD_IN` to
+/// apply (the records it took from `LB_RECORD`); the next three words come back as the
+/// entries inserted, the records skipped (an entry was there, or the backend id was reused) and
+/// the entries closed. In the kernel, so a record costs the table insert and no system call.
+#[xdp]
+pub fn lb_record_apply(ctx: XdpContext) -> u32 {
+    select::apply_records(&ctx);
+    xdp_action::XDP_PASS
+}
+
 /// Bench only: counts what arrives by destination MAC and drops it.
 #[xdp]
 pub fn lb_bench_sink(ctx: XdpContext) -> u32 {

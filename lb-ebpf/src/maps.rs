@@ -234,6 +234,11 @@ pub static LB_RECORD_RATE: PerCpuArray<RecordRate> = PerCpuArray::with_max_entri
 #[map]
 pub static LB_RECORD: RingBuf = RingBuf::with_byte_size(lb_common::limits::RECORD_RING_BYTES, 0);
 
+/// The records `lb_record_apply` applies in one run, written by the controller. Not pinned.
+#[map]
+pub static LB_RECORD_IN: Array<lb_common::RecordEvent> =
+    Array::with_max_entries(lb_common::limits::RECORD_APPLY_BATCH, 0);
+
 /// Bench only: the live-frames generator's settings (index 0).
 #[map]
 pub static LB_BENCH_GEN: Array<BenchGen> = Array::with_max_entries(1, 0);

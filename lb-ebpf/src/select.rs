@@ -26,8 +26,8 @@ use lb_common::{
 use crate::{
     atomic,
     maps::{
-        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RECORD, LB_RECORD_RATE,
-        LB_RR_CURSOR, LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, packed_get, ring_get,
+        LB_BACKENDS, LB_BE_CONNS, LB_BE_EXPIRED, LB_FLOWS, LB_FRAGS, LB_RECORD, LB_RECORD_IN,
+        LB_RECORD_RATE, LB_RR_CURSOR, LB_SYNC, LB_SYNC_CFG, LB_SYNC_RATE, packed_get, ring_get,
     },
     stats::{count, count_new_flow},
 };
@@ -550,6 +550,97 @@ fn deferred_close(key: &FlowKey, now: u64) {
         cpu,
     };
     let _ = LB_FLOWS.insert(key, closed, BPF_NOEXIST as u64);
+}
+
+/// [`apply_records`]' state, on its stack; `bpf_loop` hands a pointer to it to
+/// [`apply_record`].
+#[repr(C)]
+struct Applying {
+    inserted: u32,
+    skipped: u32,
+    closed: u32,
+    _pad: u32,
+    now: u64,
+}
+
+/// `lb_record_apply`: the first `n` records of `LB_RECORD_IN` (`n`: the frame's first word,
+/// at most its size), in order: a SYN's inserts a counted, open entry unless the table has
+/// one (`BPF_NOEXIST`) or its backend id has another generation now, and counts it active; a
+/// FIN's or RST's closes the entry of its key if counted and open. The counts go back in the
+/// frame's next three words.
+#[inline(always)]
+pub fn apply_records(ctx: &aya_ebpf::programs::XdpContext) -> Option<()> {
+    let words = crate::bounds::ptr_at_mut::<[u32; 4]>(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at_mut`.
+    let n = unsafe { (*words)[0] }.min(lb_common::limits::RECORD_APPLY_BATCH);
+    let mut st = Applying {
+        inserted: 0,
+        skipped: 0,
+        closed: 0,
+        _pad: 0,
+        // SAFETY: no arguments; reads the coarse monotonic clock.
+        now: unsafe { bpf_ktime_get_coarse_ns() },
+    };
+    // SAFETY: `apply_record` has the callback signature bpf_loop expects; `st` outlives the
+    // call and only `apply_record` touches it meanwhile.
+    unsafe {
+        bpf_loop(
+            n,
+            apply_record as *mut c_void,
+            (&mut st as *mut Applying).cast(),
+            0,
+        )
+    };
+    // SAFETY: bounds-checked above.
+    unsafe {
+        (*words)[1] = st.inserted;
+        (*words)[2] = st.skipped;
+        (*words)[3] = st.closed;
+    }
+    Some(())
+}
+
+/// One record of [`apply_records`] (`bpf_loop` callback).
+extern "C" fn apply_record(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Applying` that `apply_records` passed to bpf_loop.
+    let st = unsafe { &mut *ctx.cast::<Applying>() };
+    let Some(r) = LB_RECORD_IN.get(i as u32) else {
+        return 1;
+    };
+    if r.kind == RECORD_OPEN {
+        if LB_BACKENDS
+            .get(r.backend)
+            .is_none_or(|b| b.generation != r.generation)
+        {
+            st.skipped += 1;
+            return 0;
+        }
+        let v = FlowValue {
+            backend: r.backend,
+            generation: r.generation,
+            last_seen_ns: st.now,
+            flags: FLOW_F_COUNTED,
+            cpu: r.cpu,
+        };
+        if LB_FLOWS.insert(r.key, v, BPF_NOEXIST as u64).is_ok() {
+            add_conns(r.backend, 1);
+            st.inserted += 1;
+        } else {
+            st.skipped += 1;
+        }
+    } else if r.kind == RECORD_CLOSE
+        && let Some(f) = LB_FLOWS.get_ptr_mut(r.key)
+    {
+        // SAFETY: a valid map value pointer (see `backend_for_flow`).
+        let f = unsafe { &mut *f };
+        if counted_and_open(f) {
+            f.flags |= FLOW_F_CLOSED;
+            f.last_seen_ns = st.now;
+            add_conns(f.backend, u64::MAX); // −1
+            st.closed += 1;
+        }
+    }
+    0
 }
 
 /// The scan's state, on the caller's stack; `bpf_loop` hands a pointer to it to [`lc_step`].

@@ -1032,7 +1032,7 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
                 }
                 let st = lb_userspace::dataplane::Maps::record_flows(&mut f.dp, &r, 0)
                     .expect("recording");
-                made += st.inserted.len();
+                made += st.inserted as usize;
             }
             assert_eq!(made, NEW_FLOWS, "the controller recorded each");
             drain_ns.push(wall.elapsed().as_nanos() as f64 / NEW_FLOWS as f64);

@@ -249,7 +249,7 @@ pub fn render(st: &api::Status, tel: &Telemetry) -> String {
     );
     r.register(
         "lb_flow_events",
-        "Flow decisions by kind (the flow_* counters): new, hit, rescheduled, insert_failed, stateless, record_limited (SYNs beyond dataplane.record_limit, counted since the program was loaded), ...",
+        "Flow decisions by kind (the flow_* counters): new, hit, rescheduled, insert_failed, stateless, record_limited (SYNs beyond dataplane.record_limit, counted since the program was loaded), record_deferred and record_ring_full (SYNs handed to the controller through LB_RECORD, and recorded on the packet path for a full ring, since the load), record_inserted (entries the controller made from LB_RECORD since lb started), ...",
         flows,
     );
 
@@ -430,6 +430,7 @@ mod tests {
                 .map(|(i, n)| (n.to_owned(), i as u64))
                 .collect(),
             record_limit: None,
+            defer_records: None,
             vips: None,
             flow_sync: None,
         }

@@ -24,6 +24,8 @@ pub struct View<'a> {
     pub active: BTreeMap<BackendId, u64>,
     /// Bits a slot in the packed copy of each service's table, by service id (0: not packed).
     pub packed: BTreeMap<u32, u32>,
+    /// The program hands "at_syn" SYNs to the controller (`dataplane.defer_records`).
+    pub defer_records: bool,
 }
 
 /// Two counter samples for rates: the latest and the one before.
@@ -168,6 +170,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             .chain(extra_counters(s1).map(|(n, v)| (n.to_owned(), v)))
             .collect(),
         record_limit: Some(v.cfg.dataplane.record_limit),
+        defer_records: Some(v.defer_records),
         vips: None,
         flow_sync: None,
     }

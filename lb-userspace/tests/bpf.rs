@@ -2796,7 +2796,7 @@ fn syns_handed_to_the_controller_are_recorded_from_lb_record() {
     );
     // (A record whose generation is not the backend's is skipped: all 20 are current.)
     let st = f.dp.record_flows(&records, 1).unwrap();
-    assert_eq!((st.inserted.len(), st.skipped, st.closed), (20, 0, 1));
+    assert_eq!((st.inserted, st.skipped, st.closed), (20, 0, 1));
     for (_, key, b) in &conns[1..] {
         let e = f.dp.flow(key).unwrap().expect("recorded by the controller");
         assert_eq!((e.backend, e.flags), (*b, lb_common::FLOW_F_COUNTED));
@@ -2811,12 +2811,28 @@ fn syns_handed_to_the_controller_are_recorded_from_lb_record() {
         19,
         "counted from the record, the closed one not"
     );
-    // A retransmitted SYN: handed over again, its record finds the entry.
+    // A retransmitted SYN: handed over again, its record finds the entry (applied by the
+    // controller's other way, one update each, as without `lb_record_apply`).
+    assert!(!f.dp.set_apply_in_kernel(false));
     let (port1, key1, b1) = conns[1];
     f.expect_mac("a retransmitted SYN", &tcp4(C1, port1, VIP4, 80).0, b1);
     let again = f.dp.take_records(100);
     let st = f.dp.record_flows(&again, 2).unwrap();
-    assert_eq!((st.inserted.len(), st.skipped), (0, 1));
+    assert_eq!((st.inserted, st.skipped), (0, 1));
+    // And a new one, and its close, that way.
+    let (syn, key) = tcp4(C1, 30100, VIP4, 80);
+    let b = f.expect_forward("a SYN applied by updates", &syn, &key, "web4");
+    f.expect_mac("its FIN", &tcp4_flags(C1, 30100, VIP4, 80, "FA"), b);
+    let pair = f.dp.take_records(100);
+    assert_eq!(pair.len(), 2);
+    let st = f.dp.record_flows(&pair, 3).unwrap();
+    assert_eq!((st.inserted, st.skipped, st.closed), (1, 0, 1));
+    assert_eq!(
+        f.dp.flow(&key).unwrap().unwrap().flags,
+        lb_common::FLOW_F_COUNTED | lb_common::FLOW_F_CLOSED
+    );
+    assert_eq!(total(&mut f), 19, "opened and closed");
+    assert!(f.dp.set_apply_in_kernel(true));
     assert_eq!(total(&mut f), 19);
     // Its slot changes: the entry keeps the connection on its backend; its FIN closes it.
     let other = *svc.backends.iter().find(|x| **x != b1).unwrap();
@@ -2848,8 +2864,8 @@ fn syns_handed_to_the_controller_are_recorded_from_lb_record() {
     f.assert_stat(Stat::FlowNew, new_before + 1);
     assert_eq!(
         f.snapshot().record_deferred,
-        21,
-        "the 20 and one retransmission"
+        22,
+        "the 20, a retransmission and one more"
     );
     assert!(f.dp.take_records(100).is_empty());
 

@@ -1753,6 +1753,23 @@ fn observability(mode: Mode) {
             b.name
         );
     }
+    // Each new connection was handed to the controller (`dataplane.defer_records`), which
+    // made the entries: one per distinct 5-tuple (a reused one finds its entry).
+    let ev = |e: &str| {
+        let l = format!("event=\"{e}\"");
+        after.get("lb_flow_events_total", &l) - before.get("lb_flow_events_total", &l)
+    };
+    assert_eq!(
+        ev("record_deferred"),
+        new_total,
+        "every new flow handed over"
+    );
+    assert_eq!(ev("record_ring_full"), 0);
+    let made = ev("record_inserted");
+    assert!(
+        made > 0 && made as usize <= distinct,
+        "entries made by the controller: {made} of {distinct} distinct 5-tuples"
+    );
     assert!(
         (distinct..=requests.len()).contains(&(new_total as usize)),
         "new flows: {new_total}, between the {distinct} distinct 5-tuples and the {} connections",

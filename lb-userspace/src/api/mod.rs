@@ -127,6 +127,10 @@ pub struct Status {
     /// unchanged maglev/sh slots of "at_syn" services (0: no limit; absent from an older `lb`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_limit: Option<u32>,
+    /// Whether the running program hands the SYNs of "at_syn" maglev/sh services through
+    /// unchanged slots to the controller (`dataplane.defer_records`; absent from an older `lb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defer_records: Option<bool>,
     /// `[announce]`: each VIP's route (absent without `[announce]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vips: Option<Vec<crate::announce::VipStatus>>,

@@ -78,6 +78,28 @@ pub fn render(s: &api::Status) -> String {
         }
         None => {}
     }
+    if let Some(on) = s.defer_records {
+        let c = |name: &str| {
+            s.counters
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or(0, |(_, v)| *v)
+        };
+        let _ = if on {
+            writeln!(
+                o,
+                "SYN records: by the controller (dataplane.defer_records): {} handed over and {} recorded here for a full LB_RECORD since the program was loaded; {} entries made since lb started",
+                c(lb_userspace::status::RECORD_DEFERRED),
+                c(lb_userspace::status::RECORD_RING_FULL),
+                c(lb_userspace::status::RECORD_INSERTED)
+            )
+        } else {
+            writeln!(
+                o,
+                "SYN records: on the packet path (dataplane.defer_records = false)"
+            )
+        };
+    }
     for svc in &s.services {
         let t = &svc.traffic;
         let _ = writeln!(

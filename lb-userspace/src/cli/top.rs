@@ -471,6 +471,7 @@ mod tests {
             connections_uncounted: 0,
             counters: vec![("verdict_tx".into(), 9), ("drop_no_backend".into(), 2)],
             record_limit: None,
+            defer_records: None,
             vips: None,
             flow_sync: None,
         }

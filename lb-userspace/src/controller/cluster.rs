@@ -130,15 +130,6 @@ impl Sync {
         }
     }
 
-    /// Queues a flow for the peers (an entry the controller made from `LB_RECORD`: the packet
-    /// path did not report it).
-    pub fn report(&mut self, f: SharedFlow) {
-        self.pending.push(f);
-        if self.pending.len() >= MAX_PER_DATAGRAM {
-            self.flush();
-        }
-    }
-
     /// Sends what is pending to every peer.
     pub fn flush(&mut self) {
         if self.pending.is_empty() {

@@ -314,10 +314,9 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
     }
 
     /// Makes the connection-table entries the packet path handed over through `LB_RECORD`
-    /// (`dataplane.defer_records`; at most [`RECORD_DRAIN_MAX`] a call). Returns the entries
-    /// made (key, backend id, generation), for flow sharing.
-    pub fn drain_records(&mut self) -> Vec<(lb_common::FlowKey, u32, u32)> {
-        let mut made = Vec::new();
+    /// (`dataplane.defer_records`; at most [`RECORD_DRAIN_MAX`] a call). (Flow sharing: the
+    /// packet path reported them when it handed them over.)
+    pub fn drain_records(&mut self) {
         let mut taken = 0;
         while taken < RECORD_DRAIN_MAX {
             let batch = self.maps.take_records(RECORD_BATCH);
@@ -326,10 +325,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             }
             taken += batch.len();
             match self.maps.record_flows(&batch, clock_ns()) {
-                Ok(st) => {
-                    self.record_inserted += st.inserted.len() as u64;
-                    made.extend(st.inserted);
-                }
+                Ok(st) => self.record_inserted += st.inserted,
                 Err(e) => {
                     tracing::warn!(
                         "LB_RECORD: {} connections not recorded (their slots keep them on their backends until a change): {e}",
@@ -341,7 +337,6 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 break;
             }
         }
-        made
     }
 
     /// Stops handing SYNs to the controller (`lb run` exits: they are recorded on the packet
@@ -832,6 +827,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
             weight_notes: &self.weight_notes,
             active,
             packed,
+            defer_records: self.maps.defers_records(),
         })
     }
 }

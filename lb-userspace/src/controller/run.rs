@@ -676,17 +676,7 @@ async fn event_loop(
                 let fresh = ctl.snapshot().ok();
                 cluster.announce(ctl, fresh.as_ref()).await;
             }
-            _ = records.tick(), if deferring => {
-                let made = ctl.drain_records();
-                if let Some(s) = cluster.sync.as_mut() {
-                    for (key, backend, generation) in made {
-                        let ev = lb_common::SyncEvent { key, backend, generation };
-                        if let Some(f) = ctl.shared_of(&ev) {
-                            s.report(f);
-                        }
-                    }
-                }
-            }
+            _ = records.tick(), if deferring => ctl.drain_records(),
             Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
             _ = probe_tick.tick() => ctl.tick(),
             _ = sweep.tick() => match ctl.sweep(coarse_now_ns()).inspect(|_| {

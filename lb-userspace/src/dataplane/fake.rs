@@ -192,13 +192,18 @@ impl Maps for FakeMaps {
             records,
             now_ns,
             |k| Ok(flows.borrow().iter().find(|(f, _)| f == k).map(|(_, v)| *v)),
-            |k, v| {
+            |run| {
                 let mut f = flows.borrow_mut();
-                if f.iter().any(|(x, _)| x == k) {
-                    return Ok(false);
-                }
-                f.push((*k, *v));
-                Ok(true)
+                Ok(run
+                    .iter()
+                    .map(|(k, v)| {
+                        if f.iter().any(|(x, _)| x == k) {
+                            return false;
+                        }
+                        f.push((*k, *v));
+                        true
+                    })
+                    .collect())
             },
             |k, v| {
                 if let Some(e) = flows.borrow_mut().iter_mut().find(|(f, _)| f == k) {

@@ -219,6 +219,10 @@ struct Handles {
     /// controller through it.
     records: Option<RingBuf<MapData>>,
     defer: bool,
+    /// `LB_RECORD_IN`, this program's own (absent from older objects), and whether
+    /// `lb_record_apply` is loaded to apply records in the kernel.
+    record_in: Option<Array<MapData, lb_common::RecordEvent>>,
+    apply: bool,
 }
 
 impl Handles {
@@ -305,6 +309,11 @@ impl Handles {
                 None => None,
             },
             defer: false,
+            record_in: match ebpf.take_map(names::RECORD_IN) {
+                Some(map) => Some(Array::try_from(map).map_err(map_err(names::RECORD_IN))?),
+                None => None,
+            },
+            apply: false,
         })
     }
 }
@@ -1268,7 +1277,60 @@ impl Dataplane {
             .map_err(|e| syscall(names::RECORD_RATE, "per-CPU values", e))?;
         map.set(0, values, 0).map_err(map_err(names::RECORD_RATE))?;
         self.maps.defer = on;
+        // The records are applied in the kernel by `lb_record_apply` (one table insert each, no
+        // system call), or else one update each.
+        if on && !self.maps.apply && self.maps.record_in.is_some() {
+            match self.other_program(names::RECORD_APPLY) {
+                Ok(_) => self.maps.apply = true,
+                Err(e) => tracing::warn!(
+                    "{}: {e}; the controller records one update at a time",
+                    names::RECORD_APPLY
+                ),
+            }
+        }
         Ok(on)
+    }
+
+    /// Whether records are applied in the kernel by `lb_record_apply` (tests switch it off to
+    /// test the other way: one update each). Returns whether they are.
+    pub fn set_apply_in_kernel(&mut self, on: bool) -> bool {
+        self.maps.apply = on && self.maps.record_in.is_some() && self.maps.defer;
+        self.maps.apply
+    }
+
+    /// `records` applied by `lb_record_apply` (see [`super::Maps::record_flows`]): written
+    /// into `LB_RECORD_IN` ([`RECORD_APPLY_BATCH`] a run at most), then one test run each.
+    fn apply_in_kernel(
+        &mut self,
+        records: &[lb_common::RecordEvent],
+    ) -> Result<super::RecordStats> {
+        use aya::TestRun as _;
+        use lb_common::limits::RECORD_APPLY_BATCH;
+        let mut st = super::RecordStats::default();
+        for chunk in records.chunks(RECORD_APPLY_BATCH as usize) {
+            let map = self.maps.record_in.as_ref().expect("checked by the caller");
+            let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(map).fd());
+            super::batch::write_array(fd, chunk)
+                .map_err(|e| syscall(names::RECORD_IN, "update batch", e))?;
+            let mut frame = [0u8; 64];
+            frame[..4].copy_from_slice(&(chunk.len() as u32).to_ne_bytes());
+            let mut out = [0u8; 64];
+            let prog = self.other_program(names::RECORD_APPLY)?;
+            prog.test_run(aya::programs::TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..aya::programs::TestRunOptions::new()
+            })
+            .map_err(|source| LoaderError::Program {
+                name: names::RECORD_APPLY,
+                source: Box::new(source),
+            })?;
+            let word = |i: usize| u32::from_ne_bytes(out[4 * i..4 * i + 4].try_into().unwrap());
+            st.inserted += u64::from(word(1));
+            st.skipped += u64::from(word(2));
+            st.closed += u64::from(word(3));
+        }
+        Ok(st)
     }
 
     /// The record limit's and `LB_RECORD`'s counts since this program was loaded (all CPUs):
@@ -1509,6 +1571,9 @@ impl Maps for Dataplane {
         records: &[lb_common::RecordEvent],
         now_ns: u64,
     ) -> Result<super::RecordStats> {
+        if self.maps.apply {
+            return self.apply_in_kernel(records);
+        }
         let m = &mut self.maps;
         let flows = std::cell::RefCell::new(&mut m.flows);
         let backends = &m.backends;
@@ -1521,14 +1586,11 @@ impl Maps for Dataplane {
                 Err(e) => Err(map_err(names::FLOWS)(e)),
             },
             // BPF_NOEXIST: an entry the packet path made (or an earlier record) stays.
-            |k, v| match flows.borrow_mut().insert(k, v, 1) {
-                Ok(()) => Ok(true),
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                {
-                    Ok(false)
-                }
-                Err(e) => Err(map_err(names::FLOWS)(e)),
+            |run| {
+                let f = flows.borrow();
+                let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&**f).fd());
+                super::batch::insert_new(fd, run)
+                    .map_err(|e| syscall(names::FLOWS, "update batch", e))
             },
             // BPF_EXIST: an entry evicted meanwhile is not made again.
             |k, v| match flows.borrow_mut().insert(k, v, 2) {

@@ -159,8 +159,8 @@ pub trait Maps {
 /// What [`Maps::record_flows`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordStats {
-    /// Entries inserted, as (key, backend id, generation): flow sharing reports them.
-    pub inserted: Vec<(FlowKey, u32, u32)>,
+    /// Entries inserted (flow sharing reported them when the packet path handed them over).
+    pub inserted: u64,
     /// Open records whose key had an entry already (a retransmitted SYN, or a packet that
     /// recorded the connection first), or whose backend id was reused meanwhile.
     pub skipped: u64,
@@ -168,20 +168,43 @@ pub struct RecordStats {
     pub closed: u64,
 }
 
-/// [`Maps::record_flows`] on any table: `lookup`/`insert` (`BPF_NOEXIST`; false when the key
-/// has an entry)/`update` of the connection table, `generation` of a backend id, and the
-/// `LB_BE_EXPIRED` change per backend (wrapping: −1 counts one more active connection)
-/// returned for the caller to apply.
+/// [`Maps::record_flows`] on any table: `lookup` and `update` (of an existing entry) of the
+/// connection table, `insert` of a run of entries (`BPF_NOEXIST`: for each, whether it was
+/// inserted; false when the key has an entry), `generation` of a backend id; returns the
+/// `LB_BE_EXPIRED` change per backend (wrapping: −1 counts one more active connection) for the
+/// caller to apply. Open records are inserted in runs (one batch each), a close record after
+/// the run before it.
 pub fn record_flows_with(
     records: &[RecordEvent],
     now_ns: u64,
     mut lookup: impl FnMut(&FlowKey) -> Result<Option<FlowValue>, LoaderError>,
-    mut insert: impl FnMut(&FlowKey, &FlowValue) -> Result<bool, LoaderError>,
+    mut insert: impl FnMut(&[(FlowKey, FlowValue)]) -> Result<Vec<bool>, LoaderError>,
     mut update: impl FnMut(&FlowKey, &FlowValue) -> Result<(), LoaderError>,
     generation: impl Fn(u32) -> Option<u32>,
 ) -> Result<(RecordStats, BTreeMap<u32, u64>), LoaderError> {
     let mut st = RecordStats::default();
     let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut run: Vec<(FlowKey, FlowValue)> = Vec::new();
+    let mut flush = |run: &mut Vec<(FlowKey, FlowValue)>,
+                     st: &mut RecordStats,
+                     expired: &mut BTreeMap<u32, u64>|
+     -> Result<(), LoaderError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let made = insert(run)?;
+        for ((_, v), made) in run.iter().zip(made) {
+            if made {
+                let e = expired.entry(v.backend).or_default();
+                *e = e.wrapping_sub(1);
+                st.inserted += 1;
+            } else {
+                st.skipped += 1;
+            }
+        }
+        run.clear();
+        Ok(())
+    };
     for r in records {
         match r.kind {
             lb_common::RECORD_OPEN => {
@@ -189,22 +212,19 @@ pub fn record_flows_with(
                     st.skipped += 1;
                     continue;
                 }
-                let v = FlowValue {
-                    backend: r.backend,
-                    generation: r.generation,
-                    last_seen_ns: now_ns,
-                    flags: lb_common::FLOW_F_COUNTED,
-                    cpu: r.cpu,
-                };
-                if insert(&r.key, &v)? {
-                    let e = expired.entry(r.backend).or_default();
-                    *e = e.wrapping_sub(1);
-                    st.inserted.push((r.key, r.backend, r.generation));
-                } else {
-                    st.skipped += 1;
-                }
+                run.push((
+                    r.key,
+                    FlowValue {
+                        backend: r.backend,
+                        generation: r.generation,
+                        last_seen_ns: now_ns,
+                        flags: lb_common::FLOW_F_COUNTED,
+                        cpu: r.cpu,
+                    },
+                ));
             }
             lb_common::RECORD_CLOSE => {
+                flush(&mut run, &mut st, &mut expired)?;
                 let Some(mut v) = lookup(&r.key)? else {
                     continue;
                 };
@@ -221,6 +241,7 @@ pub fn record_flows_with(
             _ => {}
         }
     }
+    flush(&mut run, &mut st, &mut expired)?;
     Ok((st, expired))
 }
 
