@@ -264,7 +264,8 @@ fn schedule(
             "; an unchanged slot: its connections are not recorded (record_connections = on_change)"
         } else {
             "; an unchanged slot: established packets skip the connection table (SYNs are \
-             recorded, up to dataplane.record_limit a second per CPU when one is set)"
+             recorded, up to dataplane.record_limit a second per CPU when one is set; by the \
+             controller with dataplane.defer_records)"
         }
         .to_owned(),
         None => String::new(),
