@@ -143,7 +143,7 @@ pub fn backend_for_flow(
         // connection is ending.
         let b = usable(e)?;
         if closing && !records_on_change(key, svc) {
-            deferred_close(key, now);
+            deferred_close(key, now, e, b.generation);
         }
         count(Stat::FlowStateless);
         return Some((e, b, Stat::FlowStateless));
@@ -517,13 +517,14 @@ fn hand_over(key: &FlowKey, backend: u32, generation: u32) -> u32 {
 
 /// A FIN or RST of an "at_syn" connection that found no entry in an unchanged slot, while a
 /// controller drains `LB_RECORD`: its SYN's record may still be on its way, so the controller
-/// is told to close the entry that record makes. When the ring is full, a closed entry that
-/// counts nothing is inserted here instead, which the controller's insert then leaves as it is.
+/// is told to close the entry that record makes. When the ring is full, a closed entry of the
+/// slot's backend (`backend`, `generation`) that counts nothing is inserted here instead, which
+/// the controller's insert then leaves as it is.
 ///
 /// A BPF subprogram, not inlined: a rare path (LLVM's stack slots of the inlined version
 /// shared a slot between this pointer and a later `u32` in a way the verifier rejects).
 #[inline(never)]
-fn deferred_close(key: &FlowKey, now: u64) {
+fn deferred_close(key: &FlowKey, now: u64, backend: u32, generation: u32) {
     let Some(r) = LB_RECORD_RATE.get(0) else {
         return;
     };
@@ -543,8 +544,8 @@ fn deferred_close(key: &FlowKey, now: u64) {
         return;
     }
     let closed = FlowValue {
-        backend: NO_BACKEND,
-        generation: 0,
+        backend,
+        generation,
         last_seen_ns: now,
         flags: FLOW_F_CLOSED,
         cpu,

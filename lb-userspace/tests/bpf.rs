@@ -2890,7 +2890,32 @@ fn syns_handed_to_the_controller_are_recorded_from_lb_record() {
     assert_eq!(handed, cap, "the ring holds {cap} records");
     assert_eq!(f.snapshot().record_ring_full, 1);
     f.assert_stat(Stat::FlowNew, new_before + 2 + cap as u64);
-    let mut drained = 0;
+    // The first of them closes while the ring is full: a closed entry of its slot's backend,
+    // counting nothing, made here; its record then finds it.
+    let src0 = Ipv4Addr::new(10, 96, 0, 0);
+    let (_, key0) = tcp4(src0, 1024, VIP4, 80);
+    let slot_backend = svc.ring[svc.slot_of(&key0) as usize];
+    f.expect_mac(
+        "a FIN while the ring is full",
+        &tcp4_flags(src0, 1024, VIP4, 80, "FA"),
+        slot_backend,
+    );
+    let e = f.dp.flow(&key0).unwrap().expect("a closed entry");
+    assert_eq!(
+        (e.backend, e.flags),
+        (slot_backend, lb_common::FLOW_F_CLOSED)
+    );
+    let before = total(&mut f);
+    let first = f.dp.take_records(4096);
+    assert_eq!(first[0].key, key0);
+    let st = f.dp.record_flows(&first, 4).unwrap();
+    assert_eq!(
+        (st.inserted, st.skipped),
+        (4095, 1),
+        "its record finds the closed entry"
+    );
+    assert_eq!(total(&mut f), before + 4095);
+    let mut drained = first.len();
     loop {
         let r = f.dp.take_records(4096);
         if r.is_empty() {

@@ -90,7 +90,7 @@ pub struct Controller<M: Maps, N: Neighbours, I: Interfaces> {
 /// a drained backend's unrecorded connections).
 pub const DEFER_WINDOW_NS: u64 = 2_000_000_000;
 /// Records the controller takes from `LB_RECORD` per read, and per drain at most (the ring
-/// holds 65 536; the rest wait for the next drain, 10 ms later).
+/// holds 65 535; the rest wait for the next drain, 10 ms later).
 const RECORD_BATCH: usize = 4096;
 const RECORD_DRAIN_MAX: usize = 16 * RECORD_BATCH;
 
