@@ -99,6 +99,11 @@ fn udp_config(dir: &Path, weight_a: u16) -> String {
 
 /// [`start`] with another config text.
 fn start_with(dir: &Path, net: &FakeNet, text: &str) -> Ctl {
+    start_on(dir, net, text, FakeMaps::default())
+}
+
+/// [`start_with`] on given (empty) maps.
+fn start_on(dir: &Path, net: &FakeNet, text: &str, maps: FakeMaps) -> Ctl {
     let path = dir.join("lb.toml");
     std::fs::write(&path, text).unwrap();
     let cfg = Config::load(&path).unwrap();
@@ -106,7 +111,7 @@ fn start_with(dir: &Path, net: &FakeNet, text: &str) -> Ctl {
         &path,
         cfg,
         AdminState::default(),
-        FakeMaps::default(),
+        maps,
         net.clone(),
         FakeIfaces,
         None,
@@ -1135,25 +1140,11 @@ fn handed_over_syns_are_recorded_before_a_change_and_previous_backends_are_brief
     set_now(1);
     let d = dir();
     let net = FakeNet::default();
-    let path = d.join("lb.toml");
-    std::fs::write(&path, config(&d, 100)).unwrap();
     let maps = FakeMaps {
         defer: true,
         ..FakeMaps::default()
     };
-    let mut c = Controller::new(
-        &path,
-        Config::load(&path).unwrap(),
-        AdminState::default(),
-        maps,
-        net.clone(),
-        FakeIfaces,
-        None,
-        Resolver::default(),
-    )
-    .unwrap();
-    let checked: Vec<BackendId> = c.wanted_checks().keys().copied().collect();
-    c.sync_health(checked);
+    let mut c = start_on(&d, &net, &config(&d, 100), maps);
     reachable(&mut c, A, 1);
     let a = id(&c, A);
     let generation = c.maps.backends[&a.0].generation;

@@ -662,35 +662,47 @@ fn tables_get_their_own_ranges_and_keep_them() {
     );
 }
 
+/// A maglev service of `protocol` with table `ring`, changed slots `dirty` and previous
+/// backends `prev` until `until` (the previous-backend tests' input).
+fn maglev_service(
+    protocol: u8,
+    ring: &[u32],
+    dirty: &[u32],
+    prev: &[(u32, u32)],
+    until: u64,
+) -> DesiredService {
+    let mut d = Slots::new(ring.len());
+    for i in dirty {
+        d.insert(*i);
+    }
+    DesiredService {
+        name: "svc".into(),
+        key: ServiceKey {
+            protocol,
+            ..Default::default()
+        },
+        value: ServiceValue {
+            scheduler: SCHED_MAGLEV,
+            ring_size: ring.len() as u32,
+            ..Default::default()
+        },
+        ring: std::sync::Arc::new(ring.to_vec()),
+        backends: Vec::new(),
+        ring_digest: 0,
+        ring_key: RingKey::none(),
+        dirty: d,
+        prev: std::sync::Arc::new(prev.iter().copied().collect()),
+        prev_until_ns: until,
+    }
+}
+
 /// Previous backends of a UDP service's changed slots (its flows of unchanged slots are not
 /// recorded): a slot that changes from unchanged names its backend before; a later change keeps that while it lives,
 /// a change back to it drops it; it lapses; another table size keeps nothing.
 #[test]
 fn changed_slots_name_their_previous_backend_while_it_lives() {
     let svc = |ring: &[u32], dirty: &[u32], prev: &[(u32, u32)], until: u64| {
-        let mut d = Slots::new(ring.len());
-        for i in dirty {
-            d.insert(*i);
-        }
-        DesiredService {
-            name: "dns".into(),
-            key: ServiceKey {
-                protocol: lb_common::PROTO_UDP,
-                ..Default::default()
-            },
-            value: ServiceValue {
-                scheduler: SCHED_MAGLEV,
-                ring_size: ring.len() as u32,
-                ..Default::default()
-            },
-            ring: std::sync::Arc::new(ring.to_vec()),
-            backends: Vec::new(),
-            ring_digest: 0,
-            ring_key: RingKey::none(),
-            dirty: d,
-            prev: std::sync::Arc::new(prev.iter().copied().collect()),
-            prev_until_ns: until,
-        }
+        maglev_service(lb_common::PROTO_UDP, ring, dirty, prev, until)
     };
     const W: u64 = 100;
     // Slots 0 and 1 change from A (1) to B (2); slot 2 was changed already (no previous: its
@@ -804,29 +816,7 @@ fn changed_slots_name_their_previous_backend_while_it_lives() {
 fn the_deferred_window_is_for_at_syn_tcp_without_on_change_history() {
     const W: u64 = crate::controller::DEFER_WINDOW_NS;
     let svc = |dirty: &[u32], prev: &[(u32, u32)], until: u64| {
-        let mut d = Slots::new(4);
-        for i in dirty {
-            d.insert(*i);
-        }
-        DesiredService {
-            name: "web".into(),
-            key: ServiceKey {
-                protocol: lb_common::PROTO_TCP,
-                ..Default::default()
-            },
-            value: ServiceValue {
-                scheduler: SCHED_MAGLEV,
-                ring_size: 4,
-                ..Default::default()
-            },
-            ring: std::sync::Arc::new(vec![1; 4]),
-            backends: Vec::new(),
-            ring_digest: 0,
-            ring_key: RingKey::none(),
-            dirty: d,
-            prev: std::sync::Arc::new(prev.iter().copied().collect()),
-            prev_until_ns: until,
-        }
+        maglev_service(lb_common::PROTO_TCP, &[1; 4], dirty, prev, until)
     };
     let tcp = svc(&[], &[], 0);
     assert_eq!(tcp.key.protocol, lb_common::PROTO_TCP);
