@@ -214,10 +214,12 @@ fn unhealthy_or_stopped_node_withdraws() {
     let flows = distinct_http_flows(&c, 200);
     let after = new_flows(&c);
     assert_eq!(after[0], before[0], "no new flow reaches n1");
-    assert_eq!(
-        after[1] - before[1],
-        flows,
-        "n2 takes every one of the {flows} distinct flows: {before:?} → {after:?}"
+    // Every connection is a new flow of n2: each distinct 5-tuple at least, each of the 200
+    // SYNs at most (a SYN handed to the controller counts even when its client port was used
+    // again within the flow timeout: `dataplane.defer_records`).
+    assert!(
+        (flows..=200).contains(&(after[1] - before[1])),
+        "n2 takes every one of the {flows} distinct flows (200 connections): {before:?} → {after:?}"
     );
 
     // Healthy again: announced again.
