@@ -493,9 +493,10 @@ fn hand_over(key: &FlowKey, backend: u32, generation: u32) -> u32 {
     if r.defer == 0 {
         return NOT_HANDED_OVER;
     }
+    // The clock only for the record limit and flow sharing (off by default).
     // SAFETY: no arguments; reads the coarse monotonic clock.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if r.limit != 0 && over_record_limit(r, now) {
+    let clock = || unsafe { bpf_ktime_get_coarse_ns() };
+    if r.limit != 0 && over_record_limit(r, clock()) {
         return BEYOND_LIMIT;
     }
     let ev = RecordEvent {
@@ -511,7 +512,9 @@ fn hand_over(key: &FlowKey, backend: u32, generation: u32) -> u32 {
         return NOT_HANDED_OVER;
     }
     r.deferred += 1;
-    report_new_flow(key, backend, generation, now);
+    if LB_SYNC_CFG.get(0).is_some_and(|c| c.rate != 0) {
+        report_new_flow(key, backend, generation, clock());
+    }
     HANDED_OVER
 }
 

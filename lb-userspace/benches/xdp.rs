@@ -41,6 +41,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// What `lb run` does every 10 ms with `dataplane.defer_records`: every record in `LB_RECORD`
+/// made into an entry (`lb_record_apply`). Returns the entries made.
+fn drain_records(f: &mut Fixture) -> u64 {
+    use lb_userspace::dataplane::Maps as _;
+    let mut made = 0;
+    loop {
+        let r = f.dp.take_records(4096);
+        if r.is_empty() {
+            return made;
+        }
+        made += f.dp.record_flows(&r, 0).expect("recording").inserted;
+    }
+}
+
 /// CPU time of this thread so far (ns): the controller's share of a recorded connection.
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -608,16 +622,8 @@ fn syn_flood() -> serde_json::Value {
     let mut k = Fixture::with_flow_table(&bench_config(), 65_536);
     assert!(k.dp.set_defer_records(true).unwrap(), "LB_RECORD");
     let drain = |k: &mut Fixture| -> (u64, u64) {
-        let (mut made, cpu) = (0u64, thread_cpu_ns());
-        loop {
-            let r = lb_userspace::dataplane::Maps::take_records(&mut k.dp, 4096);
-            if r.is_empty() {
-                break;
-            }
-            made += lb_userspace::dataplane::Maps::record_flows(&mut k.dp, &r, 0)
-                .expect("recording")
-                .inserted;
-        }
+        let cpu = thread_cpu_ns();
+        let made = drain_records(k);
         (made, thread_cpu_ns() - cpu)
     };
     one_per_call(&mut k, "lb_xdp", &syns, XDP_TX);
@@ -1090,17 +1096,8 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             );
             assert_eq!(s.record_ring_full, full, "none for a full ring");
             let (wall, cpu) = (std::time::Instant::now(), thread_cpu_ns());
-            let mut made = 0;
-            loop {
-                let r = lb_userspace::dataplane::Maps::take_records(&mut f.dp, 4096);
-                if r.is_empty() {
-                    break;
-                }
-                let st = lb_userspace::dataplane::Maps::record_flows(&mut f.dp, &r, 0)
-                    .expect("recording");
-                made += st.inserted as usize;
-            }
-            assert_eq!(made, NEW_FLOWS, "the controller recorded each");
+            let made = drain_records(f);
+            assert_eq!(made, NEW_FLOWS as u64, "the controller recorded each");
             drain_ns.push(wall.elapsed().as_nanos() as f64 / NEW_FLOWS as f64);
             drain_cpu_ns.push((thread_cpu_ns() - cpu) as f64 / NEW_FLOWS as f64);
         }

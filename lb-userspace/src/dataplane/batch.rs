@@ -13,8 +13,6 @@ use std::{
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-/// `BPF_NOEXIST` (linux/bpf.h).
-const BPF_NOEXIST: u64 = 1;
 /// Entries per call.
 const CHUNK: u32 = 4096;
 
@@ -180,62 +178,6 @@ pub fn hash_map<K: bytemuck::Pod, V: bytemuck::Pod>(
         from = next;
         started = true;
     }
-}
-
-/// Inserts `entries` into the hash map `fd` (keys `K`, values `V`) where their keys have no
-/// entry (`BPF_NOEXIST`). Returns, for each entry, whether it was inserted. One
-/// `BPF_MAP_UPDATE_ELEM` each: `BPF_MAP_UPDATE_BATCH` takes no `BPF_NOEXIST` (its element
-/// flags allow `BPF_F_LOCK` alone), and overwriting an entry the packet path made meanwhile
-/// would count its connection twice.
-pub fn insert_new<K: bytemuck::Pod, V: bytemuck::Pod>(
-    fd: BorrowedFd<'_>,
-    entries: &[(K, V)],
-) -> io::Result<Vec<bool>> {
-    entries.iter().map(|(k, v)| update_one(fd, k, v)).collect()
-}
-
-/// One `BPF_MAP_UPDATE_ELEM` with `BPF_NOEXIST`: whether it inserted.
-fn update_one<K: bytemuck::Pod, V: bytemuck::Pod>(
-    fd: BorrowedFd<'_>,
-    key: &K,
-    value: &V,
-) -> io::Result<bool> {
-    /// `BPF_MAP_UPDATE_ELEM` (linux/bpf.h).
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    #[repr(C)]
-    #[derive(Default)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        key: key as *const K as u64,
-        value: value as *const V as u64,
-        flags: BPF_NOEXIST,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is the element form of bpf_attr; the kernel reads a key and a value of
-    // the map's sizes from the two pointers, alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>() as u32,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EEXIST) {
-        return Ok(false);
-    }
-    Err(e)
 }
 
 /// Writes `values` into entries `0..values.len()` of the array `fd` (values of `V`) with one

@@ -1585,12 +1585,12 @@ impl Maps for Dataplane {
                 Err(aya::maps::MapError::KeyNotFound) => Ok(None),
                 Err(e) => Err(map_err(names::FLOWS)(e)),
             },
-            // BPF_NOEXIST: an entry the packet path made (or an earlier record) stays.
+            // One update each: `BPF_MAP_UPDATE_BATCH` takes no `BPF_NOEXIST` (its element
+            // flags allow `BPF_F_LOCK` alone), and overwriting an entry the packet path made
+            // meanwhile would count its connection twice.
             |run| {
-                let f = flows.borrow();
-                let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&**f).fd());
-                super::batch::insert_new(fd, run)
-                    .map_err(|e| syscall(names::FLOWS, "update batch", e))
+                let mut f = flows.borrow_mut();
+                run.iter().map(|(k, v)| insert_new(&mut f, k, v)).collect()
             },
             // BPF_EXIST: an entry evicted meanwhile is not made again.
             |k, v| match flows.borrow_mut().insert(k, v, 2) {
@@ -1617,16 +1617,8 @@ impl Maps for Dataplane {
     }
 
     fn insert_shared_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {
-        // BPF_NOEXIST: an entry this node recorded (or an earlier share) stays.
-        match self.maps.flows.insert(key, value, 1) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(map_err(names::FLOWS)(e)),
-        }
+        // An entry this node recorded (or an earlier share) stays.
+        insert_new(&mut self.maps.flows, key, value)
     }
 
     fn rr_cursor(&mut self, service_id: u32) -> Result<u64> {
@@ -1634,6 +1626,24 @@ impl Maps for Dataplane {
             .rr_cursor
             .get(&service_id, 0)
             .map_err(map_err(names::RR_CURSOR))
+    }
+}
+
+/// Inserts `key` → `value` into the connection table unless it has an entry for `key`
+/// (`BPF_NOEXIST`). Returns whether it inserted.
+fn insert_new(
+    flows: &mut HashMap<MapData, FlowKey, FlowValue>,
+    key: &FlowKey,
+    value: &FlowValue,
+) -> Result<bool> {
+    match flows.insert(key, value, 1) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(map_err(names::FLOWS)(e)),
     }
 }
 
