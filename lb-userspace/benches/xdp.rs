@@ -669,7 +669,38 @@ fn syn_flood() -> serde_json::Value {
     println!(
         "SYN flood, defer_records ({d} new flows, drained every {DRAIN_EVERY}): {df_new:.1} ns a flood SYN, the controller {df_cpu:.0} ns of CPU a record (its inserts evict, as the packet path's did); established ACK {df_est:.1} ns under the flood"
     );
+    // A flood beyond what the controller drains (none here): once `LB_RECORD` is full, each
+    // SYN fails to reserve a record and is recorded on the packet path (evicting), counted in
+    // `flow_record_ring_full`. The SYNs that fill the ring first are not timed.
+    let full_before = k.snapshot().record_ring_full;
+    let flood = flood_syns(251, &mut d, CHUNK);
+    let fill = lb_common::limits::RECORD_RING_BYTES as usize / 64; // 64 bytes a record
+    one_per_call(&mut k, "lb_xdp", &flood[..fill], XDP_TX);
+    let (mut rf_new, mut rf_est) = (Vec::new(), Vec::new());
+    for part in flood[fill..].chunks((CHUNK - fill) / 3) {
+        rf_new.push(one_per_call(&mut k, "lb_xdp", part, XDP_TX));
+        let before = k.snapshot().get(Stat::FlowStateless);
+        rf_est.push(one_per_call(&mut k, "lb_xdp", &acks, XDP_TX));
+        assert_eq!(
+            k.snapshot().get(Stat::FlowStateless) - before,
+            EST as u64,
+            "every ACK by its slot, the ring full"
+        );
+    }
+    let rf_full = k.snapshot().record_ring_full - full_before;
+    assert!(
+        rf_full >= (CHUNK - fill) as u64 - 1,
+        "the SYNs after the ring filled recorded on the packet path: {rf_full}"
+    );
+    drain_records(&mut k);
+    let (rf_new, rf_est) = (median(rf_new), median(rf_est));
+    println!(
+        "SYN flood beyond the controller (no drain, LB_RECORD full): {rf_new:.1} ns a flood SYN ({rf_full} recorded on the packet path); established ACK {rf_est:.1} ns"
+    );
     serde_json::json!({
+        "defer_records_ring_full_new_flow_ns": rf_new,
+        "defer_records_ring_full_established_ns": rf_est,
+        "defer_records_ring_full_syns": rf_full,
         "defer_records_new_flow_ns": df_new,
         "defer_records_controller_cpu_ns": df_cpu,
         "defer_records_established_under_flood_ns": df_est,
@@ -1231,7 +1262,40 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
             "sweep of {FLOWS} entries: {wall:.2?} ({cpu:.2?} of CPU: {:.2} µs an entry)",
             cpu.as_secs_f64() * 1e6 / FLOWS as f64
         );
-        serde_json::json!({ "entries": FLOWS, "wall_s": wall.as_secs_f64(), "cpu_s": cpu.as_secs_f64() })
+        // The same walk in the steps `lb run` takes (its loop handles what arrived between
+        // them): the longest step is the longest the loop waits.
+        let budget = lb_userspace::controller::SWEEP_STEP_ENTRIES;
+        let t0 = std::time::Instant::now();
+        let mut walk = g.dp.sweep_begin(coarse, &view).expect("sweep");
+        let mut longest = t0.elapsed();
+        loop {
+            let ts = std::time::Instant::now();
+            let done = g.dp.sweep_step(&mut walk, &t, &view, budget).expect("step");
+            longest = longest.max(ts.elapsed());
+            if done {
+                break;
+            }
+        }
+        let steps = walk.steps();
+        let ts = std::time::Instant::now();
+        let s = g.dp.sweep_finish(walk, &view).expect("sweep");
+        longest = longest.max(ts.elapsed());
+        let stepped = t0.elapsed();
+        assert_eq!((s.entries, s.expired), (FLOWS as u64, 0), "{s:?}");
+        println!(
+            "the same in {steps} steps of {budget} entries or more: {stepped:.2?}, the longest {longest:.2?} (the controller's loop waits at most that long)"
+        );
+        serde_json::json!({
+            "entries": FLOWS,
+            "wall_s": wall.as_secs_f64(),
+            "cpu_s": cpu.as_secs_f64(),
+            "in_steps": {
+                "step_entries": budget,
+                "steps": steps,
+                "wall_s": stepped.as_secs_f64(),
+                "longest_step_ms": longest.as_secs_f64() * 1e3,
+            },
+        })
     };
     let ack = |i: u32| {
         let k = key_of(i);

@@ -545,6 +545,11 @@ async fn event_loop(
     let t = &ctl.config().timeouts;
     let every = (t.tcp.min(t.tcp_fin).min(t.udp) / 2).clamp(1, 10);
     let mut sweep = tokio::time::interval(Duration::from_secs(every as u64));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A sweep's steps, 1 ms apart: the loop's other work and the runtime's other tasks (the
+    // control API, HTTP checks) run between them.
+    let mut sweep_steps = tokio::time::interval(Duration::from_millis(1));
+    sweep_steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut printed = Instant::now();
     let mut flush = tokio::time::interval(Duration::from_millis(10));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -679,12 +684,21 @@ async fn event_loop(
             _ = records.tick(), if deferring => ctl.drain_records(),
             Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
             _ = probe_tick.tick() => ctl.tick(),
-            _ = sweep.tick() => match ctl.sweep(coarse_now_ns()).inspect(|_| {
+            _ = sweep.tick() => {
                 if let Ok(true) = ctl.maps().clear_expired_trace(coarse_now_ns()) {
                     tracing::info!("a trace's lease ran out (its lb trace ended without switching it off): tracing off");
                 }
-            }) {
-                Ok(s) => {
+                // A sweep still under way (a very large table on a slow host) goes on.
+                if !ctl.sweeping()
+                    && let Err(e) = ctl.sweep_begin(coarse_now_ns())
+                {
+                    tracing::warn!("sweeping the connection table: {e}");
+                }
+            }
+            // The sweep in steps: what arrives meanwhile is handled between them.
+            _ = sweep_steps.tick(), if ctl.sweeping() => match ctl.sweep_step(crate::controller::SWEEP_STEP_ENTRIES) {
+                None => {}
+                Some(Ok(s)) => {
                     flows.0 = s.entries - s.expired;
                     flows.1 += s.expired;
                     flows.2 += s.uncounted;
@@ -698,7 +712,7 @@ async fn event_loop(
                         );
                     }
                 }
-                Err(e) => tracing::warn!("sweeping the connection table: {e}"),
+                Some(Err(e)) => tracing::warn!("sweeping the connection table: {e}"),
             },
             _ = sample.tick() => {
                 take_sample(ctl, &mut samples);

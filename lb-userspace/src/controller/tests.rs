@@ -906,6 +906,58 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// `lb run` sweeps in steps, and the tables may change between them: an entry walked before a
+/// change was judged by the table as it was, so a service written while a sweep walks keeps
+/// its changed slots to the next sweep (which then clears those without an entry of another
+/// backend). Without that, the slot of a flow of A walked before A was drained would be
+/// cleared, and the flow's packets would go to the slot's new backend.
+#[test]
+fn a_table_written_while_the_sweep_walks_keeps_its_changed_slots() {
+    let d = dir();
+    let net = FakeNet::default();
+    let mut c = start(&d, &net);
+    reachable(&mut c, A, 1);
+    reachable(&mut c, B, 2);
+    let (a, b) = (id(&c, A), id(&c, B));
+    let sid = c.desired.services[0].value.id;
+    c.sweep(0).unwrap();
+    assert!(c.maps.changed(sid).is_empty());
+    let before = c.maps.table(sid);
+    let kslot = record_flow_on(&mut c, &before, a, lb_common::PROTO_TCP, 80);
+    // A second entry, so that the walk is not over after the first.
+    record_flow_on(&mut c, &before, b, lb_common::PROTO_TCP, 81);
+
+    c.sweep_begin(1).unwrap();
+    assert!(c.sweep_step(1).is_none(), "one entry walked, one to go");
+    assert!(c.sweeping());
+    let want = drain_a(&mut c, sid, &before, kslot, b);
+    let stats = c.sweep_step(1).expect("the walk's end").unwrap();
+    assert!(!c.sweeping());
+    assert_eq!(stats.entries, 2);
+    let mut got = c.maps.changed(sid);
+    got.sort();
+    assert_eq!(
+        got, want,
+        "written while the sweep walked: every mark stays"
+    );
+
+    // The next sweep judges every entry by the table as it is now.
+    c.sweep(2).unwrap();
+    assert_eq!(
+        c.maps.changed(sid),
+        vec![kslot],
+        "only the slot whose flow names A stays changed"
+    );
+
+    // A sweep with no write while it walks clears as a whole walk does.
+    c.admin("web", addr(A), BackendAction::Enable).unwrap();
+    c.sweep_begin(3).unwrap();
+    assert!(c.sweep_step(1).is_none());
+    assert!(c.sweep_step(1).expect("the end").is_ok());
+    assert!(c.maps.changed(sid).is_empty());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// A TCP service with `record_connections = "on_change"` keeps previous backends as UDP does,
 /// for `timeouts.tcp`; with the default (`at_syn`) its changed slots name none.
 #[test]

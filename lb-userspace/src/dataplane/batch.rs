@@ -134,14 +134,30 @@ pub fn per_cpu_array<T: bytemuck::Pod>(
 /// without batch lookups, before 5.6, refuses the first call, before anything reaches `f`).
 pub fn hash_map<K: bytemuck::Pod, V: bytemuck::Pod>(
     fd: BorrowedFd<'_>,
-    mut f: impl FnMut(&[K], &[V]),
+    f: impl FnMut(&[K], &[V]),
 ) -> io::Result<()> {
-    let mut cap = CHUNK as usize;
+    hash_map_part(fd, None, usize::MAX, f).map(|_| ())
+}
+
+/// Part of [`hash_map`]'s walk: from the kernel's position `from` (`None`: the start), whole
+/// batches until `at_least` entries reached `f` or the map ended. Returns the position to go on
+/// from, `None` at the map's end. A walk in parts lets its caller do other work between them;
+/// an entry present for the whole walk is still seen exactly once (the position is a bucket).
+pub fn hash_map_part<K: bytemuck::Pod, V: bytemuck::Pod>(
+    fd: BorrowedFd<'_>,
+    from: Option<u32>,
+    at_least: usize,
+    mut f: impl FnMut(&[K], &[V]),
+) -> io::Result<Option<u32>> {
+    // Batches of `CHUNK`, or of `at_least` when that is less (the kernel hands out whole
+    // buckets: a bucket larger than that makes room for more, below).
+    let mut cap = (CHUNK as usize).min(at_least.max(1));
     let mut keys: Vec<K> = vec![K::zeroed(); cap];
     let mut values: Vec<V> = vec![V::zeroed(); cap];
     // The kernel's position: a bucket index (u32) it writes to `next` and reads from `from`.
-    let (mut from, mut next) = (0u32, 0u32);
-    let mut started = false;
+    let mut started = from.is_some();
+    let (mut from, mut next) = (from.unwrap_or(0), 0u32);
+    let mut seen = 0usize;
     loop {
         // SAFETY: `keys` and `values` have room for `cap` keys and values of `K` and `V`, the
         // map's key and value types (the caller's typed map checked their sizes).
@@ -169,7 +185,7 @@ pub fn hash_map<K: bytemuck::Pod, V: bytemuck::Pod>(
         let got = (got as usize).min(cap);
         f(&keys[..got], &values[..got]);
         if done {
-            return Ok(());
+            return Ok(None);
         }
         if got == 0 {
             // The kernel skips empty buckets until it has entries or reaches the end.
@@ -177,6 +193,10 @@ pub fn hash_map<K: bytemuck::Pod, V: bytemuck::Pod>(
         }
         from = next;
         started = true;
+        seen += got;
+        if seen >= at_least {
+            return Ok(Some(from));
+        }
     }
 }
 

@@ -116,26 +116,47 @@ impl Maps for FakeMaps {
         Ok(Snapshot::default())
     }
 
-    fn sweep(
+    fn sweep_begin(
         &mut self,
-        _now_ns: u64,
+        now_ns: u64,
+        slots: &dyn super::SlotView,
+    ) -> Result<super::SweepWalk, LoaderError> {
+        let generations = slots.live_backends().into_iter().collect();
+        Ok(super::SweepWalk::new(now_ns, generations, Vec::new()))
+    }
+
+    fn sweep_step(
+        &mut self,
+        walk: &mut super::SweepWalk,
         _timeouts: &Timeouts,
         slots: &dyn super::SlotView,
-    ) -> Result<SweepStats, LoaderError> {
-        // No expiry here; which changed slots still have an entry of another backend.
-        let mut stats = SweepStats {
-            entries: self.flows.len() as u64,
-            ..SweepStats::default()
-        };
-        for (k, v) in &self.flows {
+        budget: usize,
+    ) -> Result<bool, LoaderError> {
+        // No expiry here; which changed slots still have an entry of another backend. The
+        // position is an index into `flows` (entries are only added at the end).
+        walk.steps += 1;
+        let from = walk.cursor.unwrap_or(0) as usize;
+        let to = from.saturating_add(budget.max(1)).min(self.flows.len());
+        for (k, v) in &self.flows[from.min(to)..to] {
+            walk.stats.entries += 1;
             if let Some(si) = slots.slot(k)
                 && si.dirty
                 && (v.backend != si.backend || v.generation != si.generation)
             {
-                stats.still_dirty.insert((si.service_id, si.slot));
+                walk.stats.still_dirty.insert((si.service_id, si.slot));
             }
         }
-        Ok(stats)
+        walk.done = to >= self.flows.len();
+        walk.cursor = (!walk.done).then_some(to as u32);
+        Ok(walk.done)
+    }
+
+    fn sweep_finish(
+        &mut self,
+        walk: super::SweepWalk,
+        _slots: &dyn super::SlotView,
+    ) -> Result<SweepStats, LoaderError> {
+        Ok(walk.stats)
     }
 
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>, LoaderError> {

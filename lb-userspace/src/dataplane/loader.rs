@@ -1032,14 +1032,48 @@ impl Dataplane {
 
     /// Deletes flows idle longer than their timeout; counted ones still open are added to their
     /// backend's `LB_BE_EXPIRED` (the controller is its only writer). `now_ns` is
-    /// CLOCK_MONOTONIC_COARSE.
+    /// CLOCK_MONOTONIC_COARSE. The whole walk at once: [`Dataplane::sweep_begin`],
+    /// [`Dataplane::sweep_step`] to the end, [`Dataplane::sweep_finish`].
     pub fn sweep(
         &mut self,
         now_ns: u64,
         timeouts: &crate::config::Timeouts,
         slots: &dyn super::SlotView,
     ) -> Result<SweepStats> {
+        let mut walk = self.sweep_begin(now_ns, slots)?;
+        while !self.sweep_step(&mut walk, timeouts, slots, usize::MAX)? {}
+        self.sweep_finish(walk, slots)
+    }
+
+    /// Starts a sweep (see [`super::Maps::sweep_begin`]): the backends whose counts it
+    /// reconciles, their generations and their `LB_BE_CONNS` before the walk.
+    pub fn sweep_begin(
+        &mut self,
+        now_ns: u64,
+        slots: &dyn super::SlotView,
+    ) -> Result<super::SweepWalk> {
+        let generations: BTreeMap<u32, u32> = slots.live_backends().into_iter().collect();
+        let ids: Vec<u32> = generations.keys().copied().collect();
+        let opened_before = self.counters_of(Counter::Conns, &ids)?;
+        Ok(super::SweepWalk::new(now_ns, generations, opened_before))
+    }
+
+    /// One step of a sweep (see [`super::Maps::sweep_step`]): at least `budget` entries in
+    /// whole batches of buckets (the rest of the table where the kernel has no batch lookup),
+    /// then the deletes of those idle past their timeout.
+    pub fn sweep_step(
+        &mut self,
+        walk: &mut super::SweepWalk,
+        timeouts: &crate::config::Timeouts,
+        slots: &dyn super::SlotView,
+        budget: usize,
+    ) -> Result<bool> {
         use lb_common::{FLOW_F_CLOSED, PROTO_TCP};
+        if walk.done {
+            return Ok(true);
+        }
+        walk.steps += 1;
+        let now_ns = walk.now_ns;
         let idle_limit = |k: &FlowKey, v: &FlowValue| -> u64 {
             if k.protocol == PROTO_TCP && v.flags & FLOW_F_CLOSED != 0 {
                 timeouts.tcp_fin as u64 * 1_000_000_000
@@ -1051,14 +1085,14 @@ impl Dataplane {
         let mismatch = |v: &FlowValue, si: &super::SlotInfo| {
             si.dirty && (v.backend != si.backend || v.generation != si.generation)
         };
-        let mut stats = SweepStats::default();
-        // The backends whose counts are reconciled with the table (see `reconciled_expired`):
-        // their generations, and their `LB_BE_CONNS` before the walk.
-        let generations: BTreeMap<u32, u32> = slots.live_backends().into_iter().collect();
-        let ids: Vec<u32> = generations.keys().copied().collect();
-        let opened_before = self.counters_of(Counter::Conns, &ids)?;
-        // Counted, open entries of each such backend's current generation that stay.
-        let mut live: BTreeMap<u32, u64> = BTreeMap::new();
+        let super::SweepWalk {
+            generations,
+            live,
+            stats,
+            cursor,
+            ..
+        } = walk;
+        // Counted, open entries of a reconciled backend's generation at the start.
         let ours = |v: &FlowValue| {
             counted_and_open(v) && generations.get(&v.backend) == Some(&v.generation)
         };
@@ -1093,8 +1127,35 @@ impl Dataplane {
                 stats.still_dirty.insert((si.service_id, si.slot));
             }
         };
-        self.for_each_flow(&mut visit)?;
-        let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
+        let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(&self.maps.flows).fd());
+        let mut walked = false;
+        let from = *cursor;
+        let part =
+            super::batch::hash_map_part::<FlowKey, FlowValue>(fd, from, budget, |keys, values| {
+                walked = true;
+                for (k, v) in keys.iter().zip(values) {
+                    visit(*k, *v);
+                }
+            });
+        *cursor = match part {
+            Ok(next) => next,
+            // No batch lookups (before 5.6): the whole table by key, in this step.
+            Err(_) if !walked && from.is_none() => {
+                for (k, v) in self.maps.flows.iter().flatten() {
+                    visit(k, v);
+                }
+                None
+            }
+            Err(e) => {
+                return Err(map_err(names::FLOWS)(aya::maps::MapError::SyscallError(
+                    aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    },
+                )));
+            }
+        };
+        walk.done = walk.cursor.is_none();
         for (k, v, info) in candidates {
             // Re-read: a packet since the scan makes it live again (the window left is a
             // packet arriving between this read and the delete).
@@ -1104,31 +1165,59 @@ impl Dataplane {
             };
             if !removed {
                 if let Some(si) = info.filter(|si| mismatch(&v, si)) {
-                    stats.still_dirty.insert((si.service_id, si.slot));
+                    walk.stats.still_dirty.insert((si.service_id, si.slot));
                 }
                 continue;
             }
-            stats.expired += 1;
+            walk.stats.expired += 1;
             if counted_and_open(&v) {
-                *expired.entry(v.backend).or_default() += 1;
-                if ours(&v)
-                    && let Some(n) = live.get_mut(&v.backend)
+                *walk.expired.entry(v.backend).or_default() += 1;
+                if walk.generations.get(&v.backend) == Some(&v.generation)
+                    && let Some(n) = walk.live.get_mut(&v.backend)
                 {
                     *n -= 1;
                 }
             }
         }
-        // Backends the controller does not know (any more): their expiries added as counted.
-        for (b, n) in expired.iter().filter(|(b, _)| !generations.contains_key(b)) {
+        Ok(walk.done)
+    }
+
+    /// Ends a sweep (see [`super::Maps::sweep_finish`]): expiries of backend ids the controller
+    /// does not know (any more) added as counted; the counts of the backends it knows made
+    /// equal to what the table holds, for those whose id kept its generation throughout.
+    pub fn sweep_finish(
+        &mut self,
+        walk: super::SweepWalk,
+        slots: &dyn super::SlotView,
+    ) -> Result<SweepStats> {
+        let super::SweepWalk {
+            generations,
+            opened_before,
+            live,
+            expired,
+            mut stats,
+            ..
+        } = walk;
+        let now: BTreeMap<u32, u32> = slots.live_backends().into_iter().collect();
+        // Backends the controller does not know (any more; nor did it at the start): their
+        // expiries added as counted.
+        for (b, n) in expired
+            .iter()
+            .filter(|(b, _)| !generations.contains_key(b) && !now.contains_key(b))
+        {
             let map = &mut self.maps.backend_expired;
             let cur = map.get(b, 0).map_err(map_err(names::BACKEND_EXPIRED))?;
             map.set(*b, cur.wrapping_add(*n), 0)
                 .map_err(map_err(names::BACKEND_EXPIRED))?;
         }
         // The others: opened − expired made equal to what the table holds.
+        let ids: Vec<u32> = generations.keys().copied().collect();
         let opened_after = self.counters_of(Counter::Conns, &ids)?;
         let expired_now = self.counters_of(Counter::Expired, &ids)?;
         for (i, id) in ids.iter().enumerate() {
+            if now.get(id) != generations.get(id) {
+                continue; // the id went, or changed hands, during the walk
+            }
             let want = super::reconciled_expired(
                 opened_before[i],
                 opened_after[i],
@@ -1519,13 +1608,30 @@ impl Maps for Dataplane {
         Dataplane::packed_bits(self, service_id)
     }
 
-    fn sweep(
+    fn sweep_begin(
         &mut self,
         now_ns: u64,
+        slots: &dyn super::SlotView,
+    ) -> Result<super::SweepWalk> {
+        Dataplane::sweep_begin(self, now_ns, slots)
+    }
+
+    fn sweep_step(
+        &mut self,
+        walk: &mut super::SweepWalk,
         timeouts: &crate::config::Timeouts,
         slots: &dyn super::SlotView,
+        budget: usize,
+    ) -> Result<bool> {
+        Dataplane::sweep_step(self, walk, timeouts, slots, budget)
+    }
+
+    fn sweep_finish(
+        &mut self,
+        walk: super::SweepWalk,
+        slots: &dyn super::SlotView,
     ) -> Result<SweepStats> {
-        Dataplane::sweep(self, now_ns, timeouts, slots)
+        Dataplane::sweep_finish(self, walk, slots)
     }
 
     fn flow_entry(&mut self, key: &FlowKey) -> Result<Option<FlowValue>> {

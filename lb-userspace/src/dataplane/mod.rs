@@ -81,6 +81,52 @@ pub fn reconciled_expired(before: u64, after: u64, live: u64) -> u64 {
     opened.wrapping_sub(live)
 }
 
+/// A sweep of the connection table in steps ([`Maps::sweep_step`]): what it carries from one
+/// step to the next. The controller's loop takes one step at a time (`lb run` never stops for
+/// a whole walk of a large table: health-check results, API requests and the records of
+/// `LB_RECORD` are handled between steps).
+#[derive(Debug, Default)]
+pub struct SweepWalk {
+    /// The time idleness is judged at (the start).
+    now_ns: u64,
+    /// The backends whose counts are reconciled, with their generations at the start, and
+    /// their `LB_BE_CONNS` then (in id order).
+    generations: BTreeMap<u32, u32>,
+    opened_before: Vec<u64>,
+    /// Counted, open entries of each such backend's generation that stay.
+    live: BTreeMap<u32, u64>,
+    /// Counted, open entries expired, by backend id.
+    expired: BTreeMap<u32, u64>,
+    /// Where the walk goes on (the kernel's bucket; `FakeMaps`' index); `None` before the first
+    /// step.
+    cursor: Option<u32>,
+    done: bool,
+    /// Steps taken.
+    steps: u32,
+    stats: SweepStats,
+}
+
+impl SweepWalk {
+    fn new(now_ns: u64, generations: BTreeMap<u32, u32>, opened_before: Vec<u64>) -> SweepWalk {
+        SweepWalk {
+            now_ns,
+            generations,
+            opened_before,
+            ..SweepWalk::default()
+        }
+    }
+
+    /// Whether the walk reached the table's end.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u32 {
+        self.steps
+    }
+}
+
 /// No stateless slots: every entry expires by idleness.
 pub struct NoSlots;
 
@@ -104,11 +150,36 @@ pub trait Maps {
     fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot, LoaderError>;
     /// Deletes flows idle past their timeout (open entries of unchanged maglev/sh slots
     /// excepted: see [`SlotView`]) and says which changed slots still have entries naming
-    /// another backend.
+    /// another backend: [`Maps::sweep_begin`], [`Maps::sweep_step`] to the table's end, then
+    /// [`Maps::sweep_finish`].
     fn sweep(
         &mut self,
         now_ns: u64,
         timeouts: &Timeouts,
+        slots: &dyn SlotView,
+    ) -> Result<SweepStats, LoaderError> {
+        let mut walk = self.sweep_begin(now_ns, slots)?;
+        while !self.sweep_step(&mut walk, timeouts, slots, usize::MAX)? {}
+        self.sweep_finish(walk, slots)
+    }
+    /// Starts a sweep that judges idleness at `now_ns` (CLOCK_MONOTONIC_COARSE): reads what
+    /// the reconciliation of active connections needs before the walk.
+    fn sweep_begin(&mut self, now_ns: u64, slots: &dyn SlotView) -> Result<SweepWalk, LoaderError>;
+    /// Walks on over at least `budget` entries (whole batches) or to the table's end, and
+    /// deletes those of them idle past their timeout. Returns whether the walk is at the end.
+    /// Between steps the caller may change the tables: `slots` is read anew each step.
+    fn sweep_step(
+        &mut self,
+        walk: &mut SweepWalk,
+        timeouts: &Timeouts,
+        slots: &dyn SlotView,
+        budget: usize,
+    ) -> Result<bool, LoaderError>;
+    /// Ends a walk: reconciles the active connections of the backends whose id and generation
+    /// stayed the same throughout (an id that changed hands meanwhile waits for the next sweep).
+    fn sweep_finish(
+        &mut self,
+        walk: SweepWalk,
         slots: &dyn SlotView,
     ) -> Result<SweepStats, LoaderError>;
     /// The connection table's entry for `key`.
