@@ -673,7 +673,8 @@ fn syn_flood() -> serde_json::Value {
     // SYN fails to reserve a record and is recorded on the packet path (evicting), counted in
     // `flow_record_ring_full`. The SYNs that fill the ring first are not timed.
     let full_before = k.snapshot().record_ring_full;
-    let flood = flood_syns(251, &mut d, CHUNK);
+    let mut r = d;
+    let flood = flood_syns(251, &mut r, CHUNK);
     let fill = lb_common::limits::RECORD_RING_BYTES as usize / 64; // 64 bytes a record
     one_per_call(&mut k, "lb_xdp", &flood[..fill], XDP_TX);
     let (mut rf_new, mut rf_est) = (Vec::new(), Vec::new());
