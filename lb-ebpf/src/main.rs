@@ -60,11 +60,11 @@ pub fn lb_xdp_notrace(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
-    // The common cases in one pass (not while a trace runs: a trace needs the full decision).
+    // The common cases in one pass (not while a trace runs: a trace needs the full decision);
+    // it counts its verdicts itself.
     if !(TRACE && trace::running())
         && let Some(action) = single_pass(&ctx)
     {
-        count_verdict(action);
         return action;
     }
     let mut d = Decision {
@@ -98,7 +98,8 @@ fn count_verdict(action: u32) {
 /// extension headers, then a whole TCP or UDP header (no VLAN tag, no fragment). Exactly what
 /// [`process`] decides and counts for these packets; other packets of a cached service
 /// continue with [`to_service`] (not parsed twice). `None`: the rest, before anything was
-/// counted or changed; [`process`] then takes the packet from the start.
+/// counted or changed; [`process`] then takes the packet from the start. `Some`: the verdict is
+/// counted too (where it is known without a switch on it).
 #[inline(always)]
 fn single_pass(ctx: &XdpContext) -> Option<u32> {
     if !for_this_host(ctx) {
@@ -171,6 +172,7 @@ fn l4_ports(ctx: &XdpContext, l4: usize, protocol: u8) -> Option<([u8; 4], u8)> 
 fn decide(ctx: &XdpContext, key: &FlowKey, tcp_flags: u8, frame_len: u64) -> Option<u32> {
     if !maybe_vip(key) {
         count(Stat::PassNoService);
+        count(Stat::VerdictPass);
         return Some(xdp_action::XDP_PASS);
     }
     let svc = cached_service(key)?;
@@ -181,22 +183,26 @@ fn decide(ctx: &XdpContext, key: &FlowKey, tcp_flags: u8, frame_len: u64) -> Opt
             backend: NO_BACKEND,
             reason: 0,
         };
-        return Some(to_service(
-            ctx,
-            &mut d,
-            &svc,
-            tcp_flags,
-            &Frag::default(),
-            false,
-        ));
+        let action = to_service(ctx, &mut d, &svc, tcp_flags, &Frag::default(), false);
+        count_verdict(action);
+        return Some(action);
     };
     count_service(svc.id, frame_len);
     count(how);
     count_backend(id, frame_len);
-    Some(transmit(ctx, b).unwrap_or_else(|| {
-        count(Stat::DropTxPort);
-        xdp_action::XDP_DROP
-    }))
+    rewrite_macs(ctx, b);
+    if b.flags & BACKEND_F_REDIRECT == 0 {
+        count(Stat::VerdictTx);
+        return Some(xdp_action::XDP_TX);
+    }
+    let action = LB_TX_PORTS
+        .redirect(b.tx_port, xdp_action::XDP_DROP as u64)
+        .unwrap_or_else(|_| {
+            count(Stat::DropTxPort);
+            xdp_action::XDP_DROP
+        });
+    count_verdict(action);
+    Some(action)
 }
 
 /// A trivial XDP_TX program: the baseline `cargo xtask bench` measures lb_xdp against, in the
