@@ -2425,6 +2425,38 @@ fn established_flows_keep_their_backend_through_a_syn_flood() {
     assert_eq!(f.snapshot().get(Stat::FlowStateless) - before, 50);
 }
 
+/// Counted SYNs [`overfull_table`] sends into its 1 024-entry table.
+const OVERFULL_SYNS: u32 = 4096;
+
+/// Connection `i` of [`overfull_table`]: (client address in 10.`net`/16, client port).
+fn overfull_conn(net: u8, i: u32) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(10, net, (i >> 8) as u8, i as u8),
+        1024 + i as u16,
+    )
+}
+
+/// A 1 024-entry connection table after [`OVERFULL_SYNS`] counted SYNs to web4 (connections
+/// [`overfull_conn`]): the LRU evicted the older entries. Returns the fixture, the entries
+/// still held by backend, and the time of the last one.
+fn overfull_table(net: u8) -> (Fixture, std::collections::BTreeMap<u32, u64>, u64) {
+    let mut f = Fixture::with_flow_table(CONFIG, 1024);
+    for i in 0..OVERFULL_SYNS {
+        let (src, port) = overfull_conn(net, i);
+        assert_eq!(f.run(&tcp4(src, port, VIP4, 80).0).0, XDP_TX);
+    }
+    let mut held = std::collections::BTreeMap::new();
+    let mut seen = 0;
+    for i in 0..OVERFULL_SYNS {
+        let (src, port) = overfull_conn(net, i);
+        if let Some(v) = f.dp.flow(&key4(src, port, VIP4, 80, 6)).unwrap() {
+            *held.entry(v.backend).or_default() += 1;
+            seen = v.last_seen_ns;
+        }
+    }
+    (f, held, seen)
+}
+
 /// What the LRU's evictions mean for active connections (issue #13): a counted connection
 /// whose entry a full table evicted has no entry for its FIN to close, so its +1 would stay
 /// for good (a drain of its backend would never reach 0). The sweep reconciles every backend's
@@ -2434,31 +2466,12 @@ fn established_flows_keep_their_backend_through_a_syn_flood() {
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
 fn the_sweep_uncounts_connections_the_lru_evicted() {
     use std::collections::BTreeMap;
-    let mut f = Fixture::with_flow_table(CONFIG, 1024);
+    let (mut f, held, seen) = overfull_table(97);
     let svc = f.service("web4");
-    let conn = |i: u32| {
-        (
-            Ipv4Addr::new(10, 97, (i >> 8) as u8, i as u8),
-            1024 + i as u16,
-        )
-    };
-    const N: u32 = 4096;
-    for i in 0..N {
-        let (src, port) = conn(i);
-        assert_eq!(f.run(&tcp4(src, port, VIP4, 80).0).0, XDP_TX);
-    }
+    let conn = |i: u32| overfull_conn(97, i);
+    const N: u32 = OVERFULL_SYNS;
     let total = |f: &mut Fixture| svc.backends.iter().map(|b| active(f, *b)).sum::<u64>();
     assert_eq!(total(&mut f), N as u64, "every SYN counted");
-    // What the table still holds, by backend.
-    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut seen = 0;
-    for i in 0..N {
-        let (src, port) = conn(i);
-        if let Some(v) = f.dp.flow(&key4(src, port, VIP4, 80, 6)).unwrap() {
-            *held.entry(v.backend).or_default() += 1;
-            seen = v.last_seen_ns;
-        }
-    }
     let entries: u64 = held.values().sum();
     assert!(
         entries <= 1024 && entries > 500,
@@ -2522,28 +2535,8 @@ fn the_sweep_in_steps_sees_every_entry_once_and_skips_ids_that_changed_hands() {
             self.0.clone()
         }
     }
-    let mut f = Fixture::with_flow_table(CONFIG, 1024);
+    let (mut f, held, seen) = overfull_table(96);
     let svc = f.service("web4");
-    let conn = |i: u32| {
-        (
-            Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8),
-            1024 + i as u16,
-        )
-    };
-    const N: u32 = 4096;
-    for i in 0..N {
-        let (src, port) = conn(i);
-        assert_eq!(f.run(&tcp4(src, port, VIP4, 80).0).0, XDP_TX);
-    }
-    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut seen = 0;
-    for i in 0..N {
-        let (src, port) = conn(i);
-        if let Some(v) = f.dp.flow(&key4(src, port, VIP4, 80, 6)).unwrap() {
-            *held.entry(v.backend).or_default() += 1;
-            seen = v.last_seen_ns;
-        }
-    }
     let entries: u64 = held.values().sum();
     assert!(entries > 500, "{entries} entries");
     let t = lb_userspace::config::Timeouts {
