@@ -1282,17 +1282,25 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         );
         // The same walk in the steps `lb run` takes (its loop handles what arrived between
         // them): the longest step is the longest the loop waits.
-        let budget = lb_userspace::controller::SWEEP_STEP_ENTRIES;
+        // Steps sized as `lb run` sizes them: the first of `SWEEP_STEP_ENTRIES`, then by
+        // how long the last one took (`next_step_budget`).
+        let first = lb_userspace::controller::SWEEP_STEP_ENTRIES;
+        let mut budget = first;
+        let (mut smallest, mut largest) = (budget, budget);
         let t0 = std::time::Instant::now();
         let mut walk = g.dp.sweep_begin(coarse, &view).expect("sweep");
         let mut longest = t0.elapsed();
         loop {
             let ts = std::time::Instant::now();
             let done = g.dp.sweep_step(&mut walk, &t, &view, budget).expect("step");
-            longest = longest.max(ts.elapsed());
+            let took = ts.elapsed();
+            longest = longest.max(took);
             if done {
                 break;
             }
+            budget = lb_userspace::controller::next_step_budget(budget, took);
+            smallest = smallest.min(budget);
+            largest = largest.max(budget);
         }
         let steps = walk.steps();
         let ts = std::time::Instant::now();
@@ -1301,14 +1309,16 @@ fn targets(f: &mut Fixture, est: &[u8], non_vip: &[u8]) -> serde_json::Value {
         let stepped = t0.elapsed();
         assert_eq!((s.entries, s.expired), (FLOWS as u64, 0), "{s:?}");
         println!(
-            "the same in {steps} steps of {budget} entries or more: {stepped:.2?}, the longest {longest:.2?} (the controller's loop waits at most that long)"
+            "the same in {steps} steps ({first} entries first, then {smallest}..{largest} sized to about 5 ms): {stepped:.2?}, the longest {longest:.2?} (the controller's loop waits at most that long)"
         );
         serde_json::json!({
             "entries": FLOWS,
             "wall_s": wall.as_secs_f64(),
             "cpu_s": cpu.as_secs_f64(),
             "in_steps": {
-                "step_entries": budget,
+                "step_entries": first,
+                "step_entries_min": smallest,
+                "step_entries_max": largest,
                 "steps": steps,
                 "wall_s": stepped.as_secs_f64(),
                 "longest_step_ms": longest.as_secs_f64() * 1e3,

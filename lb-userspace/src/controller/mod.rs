@@ -92,10 +92,26 @@ struct Sweeping {
     written: BTreeSet<u32>,
 }
 
-/// Entries a step of the sweep in `lb run` walks (whole batches of buckets; about 5 ms at the
-/// 0.3 µs an entry measured on the Intel host, 16 ms at 1 µs): the loop handles what arrived
-/// meanwhile between steps.
+/// Entries the first step of a sweep in `lb run` walks (whole batches of buckets; about 5 ms at
+/// the 0.3 µs an entry measured on the Intel host): the loop handles what arrived meanwhile
+/// between steps. Later steps are sized to the host by [`next_step_budget`].
 pub const SWEEP_STEP_ENTRIES: usize = 16 * 1024;
+/// What a sweep's step should take at most, about.
+const SWEEP_STEP_TARGET: Duration = Duration::from_millis(5);
+
+/// The next step's entries after a step of `budget` entries took `took`: halved while steps take
+/// more than twice [`SWEEP_STEP_TARGET`], doubled while they take less than half of it, within
+/// 4 096 (one batch) and 2^18 entries.
+pub fn next_step_budget(budget: usize, took: Duration) -> usize {
+    let b = if took > 2 * SWEEP_STEP_TARGET {
+        budget / 2
+    } else if took < SWEEP_STEP_TARGET / 2 {
+        budget.saturating_mul(2)
+    } else {
+        budget
+    };
+    b.clamp(4096, 1 << 18)
+}
 
 /// How long a changed slot of an `"at_syn"` TCP service keeps its previous backend while the
 /// packet path hands SYNs to the controller (`dataplane.defer_records`): the connections whose

@@ -549,6 +549,8 @@ async fn event_loop(
     // A sweep's steps, 1 ms apart: the loop's other work and the runtime's other tasks (the
     // control API, HTTP checks) run between them.
     let mut sweep_steps = tokio::time::interval(Duration::from_millis(1));
+    // Entries a step walks, adjusted to this host's speed (see `next_step_budget`).
+    let mut step_budget = crate::controller::SWEEP_STEP_ENTRIES;
     sweep_steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut printed = Instant::now();
     let mut flush = tokio::time::interval(Duration::from_millis(10));
@@ -696,7 +698,11 @@ async fn event_loop(
                 }
             }
             // The sweep in steps: what arrives meanwhile is handled between them.
-            _ = sweep_steps.tick(), if ctl.sweeping() => match ctl.sweep_step(crate::controller::SWEEP_STEP_ENTRIES) {
+            _ = sweep_steps.tick(), if ctl.sweeping() => {
+                let t = Instant::now();
+                let stepped = ctl.sweep_step(step_budget);
+                step_budget = crate::controller::next_step_budget(step_budget, t.elapsed());
+                match stepped {
                 None => {}
                 Some(Ok(s)) => {
                     flows.0 = s.entries - s.expired;
@@ -713,7 +719,8 @@ async fn event_loop(
                     }
                 }
                 Some(Err(e)) => tracing::warn!("sweeping the connection table: {e}"),
-            },
+                }
+            }
             _ = sample.tick() => {
                 take_sample(ctl, &mut samples);
                 cluster.announce(ctl, samples[1].as_ref().map(|(_, s)| s)).await;

@@ -906,6 +906,21 @@ fn changed_slots_are_marked_and_cleared_by_the_sweep() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// The sweep's steps follow the host's speed: halved while they take over 10 ms, doubled while
+/// under 2.5 ms, between one batch (4 096 entries) and 2^18.
+#[test]
+fn sweep_steps_are_sized_to_about_5_ms() {
+    use std::time::Duration;
+
+    use super::next_step_budget as next;
+    let ms = Duration::from_millis;
+    assert_eq!(next(16384, ms(16)), 8192, "a slow host: halved");
+    assert_eq!(next(8192, ms(8)), 8192, "within the band: kept");
+    assert_eq!(next(16384, ms(1)), 32768, "a fast host: doubled");
+    assert_eq!(next(4096, ms(50)), 4096, "never below one batch");
+    assert_eq!(next(1 << 18, Duration::ZERO), 1 << 18, "nor above 2^18");
+}
+
 /// `lb run` sweeps in steps, and the tables may change between them: an entry walked before a
 /// change was judged by the table as it was, so a service written while a sweep walks keeps
 /// its changed slots to the next sweep (which then clears those without an entry of another
