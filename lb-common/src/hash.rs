@@ -110,6 +110,13 @@ pub fn vip_slot_of(key: &FlowKey) -> u32 {
     ])
 }
 
+/// [`vip_slot`] of an IPv4 address, from its four bytes as on the wire read as a
+/// little-endian word (the data plane's way).
+#[inline(always)]
+pub fn vip_slot_v4(addr: u32) -> u32 {
+    vip_slot_of_words([addr, 0, 0, 0])
+}
+
 #[inline(always)]
 fn vip_slot_of_words(w: [u32; 4]) -> u32 {
     let x = w[0] ^ w[1].rotate_left(7) ^ w[2].rotate_left(14) ^ w[3].rotate_left(21);
@@ -144,6 +151,10 @@ mod tests {
         assert_eq!(vip_slot_of(&k), vip_slot(&k.dst_addr));
         let k = FlowKey::v4([1, 2, 3, 4], [10, 99, 0, 100], 17);
         assert_eq!(vip_slot_of(&k), vip_slot(&k.dst_addr));
+        assert_eq!(
+            vip_slot_v4(u32::from_le_bytes([10, 99, 0, 100])),
+            vip_slot(&k.dst_addr)
+        );
     }
 
     /// The hashes as written for every family (five lanes, four address words): the IPv4
