@@ -185,6 +185,23 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// Lets the calling thread run on every online CPU again (after [`pin_to_cpu`], or in a thread
+/// spawned by a pinned one: threads inherit their parent's affinity).
+pub fn unpin() {
+    // SAFETY: as in `pin_to_cpu`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..cpus() {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "unpin"
+        );
+    }
+}
+
 /// Number of CPUs online (not the calling thread's affinity: a bench part run as a child of
 /// a thread pinned to CPU 0 must still find the other CPUs to put the backends' side on).
 pub fn cpus() -> usize {
