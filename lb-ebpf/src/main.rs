@@ -133,10 +133,7 @@ fn single_pass(ctx: &XdpContext) -> Option<u32> {
     let h = bounds::ptr_at::<Head>(ctx, 0)?;
     // SAFETY: bounds-checked by `ptr_at`: all of `Head` lies inside the packet.
     let h = unsafe { &*h };
-    // For this host (see `for_this_host`).
-    let own = LB_IF_MAC.load();
-    let dst = u64::from_le_bytes(h.mac8) & 0xffff_ffff_ffff;
-    if !(dst & 1 != 0 || own == 0 || dst == own) {
+    if !for_host(h.mac8) {
         return None;
     }
     let ether_type = u16::from_ne_bytes(h.ether_type);
@@ -284,13 +281,20 @@ pub fn lb_baseline_pass(_ctx: XdpContext) -> u32 {
 /// nodes would send the same packet to a backend).
 #[inline(always)]
 fn for_this_host(ctx: &XdpContext) -> bool {
-    let own = LB_IF_MAC.load();
     let Some(eth) = bounds::ptr_at::<EthHdr>(ctx, 0) else {
         return true; // the parser passes it
     };
     // SAFETY: bounds-checked above: the header's first 8 bytes (destination MAC and two bytes
     // of the source) lie inside the packet.
-    let dst = u64::from_le_bytes(unsafe { *eth.cast::<[u8; 8]>() }) & 0xffff_ffff_ffff;
+    for_host(unsafe { *eth.cast::<[u8; 8]>() })
+}
+
+/// [`for_this_host`] of a frame's first 8 bytes (its destination MAC, then two bytes of the
+/// source).
+#[inline(always)]
+fn for_host(mac8: [u8; 8]) -> bool {
+    let own = LB_IF_MAC.load();
+    let dst = u64::from_le_bytes(mac8) & 0xffff_ffff_ffff;
     dst & 1 != 0 || own == 0 || dst == own
 }
 

@@ -110,7 +110,7 @@ pub fn next_step_budget(budget: usize, took: Duration) -> usize {
     } else {
         budget
     };
-    b.clamp(4096, 1 << 18)
+    b.clamp(crate::dataplane::BATCH_ENTRIES, 1 << 18)
 }
 
 /// How long a changed slot of an `"at_syn"` TCP service keeps its previous backend while the

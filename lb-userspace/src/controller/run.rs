@@ -703,22 +703,22 @@ async fn event_loop(
                 let stepped = ctl.sweep_step(step_budget);
                 step_budget = crate::controller::next_step_budget(step_budget, t.elapsed());
                 match stepped {
-                None => {}
-                Some(Ok(s)) => {
-                    flows.0 = s.entries - s.expired;
-                    flows.1 += s.expired;
-                    flows.2 += s.uncounted;
-                    if s.expired > 0 {
-                        tracing::debug!("sweep: {} of {} flows expired", s.expired, s.entries);
+                    None => {}
+                    Some(Ok(s)) => {
+                        flows.0 = s.entries - s.expired;
+                        flows.1 += s.expired;
+                        flows.2 += s.uncounted;
+                        if s.expired > 0 {
+                            tracing::debug!("sweep: {} of {} flows expired", s.expired, s.entries);
+                        }
+                        if s.uncounted > 0 {
+                            tracing::info!(
+                                "sweep: {} counted connections without an entry in the connection table (evicted when it was full, or closed while the sweep walked it) no longer counted",
+                                s.uncounted
+                            );
+                        }
                     }
-                    if s.uncounted > 0 {
-                        tracing::info!(
-                            "sweep: {} counted connections without an entry in the connection table (evicted when it was full, or closed while the sweep walked it) no longer counted",
-                            s.uncounted
-                        );
-                    }
-                }
-                Some(Err(e)) => tracing::warn!("sweeping the connection table: {e}"),
+                    Some(Err(e)) => tracing::warn!("sweeping the connection table: {e}"),
                 }
             }
             _ = sample.tick() => {

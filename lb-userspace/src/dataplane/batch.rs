@@ -14,7 +14,7 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// Entries per call.
-const CHUNK: u32 = 4096;
+pub(crate) const CHUNK: u32 = 4096;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]

@@ -3,6 +3,8 @@
 //! keeps the same contents in memory for host tests of the controller.
 
 mod batch;
+/// Entries a batch of a walk of a hash map reads at most (see `batch::hash_map_part`).
+pub(crate) const BATCH_ENTRIES: usize = batch::CHUNK as usize;
 pub mod fake;
 pub mod loader;
 pub mod packed;
