@@ -37,6 +37,14 @@ fn main() -> anyhow::Result<()> {
                 "cargo:warning=bpf-linker not found: building lb without its eBPF object \
                  (run scripts/bootstrap.sh for a complete build)"
             );
+            // Built again once bpf-linker is installed (a missing file is always stale, and
+            // this path is cheap): otherwise the objectless build stays until lb-ebpf changes.
+            for dir in env::split_paths(&env::var_os("PATH").unwrap_or_default()) {
+                println!(
+                    "cargo:rerun-if-changed={}",
+                    dir.join("bpf-linker").display()
+                );
+            }
         }
         if !dst.exists() {
             fs::write(&dst, b"").context("writing empty eBPF placeholder")?;

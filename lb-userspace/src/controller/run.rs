@@ -587,6 +587,12 @@ async fn event_loop(
                 }
             },
             Some((req, reply)) = rx.recv() => {
+                // Every connection whose SYN was handed over before the request is recorded
+                // and counted in what it reads (`lb status` would otherwise lag by up to the
+                // 10 ms between drains).
+                if deferring {
+                    ctl.drain_records();
+                }
                 let r = match req {
                     Request::Status => status(ctl, &mut samples, mode, started, flows, cluster.extra()),
                     Request::Vips => match &cluster.announcer {
