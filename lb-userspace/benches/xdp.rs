@@ -169,6 +169,8 @@ fn main() {
         Ok("health-syn") => return println!("{}", control::health_checks(CheckKind::Syn)),
         Ok("health-lb-tcp") => return println!("{}", control::daemon_health_checks("tcp")),
         Ok("health-lb-syn") => return println!("{}", control::daemon_health_checks("syn")),
+        // The apply of 1 000 services with the default table size alone (profiling).
+        Ok("apply") => return println!("{}", control::apply_default()),
         _ => {}
     }
     if std::env::var("LB_BENCH_ONLY").as_deref() == Ok("maglev") {

@@ -682,6 +682,12 @@ pub fn quiesce() {
     println!("  (the machine did not get quiet within 60 s; measuring anyway)");
 }
 
+/// The apply of 1 000 services × 10 backends with the default table size alone
+/// (`LB_BENCH_ONLY=apply`).
+pub fn apply_default() -> serde_json::Value {
+    apply(lb_common::limits::DEFAULT_RING_SIZE)
+}
+
 /// Everything of this part, for `results.json`.
 pub fn control_plane() -> serde_json::Value {
     // On every CPU, as `lb run` and `lb apply` run (the full bench has pinned this thread to

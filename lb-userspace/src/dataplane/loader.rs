@@ -1533,9 +1533,21 @@ impl Maps for Dataplane {
                     dirty,
                     prev,
                 } => {
-                    for i in 0..ring.len() {
-                        if let Some(v) = crate::desired::slot_value(ring, dirty, prev, i) {
-                            self.write_slot(base.wrapping_add(i as u32), v)?;
+                    if dirty.is_empty() {
+                        // No changed slot: every slot's value is its backend id (or the empty
+                        // slot's NO_BACKEND), as built. One run of stores (a table from scratch
+                        // is 65 537 slots by default, and a config holds up to 1 024).
+                        if !self.maps.ring.set_run(*base, &ring[..]) {
+                            return Err(LoaderError::RingIndex {
+                                index: base.saturating_add(ring.len() as u32),
+                                len: self.maps.ring.slots(),
+                            });
+                        }
+                    } else {
+                        for i in 0..ring.len() {
+                            if let Some(v) = crate::desired::slot_value(ring, dirty, prev, i) {
+                                self.write_slot(base.wrapping_add(i as u32), v)?;
+                            }
                         }
                     }
                     // A packed service's table written whole in place is packed again; one that
@@ -1555,10 +1567,20 @@ impl Maps for Dataplane {
                     let ring = &m.ring;
                     if let Some(p) = m.packed.as_mut() {
                         if packs(value) {
-                            p.pack(value.id, value.ring_base, value.ring_size, |i| {
-                                ring.get(value.ring_base.wrapping_add(i))
-                                    .unwrap_or(NO_BACKEND)
-                            });
+                            // The table as one run of the mapping (no bounds check a slot).
+                            match ring.run(value.ring_base, value.ring_size) {
+                                Some(run) => p.pack_values(
+                                    value.id,
+                                    value.ring_base,
+                                    value.ring_size,
+                                    run.iter()
+                                        .map(|s| s.load(std::sync::atomic::Ordering::Relaxed)),
+                                ),
+                                None => p.pack(value.id, value.ring_base, value.ring_size, |i| {
+                                    ring.get(value.ring_base.wrapping_add(i))
+                                        .unwrap_or(NO_BACKEND)
+                                }),
+                            }
                         } else {
                             p.unpack(value.id);
                         }

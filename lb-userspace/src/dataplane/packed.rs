@@ -58,6 +58,8 @@ pub struct Packer<W: PackedWords> {
     filled: bool,
     /// Backend id → index, while a table is packed (zero otherwise).
     scratch: Vec<u16>,
+    /// Slot → field value, while a table is packed.
+    fields: Vec<u8>,
 }
 
 /// Whether `v` (an `LB_RING` value) is an unchanged slot's: its backend id, no flags (the empty
@@ -75,6 +77,7 @@ impl<W: PackedWords> Packer<W> {
             svcs: BTreeMap::new(),
             filled,
             scratch: Vec::new(),
+            fields: Vec::new(),
         }
     }
 
@@ -116,6 +119,18 @@ impl<W: PackedWords> Packer<W> {
     /// value), after it was written. A service whose table overlaps is unpacked (its range was
     /// given to this one: it moved, or is going).
     pub fn pack(&mut self, id: u32, base: u32, size: u32, ring: impl Fn(u32) -> u32) {
+        self.pack_values(id, base, size, (0..size).map(ring));
+    }
+
+    /// [`Packer::pack`] given the table's `size` values in slot order (`LB_RING` read as a run,
+    /// without a bounds check per slot).
+    pub fn pack_values(
+        &mut self,
+        id: u32,
+        base: u32,
+        size: u32,
+        values: impl Iterator<Item = u32>,
+    ) {
         if !self.filled || id >= self.mem.services() {
             return;
         }
@@ -134,22 +149,34 @@ impl<W: PackedWords> Packer<W> {
             self.unpack(o);
         }
         // The distinct backends in slot order, each given its index in `scratch` (by backend
-        // id): two passes over the table, no sort (a table of 65 537 slots per service, 1 000
-        // services in a config).
+        // id), and every slot's field value in `fields`: one pass over the table, no sort (a
+        // table of 65 537 slots per service, 1 000 services in a config).
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.resize(MAX_BACKENDS as usize, 0);
+        let mut fields = std::mem::take(&mut self.fields);
+        fields.clear();
+        fields.resize(size as usize, 0);
         let mut distinct: Vec<u32> = Vec::new();
-        let mut n = 0usize;
-        for s in 0..size {
-            let v = ring(s);
-            if clean(v) && (v as usize) < scratch.len() && scratch[v as usize] == 0 {
-                n += 1;
-                if n < IDS {
-                    scratch[v as usize] = n as u16;
-                    distinct.push(v);
+        let mut overflow = false;
+        for (field, v) in fields.iter_mut().zip(values) {
+            let mut f = 0u16;
+            if clean(v) && (v as usize) < scratch.len() {
+                f = scratch[v as usize];
+                if f == 0 {
+                    if distinct.len() + 1 < IDS {
+                        distinct.push(v);
+                        f = distinct.len() as u16;
+                        scratch[v as usize] = f;
+                    } else {
+                        overflow = true;
+                    }
                 }
             }
+            // (Below IDS = 256: a byte.)
+            *field = f as u8;
         }
+        // More than 255 distinct backends: not packed (`bits_for` gives 0).
+        let n = if overflow { IDS } else { distinct.len() };
         let end_bit = (base as u64 + size as u64) * 8;
         let k = if end_bit > self.mem.words() as u64 * 64 || size == 0 {
             0
@@ -171,31 +198,49 @@ impl<W: PackedWords> Packer<W> {
                 svc.ids[j + 1] = *b;
                 self.mem.set_id(id, j + 1, *b as u16, Ordering::Relaxed);
             }
+            // How many fields hold each index: four tallies side by side (a run of slots of
+            // one backend does not wait on its own increments), added up.
+            let mut tally = [[0u32; IDS]; 4];
+            let mut quads = fields.chunks_exact(4);
+            for q in &mut quads {
+                tally[0][q[0] as usize] += 1;
+                tally[1][q[1] as usize] += 1;
+                tally[2][q[2] as usize] += 1;
+                tally[3][q[3] as usize] += 1;
+            }
+            for f in quads.remainder() {
+                tally[0][*f as usize] += 1;
+            }
+            for (f, c) in svc.counts.iter_mut().enumerate() {
+                *c = tally.iter().map(|t| t[f]).sum();
+            }
             // Whole words at once: the fields of the words this table covers, the bits of
-            // its neighbours' fields (first and last word) as they were.
-            let (first, last) = (bit_of(base, 0, k), bit_of(base, size, k));
+            // its neighbours' fields (first and last word) as they were. The table starts
+            // on a byte (bit 8·base) and fields of k ∈ {1, 2, 4, 8} bits never straddle
+            // words: each word takes the next (64 − shift) / k slots.
+            let first = bit_of(base, 0, k);
             let mut word = first >> 6;
-            let mut acc = self.mem.word(word) & ((1u64 << (first & 63)) - 1);
-            for s in 0..size {
-                let v = ring(s);
-                let f = if clean(v) {
-                    scratch.get(v as usize).map_or(0, |j| *j as usize)
-                } else {
-                    0
-                };
-                svc.counts[f] += 1;
-                let bit = bit_of(base, s, k);
-                if bit >> 6 != word {
+            let mut shift = first & 63;
+            let mut acc = self.mem.word(word) & ((1u64 << shift) - 1);
+            let mut rest: &[u8] = &fields;
+            while !rest.is_empty() {
+                let n = (((64 - shift) / k) as usize).min(rest.len());
+                for (j, f) in rest[..n].iter().enumerate() {
+                    acc |= (*f as u64) << (shift + j as u32 * k);
+                }
+                rest = &rest[n..];
+                shift += n as u32 * k;
+                if shift == 64 {
                     self.mem.set_word(word, acc);
-                    word = bit >> 6;
+                    word += 1;
+                    shift = 0;
                     acc = 0;
                 }
-                acc |= (f as u64) << (bit & 63);
             }
-            if last & 63 != 0 && last >> 6 == word {
-                acc |= self.mem.word(word) & !((1u64 << (last & 63)) - 1);
+            if shift != 0 {
+                acc |= self.mem.word(word) & !((1u64 << shift) - 1);
+                self.mem.set_word(word, acc);
             }
-            self.mem.set_word(word, acc);
         }
         self.end(id, h, k);
         self.svcs.insert(id, svc);
@@ -203,6 +248,7 @@ impl<W: PackedWords> Packer<W> {
             scratch[v as usize] = 0;
         }
         self.scratch = scratch;
+        self.fields = fields;
     }
 
     /// Every service id but `keep` is unpacked, whatever its header says (a copy adopted from

@@ -100,6 +100,33 @@ impl<A: Atom> Mem<A> {
         self.set_ordered(i, v, Ordering::Relaxed)
     }
 
+    /// The `len` slots from `start` on, or `None` when they do not all fit.
+    pub fn run(&self, start: u32, len: u32) -> Option<&[A]> {
+        if start as u64 + len as u64 > self.len as u64 {
+            return None;
+        }
+        // SAFETY: `start + len <= self.len`: inside the mapping, which lives as long as
+        // `self`; words are aligned to their size (the mapping is page-aligned).
+        Some(unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().add(start as usize), len as usize)
+        })
+    }
+
+    /// Writes `vals` to the slots from `start` on (one relaxed store each, in order); `false`,
+    /// writing nothing, when they do not all fit.
+    pub fn set_run(&self, start: u32, vals: &[A::Value]) -> bool {
+        let Some(run) = u32::try_from(vals.len())
+            .ok()
+            .and_then(|n| self.run(start, n))
+        else {
+            return false;
+        };
+        for (slot, v) in run.iter().zip(vals) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Writes slot `i` with `order`; `false` when it is out of range.
     pub fn set_ordered(&self, i: u32, v: A::Value, order: Ordering) -> bool {
         self.slot(i).map(|s| s.store(v, order)).is_some()

@@ -985,16 +985,22 @@ fn build_maglev_tables(
         jobs.iter().map(|i| (*i, build(&services[*i]))).collect()
     } else {
         let shared: &[DesiredService] = services;
+        // Each thread takes the next job when it is done with one (a CPU that is busy with
+        // something else, or slower, builds fewer tables; a fixed split waits for it).
+        let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let build = &build;
+                .map(|_| {
+                    let (build, next) = (&build, &next);
                     scope.spawn(move || {
-                        jobs.iter()
-                            .skip(t)
-                            .step_by(threads)
-                            .map(|i| (*i, build(&shared[*i])))
-                            .collect::<Vec<_>>()
+                        let mut out = Vec::new();
+                        loop {
+                            let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(i) = jobs.get(j) else {
+                                break out;
+                            };
+                            out.push((*i, build(&shared[*i])));
+                        }
                     })
                 })
                 .collect();
