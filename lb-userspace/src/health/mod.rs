@@ -5,6 +5,7 @@
 //! answering is marked down at most `fall × interval + timeout` (plus scheduling jitter) after
 //! its last successful check.
 
+mod mmsg;
 pub mod tasks;
 pub mod tcp;
 mod wheel;
