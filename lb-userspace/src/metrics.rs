@@ -5,12 +5,14 @@
 //! controller accumulates ([`Telemetry`]: health check durations, reloads). Names follow the
 //! Prometheus conventions: counters end in `_total`, units in the name (`_bytes`, `_seconds`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use lb_common::LAYOUT_VERSION;
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet, text::encode},
+    metrics::{
+        MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge, info::Info,
+    },
     registry::Registry,
 };
 
@@ -23,31 +25,72 @@ const DURATION_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 8.0,
 ];
 
+/// A histogram of check durations over [`DURATION_BUCKETS`] (and +Inf), encoded as
+/// prometheus-client's own `Histogram` is, kept as plain counters in one allocation (two cache
+/// lines): with 10 000 backends checked every second, each observation of a `Histogram` (a
+/// lock, and a bucket list of its own to scan) was a fifth of the controller's time in `lb run`.
+#[derive(Clone, Debug, Default)]
+pub struct Durations(std::sync::Arc<DurationCounts>);
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct DurationCounts {
+    /// Observations per bucket (not cumulative), the last one +Inf.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    count: AtomicU64,
+    /// Their sum in nanoseconds.
+    sum_ns: AtomicU64,
+}
+
+impl Durations {
+    /// One observation of `seconds`, in the first bucket whose bound is at least it.
+    pub fn observe(&self, seconds: f64) {
+        let i = DURATION_BUCKETS
+            .iter()
+            .take_while(|b| **b < seconds)
+            .count();
+        let c = &self.0;
+        c.buckets[i].fetch_add(1, Ordering::Relaxed);
+        c.count.fetch_add(1, Ordering::Relaxed);
+        c.sum_ns
+            .fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(c.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let sum = c.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, c.count.load(Ordering::Relaxed), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Each backend's health-check histograms, by backend id: [failed, passed]. Ids name other
 /// backends after a reload, which therefore forgets them all.
-type CheckSeries = Vec<[Option<Histogram>; 2]>;
+type CheckSeries = Vec<[Option<Durations>; 2]>;
 
 /// What the controller accumulates for the metrics over its life.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Telemetry {
-    health_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    health_duration: Family<Labels, Durations>,
     reloads: Family<Labels, Counter>,
     /// The series each backend's checks go to, found once (10 000 backends checked every
     /// second made the label lookup, with its seven strings, a measurable cost).
     series: std::sync::Arc<std::sync::Mutex<CheckSeries>>,
-}
-
-impl Default for Telemetry {
-    fn default() -> Self {
-        fn histogram() -> Histogram {
-            Histogram::new(DURATION_BUCKETS)
-        }
-        Telemetry {
-            health_duration: Family::new_with_constructor(histogram),
-            reloads: Family::default(),
-            series: Default::default(),
-        }
-    }
 }
 
 impl Telemetry {
@@ -368,6 +411,29 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Durations` reads exactly as prometheus-client's own histogram with the same buckets
+    /// and observations (bucket edges, +Inf, the sum and count included).
+    #[test]
+    fn durations_encode_as_a_histogram_does() {
+        use prometheus_client::metrics::histogram::Histogram;
+        let ours = Durations::default();
+        let theirs = Histogram::new(DURATION_BUCKETS);
+        for v in [
+            0.0, 0.0001, 0.0005, 0.00051, 0.001, 0.003, 0.01, 0.25, 0.9, 1.0, 7.5, 8.0, 8.5, 30.0,
+        ] {
+            ours.observe(v);
+            theirs.observe(v);
+        }
+        fn text(m: impl prometheus_client::registry::Metric) -> String {
+            let mut r = Registry::default();
+            r.register("d", "h", m);
+            let mut out = String::new();
+            encode(&mut out, &r).unwrap();
+            out
+        }
+        assert_eq!(text(ours), text(theirs), "the same exposition");
+    }
 
     /// Names of every global counter, so the test can check none is left out.
     fn counter_names() -> impl Iterator<Item = &'static str> {

@@ -13,8 +13,10 @@ use std::{
 
 use socket2::SockAddr;
 
-/// A TCP SYN without options: the segment alone (the kernel adds the IP header).
+/// A TCP SYN without options: the segment alone.
 pub const SEG: usize = 20;
+/// Room for a SYN with its IPv4 header (IPv4 raw sockets send it whole: `IP_HDRINCL`).
+pub const PKT: usize = 40;
 
 /// One SYN to send.
 pub struct Outgoing {
@@ -22,7 +24,9 @@ pub struct Outgoing {
     pub key: u64,
     /// The backend's address (port 0: raw sockets take none).
     pub to: SockAddr,
-    pub seg: [u8; SEG],
+    /// The datagram: `pkt[..len]`.
+    pub pkt: [u8; PKT],
+    pub len: usize,
 }
 
 /// Most messages one `sendmmsg` takes (the kernel's `UIO_MAXIOV`).
@@ -35,8 +39,8 @@ pub fn send_all(fd: RawFd, out: &[Outgoing]) -> Vec<(usize, io::Error)> {
     let mut iovs: Vec<libc::iovec> = out
         .iter()
         .map(|o| libc::iovec {
-            iov_base: o.seg.as_ptr().cast_mut().cast(),
-            iov_len: SEG,
+            iov_base: o.pkt.as_ptr().cast_mut().cast(),
+            iov_len: o.len.min(PKT),
         })
         .collect();
     let mut hdrs: Vec<libc::mmsghdr> = out
@@ -228,7 +232,8 @@ mod tests {
             .map(|i| Outgoing {
                 key: i as u64,
                 to: to.clone(),
-                seg: [i; SEG],
+                pkt: [i; PKT],
+                len: SEG,
             })
             .collect();
         // Port 0 cannot be sent to.
