@@ -99,10 +99,14 @@ impl Walk {
     fn best() -> Walk {
         static BEST: std::sync::OnceLock<Walk> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            if wide::available() {
-                Walk::calibrate()
-            } else {
+            if !wide::available() {
                 Walk::Scalar
+            } else if cfg!(debug_assertions) {
+                // Unoptimised builds (tests, development): timing them says nothing, and the
+                // sample builds would cost a second.
+                Walk::Wide
+            } else {
+                Walk::calibrate()
             }
         })
     }
