@@ -116,9 +116,10 @@ pub fn next_step_budget(budget: usize, took: Duration) -> usize {
 /// How long a changed slot of an `"at_syn"` TCP service keeps its previous backend while the
 /// packet path hands SYNs to the controller (`dataplane.defer_records`): the connections whose
 /// SYN went through the slot before the change and whose records the controller has not drained
-/// yet reach their backend by it. The controller drains `LB_RECORD` before every map write and
-/// every 10 ms, so this is a margin of two orders of magnitude (and a drain waits this long for
-/// a drained backend's unrecorded connections).
+/// yet reach their backend by it. The controller drains `LB_RECORD` before every map write, and
+/// every 10 ms while records come (50 ms after a drain that found none), so this is a margin of
+/// 40 times or more (and a drain waits this long for a drained backend's unrecorded
+/// connections).
 pub const DEFER_WINDOW_NS: u64 = 2_000_000_000;
 /// Records the controller takes from `LB_RECORD` per read, and per drain at most (the ring
 /// holds 65 535; the rest wait for the next drain, 10 ms later).
@@ -347,8 +348,8 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
 
     /// Makes the connection-table entries the packet path handed over through `LB_RECORD`
     /// (`dataplane.defer_records`; at most [`RECORD_DRAIN_MAX`] a call). (Flow sharing: the
-    /// packet path reported them when it handed them over.)
-    pub fn drain_records(&mut self) {
+    /// packet path reported them when it handed them over.) Returns how many it took.
+    pub fn drain_records(&mut self) -> usize {
         let mut taken = 0;
         while taken < RECORD_DRAIN_MAX {
             let batch = self.maps.take_records(RECORD_BATCH);
@@ -369,6 +370,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
                 break;
             }
         }
+        taken
     }
 
     /// Stops handing SYNs to the controller (`lb run` exits: they are recorded on the packet

@@ -557,9 +557,14 @@ async fn event_loop(
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_tick = tokio::time::interval(Duration::from_millis(100));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // LB_RECORD (dataplane.defer_records): the SYNs handed over are recorded within 10 ms.
-    let mut records = tokio::time::interval(Duration::from_millis(10));
-    records.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // LB_RECORD (dataplane.defer_records): the SYNs handed over are recorded within 10 ms while
+    // they come; after a drain that found none the next is 50 ms later (an idle controller
+    // does not wake 100 times a second for nothing; a burst meanwhile waits in LB_RECORD, and
+    // every map write, sweep and control request drains it first).
+    const RECORDS_BUSY: Duration = Duration::from_millis(10);
+    const RECORDS_IDLE: Duration = Duration::from_millis(50);
+    let records = tokio::time::sleep(RECORDS_BUSY);
+    tokio::pin!(records);
     let deferring = crate::dataplane::Maps::defers_records(ctl.maps());
     take_sample(ctl, &mut samples);
     cluster
@@ -689,7 +694,10 @@ async fn event_loop(
                 let fresh = ctl.snapshot().ok();
                 cluster.announce(ctl, fresh.as_ref()).await;
             }
-            _ = records.tick(), if deferring => ctl.drain_records(),
+            () = &mut records, if deferring => {
+                let next = if ctl.drain_records() > 0 { RECORDS_BUSY } else { RECORDS_IDLE };
+                records.as_mut().reset(tokio::time::Instant::now() + next);
+            }
             Some(ev) = nrx.recv() => ctl.on_neighbour(ev),
             _ = probe_tick.tick() => ctl.tick(),
             _ = sweep.tick() => {
