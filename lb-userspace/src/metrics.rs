@@ -34,7 +34,7 @@ pub struct Durations(std::sync::Arc<DurationCounts>);
 
 #[derive(Debug, Default)]
 #[repr(align(64))]
-pub struct DurationCounts {
+struct DurationCounts {
     /// Observations per bucket (not cumulative), the last one +Inf.
     buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
     count: AtomicU64,

@@ -115,14 +115,23 @@ impl Default for Inbox {
 /// (`SO_TIMESTAMPNS`), which [`Inbox::stamp`] returns: a check's duration does not depend on
 /// when the checker got round to reading its reply.
 pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid descriptor, and a pointer to a c_int with its exact length.
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+}
+
+/// `setsockopt(fd, level, name, value)` for an option that takes a C int.
+pub fn set_int_option(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: a pointer to a c_int with its exact length; the kernel checks the descriptor.
     let r = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -677,26 +677,17 @@ impl Raw {
     }
 }
 
-/// Sets DF on the socket's IPv4 packets (`IP_PMTUDISC_DO`): a SYN never needs fragmenting, and
-/// the kernel then skips picking a random IP identification per packet (its hashed `ip_idents`
-/// table was the costliest step of sending a SYN).
+/// Sets DF on the socket's IPv4 packets (`IP_PMTUDISC_DO`): a SYN never needs fragmenting.
+/// (Its SYNs now carry DF and a non-zero identification in the header this thread writes,
+/// `syn_packet_v4`; before that, DF spared the kernel its hashed `ip_idents` table, the costliest
+/// step of sending a SYN.)
 fn dont_fragment(s: &Socket) -> io::Result<()> {
-    let v: libc::c_int = libc::IP_PMTUDISC_DO;
-    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact length.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    mmsg::set_int_option(
+        s.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )
 }
 
 /// The source address the kernel uses toward `dst` (a connected UDP socket's local address;
