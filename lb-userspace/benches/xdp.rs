@@ -502,6 +502,19 @@ fn main() {
     std::fs::write(&path, &text).expect("write result");
     plots(&doc, &dir);
     println!("results: {}", path.canonicalize().unwrap_or(path).display());
+    // A part that failed twice is in the results with its error; the run fails after writing
+    // them.
+    let failed: Vec<&String> = doc["control_plane"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.get("error").is_some())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "parts failed (see results.json): {failed:?}"
+    );
 }
 
 /// A SYN flood: new 5-tuples without end into a 65 536-entry table (every insert evicts once it

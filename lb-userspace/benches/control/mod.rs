@@ -735,23 +735,36 @@ pub fn daemon_health_checks(kind: &str) -> serde_json::Value {
 /// namespaces and tables in the background, in softirq context, which is charged to whatever
 /// runs).
 fn isolated(only: &str) -> serde_json::Value {
-    quiesce();
-    let exe = std::env::current_exe().expect("the bench's own path");
-    let out = std::process::Command::new(exe)
-        .arg("--bench")
-        .env("LB_BENCH_ONLY", only)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run the bench for one health figure");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines().filter(|l| !l.starts_with('{')) {
-        println!("{line}");
+    // Once more if it fails (a check failing beyond the 1 % allowed, on a host slow for a
+    // moment); then its error goes into the results, and the parts after it still run.
+    let mut last = String::new();
+    for attempt in 0..2 {
+        if attempt > 0 {
+            println!("  (LB_BENCH_ONLY={only} failed; once more)");
+        }
+        quiesce();
+        let exe = std::env::current_exe().expect("the bench's own path");
+        let out = std::process::Command::new(exe)
+            .arg("--bench")
+            .env("LB_BENCH_ONLY", only)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run the bench for one health figure");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().filter(|l| !l.starts_with('{')) {
+            println!("{line}");
+        }
+        let json = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        match json {
+            Some(v) if out.status.success() => return v,
+            _ => last = format!("LB_BENCH_ONLY={only} failed ({}): {text}", out.status),
+        }
     }
-    assert!(out.status.success(), "LB_BENCH_ONLY={only} failed: {text}");
-    text.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("LB_BENCH_ONLY={only}: no JSON result in {text}"))
+    println!("  {last}");
+    serde_json::json!({ "error": last })
 }
 
 /// Waits until every CPU was at least 97 % idle over a second (at most 60 s).
