@@ -32,9 +32,20 @@ pub struct Outgoing {
 /// Most messages one `sendmmsg` takes (the kernel's `UIO_MAXIOV`).
 const MAX_BATCH: usize = 1024;
 
-/// Sends every segment of `out` from `fd` (a raw socket) in as few calls as it takes. Returns
-/// the indexes into `out` that the kernel refused, each with its error; the others went out.
-pub fn send_all(fd: RawFd, out: &[Outgoing]) -> Vec<(usize, io::Error)> {
+/// What [`send_all`] did with a batch.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Indexes into the batch that the kernel refused, each with its error.
+    pub failed: Vec<(usize, io::Error)>,
+    /// The first index not tried: the socket's send buffer was full (`EAGAIN`); this one and
+    /// those after it are to be sent later. The batch's length when all were tried.
+    pub unsent_from: usize,
+}
+
+/// Sends every segment of `out` from `fd` (a non-blocking raw socket) in as few calls as it
+/// takes, until the socket's send buffer is full (then [`Sent::unsent_from`] says where to go
+/// on); the segments not refused went out.
+pub fn send_all(fd: RawFd, out: &[Outgoing]) -> Sent {
     let mut failed = Vec::new();
     let mut iovs: Vec<libc::iovec> = out
         .iter()
@@ -65,12 +76,16 @@ pub fn send_all(fd: RawFd, out: &[Outgoing]) -> Vec<(usize, io::Error)> {
         let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr().add(at), n, 0) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                // The buffer is full of SYNs the kernel has not sent yet: the rest later.
+                io::ErrorKind::WouldBlock => break,
+                // The error is the first remaining message's: it failed, the rest are retried.
+                _ => {
+                    failed.push((at, e));
+                    at += 1;
+                }
             }
-            // The error is the first remaining message's: it failed, the rest are retried.
-            failed.push((at, e));
-            at += 1;
         } else if r == 0 {
             failed.push((at, io::Error::other("sendmmsg sent nothing")));
             at += 1;
@@ -78,7 +93,24 @@ pub fn send_all(fd: RawFd, out: &[Outgoing]) -> Vec<(usize, io::Error)> {
             at += r as usize;
         }
     }
-    failed
+    Sent {
+        failed,
+        unsent_from: at,
+    }
+}
+
+/// Sets a socket buffer (`SO_SNDBUF`, `SO_RCVBUF`) to `bytes`, beyond the host's
+/// `net.core.wmem_max`/`rmem_max` where the process may (`SO_*BUFFORCE`, CAP_NET_ADMIN);
+/// otherwise as far as those allow.
+pub fn set_buffer(fd: RawFd, receive: bool, bytes: usize) -> io::Result<()> {
+    let (force, plain) = if receive {
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)
+    } else {
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)
+    };
+    let v = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    set_int_option(fd, libc::SOL_SOCKET, force, v)
+        .or_else(|_| set_int_option(fd, libc::SOL_SOCKET, plain, v))
 }
 
 /// Room for one reply: an IPv4 header with options (60 bytes) and a TCP header with options
@@ -247,7 +279,9 @@ mod tests {
             .collect();
         // Port 0 cannot be sent to.
         out[50].to = SockAddr::from(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-        let failed = send_all(tx.as_raw_fd(), &out);
+        let sent = send_all(tx.as_raw_fd(), &out);
+        assert_eq!(sent.unsent_from, out.len(), "every one tried");
+        let failed = sent.failed;
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert_eq!(failed[0].0, 50);
         let mut inbox = Inbox::default();
@@ -271,5 +305,52 @@ mod tests {
             .map(|i| vec![i; SEG])
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// A full send buffer stops the batch without failing anything: what was not tried is sent
+    /// later, from where it stopped. (A Unix datagram socket's receiver takes only
+    /// `net.unix.max_dgram_qlen` unread datagrams; then the sender gets EAGAIN.)
+    #[test]
+    fn a_full_buffer_leaves_the_rest_for_later() {
+        let dir = std::env::temp_dir().join(format!("lb-mmsg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rx");
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let to = SockAddr::unix(&path).unwrap();
+        let out: Vec<Outgoing> = (0..200u8)
+            .map(|i| Outgoing {
+                key: i as u64,
+                to: to.clone(),
+                pkt: [i; PKT],
+                len: SEG,
+            })
+            .collect();
+        let mut got = Vec::new();
+        let (mut at, mut stops) = (0, 0);
+        for _ in 0..1000 {
+            let sent = send_all(tx.as_raw_fd(), &out[at..]);
+            assert!(sent.failed.is_empty(), "{:?}", sent.failed);
+            if sent.unsent_from < out.len() - at {
+                stops += 1;
+            }
+            at += sent.unsent_from;
+            let mut buf = [0u8; PKT];
+            while let Ok(n) = rx.recv(&mut buf) {
+                got.push(buf[..n].to_vec());
+            }
+            if at == out.len() {
+                break;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(at, out.len());
+        assert!(stops > 0, "the receiver's queue never filled");
+        assert!(got.len() == out.len(), "{} arrived", got.len());
+        let want: Vec<Vec<u8>> = (0..200u8).map(|i| vec![i; SEG]).collect();
+        assert_eq!(got, want, "all of them, in order, once");
     }
 }
