@@ -5,7 +5,8 @@
 //! every second, a task per check costs two timers, a reactor registration and deregistration,
 //! a readiness check and a wake-up each, about 22 % of a core in all on the benchmark machine.
 //! Here a check is `socket`, `setsockopt` (close with a reset), `connect`, `epoll_ctl` and
-//! `close`; completions are collected every 10 ms while checks are in flight (`TICK`).
+//! `close`; completions are collected every tick while checks are in flight (`tick`: 20 ms at
+//! a 1-s interval).
 //!
 //! `syn` checks (half-open) cost less still: no socket per check. A SYN is sent from a raw socket
 //! with a source port this thread reserves (a bound, never listening socket holds it); the
@@ -109,17 +110,27 @@ enum Probe {
 const RAW4: Token = Token(usize::MAX - 1);
 const RAW6: Token = Token(usize::MAX - 2);
 
-/// While checks are in flight, completions are collected this often (batched: one
+/// While checks are in flight, completions are collected every tick (batched: one
 /// `epoll_wait` for all that finished meanwhile, then one `recvmmsg` per 64 `syn` replies),
 /// and the checks that fell due meanwhile start together (their SYNs in one `sendmmsg`). Each
 /// wake-up of the thread costs a context switch and a timer (VM exits on a VM); at 10 000
 /// checks a second, 4 ms instead of 1 ms took the checker from about 11 % to about 9.5 % of a
-/// core (AMD EPYC Zen 4 VM), 10 ms instead of 4 ms from 10.9 % to 9.0 % (Zen 5 VM). The
-/// price: a check starts, and a timeout is seen, up to 10 ms late; a
-/// `syn` check's duration is still exact (the kernel stamps its reply's arrival), a passing
-/// `tcp` check's is its handshake's round trip as the kernel measured it (`TCP_INFO`), a failing
-/// one's is rounded up to the next collection.
-const TICK: Duration = Duration::from_millis(10);
+/// core (AMD EPYC Zen 4 VM), 10 ms instead of 4 ms from 10.9 % to 9.0 % (Zen 5 VM). The tick
+/// is a fiftieth of the shortest interval checked, between [`TICK_MIN`] and [`TICK_MAX`]
+/// (20 ms at the default 1 s interval): a check starts, and a timeout is seen, at most 2 % of
+/// its interval late, within the ±10 % the schedule's jitter allows anyway. A `syn` check's
+/// duration is still exact (the kernel stamps its reply's arrival), a passing `tcp` check's is
+/// its handshake's round trip as the kernel measured it (`TCP_INFO`), a failing one's is
+/// rounded up to the next collection.
+fn tick(shortest_interval_ms: u32) -> Duration {
+    (Duration::from_millis(shortest_interval_ms as u64) / TICKS_PER_INTERVAL)
+        .clamp(TICK_MIN, TICK_MAX)
+}
+
+/// See [`tick`].
+const TICKS_PER_INTERVAL: u32 = 50;
+const TICK_MIN: Duration = Duration::from_millis(1);
+const TICK_MAX: Duration = Duration::from_millis(20);
 /// How long finished checks may wait to be handed to the controller when none of them can
 /// change a backend's state (their results carry their own finish times): a passing check
 /// after `rise` passing ones in a row changes nothing but the metrics. A result that may
@@ -142,6 +153,8 @@ struct Runner {
     /// When `out` was last sent.
     flushed: Instant,
     backends: IdMap<Backend>,
+    /// How many backends are checked at each interval (ms), for the tick.
+    intervals: std::collections::BTreeMap<u32, usize>,
     /// (id, epoch) of the next checks, by due time.
     due: Wheel<(BackendId, u64)>,
     /// Checks in flight by key (the epoll token; keys are never reused).
@@ -176,6 +189,7 @@ impl Runner {
             urgent: false,
             flushed: Instant::now(),
             backends: IdMap::new(),
+            intervals: std::collections::BTreeMap::new(),
             due: Wheel::new(Instant::now()),
             inflight: HashMap::new(),
             deadlines: Wheel::new(Instant::now()),
@@ -217,7 +231,7 @@ impl Runner {
                     .min(IDLE)
                     .min(flush)
             } else {
-                std::thread::sleep(TICK);
+                std::thread::sleep(self.tick());
                 Duration::ZERO
             };
             if let Err(e) = self.poll.poll(&mut events, Some(wait))
@@ -240,7 +254,7 @@ impl Runner {
                         (Err(connect_error(s)), None)
                     }
                     // Connected: its duration is the handshake's round trip as the kernel
-                    // measured it, not the time until this collection (up to a TICK later).
+                    // measured it, not the time until this collection (up to a tick later).
                     Probe::Connect(s) => (Ok(()), handshake_rtt(s)),
                     Probe::Syn { .. } => (Ok(()), None),
                 };
@@ -288,7 +302,8 @@ impl Runner {
                 let seed = lb_common::hash::bytes_hash(7, spec.label.as_bytes());
                 let offset = Duration::from_millis(seed % spec.cfg.interval_ms.max(1) as u64);
                 self.due.push(Instant::now() + offset, (id, epoch));
-                self.backends.insert(
+                *self.intervals.entry(spec.cfg.interval_ms).or_default() += 1;
+                let old = self.backends.insert(
                     id,
                     Backend {
                         token,
@@ -300,11 +315,31 @@ impl Runner {
                         passes: 0,
                     },
                 );
+                if let Some(old) = old {
+                    self.forget_interval(old.spec.cfg.interval_ms);
+                }
             }
             Cmd::Remove(id) => {
-                self.backends.remove(&id);
+                if let Some(old) = self.backends.remove(&id) {
+                    self.forget_interval(old.spec.cfg.interval_ms);
+                }
             }
         }
+    }
+
+    /// One backend fewer is checked at `interval_ms`.
+    fn forget_interval(&mut self, interval_ms: u32) {
+        if let Some(n) = self.intervals.get_mut(&interval_ms) {
+            *n -= 1;
+            if *n == 0 {
+                self.intervals.remove(&interval_ms);
+            }
+        }
+    }
+
+    /// The collection tick for the backends checked now (see [`tick`]).
+    fn tick(&self) -> Duration {
+        tick(self.intervals.keys().next().copied().unwrap_or(1000))
     }
 
     /// Starts every check due by `now` (stale timers are dropped).
@@ -538,7 +573,7 @@ impl Runner {
         };
         self.syns.remove(&reply.ack.wrapping_sub(1));
         if let Some(f) = self.inflight.remove(&key) {
-            // Its duration up to the reply's arrival, not to this read (up to a TICK later).
+            // Its duration up to the reply's arrival, not to this read (up to a tick later).
             let took = arrived.and_then(|t| t.duration_since(f.sent).ok());
             self.finish_after(f, result, took);
         }
@@ -857,6 +892,16 @@ fn parse_reply(buf: &[u8], v4: bool, port: u16) -> Option<Reply> {
 
 #[cfg(test)]
 mod tests {
+    /// The tick is a fiftieth of the shortest interval, within its bounds.
+    #[test]
+    fn the_tick_follows_the_shortest_interval() {
+        assert_eq!(tick(1000), Duration::from_millis(20));
+        assert_eq!(tick(500), Duration::from_millis(10));
+        assert_eq!(tick(100), Duration::from_millis(2));
+        assert_eq!(tick(10), TICK_MIN);
+        assert_eq!(tick(60_000), TICK_MAX);
+    }
+
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
