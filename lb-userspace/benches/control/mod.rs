@@ -80,6 +80,9 @@ fn ms(d: Duration) -> f64 {
 /// weight changes and the reload writes only what changed (counted, and checked against the
 /// slots that differ).
 fn apply(ring_size: u32) -> serde_json::Value {
+    // Once the machine is quiet: the kernel frees the parts before (the last apply's data
+    // plane, the 1M-entry tables) in the background, on the CPUs the tables are built on.
+    quiesce();
     let text = big_config(ring_size);
     let t0 = Instant::now();
     let cfg = Config::parse(&text, Path::new("bench.toml")).expect("valid bench config");
