@@ -606,20 +606,10 @@ impl Runner {
     /// Adds a result to the next batch for the controller, noting whether it may change its
     /// backend's state (then the batch goes at the end of this pass, see [`FLUSH`]).
     fn record(&mut self, r: CheckResult) {
-        if let Some(b) = self.backends.get_mut(&r.id) {
-            let rise = b.spec.cfg.rise.clamp(1, u16::MAX as u32) as u16;
-            if r.result.is_ok() {
-                // The first `rise` passes after a failure may bring the backend up.
-                self.urgent |= b.passes < rise;
-                b.passes = b.passes.saturating_add(1).min(rise);
-            } else {
-                // A failure may take it down.
-                self.urgent = true;
-                b.passes = 0;
-            }
-        } else {
-            self.urgent = true;
-        }
+        self.urgent |= match self.backends.get_mut(&r.id) {
+            Some(b) => may_change_state(&mut b.passes, b.spec.cfg.rise, r.result.is_ok()),
+            None => true,
+        };
         self.out.push(r);
     }
 
@@ -633,6 +623,21 @@ impl Runner {
         let interval = Duration::from_millis(b.spec.cfg.interval_ms as u64);
         let next = interval.mul_f64(0.9 + j as f64 / 1000.0);
         self.due.push(started + next, (id, epoch));
+    }
+}
+
+/// Whether a check result may change its backend's state, given the passes in a row before it
+/// (`passes`, updated): a failure may take the backend down, and so may the first `rise` passes
+/// after one bring it up; a pass after `rise` passes in a row changes nothing.
+fn may_change_state(passes: &mut u16, rise: u32, ok: bool) -> bool {
+    let rise = rise.clamp(1, u16::MAX as u32) as u16;
+    if ok {
+        let first = *passes < rise;
+        *passes = passes.saturating_add(1).min(rise);
+        first
+    } else {
+        *passes = 0;
+        true
     }
 }
 
@@ -892,6 +897,25 @@ fn parse_reply(buf: &[u8], v4: bool, port: u16) -> Option<Reply> {
 
 #[cfg(test)]
 mod tests {
+    /// Failures, and the first `rise` passes after one, may change a state (they go to the
+    /// controller at once); the passes after those may wait.
+    #[test]
+    fn only_results_that_may_change_a_state_are_urgent() {
+        let mut passes = 0u16;
+        let urgent: Vec<bool> = [true, true, true, true, false, true, true, false, true]
+            .iter()
+            .map(|ok| may_change_state(&mut passes, 2, *ok))
+            .collect();
+        assert_eq!(
+            urgent,
+            [true, true, false, false, true, true, true, true, true]
+        );
+        // rise 0 counts as 1 (a pass after a pass changes nothing).
+        let mut passes = 0u16;
+        assert!(may_change_state(&mut passes, 0, true));
+        assert!(!may_change_state(&mut passes, 0, true));
+    }
+
     /// The tick is a fiftieth of the shortest interval, within its bounds.
     #[test]
     fn the_tick_follows_the_shortest_interval() {
