@@ -259,6 +259,18 @@ mod tests {
 
     use super::*;
 
+    /// `n` segments to `to`, the `i`th filled with the byte `i`.
+    fn numbered(to: &SockAddr, n: u8) -> Vec<Outgoing> {
+        (0..n)
+            .map(|i| Outgoing {
+                key: i as u64,
+                to: to.clone(),
+                pkt: [i; PKT],
+                len: SEG,
+            })
+            .collect()
+    }
+
     /// Datagrams sent in one batch all arrive, in order, and are read back in batches; one
     /// to an address the kernel refuses fails alone.
     #[test]
@@ -269,14 +281,7 @@ mod tests {
         let before = SystemTime::now();
         let to = SockAddr::from(rx.local_addr().unwrap());
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut out: Vec<Outgoing> = (0..100u8)
-            .map(|i| Outgoing {
-                key: i as u64,
-                to: to.clone(),
-                pkt: [i; PKT],
-                len: SEG,
-            })
-            .collect();
+        let mut out = numbered(&to, 100);
         // Port 0 cannot be sent to.
         out[50].to = SockAddr::from(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
         let sent = send_all(tx.as_raw_fd(), &out);
@@ -321,14 +326,7 @@ mod tests {
         let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
         tx.set_nonblocking(true).unwrap();
         let to = SockAddr::unix(&path).unwrap();
-        let out: Vec<Outgoing> = (0..200u8)
-            .map(|i| Outgoing {
-                key: i as u64,
-                to: to.clone(),
-                pkt: [i; PKT],
-                len: SEG,
-            })
-            .collect();
+        let out = numbered(&to, 200);
         let mut got = Vec::new();
         let (mut at, mut stops) = (0, 0);
         for _ in 0..1000 {
