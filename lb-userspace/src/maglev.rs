@@ -47,6 +47,15 @@ pub const EMPTY: u32 = u32::MAX;
 /// Builds a table of `m` slots (m prime). Each slot holds an index into `entries`, or
 /// [`EMPTY`] when no entry has a non-zero weight.
 pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
+    let index: Vec<u32> = (0..entries.len() as u32).collect();
+    build_values(entries, &index, m)
+}
+
+/// [`build`] with `values[i]` in the slots of `entries[i]` instead of its index (the caller's
+/// ids, written as the table is built: no second pass over it). [`EMPTY`] where no entry
+/// has a non-zero weight.
+pub fn build_values(entries: &[Entry<'_>], values: &[u32], m: u32) -> Vec<u32> {
+    assert_eq!(entries.len(), values.len(), "a value per entry");
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by(|&a, &b| entries[a].id.cmp(entries[b].id));
     let perms: Vec<(Permutation, u32)> = order
@@ -54,8 +63,9 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
         .map(|&i| (Permutation::of(entries[i].id, m as u64), entries[i].weight))
         .collect();
     // The slots name the entries themselves (not their place in the turn order).
+    let slot_values: Vec<u32> = order.iter().map(|&i| values[i]).collect();
     let walk = Walk::for_size(m);
-    build_with(&perms, Some(&order), m, walk, walk.tail())
+    build_with(&perms, Some(&slot_values), m, walk, walk.tail())
 }
 
 /// The core of [`build`], for given permutations (in turn order) and weights. Slots hold
@@ -165,7 +175,7 @@ impl Walk {
 /// `perms[i]` (`i` without `ids`).
 fn build_with(
     perms: &[(Permutation, u32)],
-    ids: Option<&[usize]>,
+    ids: Option<&[u32]>,
     m: u32,
     walk: Walk,
     tail: usize,
@@ -196,7 +206,7 @@ fn build_with(
 /// without `ids`).
 fn players(
     perms: &[(Permutation, u32)],
-    ids: Option<&[usize]>,
+    ids: Option<&[u32]>,
     quotas: &[u64],
     m: u32,
 ) -> Vec<Player> {
@@ -210,7 +220,7 @@ fn players(
                 skip,
                 back: skip.wrapping_sub(m64),
                 left: quotas[i] as u32,
-                index: ids.map_or(i, |ids| ids[i]) as u32,
+                index: ids.map_or(i as u32, |ids| ids[i]),
             }
         })
         .collect()

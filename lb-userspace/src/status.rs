@@ -143,7 +143,7 @@ pub fn build(v: &View<'_>, samples: &Samples<'_>, p: &Process<'_>) -> api::Statu
             port: cs.port,
             protocol: cs.protocol.to_string(),
             scheduler: cs.scheduler.name().to_owned(),
-            ring_digest: format!("{:016x}", ds.ring_digest),
+            ring_digest: format!("{:016x}", ds.ring_digest()),
             changed_slots: ds.dirty.len() as u64,
             ring_size: ds.value.ring_size,
             packed_bits: v.packed.get(&ds.value.id).copied().unwrap_or(0),

@@ -64,6 +64,28 @@ pub struct Packer<W: PackedWords> {
 
 /// Whether `v` (an `LB_RING` value) is an unchanged slot's: its backend id, no flags (the empty
 /// slot's `NO_BACKEND` has [`RING_DIRTY`] too).
+/// `fields` (a whole number of words' worth: 64/k each) packed `k` bits a field, the first
+/// field in a word's lowest bits, handed to `put` word by word (a loop per width: the fields
+/// of a word combined with constant shifts).
+fn whole_words(fields: &[u8], k: u32, mut put: impl FnMut(u64)) {
+    /// One word of `N` = 64/`K` fields of `K` bits.
+    #[inline(always)]
+    fn word<const K: u32, const N: usize>(c: &[u8]) -> u64 {
+        let c: &[u8; N] = c.try_into().expect("a word's fields");
+        let mut w = 0u64;
+        for (j, f) in c.iter().enumerate() {
+            w |= (*f as u64) << (j as u32 * K);
+        }
+        w
+    }
+    match k {
+        8 => fields.chunks_exact(8).for_each(|c| put(word::<8, 8>(c))),
+        4 => fields.chunks_exact(16).for_each(|c| put(word::<4, 16>(c))),
+        2 => fields.chunks_exact(32).for_each(|c| put(word::<2, 32>(c))),
+        _ => fields.chunks_exact(64).for_each(|c| put(word::<1, 64>(c))),
+    }
+}
+
 fn clean(v: u32) -> bool {
     v & RING_DIRTY == 0
 }
@@ -224,6 +246,17 @@ impl<W: PackedWords> Packer<W> {
             let mut acc = self.mem.word(word) & ((1u64 << shift) - 1);
             let mut rest: &[u8] = &fields;
             while !rest.is_empty() {
+                if shift == 0 && rest.len() >= (64 / k) as usize {
+                    // The words this table covers whole: one at a time with a constant field
+                    // width (a byte's fields combined in registers, not shifted one by one).
+                    let whole = rest.len() / (64 / k) as usize * (64 / k) as usize;
+                    whole_words(&rest[..whole], k, |w| {
+                        self.mem.set_word(word, w);
+                        word += 1;
+                    });
+                    rest = &rest[whole..];
+                    continue;
+                }
                 let n = (((64 - shift) / k) as usize).min(rest.len());
                 for (j, f) in rest[..n].iter().enumerate() {
                     acc |= (*f as u64) << (shift + j as u32 * k);
@@ -379,6 +412,26 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Whole words packed with constant widths hold each field where the data plane reads
+    /// it: field j of a word at bits j·k.
+    #[test]
+    fn whole_words_place_fields_as_read() {
+        for k in [1u32, 2, 4, 8] {
+            let per = (64 / k) as usize;
+            let fields: Vec<u8> = (0..per * 3)
+                .map(|i| ((i * 7 + 3) % (1 << k)) as u8)
+                .collect();
+            let mut words = Vec::new();
+            whole_words(&fields, k, |w| words.push(w));
+            assert_eq!(words.len(), 3, "k {k}");
+            for (i, f) in fields.iter().enumerate() {
+                let w = words[i / per];
+                let got = (w >> ((i % per) as u32 * k)) & ((1u64 << k) - 1);
+                assert_eq!(got, *f as u64, "k {k} field {i}");
+            }
+        }
+    }
 
     /// Vectors for the two maps.
     struct Mem {

@@ -579,12 +579,12 @@ mac = "02:00:00:00:01:05"
             addrs(&c, &sc),
             "{name}: same backend per slot"
         );
-        assert_eq!(sa.ring_digest, sc.ring_digest, "{name}: same digest");
+        assert_eq!(sa.ring_digest(), sc.ring_digest(), "{name}: same digest");
     }
     let changed = build(&NODE.replace("weight = 200", "weight = 300"));
     assert_ne!(
-        by_name(&a, "web").ring_digest,
-        by_name(&changed, "web").ring_digest,
+        by_name(&a, "web").ring_digest(),
+        by_name(&changed, "web").ring_digest(),
         "a weight change shows"
     );
 }
@@ -688,7 +688,7 @@ fn maglev_service(
         },
         ring: std::sync::Arc::new(ring.to_vec()),
         backends: Vec::new(),
-        ring_digest: 0,
+        digest: LazyDigest::default(),
         ring_key: RingKey::none(),
         dirty: d,
         prev: std::sync::Arc::new(prev.iter().copied().collect()),
