@@ -55,6 +55,14 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
 /// ids, written as the table is built: no second pass over it). [`EMPTY`] where no entry
 /// has a non-zero weight.
 pub fn build_values(entries: &[Entry<'_>], values: &[u32], m: u32) -> Vec<u32> {
+    let mut table = Vec::new();
+    build_values_into(entries, values, m, &mut table);
+    table
+}
+
+/// [`build_values`] into `table` (its memory reused: a thread that builds many tables
+/// touches fresh pages for the first only).
+pub fn build_values_into(entries: &[Entry<'_>], values: &[u32], m: u32, table: &mut Vec<u32>) {
     assert_eq!(entries.len(), values.len(), "a value per entry");
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by(|&a, &b| entries[a].id.cmp(entries[b].id));
@@ -65,7 +73,7 @@ pub fn build_values(entries: &[Entry<'_>], values: &[u32], m: u32) -> Vec<u32> {
     // The slots name the entries themselves (not their place in the turn order).
     let slot_values: Vec<u32> = order.iter().map(|&i| values[i]).collect();
     let walk = Walk::for_size(m);
-    build_with(&perms, Some(&slot_values), m, walk, walk.tail())
+    build_into(&perms, Some(&slot_values), m, walk, walk.tail(), table);
 }
 
 /// The core of [`build`], for given permutations (in turn order) and weights. Slots hold
@@ -180,26 +188,40 @@ fn build_with(
     walk: Walk,
     tail: usize,
 ) -> Vec<u32> {
+    let mut table = Vec::new();
+    build_into(perms, ids, m, walk, tail, &mut table);
+    table
+}
+
+/// [`build_with`] into `table` (cleared and sized to `m` slots first).
+fn build_into(
+    perms: &[(Permutation, u32)],
+    ids: Option<&[u32]>,
+    m: u32,
+    walk: Walk,
+    tail: usize,
+    table: &mut Vec<u32>,
+) {
     let m_us = m as usize;
+    table.clear();
+    table.resize(m_us, EMPTY);
     let quotas = quotas(perms.iter().map(|(_, w)| *w), m);
     // The players' state side by side (one cache line holds two): next candidate slot
     // (offset + next·skip mod m), skip, skip − m, slots still to claim, index into `perms`.
     let mut players = players(perms, ids, &quotas, m);
     if players.is_empty() {
-        return vec![EMPTY; m_us];
+        return;
     }
-    let mut table: Vec<u32> = vec![EMPTY; m_us];
     let mut taken = vec![0u64; m_us.div_ceil(64)];
     let tail = tail.min(m_us);
     let (filled, resume) = match walk {
-        Walk::Scalar => walk_scalar(&mut players, &mut table, &mut taken, tail),
-        Walk::Wide => wide::walk(&mut players, &mut table, &mut taken, m, tail),
+        Walk::Scalar => walk_scalar(&mut players, table, &mut taken, tail),
+        Walk::Wide => wide::walk(&mut players, table, &mut taken, m, tail),
     };
     if filled < m_us {
         players.rotate_left(resume);
-        fill_tail(&mut players, &mut table, &taken, m);
+        fill_tail(&mut players, table, &taken, m);
     }
-    table
 }
 
 /// The players with a quota, in turn order; slot values are `ids[i]` for `perms[i]` (`i`

@@ -1195,7 +1195,7 @@ impl<M: Maps, N: Neighbours, I: Interfaces> Controller<M, N, I> {
         // table (changed), or its packets would follow the slot.
         if let Some(ds) = self.desired.services.iter_mut().find(|d| d.name == s.name)
             && let Some(slot) = ds.slot_of(k)
-            && ds.ring.get(slot as usize) != Some(&id.0)
+            && ds.ring.get(slot as usize) != Some(id.0)
             && !ds.dirty.contains(slot)
         {
             ds.dirty.insert(slot);

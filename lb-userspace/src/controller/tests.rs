@@ -521,7 +521,7 @@ fn a_one_backend_change_writes_only_the_changed_slots() {
         "{drain} / {enable}"
     );
     assert!(drain > 65537 / 20, "{drain}");
-    assert_eq!(c.maps.table(0), *c.desired.services[0].ring);
+    assert_eq!(c.maps.table(0), c.desired.services[0].ring.to_vec());
     std::fs::remove_dir_all(&d).unwrap();
 }
 
@@ -1185,7 +1185,7 @@ fn services_migrated_from_layout_2_get_whole_tables_marked_changed() {
     assert_eq!(s.ring_size, RING);
     assert_eq!(
         c2.maps.table(s.id),
-        *c2.desired.services[0].ring,
+        c2.desired.services[0].ring.to_vec(),
         "whole table written"
     );
     assert_eq!(

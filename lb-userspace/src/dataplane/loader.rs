@@ -1537,7 +1537,7 @@ impl Maps for Dataplane {
                         // No changed slot: every slot's value is its backend id (or the empty
                         // slot's NO_BACKEND), as built. One run of stores (a table from scratch
                         // is 65 537 slots by default, and a config holds up to 1 024).
-                        if !self.maps.ring.set_run(*base, &ring[..]) {
+                        if !self.maps.ring.set_run(*base, ring.iter()) {
                             return Err(LoaderError::RingIndex {
                                 index: base.saturating_add(ring.len() as u32),
                                 len: self.maps.ring.slots(),

@@ -114,7 +114,7 @@ impl<A: Atom> Mem<A> {
 
     /// Writes `vals` to the slots from `start` on (one relaxed store each, in order); `false`,
     /// writing nothing, when they do not all fit.
-    pub fn set_run(&self, start: u32, vals: &[A::Value]) -> bool {
+    pub fn set_run(&self, start: u32, vals: impl ExactSizeIterator<Item = A::Value>) -> bool {
         let Some(run) = u32::try_from(vals.len())
             .ok()
             .and_then(|n| self.run(start, n))
@@ -122,7 +122,7 @@ impl<A: Atom> Mem<A> {
             return false;
         };
         for (slot, v) in run.iter().zip(vals) {
-            slot.store(*v, Ordering::Relaxed);
+            slot.store(v, Ordering::Relaxed);
         }
         true
     }

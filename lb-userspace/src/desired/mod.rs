@@ -7,6 +7,7 @@
 
 pub mod ids;
 pub mod reconcile;
+mod table;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -19,6 +20,7 @@ use lb_common::{
 pub use self::{
     ids::{BackendId, IdMap, Ids},
     reconcile::{DiffSummary, Op, diff},
+    table::Table,
 };
 use crate::{
     admin::Override,
@@ -203,7 +205,7 @@ pub struct DesiredService {
     /// Backend id per slot ([`NO_BACKEND`] when none): Maglev table, rr/wrr sequence or lc/wlc
     /// list, padded to `ring_size`. Shared with the previous state when unchanged (a reload
     /// of 1 000 services copies no table).
-    pub ring: std::sync::Arc<Vec<u32>>,
+    pub ring: std::sync::Arc<Table>,
     /// Backend ids of this service, in config order.
     pub backends: Vec<BackendId>,
     /// Hash of `ring` as backend *addresses*, slot by slot (ids differ between nodes): equal
@@ -313,8 +315,8 @@ impl DesiredService {
 /// `LB_RING`'s value for slot `i` of table `ring` with changed slots `dirty` and their previous
 /// backends `prev`: the backend id, with [`lb_common::RING_DIRTY`] on a changed slot and its previous
 /// backend ([`lb_common::ring_value`]).
-pub fn slot_value(ring: &[u32], dirty: &Slots, prev: &BTreeMap<u32, u32>, i: usize) -> Option<u32> {
-    let id = *ring.get(i)?;
+pub fn slot_value(ring: &Table, dirty: &Slots, prev: &BTreeMap<u32, u32>, i: usize) -> Option<u32> {
+    let id = ring.get(i)?;
     let changed = dirty.contains(i as u32);
     let before = if changed {
         prev.get(&(i as u32)).copied()
@@ -386,7 +388,7 @@ fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
     let comparable = old.value.scheduler == scheduler && old.ring.len() == ring.len();
     let mut d = Slots::new(ring.len());
     for (i, id) in ring.iter().enumerate() {
-        let was = old.ring.get(i).copied().unwrap_or(NO_BACKEND);
+        let was = old.ring.get(i).unwrap_or(NO_BACKEND);
         if !comparable || old.dirty.contains(i as u32) || (was != NO_BACKEND && was != *id) {
             d.insert(i as u32);
         }
@@ -438,7 +440,7 @@ pub fn with_previous(
     // empty slot keeps or gains one too: it is written with its next backend.)
     for slot in next.dirty.iter() {
         let i = slot as usize;
-        let (Some(&id), Some(&was)) = (next.ring.get(i), o.ring.get(i)) else {
+        let (Some(id), Some(was)) = (next.ring.get(i), o.ring.get(i)) else {
             continue;
         };
         let p = match o.prev.get(&slot) {
@@ -615,7 +617,7 @@ impl DesiredState {
                 name: format!("#{}", v.id),
                 key: *k,
                 value: *v,
-                ring: std::sync::Arc::new(ring),
+                ring: std::sync::Arc::new(Table::from_ids(&ring)),
                 backends: Vec::new(),
                 digest: LazyDigest::known(0),
                 ring_key: RingKey::none(),
@@ -839,7 +841,10 @@ impl DesiredState {
                 }
                 None => {
                     let r = ring(s.cfg, &ids, &weights, &ring_key, &mut value);
-                    (std::sync::Arc::new(r), LazyDigest::default())
+                    (
+                        std::sync::Arc::new(Table::from_ids(&r)),
+                        LazyDigest::default(),
+                    )
                 }
             };
             let (dirty, prev, prev_until_ns) = match old {
@@ -954,6 +959,13 @@ impl TableSpace {
 /// The weighted Maglev table of `k`'s backends (identities: their addresses), as backend ids
 /// ([`NO_BACKEND`] where no backend has a weight), written by the builder.
 fn maglev_ring(k: &RingKey) -> Vec<u32> {
+    let mut table = Vec::new();
+    maglev_ring_into(k, &mut table);
+    table
+}
+
+/// [`maglev_ring`] into `table` (a build thread's, reused from table to table).
+fn maglev_ring_into(k: &RingKey, table: &mut Vec<u32>) {
     const _: () = assert!(maglev::EMPTY == NO_BACKEND);
     let idents: Vec<String> = k.backends.iter().map(|(_, a, _)| a.to_string()).collect();
     let entries: Vec<maglev::Entry> = idents
@@ -965,7 +977,7 @@ fn maglev_ring(k: &RingKey) -> Vec<u32> {
         })
         .collect();
     let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
-    maglev::build_values(&entries, &ids, k.ring_size)
+    maglev::build_values_into(&entries, &ids, k.ring_size, table);
 }
 
 /// Builds the Maglev tables of `services[jobs]` from their [`RingKey`]s (and each one's digest
@@ -980,20 +992,25 @@ fn build_maglev_tables(
         return;
     }
     /// A built table: ring, changed slots.
-    type Built = (Vec<u32>, Slots);
-    let build = |s: &DesiredService| -> Built {
-        let ring = maglev_ring(&s.ring_key);
+    type Built = (Table, Slots);
+    // Each thread builds into its own scratch table of ids, reused from one table to the next,
+    // and keeps the compact copy.
+    let build = |s: &DesiredService, scratch: &mut Vec<u32>| -> Built {
+        maglev_ring_into(&s.ring_key, scratch);
         let dirty = match prev_by_id.get(&s.value.id) {
-            Some(o) => dirty_after(o, s.value.scheduler, &ring),
+            Some(o) => dirty_after(o, s.value.scheduler, scratch),
             None => Slots::default(),
         };
-        (ring, dirty)
+        (Table::from_ids(scratch), dirty)
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(jobs.len());
     let built: Vec<(usize, Built)> = if threads <= 1 {
-        jobs.iter().map(|i| (*i, build(&services[*i]))).collect()
+        let mut scratch = Vec::new();
+        jobs.iter()
+            .map(|i| (*i, build(&services[*i], &mut scratch)))
+            .collect()
     } else {
         let shared: &[DesiredService] = services;
         // Each thread takes the next job when it is done with one (a CPU that is busy with
@@ -1004,13 +1021,13 @@ fn build_maglev_tables(
                 .map(|_| {
                     let (build, next) = (&build, &next);
                     scope.spawn(move || {
-                        let mut out = Vec::new();
+                        let (mut out, mut scratch) = (Vec::new(), Vec::new());
                         loop {
                             let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(i) = jobs.get(j) else {
                                 break out;
                             };
-                            out.push((*i, build(&shared[*i])));
+                            out.push((*i, build(&shared[*i], &mut scratch)));
                         }
                     })
                 })
@@ -1106,13 +1123,13 @@ fn frag_services(out: &mut DesiredState) {
 }
 
 /// [`DesiredService::ring_digest`] of `ring`, whose ids stand for `addrs`.
-fn table_digest(ring: &[u32], addrs: &BTreeMap<u32, IpAddr>) -> u64 {
+fn table_digest(ring: &Table, addrs: &BTreeMap<u32, IpAddr>) -> u64 {
     let of: std::collections::HashMap<u32, u64> =
         addrs.iter().map(|(id, a)| (*id, addr_digest(*a))).collect();
     let mut last = (u32::MAX - 1, 0u64);
     let per_slot = ring.iter().map(|id| {
-        if *id != last.0 {
-            last = (*id, of.get(id).copied().unwrap_or(0));
+        if id != last.0 {
+            last = (id, of.get(&id).copied().unwrap_or(0));
         }
         last.1
     });
@@ -1181,7 +1198,7 @@ impl crate::dataplane::SlotView for TableView<'_> {
         };
         let s = &self.desired.services[i];
         let slot = s.slot_of(key)?;
-        let backend = *s.ring.get(slot as usize)?;
+        let backend = s.ring.get(slot as usize)?;
         Some(crate::dataplane::SlotInfo {
             service_id: s.value.id,
             slot,

@@ -34,7 +34,7 @@ pub enum Op {
     Table {
         service_id: u32,
         base: u32,
-        ring: std::sync::Arc<Vec<u32>>,
+        ring: std::sync::Arc<super::Table>,
         dirty: super::Slots,
         prev: super::Prev,
     },

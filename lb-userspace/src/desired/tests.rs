@@ -74,7 +74,7 @@ fn builds_keys_ids_rings_and_ports() {
     assert_eq!(&a.key.vip[..4], &[10, 0, 0, 100]);
     assert_eq!(a.backends, vec![B0, B1]);
     // weight 0: owns no slot.
-    assert!(a.ring.iter().all(|b| *b == 0));
+    assert!(a.ring.iter().all(|b| b == 0));
     assert_eq!(a.ring.len(), 251);
     // Local backend: XDP_TX, source MAC of eth0.
     let b0 = d.backends[&B0];
@@ -97,7 +97,7 @@ fn builds_keys_ids_rings_and_ports() {
         (d.services[0].value.id, d.services[1].value.id)
     );
     assert_eq!(d.services[1].key.port, [0, 0]);
-    assert!(d.services[1].ring.iter().all(|b| *b == 2));
+    assert!(d.services[1].ring.iter().all(|b| b == 2));
     assert_eq!(d.flags, FLAG_ALL_PORTS_SERVICES);
 }
 
@@ -179,7 +179,7 @@ fn drain_keeps_the_backend_active_with_weight_zero() {
         "same flags and generation: its flows stay"
     );
     assert_eq!(b.backends[&B1].weight, 0);
-    assert!(b.services[0].ring.iter().all(|id| *id == 0));
+    assert!(b.services[0].ring.iter().all(|id| id == 0));
     assert_eq!(b.backend_info[&B1].decision.effective_weight, 0);
     assert_eq!(kinds(&diff(Some(&a), &b).0), ["backend", "ring"]);
 }
@@ -224,7 +224,7 @@ fn weight_override_replaces_the_config_weight() {
         },
     );
     let b = with_admin(&mut ids, TWO, Some(&a), &adm);
-    let on0 = b.services[0].ring.iter().filter(|id| **id == 0).count();
+    let on0 = b.services[0].ring.iter().filter(|id| *id == 0).count();
     assert!(
         (on0 as f64 / 251.0 - 0.75).abs() < 0.01,
         "{on0} of 251 slots"
@@ -313,7 +313,7 @@ fn weight_change_rebuilds_the_table_and_keeps_flows() {
     assert_eq!(b.backends[&B1].generation, a.backends[&B1].generation);
     assert_eq!(b.backends[&B1].weight, 0);
     assert!(
-        b.services[0].ring.iter().all(|id| *id == 0),
+        b.services[0].ring.iter().all(|id| id == 0),
         "weight 0 owns no slot"
     );
     assert_eq!(
@@ -458,7 +458,7 @@ fn a_down_backend_is_inactive_and_out_of_the_table_until_it_is_up() {
     );
     assert_ne!(b.backends[&B1].generation, a.backends[&B1].generation);
     assert_eq!(b.backend_info[&B1].decision.state, State::Down);
-    assert!(b.services[0].ring.iter().all(|id| *id == 0));
+    assert!(b.services[0].ring.iter().all(|id| id == 0));
     let c = with_all(
         &mut ids,
         TWO,
@@ -467,7 +467,7 @@ fn a_down_backend_is_inactive_and_out_of_the_table_until_it_is_up() {
         &Down::new(),
     );
     assert_eq!(c.backends[&B1].flags & BACKEND_F_ACTIVE, BACKEND_F_ACTIVE);
-    assert!(c.services[0].ring.contains(&1));
+    assert!(c.services[0].ring.contains(1));
 }
 
 #[test]
@@ -483,7 +483,7 @@ fn all_down_drops_unless_fallback_all() {
         &down,
     );
     assert!(
-        d.services[0].ring.iter().all(|id| *id == NO_BACKEND),
+        d.services[0].ring.iter().all(|id| id == NO_BACKEND),
         "drop: no backend"
     );
     let all = TWO.replace(
@@ -498,7 +498,7 @@ fn all_down_drops_unless_fallback_all() {
         &down,
     );
     assert!(
-        d.services[0].ring.iter().all(|id| *id != NO_BACKEND),
+        d.services[0].ring.iter().all(|id| id != NO_BACKEND),
         "fallback all: everyone"
     );
     assert!(d.backends.values().all(|b| b.flags & BACKEND_F_ACTIVE != 0));
@@ -568,7 +568,7 @@ mac = "02:00:00:00:01:05"
     let addrs = |d: &DesiredState, s: &DesiredService| -> Vec<std::net::IpAddr> {
         s.ring
             .iter()
-            .map(|id| d.backend_info[&BackendId(*id)].address)
+            .map(|id| d.backend_info[&BackendId(id)].address)
             .collect()
     };
     for name in ["web", "dns"] {
@@ -686,7 +686,7 @@ fn maglev_service(
             ring_size: ring.len() as u32,
             ..Default::default()
         },
-        ring: std::sync::Arc::new(ring.to_vec()),
+        ring: std::sync::Arc::new(Table::from_ids(ring)),
         backends: Vec::new(),
         digest: LazyDigest::default(),
         ring_key: RingKey::none(),

@@ -386,7 +386,9 @@ impl Fixture {
     /// The backend the Maglev table gives a new flow (same hash as the kernel).
     pub fn predict(&self, key: &FlowKey, service: &str) -> u32 {
         let s = self.desired_service(service);
-        s.ring[lb_common::hash::reduce(flow_hash(key), s.value.ring_size) as usize]
+        s.ring
+            .get(lb_common::hash::reduce(flow_hash(key), s.value.ring_size) as usize)
+            .expect("a slot of the table")
     }
 
     pub fn backend_mac(&self, id: u32) -> [u8; 6] {
