@@ -62,8 +62,6 @@ pub struct Packer<W: PackedWords> {
     fields: Vec<u8>,
 }
 
-/// Whether `v` (an `LB_RING` value) is an unchanged slot's: its backend id, no flags (the empty
-/// slot's `NO_BACKEND` has [`RING_DIRTY`] too).
 /// `fields` (a whole number of words' worth: 64/k each) packed `k` bits a field, the first
 /// field in a word's lowest bits, handed to `put` word by word (a loop per width: the fields
 /// of a word combined with constant shifts).
@@ -86,6 +84,8 @@ fn whole_words(fields: &[u8], k: u32, mut put: impl FnMut(u64)) {
     }
 }
 
+/// Whether `v` (an `LB_RING` value) is an unchanged slot's: its backend id, no flags (the empty
+/// slot's `NO_BACKEND` has [`RING_DIRTY`] too).
 fn clean(v: u32) -> bool {
     v & RING_DIRTY == 0
 }
