@@ -147,11 +147,14 @@ fn apply(ring_size: u32) -> serde_json::Value {
             p / SERVICES as u64
         );
     }
+    // The controller's own copy of the tables (the desired state's, as kept).
+    let controller_bytes: u64 = state.services.iter().map(|s| s.ring.bytes() as u64).sum();
     if let Some(r) = ring_bytes {
         println!(
-            "  memory per service: {} bytes of table (LB_RING {r} bytes for {SERVICES}) + {per_id} bytes of service maps (LB_SERVICES, LB_VIPS, LB_SVC_STATS on {} CPUs, LB_RR_CURSOR)",
+            "  memory per service: {} bytes of table (LB_RING {r} bytes for {SERVICES}) + {per_id} bytes of service maps (LB_SERVICES, LB_VIPS, LB_SVC_STATS on {} CPUs, LB_RR_CURSOR); the controller's copy {} bytes ({controller_bytes} for {SERVICES})",
             r / SERVICES as u64,
-            crate::support::cpus()
+            crate::support::cpus(),
+            controller_bytes / SERVICES as u64
         );
     }
     let total = t_parse + t_build + t_diff + t_write;
@@ -220,6 +223,7 @@ fn apply(ring_size: u32) -> serde_json::Value {
         "load_ms": ms(t_load),
         "memory_per_service_table_bytes": ring_bytes.map(|r| r / SERVICES as u64),
         "memory_per_service_maps_bytes": per_id,
+        "memory_per_service_controller_table_bytes": controller_bytes / SERVICES as u64,
         "memory_per_service_packed_bytes": packed_bytes.map(|p| p / SERVICES as u64),
         "memory_per_service_id_packed_ids_bytes": ids_bytes,
         "packed_bits": packed_bits,

@@ -38,6 +38,11 @@ impl Table {
         self.0.is_empty()
     }
 
+    /// Bytes the slots take (the table's heap memory, less any spare capacity).
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.0.as_slice())
+    }
+
     /// The ids slot by slot.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = u32> + Clone + '_ {
         self.0.iter().map(|&v| unpack(v))
@@ -79,6 +84,7 @@ mod tests {
         let ids = [0, 1, MAX_BACKENDS - 1, NO_BACKEND, 7];
         let t = Table::from_ids(&ids);
         assert_eq!(t.len(), 5);
+        assert_eq!(t.bytes(), 10);
         assert_eq!(t.to_vec(), ids);
         assert_eq!(t.get(3), Some(NO_BACKEND));
         assert_eq!(t.get(5), None);
