@@ -48,20 +48,15 @@ pub const EMPTY: u32 = u32::MAX;
 /// [`EMPTY`] when no entry has a non-zero weight.
 pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
     let index: Vec<u32> = (0..entries.len() as u32).collect();
-    build_values(entries, &index, m)
-}
-
-/// [`build`] with `values[i]` in the slots of `entries[i]` instead of its index (the caller's
-/// ids, written as the table is built: no second pass over it). [`EMPTY`] where no entry
-/// has a non-zero weight.
-pub fn build_values(entries: &[Entry<'_>], values: &[u32], m: u32) -> Vec<u32> {
     let mut table = Vec::new();
-    build_values_into(entries, values, m, &mut table);
+    build_values_into(entries, &index, m, &mut table);
     table
 }
 
-/// [`build_values`] into `table` (its memory reused: a thread that builds many tables
-/// touches fresh pages for the first only).
+/// [`build`] into `table` (its memory reused: a thread that builds many tables touches fresh
+/// pages for the first only), with `values[i]` in the slots of `entries[i]` instead of its
+/// index (the caller's ids, written as the table is built: no second pass over it).
+/// [`EMPTY`] where no entry has a non-zero weight.
 pub fn build_values_into(entries: &[Entry<'_>], values: &[u32], m: u32, table: &mut Vec<u32>) {
     assert_eq!(entries.len(), values.len(), "a value per entry");
     let mut order: Vec<usize> = (0..entries.len()).collect();
@@ -96,7 +91,7 @@ pub fn build_values_into(entries: &[Entry<'_>], values: &[u32], m: u32, table: &
 ///   slot of least position, `(slot − offset) · skip⁻¹ mod M`, over the short free list.
 pub fn build_from_permutations(perms: &[(Permutation, u32)], m: u32) -> Vec<u32> {
     let walk = Walk::for_size(m);
-    build_with(perms, None, m, walk, walk.tail())
+    build_with(perms, m, walk, walk.tail())
 }
 
 /// How the walk phase probes the bitmap. Both give the same table (tested).
@@ -147,7 +142,7 @@ impl Walk {
             for (w, walk) in [Walk::Scalar, Walk::Wide].into_iter().enumerate() {
                 let t0 = std::time::Instant::now();
                 for perms in &samples {
-                    std::hint::black_box(build_with(perms, None, M, walk, walk.tail()));
+                    std::hint::black_box(build_with(perms, M, walk, walk.tail()));
                 }
                 best[w] = best[w].min(t0.elapsed().as_secs_f64());
             }
@@ -179,21 +174,15 @@ impl Walk {
     }
 }
 
-/// [`build_from_permutations`] with a given walk and tail; slot values are `ids[i]` for
-/// `perms[i]` (`i` without `ids`).
-fn build_with(
-    perms: &[(Permutation, u32)],
-    ids: Option<&[u32]>,
-    m: u32,
-    walk: Walk,
-    tail: usize,
-) -> Vec<u32> {
+/// [`build_from_permutations`] with a given walk and tail.
+fn build_with(perms: &[(Permutation, u32)], m: u32, walk: Walk, tail: usize) -> Vec<u32> {
     let mut table = Vec::new();
-    build_into(perms, ids, m, walk, tail, &mut table);
+    build_into(perms, None, m, walk, tail, &mut table);
     table
 }
 
-/// [`build_with`] into `table` (cleared and sized to `m` slots first).
+/// [`build_with`] into `table` (cleared and sized to `m` slots first); slot values are
+/// `ids[i]` for `perms[i]` (`i` without `ids`).
 fn build_into(
     perms: &[(Permutation, u32)],
     ids: Option<&[u32]>,
@@ -743,7 +732,7 @@ mod tests {
         walk: Walk,
         tail: usize,
     ) -> Vec<Option<usize>> {
-        opt(super::build_with(perms, None, m, walk, tail))
+        opt(super::build_with(perms, m, walk, tail))
     }
 
     /// The paper's loop as written (no tail phase, plain modulo): the reference the fast
@@ -920,7 +909,7 @@ mod tests {
         for _ in 0..31 {
             for (walk, tail, t) in &mut cases {
                 let t0 = std::time::Instant::now();
-                std::hint::black_box(super::build_with(&perms, None, 65537, *walk, *tail));
+                std::hint::black_box(super::build_with(&perms, 65537, *walk, *tail));
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }

@@ -957,15 +957,9 @@ impl TableSpace {
 }
 
 /// The weighted Maglev table of `k`'s backends (identities: their addresses), as backend ids
-/// ([`NO_BACKEND`] where no backend has a weight), written by the builder.
-fn maglev_ring(k: &RingKey) -> Vec<u32> {
-    let mut table = Vec::new();
-    maglev_ring_into(k, &mut table);
-    table
-}
-
-/// [`maglev_ring`] into `table` (a build thread's, reused from table to table).
-fn maglev_ring_into(k: &RingKey, table: &mut Vec<u32>) {
+/// ([`NO_BACKEND`] where no backend has a weight), written by the builder into `table` (a
+/// build thread's, reused from table to table).
+fn maglev_ring(k: &RingKey, table: &mut Vec<u32>) {
     const _: () = assert!(maglev::EMPTY == NO_BACKEND);
     let idents: Vec<String> = k.backends.iter().map(|(_, a, _)| a.to_string()).collect();
     let entries: Vec<maglev::Entry> = idents
@@ -996,7 +990,7 @@ fn build_maglev_tables(
     // Each thread builds into its own scratch table of ids, reused from one table to the next,
     // and keeps the compact copy.
     let build = |s: &DesiredService, scratch: &mut Vec<u32>| -> Built {
-        maglev_ring_into(&s.ring_key, scratch);
+        maglev_ring(&s.ring_key, scratch);
         let dirty = match prev_by_id.get(&s.value.id) {
             Some(o) => dirty_after(o, s.value.scheduler, scratch),
             None => Slots::default(),
@@ -1057,7 +1051,11 @@ fn ring(
 ) -> Vec<u32> {
     let ring_size = key.ring_size;
     match s.scheduler {
-        Scheduler::Maglev | Scheduler::Sh => maglev_ring(key),
+        Scheduler::Maglev | Scheduler::Sh => {
+            let mut table = Vec::new();
+            maglev_ring(key, &mut table);
+            table
+        }
         Scheduler::Rr | Scheduler::Wrr => {
             let w: Vec<u32> = weights
                 .iter()
