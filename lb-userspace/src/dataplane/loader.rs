@@ -1481,6 +1481,11 @@ impl Dataplane {
 
 impl Maps for Dataplane {
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
+        // Tables written whole in this call without changed slots and kept narrow, by service
+        // id (until a slot of theirs is written again): their services are packed from their
+        // fields (`Packer::pack_fields`) instead of a pass over `LB_RING` that finds them.
+        let mut narrow: std::collections::HashMap<u32, (u32, &crate::desired::Table)> =
+            std::collections::HashMap::new();
         for op in ops {
             check_op(op)?;
             let m = &mut self.maps;
@@ -1516,6 +1521,7 @@ impl Maps for Dataplane {
                     base,
                     slots,
                 } => {
+                    narrow.remove(service_id);
                     for (slot, backend) in slots {
                         self.write_slot(base.wrapping_add(*slot), *backend)?;
                     }
@@ -1550,13 +1556,24 @@ impl Maps for Dataplane {
                             }
                         }
                     }
+                    let fields = ring.narrow().filter(|_| dirty.is_empty());
+                    match fields {
+                        Some(_) => narrow.insert(*service_id, (*base, &**ring)),
+                        None => narrow.remove(service_id),
+                    };
                     // A packed service's table written whole in place is packed again; one that
                     // moved is unpacked until its service (with the new range) is written.
                     let (mem, base) = (&self.maps.ring, *base);
                     if let Some(p) = self.maps.packed.as_mut() {
-                        p.rewritten(*service_id, base, ring.len() as u32, |i| {
-                            mem.get(base.wrapping_add(i)).unwrap_or(NO_BACKEND)
-                        });
+                        let size = ring.len() as u32;
+                        match fields {
+                            Some(n) if p.packed_at(*service_id) == Some((base, size)) => {
+                                p.pack_fields(*service_id, base, &n.fields, &n.ids, &n.counts)
+                            }
+                            _ => p.rewritten(*service_id, base, size, |i| {
+                                mem.get(base.wrapping_add(i)).unwrap_or(NO_BACKEND)
+                            }),
+                        }
                     }
                 }
                 Op::Service { key, value } => {
@@ -1566,7 +1583,15 @@ impl Maps for Dataplane {
                     m.svc_cache.set(key.cache_key(), value);
                     let ring = &m.ring;
                     if let Some(p) = m.packed.as_mut() {
-                        if packs(value) {
+                        let fields = narrow
+                            .get(&value.id)
+                            .filter(|(base, t)| {
+                                (*base, t.len()) == (value.ring_base, value.ring_size as usize)
+                            })
+                            .and_then(|(_, t)| t.narrow());
+                        if let (true, Some(n)) = (packs(value), fields) {
+                            p.pack_fields(value.id, value.ring_base, &n.fields, &n.ids, &n.counts);
+                        } else if packs(value) {
                             // The table as one run of the mapping (no bounds check a slot).
                             match ring.run(value.ring_base, value.ring_size) {
                                 Some(run) => p.pack_values(

@@ -156,20 +156,6 @@ impl<W: PackedWords> Packer<W> {
         if !self.filled || id >= self.mem.services() {
             return;
         }
-        let overlapping: Vec<u32> = self
-            .svcs
-            .iter()
-            .filter(|(o, s)| {
-                **o != id
-                    && s.k != 0
-                    && s.base < base.saturating_add(size)
-                    && base < s.base + s.size
-            })
-            .map(|(o, _)| *o)
-            .collect();
-        for o in overlapping {
-            self.unpack(o);
-        }
         // The distinct backends in slot order, each given its index in `scratch` (by backend
         // id), and every slot's field value in `fields`: one pass over the table, no sort (a
         // table of 65 537 slots per service, 1 000 services in a config).
@@ -199,6 +185,55 @@ impl<W: PackedWords> Packer<W> {
         }
         // More than 255 distinct backends: not packed (`bits_for` gives 0).
         let n = if overflow { IDS } else { distinct.len() };
+        self.store(id, base, &fields, &distinct, n, None);
+        for v in distinct {
+            scratch[v as usize] = 0;
+        }
+        self.scratch = scratch;
+        self.fields = fields;
+    }
+
+    /// [`Packer::pack_values`] of a table written whole from these fields, without changed
+    /// slots: slot `i` holds `ids[fields[i]]` (`ids[0]`: none), and `counts[f]` slots hold
+    /// field `f` (`ids.len()` entries each, at most [`IDS`]). The desired state's narrow tables
+    /// are kept so (`crate::desired::Table`): no pass over the table finds its backends.
+    pub fn pack_fields(&mut self, id: u32, base: u32, fields: &[u8], ids: &[u32], counts: &[u32]) {
+        if !self.filled || id >= self.mem.services() {
+            return;
+        }
+        debug_assert!(!ids.is_empty() && ids.len() <= IDS && counts.len() == ids.len());
+        let distinct = ids.get(1..).unwrap_or_default();
+        self.store(id, base, fields, distinct, distinct.len(), Some(counts));
+    }
+
+    /// Writes service `id`'s packed table: `fields` (a field per slot, 0: read `LB_RING`) at
+    /// `base`, field `j + 1` standing for backend `distinct[j]`; `n` distinct backends (more
+    /// than 255: not packed); `counts`: how many fields hold each index, or `None` to count
+    /// them here.
+    fn store(
+        &mut self,
+        id: u32,
+        base: u32,
+        fields: &[u8],
+        distinct: &[u32],
+        n: usize,
+        counts: Option<&[u32]>,
+    ) {
+        let size = fields.len() as u32;
+        let overlapping: Vec<u32> = self
+            .svcs
+            .iter()
+            .filter(|(o, s)| {
+                **o != id
+                    && s.k != 0
+                    && s.base < base.saturating_add(size)
+                    && base < s.base + s.size
+            })
+            .map(|(o, _)| *o)
+            .collect();
+        for o in overlapping {
+            self.unpack(o);
+        }
         let end_bit = (base as u64 + size as u64) * 8;
         let k = if end_bit > self.mem.words() as u64 * 64 || size == 0 {
             0
@@ -220,21 +255,26 @@ impl<W: PackedWords> Packer<W> {
                 svc.ids[j + 1] = *b;
                 self.mem.set_id(id, j + 1, *b as u16, Ordering::Relaxed);
             }
-            // How many fields hold each index: four tallies side by side (a run of slots of
-            // one backend does not wait on its own increments), added up.
-            let mut tally = [[0u32; IDS]; 4];
-            let mut quads = fields.chunks_exact(4);
-            for q in &mut quads {
-                tally[0][q[0] as usize] += 1;
-                tally[1][q[1] as usize] += 1;
-                tally[2][q[2] as usize] += 1;
-                tally[3][q[3] as usize] += 1;
-            }
-            for f in quads.remainder() {
-                tally[0][*f as usize] += 1;
-            }
-            for (f, c) in svc.counts.iter_mut().enumerate() {
-                *c = tally.iter().map(|t| t[f]).sum();
+            match counts {
+                Some(c) => svc.counts[..c.len()].copy_from_slice(c),
+                None => {
+                    // How many fields hold each index: four tallies side by side (a run of
+                    // slots of one backend does not wait on its own increments), added up.
+                    let mut tally = [[0u32; IDS]; 4];
+                    let mut quads = fields.chunks_exact(4);
+                    for q in &mut quads {
+                        tally[0][q[0] as usize] += 1;
+                        tally[1][q[1] as usize] += 1;
+                        tally[2][q[2] as usize] += 1;
+                        tally[3][q[3] as usize] += 1;
+                    }
+                    for f in quads.remainder() {
+                        tally[0][*f as usize] += 1;
+                    }
+                    for (f, c) in svc.counts.iter_mut().enumerate() {
+                        *c = tally.iter().map(|t| t[f]).sum();
+                    }
+                }
             }
             // Whole words at once: the fields of the words this table covers, the bits of
             // its neighbours' fields (first and last word) as they were. The table starts
@@ -244,7 +284,7 @@ impl<W: PackedWords> Packer<W> {
             let mut word = first >> 6;
             let mut shift = first & 63;
             let mut acc = self.mem.word(word) & ((1u64 << shift) - 1);
-            let mut rest: &[u8] = &fields;
+            let mut rest: &[u8] = fields;
             while !rest.is_empty() {
                 if shift == 0 && rest.len() >= (64 / k) as usize {
                     // The words this table covers whole: one at a time with a constant field
@@ -277,11 +317,6 @@ impl<W: PackedWords> Packer<W> {
         }
         self.end(id, h, k);
         self.svcs.insert(id, svc);
-        for v in distinct {
-            scratch[v as usize] = 0;
-        }
-        self.scratch = scratch;
-        self.fields = fields;
     }
 
     /// Every service id but `keep` is unpacked, whatever its header says (a copy adopted from
@@ -298,6 +333,12 @@ impl<W: PackedWords> Packer<W> {
                 self.end(id, h, 0);
             }
         }
+    }
+
+    /// Where service `id`'s table is packed (or was looked at and left unpacked): its base and
+    /// size.
+    pub fn packed_at(&self, id: u32) -> Option<(u32, u32)> {
+        self.svcs.get(&id).map(|s| (s.base, s.size))
     }
 
     /// Service `id`'s table was written whole at `base` (`size` slots): packed again if it was
@@ -532,6 +573,55 @@ mod tests {
     }
 
     #[test]
+    fn packing_from_fields_writes_what_packing_from_the_ring_does() {
+        // Three tables side by side (sharing words), with empty slots; then each packed again
+        // from a narrow table whose indexes differ (a Maglev build's order).
+        let ring: Vec<u32> = (0..333u32)
+            .map(|i| {
+                if i % 17 == 0 {
+                    NO_BACKEND
+                } else {
+                    100 + (i * 7) % 5
+                }
+            })
+            .collect();
+        let tables = [(0u32, 0u32, 100u32), (1, 100, 33), (2, 133, 200)];
+        let (a, b) = (Mem::new(64, 4), Mem::new(64, 4));
+        let (mut pa, mut pb) = (Packer::new(&a, true), Packer::new(&b, true));
+        for &(id, base, size) in &tables {
+            pa.pack(id, base, size, |i| ring[(base + i) as usize]);
+            let t = crate::desired::Table::from_ids(&ring[base as usize..(base + size) as usize]);
+            let n = t.narrow().expect("five backends");
+            pb.pack_fields(id, base, &n.fields, &n.ids, &n.counts);
+        }
+        assert_eq!(*a.words.borrow(), *b.words.borrow());
+        assert_eq!(*a.ids.borrow(), *b.ids.borrow());
+        for &(id, ..) in &tables {
+            assert_eq!(pa.svcs[&id].counts, pb.svcs[&id].counts);
+        }
+        let all = tables
+            .iter()
+            .map(|&(id, base, size)| (id, (base, size)))
+            .collect();
+        for &(id, base, size) in &tables {
+            let slice = &ring[base as usize..(base + size) as usize];
+            let mut ids: Vec<u32> = slice.iter().copied().filter(|v| clean(*v)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.reverse();
+            let fields: Vec<u32> = slice
+                .iter()
+                .map(|v| ids.iter().position(|b| b == v).map_or(0, |j| j as u32 + 1))
+                .collect();
+            let t = crate::desired::Table::from_fields(&fields, &ids);
+            assert_eq!(t.to_vec(), slice);
+            let n = t.narrow().unwrap();
+            pb.pack_fields(id, base, &n.fields, &n.ids, &n.counts);
+        }
+        check(&pb, &ring, &all);
+    }
+
+    #[test]
     fn more_than_255_backends_are_not_packed() {
         let mem = Mem::new(1024, 1);
         let mut p = Packer::new(&mem, true);
@@ -585,6 +675,7 @@ mod tests {
             writes in prop::collection::vec(
                 (0usize..4, 0u32..200, 0u32..64, 0u8..4), 0..300),
             init in prop::collection::vec(0u32..64, 200),
+            by_fields in any::<bool>(),
         ) {
             let total: u32 = sizes.iter().sum();
             let mem = Mem::new((total as usize).div_ceil(8) + 1, 4);
@@ -597,7 +688,13 @@ mod tests {
                     ring[(base + s) as usize] = init[s as usize] % pool;
                 }
                 tables.insert(id as u32, (base, size));
-                p.pack(id as u32, base, size, |i| ring[(base + i) as usize]);
+                // The loader's way for a narrow table written whole (from its fields), or
+                // from the ring.
+                let t = crate::desired::Table::from_ids(&ring[base as usize..(base + size) as usize]);
+                match t.narrow().filter(|_| by_fields) {
+                    Some(n) => p.pack_fields(id as u32, base, &n.fields, &n.ids, &n.counts),
+                    None => p.pack(id as u32, base, size, |i| ring[(base + i) as usize]),
+                }
                 base += size;
             }
             check(&p, &ring, &tables);

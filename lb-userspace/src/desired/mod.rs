@@ -384,12 +384,17 @@ impl Slots {
 /// and every slot when the old table's meaning differs (another scheduler, or unknown: adopted
 /// from the maps). An empty slot may be in the set (its flows' entries are still waited for);
 /// its map value is `NO_BACKEND` either way.
-fn dirty_after(old: &DesiredService, scheduler: u32, ring: &[u32]) -> Slots {
+fn dirty_after(old: &DesiredService, scheduler: u32, ring: &Table) -> Slots {
     let comparable = old.value.scheduler == scheduler && old.ring.len() == ring.len();
     let mut d = Slots::new(ring.len());
-    for (i, id) in ring.iter().enumerate() {
-        let was = old.ring.get(i).unwrap_or(NO_BACKEND);
-        if !comparable || old.dirty.contains(i as u32) || (was != NO_BACKEND && was != *id) {
+    if !comparable {
+        for i in 0..ring.len() {
+            d.insert(i as u32);
+        }
+        return d;
+    }
+    for (i, (id, was)) in ring.iter().zip(old.ring.iter()).enumerate() {
+        if old.dirty.contains(i as u32) || (was != NO_BACKEND && was != id) {
             d.insert(i as u32);
         }
     }
@@ -960,6 +965,12 @@ impl TableSpace {
 /// ([`NO_BACKEND`] where no backend has a weight), written by the builder into `table` (a
 /// build thread's, reused from table to table).
 fn maglev_ring(k: &RingKey, table: &mut Vec<u32>) {
+    let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
+    maglev_build(k, &ids, table);
+}
+
+/// The Maglev build of `k`'s backends into `table`, `values[i]` in the slots of the `i`th.
+fn maglev_build(k: &RingKey, values: &[u32], table: &mut Vec<u32>) {
     const _: () = assert!(maglev::EMPTY == NO_BACKEND);
     let idents: Vec<String> = k.backends.iter().map(|(_, a, _)| a.to_string()).collect();
     let entries: Vec<maglev::Entry> = idents
@@ -970,8 +981,21 @@ fn maglev_ring(k: &RingKey, table: &mut Vec<u32>) {
             weight: *w as u32,
         })
         .collect();
+    maglev::build_values_into(&entries, values, k.ring_size, table);
+}
+
+/// [`maglev_ring`] as the desired state keeps it. Up to 255 backends, the builder writes each
+/// slot's index into the service's backends (1-based, [`maglev::EMPTY`] where none), which is
+/// the narrow table's byte (and the packed copy's field) as it is: no pass looks ids up.
+fn maglev_table(k: &RingKey, scratch: &mut Vec<u32>) -> Table {
+    if k.backends.len() >= lb_common::packed::IDS {
+        maglev_ring(k, scratch);
+        return Table::from_ids(scratch);
+    }
+    let fields: Vec<u32> = (1..=k.backends.len() as u32).collect();
+    maglev_build(k, &fields, scratch);
     let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
-    maglev::build_values_into(&entries, &ids, k.ring_size, table);
+    Table::from_fields(scratch, &ids)
 }
 
 /// Builds the Maglev tables of `services[jobs]` from their [`RingKey`]s (and each one's changed
@@ -990,12 +1014,12 @@ fn build_maglev_tables(
     // Each thread builds into its own scratch table of ids, reused from one table to the next,
     // and keeps the compact copy.
     let build = |s: &DesiredService, scratch: &mut Vec<u32>| -> Built {
-        maglev_ring(&s.ring_key, scratch);
+        let table = maglev_table(&s.ring_key, scratch);
         let dirty = match prev_by_id.get(&s.value.id) {
-            Some(o) => dirty_after(o, s.value.scheduler, scratch),
+            Some(o) => dirty_after(o, s.value.scheduler, &table),
             None => Slots::default(),
         };
-        (Table::from_ids(scratch), dirty)
+        (table, dirty)
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())

@@ -1,56 +1,151 @@
-//! A service's table as the desired state keeps it: a backend id per slot in two bytes.
+//! A service's table as the desired state keeps it: a byte per slot when it names at most 255
+//! backends (every Maglev table of a service of up to 255 backends), else two.
 
-use lb_common::{NO_BACKEND, limits::MAX_BACKENDS};
+use lb_common::{NO_BACKEND, limits::MAX_BACKENDS, packed::IDS};
 
 /// How [`NO_BACKEND`] is kept.
 const NONE: u16 = u16::MAX;
 
 // Every backend id fits in the two bytes beside the empty slot's mark.
 const _: () = assert!(MAX_BACKENDS <= NONE as u32);
+// A narrow table's indexes (1..IDS, 0 for none) are bytes, as the packed copy's fields.
+const _: () = assert!(IDS == 256);
 
-/// Backend id per slot ([`NO_BACKEND`] when none), two bytes a slot: backend ids are below
-/// [`MAX_BACKENDS`]. A config of 1 000 Maglev services of 65 537 slots keeps 131 MB of tables
-/// instead of 262 MB as `u32`s: memory an apply from scratch touches for the first time (the
-/// kernel clears every fresh page), and that a reload holds twice (old and new state).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Table(Vec<u16>);
+/// Backend id per slot ([`NO_BACKEND`] when none). A table that names at most 255 distinct
+/// backends keeps a byte per slot, an index into its list of backends (0: none), and how many
+/// slots hold each index: what the packed copy of the tables (`LB_RING_PACKED`) is made of, so
+/// the data plane's loader packs such a table without a pass to find its backends. Others keep
+/// a two-byte id per slot (backend ids are below [`MAX_BACKENDS`]). A config of 1 000 Maglev
+/// services of 10 backends and 65 537 slots keeps 66 MB of tables (131 MB as two-byte ids,
+/// 262 MB as `u32`s): memory an apply from scratch touches for the first time (the kernel clears
+/// every fresh page), and that a reload holds twice (old and new state).
+///
+/// Two tables are equal when every slot names the same backend, however each is kept.
+#[derive(Clone, Debug)]
+pub struct Table(Repr);
+
+#[derive(Clone, Debug)]
+enum Repr {
+    Narrow(Narrow),
+    Wide(Vec<u16>),
+}
+
+/// A table of at most 255 distinct backends, as [`Table::narrow`] lends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Narrow {
+    /// Index per slot: 0 for none, `i` for `ids[i]`.
+    pub fields: Vec<u8>,
+    /// Index → backend id; `ids[0]` is [`NO_BACKEND`]. At most [`IDS`] entries.
+    pub ids: Vec<u32>,
+    /// Index → slots holding it (as many entries as `ids`).
+    pub counts: Vec<u32>,
+}
+
+impl Default for Table {
+    fn default() -> Table {
+        Table(Repr::Wide(Vec::new()))
+    }
+}
 
 impl Table {
     /// The table of these ids (an id of [`MAX_BACKENDS`] or more, which names no backend, is
     /// kept as [`NO_BACKEND`]).
     pub fn from_ids(ids: &[u32]) -> Table {
-        Table(ids.iter().map(|&id| pack(id)).collect())
+        ids.iter().copied().collect()
+    }
+
+    /// The table whose slot `i` names `ids[fields[i]]` ([`NO_BACKEND`] for a field of 0 or one
+    /// past `ids`; `ids` holds at most [`IDS`] − 1 backends). A Maglev build gives its fields
+    /// straight away (the index of the slot's backend), so no pass looks the ids up.
+    pub fn from_fields(fields: &[u32], ids: &[u32]) -> Table {
+        debug_assert!(ids.len() < IDS, "at most 255 backends");
+        let mut list = Vec::with_capacity(ids.len() + 1);
+        list.push(NO_BACKEND);
+        list.extend(ids.iter().map(|&id| unpack(pack(id))));
+        let n = list.len() as u32;
+        let mut counts = vec![0u32; list.len()];
+        let fields: Vec<u8> = fields
+            .iter()
+            .map(|&f| {
+                let f = if f < n { f } else { 0 };
+                counts[f as usize] += 1;
+                f as u8
+            })
+            .collect();
+        let mut t = Narrow {
+            fields,
+            ids: list,
+            counts,
+        };
+        // An id that is none or named twice: one index per backend, as the packed copy wants.
+        let mut seen = std::collections::HashSet::new();
+        if t.ids[1..]
+            .iter()
+            .any(|&id| id == NO_BACKEND || !seen.insert(id))
+        {
+            return t.fields.iter().map(|&f| t.ids[f as usize]).collect();
+        }
+        t.ids.shrink_to_fit();
+        Table(Repr::Narrow(t))
+    }
+
+    /// The table as bytes, an index per slot, when it names at most 255 distinct backends.
+    pub fn narrow(&self) -> Option<&Narrow> {
+        match &self.0 {
+            Repr::Narrow(n) => Some(n),
+            Repr::Wide(_) => None,
+        }
     }
 
     /// Slot `i`'s backend id ([`NO_BACKEND`] when none); `None` past the end.
     #[inline]
     pub fn get(&self, i: usize) -> Option<u32> {
-        self.0.get(i).map(|&v| unpack(v))
+        match &self.0 {
+            Repr::Narrow(n) => n.fields.get(i).map(|&f| n.ids[f as usize]),
+            Repr::Wide(w) => w.get(i).map(|&v| unpack(v)),
+        }
     }
 
     /// Slots.
     pub fn len(&self) -> usize {
-        self.0.len()
+        match &self.0 {
+            Repr::Narrow(n) => n.fields.len(),
+            Repr::Wide(w) => w.len(),
+        }
     }
 
     /// Whether the table has no slot.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     /// Bytes the slots take (the table's heap memory, less any spare capacity).
     pub fn bytes(&self) -> usize {
-        std::mem::size_of_val(self.0.as_slice())
+        match &self.0 {
+            Repr::Narrow(n) => {
+                n.fields.len() + std::mem::size_of_val(n.ids.as_slice()) + 4 * n.counts.len()
+            }
+            Repr::Wide(w) => std::mem::size_of_val(w.as_slice()),
+        }
     }
 
     /// The ids slot by slot.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = u32> + Clone + '_ {
-        self.0.iter().map(|&v| unpack(v))
+    pub fn iter(&self) -> Iter<'_> {
+        match &self.0 {
+            Repr::Narrow(n) => Iter::Narrow(n.fields.iter(), &n.ids),
+            Repr::Wide(w) => Iter::Wide(w.iter()),
+        }
     }
 
     /// Whether some slot names backend `id`.
     pub fn contains(&self, id: u32) -> bool {
-        id != NO_BACKEND && id < MAX_BACKENDS && self.0.contains(&(id as u16))
+        if id == NO_BACKEND || id >= MAX_BACKENDS {
+            return false;
+        }
+        match &self.0 {
+            Repr::Narrow(n) => n.ids.iter().zip(&n.counts).any(|(&b, &c)| b == id && c > 0),
+            Repr::Wide(w) => w.contains(&(id as u16)),
+        }
     }
 
     /// The ids as `u32`s (`LB_RING`'s values of a table without changed slots).
@@ -59,9 +154,84 @@ impl Table {
     }
 }
 
+impl PartialEq for Table {
+    fn eq(&self, other: &Table) -> bool {
+        match (&self.0, &other.0) {
+            (Repr::Narrow(a), Repr::Narrow(b)) if a.ids == b.ids => a.fields == b.fields,
+            (Repr::Wide(a), Repr::Wide(b)) => a == b,
+            _ => self.len() == other.len() && self.iter().eq(other.iter()),
+        }
+    }
+}
+
+impl Eq for Table {}
+
 impl FromIterator<u32> for Table {
+    /// Narrow when at most 255 distinct backends are named.
     fn from_iter<I: IntoIterator<Item = u32>>(ids: I) -> Table {
-        Table(ids.into_iter().map(pack).collect())
+        let wide: Vec<u16> = ids.into_iter().map(pack).collect();
+        // Backend id → index (0: not seen yet), while the slots are looked at.
+        let mut index = vec![0u8; MAX_BACKENDS as usize];
+        let mut list = vec![NO_BACKEND];
+        let mut fields = Vec::with_capacity(wide.len());
+        for &v in &wide {
+            let f = if v == NONE {
+                0
+            } else {
+                let slot = &mut index[v as usize];
+                if *slot == 0 {
+                    if list.len() == IDS {
+                        return Table(Repr::Wide(wide));
+                    }
+                    *slot = list.len() as u8;
+                    list.push(v as u32);
+                }
+                *slot
+            };
+            fields.push(f);
+        }
+        let mut counts = vec![0u32; list.len()];
+        for &f in &fields {
+            counts[f as usize] += 1;
+        }
+        Table(Repr::Narrow(Narrow {
+            fields,
+            ids: list,
+            counts,
+        }))
+    }
+}
+
+/// [`Table::iter`].
+#[derive(Clone, Debug)]
+pub enum Iter<'a> {
+    Narrow(std::slice::Iter<'a, u8>, &'a [u32]),
+    Wide(std::slice::Iter<'a, u16>),
+}
+
+impl Iterator for Iter<'_> {
+    type Item = u32;
+
+    #[inline]
+    fn next(&mut self) -> Option<u32> {
+        match self {
+            Iter::Narrow(f, ids) => f.next().map(|&f| ids[f as usize]),
+            Iter::Wide(w) => w.next().map(|&v| unpack(v)),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.len();
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Iter::Narrow(f, _) => f.len(),
+            Iter::Wide(w) => w.len(),
+        }
     }
 }
 
@@ -84,8 +254,13 @@ mod tests {
         let ids = [0, 1, MAX_BACKENDS - 1, NO_BACKEND, 7];
         let t = Table::from_ids(&ids);
         assert_eq!(t.len(), 5);
-        assert_eq!(t.bytes(), 10);
+        let n = t.narrow().expect("few backends: a byte a slot");
+        assert_eq!(n.fields, [1, 2, 3, 0, 4]);
+        assert_eq!(n.ids, [NO_BACKEND, 0, 1, MAX_BACKENDS - 1, 7]);
+        assert_eq!(n.counts, [1, 1, 1, 1, 1]);
+        assert_eq!(t.bytes(), 5 + 5 * 4 + 5 * 4);
         assert_eq!(t.to_vec(), ids);
+        assert_eq!(t.iter().len(), 5);
         assert_eq!(t.get(3), Some(NO_BACKEND));
         assert_eq!(t.get(5), None);
         assert!(t.contains(MAX_BACKENDS - 1) && t.contains(0));
@@ -93,5 +268,46 @@ mod tests {
         assert_eq!(t, ids.iter().copied().collect::<Table>());
         // Not an id: kept as none.
         assert_eq!(Table::from_ids(&[MAX_BACKENDS]).get(0), Some(NO_BACKEND));
+        assert!(Table::default().is_empty() && Table::from_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn more_than_255_backends_take_two_bytes_a_slot() {
+        let ids: Vec<u32> = (0..600).map(|i| i % 256).collect();
+        let t = Table::from_ids(&ids);
+        assert!(t.narrow().is_none());
+        assert_eq!(t.bytes(), 1200);
+        assert_eq!(t.to_vec(), ids);
+        assert!(t.contains(255) && !t.contains(256));
+        // 255 backends and empty slots: still a byte a slot.
+        let mut ids: Vec<u32> = (0..255).collect();
+        ids.push(NO_BACKEND);
+        let t = Table::from_ids(&ids);
+        assert_eq!(t.narrow().map(|n| n.ids.len()), Some(256));
+        assert_eq!(t.to_vec(), ids);
+    }
+
+    #[test]
+    fn from_fields_and_equality_by_content() {
+        // Fields as a Maglev build gives them: 1-based indexes into the service's backends.
+        let t = Table::from_fields(&[2, 1, 2, 0, 9], &[40, 30]);
+        assert_eq!(t.to_vec(), [30, 40, 30, NO_BACKEND, NO_BACKEND]);
+        let n = t.narrow().unwrap();
+        assert_eq!(n.counts, [2, 1, 2]);
+        // The same slots found by id: other indexes, equal tables.
+        let u = Table::from_ids(&t.to_vec());
+        assert_ne!(u.narrow().unwrap().ids, n.ids);
+        assert_eq!(t, u);
+        let wide = Table(Repr::Wide(t.iter().map(pack).collect()));
+        assert_eq!(t, wide);
+        assert_ne!(t, Table::from_ids(&[30, 40, 30, NO_BACKEND, 30]));
+        assert_ne!(t, Table::from_ids(&[30, 40, 30, NO_BACKEND]));
+        // A backend without a slot is not in the table.
+        let t = Table::from_fields(&[1, 1], &[5, 6]);
+        assert!(t.contains(5) && !t.contains(6));
+        // Ids named twice (or none): kept by id.
+        let t = Table::from_fields(&[1, 2], &[5, 5]);
+        assert_eq!(t.to_vec(), [5, 5]);
+        assert_eq!(t.narrow().unwrap().ids, [NO_BACKEND, 5]);
     }
 }
