@@ -984,18 +984,67 @@ fn maglev_build(k: &RingKey, values: &[u32], table: &mut Vec<u32>) {
     maglev::build_values_into(&entries, values, k.ring_size, table);
 }
 
-/// [`maglev_ring`] as the desired state keeps it. Up to 255 backends, the builder writes each
-/// slot's index into the service's backends (1-based, [`maglev::EMPTY`] where none), which is
-/// the narrow table's byte (and the packed copy's field) as it is: no pass looks ids up.
+/// What decides a Maglev table's slots as indexes into its backends: the table's size and
+/// the backends' identities (addresses) and weights, in the builder's turn order (by
+/// identity). Services whose backends have the same addresses and weights (ports of one VIP,
+/// VIPs of one pool) have the same shape: their tables share one build and its bytes, each
+/// with its own backend ids.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    ring_size: u32,
+    backends: Vec<(String, u16)>,
+}
+
+impl Shape {
+    /// `k`'s shape, and its backends' ids in the shape's order; `None` for 255 backends or
+    /// more (a table of two-byte ids).
+    fn of(k: &RingKey) -> Option<(Shape, Vec<u32>)> {
+        if k.backends.len() >= lb_common::packed::IDS {
+            return None;
+        }
+        let mut b: Vec<(String, u16, u32)> = k
+            .backends
+            .iter()
+            .map(|(id, a, w)| (a.to_string(), *w, id.0))
+            .collect();
+        // (Stable, as the builder's own sort: backends of one address keep their order.)
+        b.sort_by(|x, y| x.0.as_bytes().cmp(y.0.as_bytes()));
+        let ids = b.iter().map(|(_, _, id)| *id).collect();
+        let shape = Shape {
+            ring_size: k.ring_size,
+            backends: b.into_iter().map(|(a, w, _)| (a, w)).collect(),
+        };
+        Some((shape, ids))
+    }
+
+    /// The Maglev build of this shape: each slot's 1-based index into the shape's backends (0
+    /// where none has a weight), and how many slots hold each index. The builder writes the
+    /// indexes as they are: no pass looks ids up.
+    fn build(&self, scratch: &mut Vec<u32>) -> (std::sync::Arc<[u8]>, Vec<u32>) {
+        let entries: Vec<maglev::Entry> = self
+            .backends
+            .iter()
+            .map(|(a, w)| maglev::Entry {
+                id: a.as_bytes(),
+                weight: *w as u32,
+            })
+            .collect();
+        let n = self.backends.len() as u32;
+        let values: Vec<u32> = (1..=n).collect();
+        maglev::build_values_into(&entries, &values, self.ring_size, scratch);
+        table::fields_of(scratch, n + 1)
+    }
+}
+
+/// [`maglev_ring`] as the desired state keeps it: a byte a slot (see [`Shape`]) up to 255
+/// backends.
 fn maglev_table(k: &RingKey, scratch: &mut Vec<u32>) -> Table {
-    if k.backends.len() >= lb_common::packed::IDS {
+    let Some((shape, ids)) = Shape::of(k) else {
         maglev_ring(k, scratch);
         return Table::from_ids(scratch);
-    }
-    let fields: Vec<u32> = (1..=k.backends.len() as u32).collect();
-    maglev_build(k, &fields, scratch);
-    let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
-    Table::from_fields(scratch, &ids)
+    };
+    let (fields, counts) = shape.build(scratch);
+    Table::shared(fields, counts, &ids)
 }
 
 /// Builds the Maglev tables of `services[jobs]` from their [`RingKey`]s (and each one's changed
@@ -1011,10 +1060,34 @@ fn build_maglev_tables(
     }
     /// A built table: ring, changed slots.
     type Built = (Table, Slots);
-    // Each thread builds into its own scratch table of ids, reused from one table to the next,
-    // and keeps the compact copy.
-    let build = |s: &DesiredService, scratch: &mut Vec<u32>| -> Built {
-        let table = maglev_table(&s.ring_key, scratch);
+    // Each shape is built once (by the first thread that needs it; another waits for it), its
+    // bytes shared by the services that have it.
+    let mut index: std::collections::HashMap<Shape, usize> = std::collections::HashMap::new();
+    let mut shapes: Vec<Shape> = Vec::new();
+    let shaped: Vec<Option<(usize, Vec<u32>)>> = jobs
+        .iter()
+        .map(|&i| {
+            let (shape, ids) = Shape::of(&services[i].ring_key)?;
+            let at = *index.entry(shape).or_insert_with_key(|shape| {
+                shapes.push(shape.clone());
+                shapes.len() - 1
+            });
+            Some((at, ids))
+        })
+        .collect();
+    type Fields = (std::sync::Arc<[u8]>, Vec<u32>);
+    let built_shapes: Vec<std::sync::OnceLock<Fields>> =
+        shapes.iter().map(|_| std::sync::OnceLock::new()).collect();
+    // Each thread builds into its own scratch table, reused from one table to the next, and
+    // keeps the compact copy.
+    let build = |j: usize, s: &DesiredService, scratch: &mut Vec<u32>| -> Built {
+        let table = match &shaped[j] {
+            Some((at, ids)) => {
+                let (fields, counts) = built_shapes[*at].get_or_init(|| shapes[*at].build(scratch));
+                Table::shared(std::sync::Arc::clone(fields), counts.clone(), ids)
+            }
+            None => maglev_table(&s.ring_key, scratch),
+        };
         let dirty = match prev_by_id.get(&s.value.id) {
             Some(o) => dirty_after(o, s.value.scheduler, &table),
             None => Slots::default(),
@@ -1027,7 +1100,8 @@ fn build_maglev_tables(
     let built: Vec<(usize, Built)> = if threads <= 1 {
         let mut scratch = Vec::new();
         jobs.iter()
-            .map(|i| (*i, build(&services[*i], &mut scratch)))
+            .enumerate()
+            .map(|(j, i)| (*i, build(j, &services[*i], &mut scratch)))
             .collect()
     } else {
         let shared: &[DesiredService] = services;
@@ -1045,7 +1119,7 @@ fn build_maglev_tables(
                             let Some(i) = jobs.get(j) else {
                                 break out;
                             };
-                            out.push((*i, build(&shared[*i], &mut scratch)));
+                            out.push((*i, build(j, &shared[*i], &mut scratch)));
                         }
                     })
                 })

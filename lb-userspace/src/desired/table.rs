@@ -1,6 +1,8 @@
 //! A service's table as the desired state keeps it: a byte per slot when it names at most 255
 //! backends (every Maglev table of a service of up to 255 backends), else two.
 
+use std::sync::Arc;
+
 use lb_common::{NO_BACKEND, limits::MAX_BACKENDS, packed::IDS};
 
 /// How [`NO_BACKEND`] is kept.
@@ -33,8 +35,9 @@ enum Repr {
 /// A table of at most 255 distinct backends, as [`Table::narrow`] lends it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Narrow {
-    /// Index per slot: 0 for none, `i` for `ids[i]`.
-    pub fields: Vec<u8>,
+    /// Index per slot: 0 for none, `i` for `ids[i]`. Shared by the tables of services whose
+    /// Maglev tables have the same size, backend addresses and weights (each with its own ids).
+    pub fields: Arc<[u8]>,
     /// Index → backend id; `ids[0]` is [`NO_BACKEND`]. At most [`IDS`] entries.
     pub ids: Vec<u32>,
     /// Index → slots holding it (as many entries as `ids`).
@@ -54,39 +57,36 @@ impl Table {
         ids.iter().copied().collect()
     }
 
-    /// The table whose slot `i` names `ids[fields[i]]` ([`NO_BACKEND`] for a field of 0 or one
-    /// past `ids`; `ids` holds at most [`IDS`] − 1 backends). A Maglev build gives its fields
+    /// The table whose slot `i` names `ids[fields[i] − 1]` ([`NO_BACKEND`] for a field of 0 or
+    /// beyond `ids`; `ids` holds at most [`IDS`] − 1 backends). A Maglev build gives its fields
     /// straight away (the index of the slot's backend), so no pass looks the ids up.
     pub fn from_fields(fields: &[u32], ids: &[u32]) -> Table {
+        let (fields, counts) = fields_of(fields, ids.len() as u32 + 1);
+        Table::shared(fields, counts, ids)
+    }
+
+    /// The table whose slot `i` names `ids[fields[i] − 1]` (none for a field of 0), `counts[f]`
+    /// slots holding field `f`: `fields` as [`fields_of`] made them, maybe shared with other
+    /// tables (other ids).
+    pub fn shared(fields: Arc<[u8]>, counts: Vec<u32>, ids: &[u32]) -> Table {
         debug_assert!(ids.len() < IDS, "at most 255 backends");
+        debug_assert_eq!(counts.len(), ids.len() + 1, "a count per index");
         let mut list = Vec::with_capacity(ids.len() + 1);
         list.push(NO_BACKEND);
         list.extend(ids.iter().map(|&id| unpack(pack(id))));
-        let n = list.len() as u32;
-        let mut counts = vec![0u32; list.len()];
-        let fields: Vec<u8> = fields
-            .iter()
-            .map(|&f| {
-                let f = if f < n { f } else { 0 };
-                counts[f as usize] += 1;
-                f as u8
-            })
-            .collect();
-        let mut t = Narrow {
-            fields,
-            ids: list,
-            counts,
-        };
         // An id that is none or named twice: one index per backend, as the packed copy wants.
         let mut seen = std::collections::HashSet::new();
-        if t.ids[1..]
+        if list[1..]
             .iter()
             .any(|&id| id == NO_BACKEND || !seen.insert(id))
         {
-            return t.fields.iter().map(|&f| t.ids[f as usize]).collect();
+            return fields.iter().map(|&f| list[f as usize]).collect();
         }
-        t.ids.shrink_to_fit();
-        Table(Repr::Narrow(t))
+        Table(Repr::Narrow(Narrow {
+            fields,
+            ids: list,
+            counts,
+        }))
     }
 
     /// The table as bytes, an index per slot, when it names at most 255 distinct backends.
@@ -119,7 +119,8 @@ impl Table {
         self.len() == 0
     }
 
-    /// Bytes the slots take (the table's heap memory, less any spare capacity).
+    /// Bytes the slots take (the table's heap memory, less any spare capacity; bytes shared with
+    /// other tables counted in each).
     pub fn bytes(&self) -> usize {
         match &self.0 {
             Repr::Narrow(n) => {
@@ -157,7 +158,9 @@ impl Table {
 impl PartialEq for Table {
     fn eq(&self, other: &Table) -> bool {
         match (&self.0, &other.0) {
-            (Repr::Narrow(a), Repr::Narrow(b)) if a.ids == b.ids => a.fields == b.fields,
+            (Repr::Narrow(a), Repr::Narrow(b)) if a.ids == b.ids => {
+                Arc::ptr_eq(&a.fields, &b.fields) || a.fields == b.fields
+            }
             (Repr::Wide(a), Repr::Wide(b)) => a == b,
             _ => self.len() == other.len() && self.iter().eq(other.iter()),
         }
@@ -195,11 +198,27 @@ impl FromIterator<u32> for Table {
             counts[f as usize] += 1;
         }
         Table(Repr::Narrow(Narrow {
-            fields,
+            fields: fields.into(),
             ids: list,
             counts,
         }))
     }
+}
+
+/// A build's `u32` fields (indexes below `n`; others read as 0, none) as a table's bytes, and
+/// how many slots hold each of the `n` indexes.
+pub fn fields_of(fields: &[u32], n: u32) -> (Arc<[u8]>, Vec<u32>) {
+    debug_assert!(n as usize <= IDS);
+    let mut counts = vec![0u32; n as usize];
+    let fields: Arc<[u8]> = fields
+        .iter()
+        .map(|&f| {
+            let f = if f < n { f } else { 0 };
+            counts[f as usize] += 1;
+            f as u8
+        })
+        .collect();
+    (fields, counts)
 }
 
 /// [`Table::iter`].
@@ -255,7 +274,7 @@ mod tests {
         let t = Table::from_ids(&ids);
         assert_eq!(t.len(), 5);
         let n = t.narrow().expect("few backends: a byte a slot");
-        assert_eq!(n.fields, [1, 2, 3, 0, 4]);
+        assert_eq!(*n.fields, [1, 2, 3, 0, 4]);
         assert_eq!(n.ids, [NO_BACKEND, 0, 1, MAX_BACKENDS - 1, 7]);
         assert_eq!(n.counts, [1, 1, 1, 1, 1]);
         assert_eq!(t.bytes(), 5 + 5 * 4 + 5 * 4);

@@ -851,3 +851,64 @@ fn the_deferred_window_is_for_at_syn_tcp_without_on_change_history() {
     let short = svc(&[0], &[(0, 2)], 10 + W);
     assert!(deferred_window_applies(&tcp, Some(&short), 10, true, false));
 }
+
+#[test]
+fn services_with_the_same_backends_share_their_table_bytes() {
+    // Two ports of one VIP to the same backends (listed in another order), a third with
+    // another weight: the first two share one build, each table naming its own ids; every
+    // table is what a build of its own gives.
+    let svc = |name: &str, port: u16, backends: &[(&str, u16)]| {
+        let mut t = format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"10.0.0.100\"\nport = {port}\nprotocol = \"tcp\"\n"
+        );
+        for (i, (a, w)) in backends.iter().enumerate() {
+            t += &format!(
+                "[[service.backend]]\naddress = \"{a}\"\nmac = \"02:00:00:00:01:{i:02x}\"\nweight = {w}\n"
+            );
+        }
+        t
+    };
+    let text = format!(
+        "[dataplane]\ninterface = \"eth0\"\nring_size = 251\n{}{}{}",
+        svc(
+            "a",
+            80,
+            &[("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 1)]
+        ),
+        svc(
+            "b",
+            443,
+            &[("10.0.0.3", 1), ("10.0.0.1", 1), ("10.0.0.2", 2)]
+        ),
+        svc(
+            "c",
+            8080,
+            &[("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)]
+        ),
+    );
+    let cfg = Config::parse(&text, Path::new("t.toml")).unwrap();
+    let d = build(&cfg);
+    let narrow: Vec<&table::Narrow> = d
+        .services
+        .iter()
+        .map(|s| s.ring.narrow().expect("three backends: a byte a slot"))
+        .collect();
+    assert!(std::sync::Arc::ptr_eq(&narrow[0].fields, &narrow[1].fields));
+    assert!(!std::sync::Arc::ptr_eq(
+        &narrow[0].fields,
+        &narrow[2].fields
+    ));
+    for s in &d.services {
+        let mut own = Vec::new();
+        maglev_ring(&s.ring_key, &mut own);
+        assert_eq!(s.ring.to_vec(), own, "service {}", s.name);
+        assert!(own.iter().all(|id| s.backends.iter().any(|b| b.0 == *id)));
+    }
+    // The same address behind each slot in a and b (their ids differ).
+    let addr = |s: &DesiredService, id: u32| s.ring_key.addresses()[&id];
+    let (a, b) = (&d.services[0], &d.services[1]);
+    assert_ne!(a.ring, b.ring);
+    for (x, y) in a.ring.iter().zip(b.ring.iter()) {
+        assert_eq!(addr(a, x), addr(b, y));
+    }
+}
