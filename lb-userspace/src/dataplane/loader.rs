@@ -1484,7 +1484,7 @@ impl Maps for Dataplane {
         // Tables written whole in this call without changed slots and kept narrow, by service
         // id (until a slot of theirs is written again): their services are packed from their
         // fields (`Packer::pack_fields`) instead of a pass over `LB_RING` that finds them.
-        let mut narrow: std::collections::HashMap<u32, (u32, &crate::desired::Table)> =
+        let mut narrow: std::collections::HashMap<u32, (u32, &crate::desired::Narrow)> =
             std::collections::HashMap::new();
         for op in ops {
             check_op(op)?;
@@ -1558,7 +1558,7 @@ impl Maps for Dataplane {
                     }
                     let fields = ring.narrow().filter(|_| dirty.is_empty());
                     match fields {
-                        Some(_) => narrow.insert(*service_id, (*base, &**ring)),
+                        Some(n) => narrow.insert(*service_id, (*base, n)),
                         None => narrow.remove(service_id),
                     };
                     // A packed service's table written whole in place is packed again; one that
@@ -1583,15 +1583,14 @@ impl Maps for Dataplane {
                     m.svc_cache.set(key.cache_key(), value);
                     let ring = &m.ring;
                     if let Some(p) = m.packed.as_mut() {
-                        let fields = narrow
-                            .get(&value.id)
-                            .filter(|(base, t)| {
-                                (*base, t.len()) == (value.ring_base, value.ring_size as usize)
-                            })
-                            .and_then(|(_, t)| t.narrow());
-                        if let (true, Some(n)) = (packs(value), fields) {
+                        let fields = narrow.get(&value.id).filter(|(base, n)| {
+                            (*base, n.fields.len()) == (value.ring_base, value.ring_size as usize)
+                        });
+                        if !packs(value) {
+                            p.unpack(value.id);
+                        } else if let Some((_, n)) = fields {
                             p.pack_fields(value.id, value.ring_base, &n.fields, &n.ids, &n.counts);
-                        } else if packs(value) {
+                        } else {
                             // The table as one run of the mapping (no bounds check a slot).
                             match ring.run(value.ring_base, value.ring_size) {
                                 Some(run) => p.pack_values(
@@ -1606,8 +1605,6 @@ impl Maps for Dataplane {
                                         .unwrap_or(NO_BACKEND)
                                 }),
                             }
-                        } else {
-                            p.unpack(value.id);
                         }
                     }
                 }

@@ -20,7 +20,7 @@ use lb_common::{
 pub use self::{
     ids::{BackendId, IdMap, Ids},
     reconcile::{DiffSummary, Op, diff},
-    table::Table,
+    table::{Narrow, Table},
 };
 use crate::{
     admin::Override,
@@ -965,12 +965,6 @@ impl TableSpace {
 /// ([`NO_BACKEND`] where no backend has a weight), written by the builder into `table` (a
 /// build thread's, reused from table to table).
 fn maglev_ring(k: &RingKey, table: &mut Vec<u32>) {
-    let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
-    maglev_build(k, &ids, table);
-}
-
-/// The Maglev build of `k`'s backends into `table`, `values[i]` in the slots of the `i`th.
-fn maglev_build(k: &RingKey, values: &[u32], table: &mut Vec<u32>) {
     const _: () = assert!(maglev::EMPTY == NO_BACKEND);
     let idents: Vec<String> = k.backends.iter().map(|(_, a, _)| a.to_string()).collect();
     let entries: Vec<maglev::Entry> = idents
@@ -981,7 +975,8 @@ fn maglev_build(k: &RingKey, values: &[u32], table: &mut Vec<u32>) {
             weight: *w as u32,
         })
         .collect();
-    maglev::build_values_into(&entries, values, k.ring_size, table);
+    let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
+    maglev::build_values_into(&entries, &ids, k.ring_size, table);
 }
 
 /// What decides a Maglev table's slots as indexes into its backends: the table's size and
@@ -1036,17 +1031,6 @@ impl Shape {
     }
 }
 
-/// [`maglev_ring`] as the desired state keeps it: a byte a slot (see [`Shape`]) up to 255
-/// backends.
-fn maglev_table(k: &RingKey, scratch: &mut Vec<u32>) -> Table {
-    let Some((shape, ids)) = Shape::of(k) else {
-        maglev_ring(k, scratch);
-        return Table::from_ids(scratch);
-    };
-    let (fields, counts) = shape.build(scratch);
-    Table::shared(fields, counts, &ids)
-}
-
 /// Builds the Maglev tables of `services[jobs]` from their [`RingKey`]s (and each one's changed
 /// slots after its previous state), spread over the machine's CPUs: 1 000 tables
 /// of 65 537 slots are seconds of work for one core.
@@ -1086,7 +1070,11 @@ fn build_maglev_tables(
                 let (fields, counts) = built_shapes[*at].get_or_init(|| shapes[*at].build(scratch));
                 Table::shared(std::sync::Arc::clone(fields), counts.clone(), ids)
             }
-            None => maglev_table(&s.ring_key, scratch),
+            // 255 backends or more: two-byte ids.
+            None => {
+                maglev_ring(&s.ring_key, scratch);
+                Table::from_ids(scratch)
+            }
         };
         let dirty = match prev_by_id.get(&s.value.id) {
             Some(o) => dirty_after(o, s.value.scheduler, &table),

@@ -58,8 +58,9 @@ impl Table {
     }
 
     /// The table whose slot `i` names `ids[fields[i] − 1]` ([`NO_BACKEND`] for a field of 0 or
-    /// beyond `ids`; `ids` holds at most [`IDS`] − 1 backends). A Maglev build gives its fields
-    /// straight away (the index of the slot's backend), so no pass looks the ids up.
+    /// beyond `ids`; `ids` holds at most [`IDS`] − 1 backends): [`fields_of`] and
+    /// [`Table::shared`] in one, as the tests build tables (the Maglev builds share theirs).
+    #[cfg(test)]
     pub fn from_fields(fields: &[u32], ids: &[u32]) -> Table {
         let (fields, counts) = fields_of(fields, ids.len() as u32 + 1);
         Table::shared(fields, counts, ids)
