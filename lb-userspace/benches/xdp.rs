@@ -942,8 +942,12 @@ fn ab_objects() {
         ),
     ];
     for f in &mut fixtures {
-        assert_eq!(f.run(&cases[3].1).0, XDP_TX, "the SYN's flow recorded");
-        assert_eq!(f.run(&cases[4].1).0, XDP_TX, "the IPv6 SYN's flow recorded");
+        let (v4, v6) = (f.run(&cases[3].1).0, f.run(&cases[4].1).0);
+        // (Objects cut short for an experiment may not forward it: see below.)
+        if std::env::var_os("LB_BENCH_AB_UNCHECKED").is_none() {
+            assert_eq!(v4, XDP_TX, "the SYN's flow recorded");
+            assert_eq!(v6, XDP_TX, "the IPv6 SYN's flow recorded");
+        }
     }
     const AB_ROUNDS: usize = 30;
     let mut ns = vec![vec![Vec::new(); cases.len()]; fixtures.len()];

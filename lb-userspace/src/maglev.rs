@@ -44,20 +44,54 @@ pub struct Entry<'a> {
 /// A table slot that no entry owns (every weight is zero, or there are no entries).
 pub const EMPTY: u32 = u32::MAX;
 
+/// What a table's slots hold: `u32` values ([`EMPTY`] where no entry owns the slot), or bytes
+/// for tables whose values are below 256 (0 where none does: the controller's narrow tables,
+/// whose values are 1-based indexes).
+pub trait Slot: Copy {
+    /// A slot no entry owns.
+    const EMPTY: Self;
+    /// The slot of value `v` (below 256 for a byte).
+    fn of(v: u32) -> Self;
+}
+
+impl Slot for u32 {
+    const EMPTY: u32 = EMPTY;
+    #[inline(always)]
+    fn of(v: u32) -> u32 {
+        v
+    }
+}
+
+impl Slot for u8 {
+    const EMPTY: u8 = 0;
+    #[inline(always)]
+    fn of(v: u32) -> u8 {
+        debug_assert!(v < 256, "a byte's value");
+        v as u8
+    }
+}
+
 /// Builds a table of `m` slots (m prime). Each slot holds an index into `entries`, or
 /// [`EMPTY`] when no entry has a non-zero weight.
 pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
     let index: Vec<u32> = (0..entries.len() as u32).collect();
     let mut table = Vec::new();
-    build_values_into(entries, &index, m, &mut table);
+    let _ = build_values_into(entries, &index, m, &mut table);
     table
 }
 
 /// [`build`] into `table` (its memory reused: a thread that builds many tables touches fresh
 /// pages for the first only), with `values[i]` in the slots of `entries[i]` instead of its
-/// index (the caller's ids, written as the table is built: no second pass over it).
-/// [`EMPTY`] where no entry has a non-zero weight.
-pub fn build_values_into(entries: &[Entry<'_>], values: &[u32], m: u32, table: &mut Vec<u32>) {
+/// index (the caller's ids, written as the table is built: no second pass over it), as `T`
+/// (`u32`, or a byte for values below 256: a quarter of the memory to write).
+/// [`Slot::EMPTY`] where no entry has a non-zero weight. Returns how many slots each entry
+/// got (its quota: the table fills exactly; all zero when no entry has a weight).
+pub fn build_values_into<T: Slot>(
+    entries: &[Entry<'_>],
+    values: &[u32],
+    m: u32,
+    table: &mut Vec<T>,
+) -> Vec<u32> {
     assert_eq!(entries.len(), values.len(), "a value per entry");
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by(|&a, &b| entries[a].id.cmp(entries[b].id));
@@ -69,6 +103,14 @@ pub fn build_values_into(entries: &[Entry<'_>], values: &[u32], m: u32, table: &
     let slot_values: Vec<u32> = order.iter().map(|&i| values[i]).collect();
     let walk = Walk::for_size(m);
     build_into(&perms, Some(&slot_values), m, walk, walk.tail(), table);
+    let mut got = vec![0; entries.len()];
+    for (q, &i) in quotas(perms.iter().map(|(_, w)| *w), m)
+        .into_iter()
+        .zip(&order)
+    {
+        got[i] = q as u32;
+    }
+    got
 }
 
 /// The core of [`build`], for given permutations (in turn order) and weights. Slots hold
@@ -183,17 +225,17 @@ fn build_with(perms: &[(Permutation, u32)], m: u32, walk: Walk, tail: usize) -> 
 
 /// [`build_with`] into `table` (cleared and sized to `m` slots first); slot values are
 /// `ids[i]` for `perms[i]` (`i` without `ids`).
-fn build_into(
+fn build_into<T: Slot>(
     perms: &[(Permutation, u32)],
     ids: Option<&[u32]>,
     m: u32,
     walk: Walk,
     tail: usize,
-    table: &mut Vec<u32>,
+    table: &mut Vec<T>,
 ) {
     let m_us = m as usize;
     table.clear();
-    table.resize(m_us, EMPTY);
+    table.resize(m_us, T::EMPTY);
     let quotas = quotas(perms.iter().map(|(_, w)| *w), m);
     // The players' state side by side (one cache line holds two): next candidate slot
     // (offset + next·skip mod m), skip, skip − m, slots still to claim, index into `perms`.
@@ -240,9 +282,9 @@ fn players(
 /// The walk phase: players take turns claiming their next free slot until the table is full
 /// or at most `tail` slots are free. Returns the slots filled and where the turn order resumes
 /// (the player after the last one that claimed).
-fn walk_scalar(
+fn walk_scalar<T: Slot>(
     players: &mut [Player],
-    table: &mut [u32],
+    table: &mut [T],
     taken: &mut [u64],
     tail: usize,
 ) -> (usize, usize) {
@@ -262,17 +304,17 @@ fn walk_scalar(
 
 /// `p` claims slot `s`. `Some` when the walk phase is over (see [`walk_scalar`]).
 #[inline(always)]
-fn claim(
+fn claim<T: Slot>(
     p: &mut Player,
     s: u64,
-    table: &mut [u32],
+    table: &mut [T],
     taken: &mut [u64],
     filled: &mut usize,
     tail: usize,
     k: usize,
 ) -> Option<(usize, usize)> {
     taken[(s >> 6) as usize] |= 1 << (s & 63);
-    table[s as usize] = p.index;
+    table[s as usize] = T::of(p.index);
     p.slot = step(s, p.skip, p.back);
     p.left -= 1;
     *filled += 1;
@@ -332,7 +374,7 @@ struct Player {
 /// The same claims as [`walk_scalar`]; on other CPUs (and other architectures) it is never
 /// called.
 mod wide {
-    use super::Player;
+    use super::{Player, Slot};
 
     /// Whether this CPU can run [`walk`].
     pub(super) fn available() -> bool {
@@ -344,9 +386,9 @@ mod wide {
 
     /// [`super::walk_scalar`] 16 probes at a time. Panics on a CPU without AVX-512F (never
     /// called there: see [`available`]).
-    pub(super) fn walk(
+    pub(super) fn walk<T: Slot>(
         players: &mut [Player],
-        table: &mut [u32],
+        table: &mut [T],
         taken: &mut [u64],
         m: u32,
         tail: usize,
@@ -373,9 +415,9 @@ mod wide {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn walk_avx512(
+    fn walk_avx512<T: Slot>(
         players: &mut [Player],
-        table: &mut [u32],
+        table: &mut [T],
         taken: &mut [u64],
         m: u32,
         tail: usize,
@@ -459,7 +501,7 @@ fn wrap_add(s: u64, step: u64, m: u64) -> u64 {
 /// to play): each player's next slot is the free slot of least position in its permutation,
 /// counted from its pointer (the next candidate of its walk): `(f − pointer)·skip⁻¹ mod m`.
 /// Every free slot lies at or after the pointer, so the least one is where the walk would stop.
-fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
+fn fill_tail<T: Slot>(players: &mut [Player], table: &mut [T], taken: &[u64], m: u32) {
     let m64 = m as u64;
     // The free slots, from the bitmap's clear bits (bits past `m` in the last word are not
     // slots).
@@ -485,9 +527,9 @@ fn fill_tail(players: &mut [Player], table: &mut [u32], taken: &[u64], m: u32) {
 /// The tail's turns: in turn order, each player with slots left claims the slot `take`
 /// returns for it (given its skip⁻¹, computed when it first plays here: many never do, their
 /// quota met), until `take` finds no free slot or no player has slots left.
-fn tail_turns(
+fn tail_turns<T: Slot>(
     players: &mut [Player],
-    table: &mut [u32],
+    table: &mut [T],
     m: u32,
     mut take: impl FnMut(&Player, u64) -> Option<u64>,
 ) {
@@ -504,7 +546,7 @@ fn tail_turns(
             let Some(f) = take(p, *k) else {
                 return; // every slot is taken
             };
-            table[f as usize] = p.index;
+            table[f as usize] = T::of(p.index);
             p.left -= 1;
             any = true;
         }
@@ -515,7 +557,7 @@ fn tail_turns(
 }
 
 /// [`fill_tail`]'s search with 64-bit integers (any `m` < 2^32).
-fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: u32) {
+fn search_u64<T: Slot>(players: &mut [Player], table: &mut [T], mut free: Vec<u64>, m: u32) {
     let m64 = m as u64;
     let div = FastMod::new(m64);
     tail_turns(players, table, m, |p, k| {
@@ -538,7 +580,13 @@ fn search_u64(players: &mut [Player], table: &mut [u32], mut free: Vec<u64>, m: 
 /// remainder brought back into [0, m)). Each free slot's position and index are one key,
 /// `position · 2^20 + index`, and the least key wins: the loops over the free slots have no
 /// branch and no 128-bit multiply, so the compiler runs them several slots at a time.
-fn search_f64(players: &mut [Player], table: &mut [u32], free: Vec<u64>, m: u32, avx2: bool) {
+fn search_f64<T: Slot>(
+    players: &mut [Player],
+    table: &mut [T],
+    free: Vec<u64>,
+    m: u32,
+    avx2: bool,
+) {
     let mut free: Vec<f64> = free.into_iter().map(|f| f as f64).collect();
     // The positions as doubles, made once: converting the loop's counter in it would be one
     // slot at a time (there is no packed conversion from 64-bit integers before AVX-512).
@@ -1162,6 +1210,27 @@ mod tests {
                 for (i, w) in weights.iter().enumerate() {
                     if *w == 0 { prop_assert!(!by_owner.contains_key(&i)); }
                 }
+            }
+        }
+
+        /// A table of bytes holds what the table of `u32`s holds (0 where it has EMPTY), and
+        /// the build's count of each entry's slots is what the table holds.
+        #[test]
+        fn byte_tables_match_and_count_their_slots(
+            weights in prop::collection::vec(0u32..=1000, 1..40),
+            m in prop::sample::select(vec![251u32, 1021, 4099]),
+        ) {
+            let ids = ids(weights.len());
+            let entries: Vec<Entry> = ids.iter().zip(&weights).map(|(id, w)| Entry { id, weight: *w }).collect();
+            let values: Vec<u32> = (1..=entries.len() as u32).collect();
+            let (mut wide, mut narrow) = (Vec::<u32>::new(), Vec::<u8>::new());
+            let got_wide = build_values_into(&entries, &values, m, &mut wide);
+            let got = build_values_into(&entries, &values, m, &mut narrow);
+            prop_assert_eq!(&got_wide, &got);
+            let want: Vec<u8> = wide.iter().map(|&v| if v == EMPTY { 0 } else { v as u8 }).collect();
+            prop_assert_eq!(&narrow, &want);
+            for (i, n) in got.iter().enumerate() {
+                prop_assert_eq!(*n as usize, narrow.iter().filter(|&&f| f as usize == i + 1).count());
             }
         }
     }

@@ -1542,8 +1542,19 @@ impl Maps for Dataplane {
                     if dirty.is_empty() {
                         // No changed slot: every slot's value is its backend id (or the empty
                         // slot's NO_BACKEND), as built. One run of stores (a table from scratch
-                        // is 65 537 slots by default, and a config holds up to 1 024).
-                        if !self.maps.ring.set_run(*base, ring.iter()) {
+                        // is 65 537 slots by default, and a config holds up to 1 024). A table
+                        // of bytes: each slot's id from a table of 256 (no bounds check, no
+                        // dispatch on the table's form a slot).
+                        let written = match ring.narrow() {
+                            Some(n) => {
+                                let mut id = [NO_BACKEND; lb_common::packed::IDS];
+                                id[..n.ids.len()].copy_from_slice(&n.ids);
+                                let vals = n.fields.iter().map(|&f| id[f as usize]);
+                                self.maps.ring.set_run(*base, vals)
+                            }
+                            None => self.maps.ring.set_run(*base, ring.iter()),
+                        };
+                        if !written {
                             return Err(LoaderError::RingIndex {
                                 index: base.saturating_add(ring.len() as u32),
                                 len: self.maps.ring.slots(),

@@ -257,24 +257,7 @@ impl<W: PackedWords> Packer<W> {
             }
             match counts {
                 Some(c) => svc.counts[..c.len()].copy_from_slice(c),
-                None => {
-                    // How many fields hold each index: four tallies side by side (a run of
-                    // slots of one backend does not wait on its own increments), added up.
-                    let mut tally = [[0u32; IDS]; 4];
-                    let mut quads = fields.chunks_exact(4);
-                    for q in &mut quads {
-                        tally[0][q[0] as usize] += 1;
-                        tally[1][q[1] as usize] += 1;
-                        tally[2][q[2] as usize] += 1;
-                        tally[3][q[3] as usize] += 1;
-                    }
-                    for f in quads.remainder() {
-                        tally[0][*f as usize] += 1;
-                    }
-                    for (f, c) in svc.counts.iter_mut().enumerate() {
-                        *c = tally.iter().map(|t| t[f]).sum();
-                    }
-                }
+                None => crate::desired::tally(fields, &mut svc.counts),
             }
             // Whole words at once: the fields of the words this table covers, the bits of
             // its neighbours' fields (first and last word) as they were. The table starts

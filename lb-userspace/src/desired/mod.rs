@@ -20,7 +20,7 @@ use lb_common::{
 pub use self::{
     ids::{BackendId, IdMap, Ids},
     reconcile::{DiffSummary, Op, diff},
-    table::{Narrow, Table},
+    table::{Narrow, Table, tally},
 };
 use crate::{
     admin::Override,
@@ -976,7 +976,7 @@ fn maglev_ring(k: &RingKey, table: &mut Vec<u32>) {
         })
         .collect();
     let ids: Vec<u32> = k.backends.iter().map(|(id, _, _)| id.0).collect();
-    maglev::build_values_into(&entries, &ids, k.ring_size, table);
+    let _ = maglev::build_values_into(&entries, &ids, k.ring_size, table);
 }
 
 /// What decides a Maglev table's slots as indexes into its backends: the table's size and
@@ -1014,8 +1014,9 @@ impl Shape {
 
     /// The Maglev build of this shape: each slot's 1-based index into the shape's backends (0
     /// where none has a weight), and how many slots hold each index. The builder writes the
-    /// indexes as they are: no pass looks ids up.
-    fn build(&self, scratch: &mut Vec<u32>) -> (std::sync::Arc<[u8]>, Vec<u32>) {
+    /// indexes as they are, a byte a slot (into `scratch`, then copied): no pass looks ids up
+    /// or converts.
+    fn build(&self, scratch: &mut Vec<u8>) -> (std::sync::Arc<[u8]>, Vec<u32>) {
         let entries: Vec<maglev::Entry> = self
             .backends
             .iter()
@@ -1026,9 +1027,32 @@ impl Shape {
             .collect();
         let n = self.backends.len() as u32;
         let values: Vec<u32> = (1..=n).collect();
-        maglev::build_values_into(&entries, &values, self.ring_size, scratch);
-        table::fields_of(scratch, n + 1)
+        let got = maglev::build_values_into(&entries, &values, self.ring_size, scratch);
+        // Each index's slots are its backend's quota; the rest (all, when no backend has a
+        // weight) are empty.
+        let mut counts = Vec::with_capacity(got.len() + 1);
+        counts.push(self.ring_size - got.iter().sum::<u32>());
+        counts.extend(got);
+        debug_assert_eq!(
+            {
+                let mut c = vec![0; counts.len()];
+                table::tally(scratch, &mut c);
+                c
+            },
+            counts,
+            "a backend's slots are its quota"
+        );
+        (std::sync::Arc::from(&scratch[..]), counts)
     }
+}
+
+/// A build thread's tables, reused from one build to the next.
+#[derive(Default)]
+struct Scratch {
+    /// A table of up to 255 backends, a byte a slot ([`Shape::build`]).
+    fields: Vec<u8>,
+    /// A larger one, a `u32` id a slot ([`maglev_ring`]).
+    ids: Vec<u32>,
 }
 
 /// Builds the Maglev tables of `services[jobs]` from their [`RingKey`]s (and each one's changed
@@ -1062,18 +1086,19 @@ fn build_maglev_tables(
     type Fields = (std::sync::Arc<[u8]>, Vec<u32>);
     let built_shapes: Vec<std::sync::OnceLock<Fields>> =
         shapes.iter().map(|_| std::sync::OnceLock::new()).collect();
-    // Each thread builds into its own scratch table, reused from one table to the next, and
-    // keeps the compact copy.
-    let build = |j: usize, s: &DesiredService, scratch: &mut Vec<u32>| -> Built {
+    // Each thread builds into its own scratch tables (bytes for up to 255 backends, else
+    // `u32`s), reused from one table to the next, and keeps the compact copy.
+    let build = |j: usize, s: &DesiredService, scratch: &mut Scratch| -> Built {
         let table = match &shaped[j] {
             Some((at, ids)) => {
-                let (fields, counts) = built_shapes[*at].get_or_init(|| shapes[*at].build(scratch));
+                let (fields, counts) =
+                    built_shapes[*at].get_or_init(|| shapes[*at].build(&mut scratch.fields));
                 Table::shared(std::sync::Arc::clone(fields), counts.clone(), ids)
             }
             // 255 backends or more: two-byte ids.
             None => {
-                maglev_ring(&s.ring_key, scratch);
-                Table::from_ids(scratch)
+                maglev_ring(&s.ring_key, &mut scratch.ids);
+                Table::from_ids(&scratch.ids)
             }
         };
         let dirty = match prev_by_id.get(&s.value.id) {
@@ -1086,7 +1111,7 @@ fn build_maglev_tables(
         .map_or(1, |n| n.get())
         .min(jobs.len());
     let built: Vec<(usize, Built)> = if threads <= 1 {
-        let mut scratch = Vec::new();
+        let mut scratch = Scratch::default();
         jobs.iter()
             .enumerate()
             .map(|(j, i)| (*i, build(j, &services[*i], &mut scratch)))
@@ -1101,7 +1126,7 @@ fn build_maglev_tables(
                 .map(|_| {
                     let (build, next) = (&build, &next);
                     scope.spawn(move || {
-                        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+                        let (mut out, mut scratch) = (Vec::new(), Scratch::default());
                         loop {
                             let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(i) = jobs.get(j) else {

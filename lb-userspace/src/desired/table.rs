@@ -67,8 +67,8 @@ impl Table {
     }
 
     /// The table whose slot `i` names `ids[fields[i] − 1]` (none for a field of 0), `counts[f]`
-    /// slots holding field `f`: `fields` as [`fields_of`] made them, maybe shared with other
-    /// tables (other ids).
+    /// slots holding field `f`: `fields` as a Maglev build writes them (a byte a slot), maybe
+    /// shared with other tables (other ids).
     pub fn shared(fields: Arc<[u8]>, counts: Vec<u32>, ids: &[u32]) -> Table {
         debug_assert!(ids.len() < IDS, "at most 255 backends");
         debug_assert_eq!(counts.len(), ids.len() + 1, "a count per index");
@@ -207,19 +207,40 @@ impl FromIterator<u32> for Table {
 }
 
 /// A build's `u32` fields (indexes below `n`; others read as 0, none) as a table's bytes, and
-/// how many slots hold each of the `n` indexes.
+/// how many slots hold each of the `n` indexes (the tests' tables; the Maglev builds write
+/// bytes).
+#[cfg(test)]
 pub fn fields_of(fields: &[u32], n: u32) -> (Arc<[u8]>, Vec<u32>) {
     debug_assert!(n as usize <= IDS);
-    let mut counts = vec![0u32; n as usize];
-    let fields: Arc<[u8]> = fields
+    // One pass converts (branch-free: the compiler runs it many slots at a time), another
+    // tallies.
+    let bytes: Vec<u8> = fields
         .iter()
-        .map(|&f| {
-            let f = if f < n { f } else { 0 };
-            counts[f as usize] += 1;
-            f as u8
-        })
+        .map(|&f| if f < n { f as u8 } else { 0 })
         .collect();
-    (fields, counts)
+    let mut counts = vec![0u32; n as usize];
+    tally(&bytes, &mut counts);
+    (Arc::from(bytes), counts)
+}
+
+/// How many of `fields` hold each index below `counts.len()` (at most [`IDS`]; added to
+/// `counts`): four tallies side by side, so that a run of slots of one backend does not wait
+/// on its own increments (a store forwarded to the next load of the same counter), added up.
+pub fn tally(fields: &[u8], counts: &mut [u32]) {
+    let mut t = [[0u32; IDS]; 4];
+    let mut quads = fields.chunks_exact(4);
+    for q in &mut quads {
+        t[0][q[0] as usize] += 1;
+        t[1][q[1] as usize] += 1;
+        t[2][q[2] as usize] += 1;
+        t[3][q[3] as usize] += 1;
+    }
+    for f in quads.remainder() {
+        t[0][*f as usize] += 1;
+    }
+    for (f, c) in counts.iter_mut().enumerate() {
+        *c += t.iter().map(|t| t[f]).sum::<u32>();
+    }
 }
 
 /// [`Table::iter`].
