@@ -569,6 +569,103 @@ fn batched_counters_equal_single_lookups() {
     assert_eq!(total, 12);
 }
 
+/// A run of backend writes (a config's backends) goes to the maps map by map in batch updates:
+/// each backend's entry and meta as written, a fresh one's counters zeroed on every CPU and its
+/// connection counts too, exactly as the writes one at a time (a run of a few) leave them.
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn backend_writes_in_batches_are_the_writes_one_at_a_time() {
+    use lb_common::{BackendMeta, Counters, FAMILY_V4};
+    use lb_userspace::{
+        dataplane::Maps as _,
+        desired::{BackendId, Op},
+    };
+    let cpu = two_cpus();
+    let mut f = Fixture::new(&sched_config("rr", &[100, 100, 100, 100]));
+    let used = f.service("s").backends;
+    // Every way of writing: a run of 40 (batched) and a run of 3 (one at a time).
+    for run in [40u32, 3] {
+        // Counters of the service's backends on both CPUs, and open connections.
+        for i in 0..8 {
+            f.syn_on(cpu[i % 2], C1, 44000 + (run as u16) * 10 + i as u16);
+        }
+        let dirty: Vec<u32> = used
+            .iter()
+            .copied()
+            .filter(|id| f.dp.backend_counters_both(*id).unwrap().1 != Counters::default())
+            .collect();
+        assert_eq!(dirty.len(), 4, "rr: every backend had packets");
+        assert!(
+            !f.dp.active_connections(&dirty).unwrap().is_empty(),
+            "open connections"
+        );
+        // The service's backends written again as fresh (ids reused), and new ids beside them.
+        let writes: Vec<(u32, lb_common::Backend, BackendMeta)> = (0..run)
+            .map(|i| {
+                let id = used
+                    .get(i as usize)
+                    .copied()
+                    .unwrap_or(3000 + run * 100 + i);
+                let mut value = f.backend(used[(i % 4) as usize]);
+                value.mac = [0x02, 0xbb, 0, 0, run as u8, i as u8];
+                value.generation = 77 + i;
+                let meta = BackendMeta {
+                    addr: [
+                        10, 77, run as u8, i as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    ],
+                    family: FAMILY_V4,
+                    _pad: [0; 3],
+                    service_id: 9,
+                };
+                (id, value, meta)
+            })
+            .collect();
+        let ops: Vec<Op> = writes
+            .iter()
+            .map(|(id, value, meta)| Op::Backend {
+                id: BackendId(*id),
+                value: *value,
+                fresh: true,
+                meta: *meta,
+            })
+            .collect();
+        f.dp.apply_ops(&ops).expect("backend writes");
+        let adopted = f.dp.read_adopted().expect("read the maps back");
+        for (id, value, meta) in &writes {
+            let got = adopted.backends.iter().find(|b| b.0 == *id);
+            assert_eq!(
+                got,
+                Some(&(*id, *value, *meta)),
+                "run of {run}: backend {id}"
+            );
+            assert_eq!(
+                f.dp.backend_counters_both(*id).unwrap(),
+                (Counters::default(), Counters::default()),
+                "run of {run}: backend {id}'s counters zeroed on every CPU"
+            );
+        }
+        let ids: Vec<u32> = writes.iter().map(|w| w.0).collect();
+        assert!(
+            f.dp.active_connections(&ids).unwrap().is_empty(),
+            "run of {run}: connection counts zeroed"
+        );
+        // The service's backends as the config has them again, for the next run's traffic.
+        let restore: Vec<Op> = used
+            .iter()
+            .map(|id| Op::Backend {
+                id: BackendId(*id),
+                value: f.backend(*id),
+                fresh: false,
+                meta: BackendMeta {
+                    family: FAMILY_V4,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        f.dp.apply_ops(&restore).expect("restore");
+    }
+}
+
 /// The seed's example: wrr 1:2:2:2 from two CPUs follows the smooth sequence, so servers 2–4
 /// get twice as many new connections as server 1.
 #[test]

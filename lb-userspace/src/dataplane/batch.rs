@@ -204,29 +204,53 @@ pub fn hash_map_part<K: bytemuck::Pod, V: bytemuck::Pod>(
 /// `BPF_MAP_UPDATE_BATCH` call (arrays take any element flags but `BPF_F_LOCK`'s absence: 0).
 pub fn write_array<V: bytemuck::Pod>(fd: BorrowedFd<'_>, values: &[V]) -> io::Result<()> {
     let keys: Vec<u32> = (0..values.len() as u32).collect();
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: values.len() as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is the batch form of bpf_attr with its exact size; the kernel reads
-    // `count` keys (u32) and values of the map's size from `keys` and `values`, alive for the
-    // call, and writes how many it did into `count`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
+    write_entries(fd, &keys, bytemuck::cast_slice(values), size_of::<V>())
+}
+
+/// Writes entries `keys` of the array `fd` with `BPF_MAP_UPDATE_BATCH` calls of [`CHUNK`]
+/// entries: `values` holds one value of `size` bytes a key, side by side, as the kernel takes
+/// them (`size` must be what the kernel reads a key: the map's value size; a per-CPU
+/// array's `round_up(value_size, 8)` for each possible CPU). `Err` when `values` is not one
+/// such value a key, or the kernel's error (one without batch updates, before 5.6, refuses the
+/// first call).
+pub fn write_entries(
+    fd: BorrowedFd<'_>,
+    keys: &[u32],
+    values: &[u8],
+    size: usize,
+) -> io::Result<()> {
+    if values.len() != keys.len() * size {
+        return Err(io::Error::other("update batch: not one value a key"));
     }
-    if attr.count as usize != values.len() {
-        return Err(io::Error::other("update batch: not every entry written"));
+    for (keys, values) in keys
+        .chunks(CHUNK as usize)
+        .zip(values.chunks(CHUNK as usize * size))
+    {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is the batch form of bpf_attr with its exact size; the kernel reads
+        // `count` keys (u32) and as many values of `size` bytes (the size it reads a key, as
+        // the caller gives it; `values` holds that many, checked above) from `keys` and
+        // `values`, alive for the call, and writes how many it did into `count`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if attr.count as usize != keys.len() {
+            return Err(io::Error::other("update batch: not every entry written"));
+        }
     }
     Ok(())
 }
