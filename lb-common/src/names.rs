@@ -29,6 +29,11 @@ pub const BACKEND_EXPIRED: &str = "LB_BE_EXPIRED";
 pub const RR_CURSOR: &str = "LB_RR_CURSOR";
 /// Global counters by [`crate::stats::Stat`] index (per-CPU array of `u64`).
 pub const STATS: &str = "LB_STATS";
+/// The commonest packets' global counters, two [`STATS`] counters in one slot
+/// ([`crate::stats::FastStat`], per-CPU array of `u64`). Pinned when present, made (and pinned)
+/// when missing, like [`RECORD`]: a pin directory of an earlier release lacks it (its program
+/// counted those packets in [`STATS`] alone).
+pub const STATS_FAST: &str = "LB_STATS_FAST";
 /// Per-service counters by service id (per-CPU array of [`crate::Counters`]).
 pub const SERVICE_STATS: &str = "LB_SVC_STATS";
 /// Per-backend counters by backend id (per-CPU array of [`crate::Counters`]).

@@ -90,3 +90,51 @@ stats! {
 
 /// Number of global counters (size of the [`crate::names::STATS`] array).
 pub const STATS_LEN: u32 = Stat::ALL.len() as u32;
+
+/// The commonest packets' two global counters in one: an index into the per-CPU array
+/// [`crate::names::STATS_FAST`], whose slot stands for the two [`Stat`]s of
+/// [`FastStat::stats`] at once (the single pass of `lb_xdp` updates one counter where it would
+/// update two). What `lb status`, the metrics and the report show for a [`Stat`] is its
+/// [`crate::names::STATS`] slot plus the [`FastStat`] slots that name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum FastStat {
+    /// A TCP/UDP packet to no VIP, passed: `pass_no_service` and `verdict_pass`.
+    NoServicePass,
+    /// An established packet of an unchanged maglev/sh slot sent back out (XDP_TX):
+    /// `flow_stateless` and `verdict_tx`.
+    StatelessTx,
+}
+
+impl FastStat {
+    /// Every fast counter, in index order.
+    pub const ALL: [FastStat; 2] = [FastStat::NoServicePass, FastStat::StatelessTx];
+
+    /// The two counters this one stands for.
+    pub const fn stats(self) -> [Stat; 2] {
+        match self {
+            FastStat::NoServicePass => [Stat::PassNoService, Stat::VerdictPass],
+            FastStat::StatelessTx => [Stat::FlowStateless, Stat::VerdictTx],
+        }
+    }
+}
+
+/// Number of fast counters (size of the [`crate::names::STATS_FAST`] array).
+pub const FAST_STATS_LEN: u32 = FastStat::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_counters_are_dense_and_each_stands_for_a_reason_and_its_verdict() {
+        for (i, f) in FastStat::ALL.iter().enumerate() {
+            assert_eq!(*f as usize, i, "index order");
+            let [reason, verdict] = f.stats();
+            assert_ne!(reason, verdict);
+            assert!(reason.name().starts_with("pass_") || reason.name().starts_with("flow_"));
+            assert!(verdict.name().starts_with("verdict_"));
+        }
+        assert_eq!(FAST_STATS_LEN, 2);
+    }
+}

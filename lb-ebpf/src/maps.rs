@@ -16,7 +16,7 @@ use lb_common::{
         MAX_SERVICES, MAX_TX_PORTS, RING_CHUNK, SVC_CACHE_SLOTS, VIP_FILTER_SLOTS,
     },
     packed,
-    stats::STATS_LEN,
+    stats::{FAST_STATS_LEN, STATS_LEN},
     svc_cache,
 };
 
@@ -153,6 +153,11 @@ pub static LB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 /// Global counters (per CPU).
 #[map]
 pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// The single pass's two-in-one global counters (per CPU, by `FastStat`). Pinned (made when
+/// missing).
+#[map]
+pub static LB_STATS_FAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(FAST_STATS_LEN, 0);
 
 /// Per-service counters (per CPU).
 #[map]

@@ -1,12 +1,21 @@
 //! Counter updates (per-CPU: plain adds, no atomics needed).
 
-use lb_common::stats::Stat;
+use lb_common::stats::{FastStat, Stat};
 
-use crate::maps::{LB_BE_STATS, LB_STATS, LB_SVC_STATS};
+use crate::maps::{LB_BE_STATS, LB_STATS, LB_STATS_FAST, LB_SVC_STATS};
 
 #[inline(always)]
 pub fn count(stat: Stat) {
     if let Some(c) = LB_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The two counters `fast` stands for, as one update (see `FastStat`).
+#[inline(always)]
+pub fn count_fast(fast: FastStat) {
+    if let Some(c) = LB_STATS_FAST.get_ptr_mut(fast as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
     }

@@ -1460,6 +1460,55 @@ fn a_running_trace_goes_on_through_a_reload_onto_the_pins() {
     drop(first);
 }
 
+/// The single pass counts a packet to no VIP once, in `LB_STATS_FAST` (not in `LB_STATS`), and
+/// the controller's counters show it as both `pass_no_service` and `verdict_pass`. The map is
+/// pinned: the counts survive a program loaded onto the same pins (a restart of `lb run`).
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn the_single_pass_counts_once_and_the_controller_shows_both_counters() {
+    use lb_common::{
+        names,
+        stats::{FastStat, Stat},
+    };
+    use lb_userspace::{dataplane::loader::Dataplane, desired::DesiredState};
+    require_root();
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-bpf-fast-{}", std::process::id()));
+    lb_userspace::dataplane::pin::ensure_bpffs(&pin).expect("a bpffs");
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&pin);
+    let mut first = Dataplane::load_pinned(4099, 1024, &pin, [0; 6]).expect("load pinned");
+    let pkt = tcp4(C1, 40100, VIP4, 80).0;
+    for _ in 0..5 {
+        assert_eq!(run_on(&mut first, &pkt).0, XDP_PASS, "no service: passed");
+    }
+    let raw = |name: &str, i: u32| -> u64 {
+        let map = aya::maps::MapData::from_pin(pin.join(name)).expect("pinned map");
+        let a: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).unwrap();
+        a.get(&i, 0).expect("read").iter().sum()
+    };
+    assert_eq!(raw(names::STATS_FAST, FastStat::NoServicePass as u32), 5);
+    assert_eq!(raw(names::STATS, Stat::PassNoService as u32), 0);
+    assert_eq!(raw(names::STATS, Stat::VerdictPass as u32), 0);
+    let desired = DesiredState::empty(4099);
+    let snap = first.snapshot(&desired).expect("snapshot");
+    assert_eq!(snap.get(Stat::PassNoService), 5);
+    assert_eq!(snap.get(Stat::VerdictPass), 5);
+    assert_eq!(snap.get(Stat::FlowStateless) + snap.get(Stat::VerdictTx), 0);
+    let mut second =
+        Dataplane::load_pinned(4099, 1024, &pin, [0; 6]).expect("reload onto the pins");
+    assert_eq!(run_on(&mut second, &pkt).0, XDP_PASS);
+    let snap = second.snapshot(&desired).expect("snapshot");
+    assert_eq!(snap.get(Stat::PassNoService), 6, "kept through the reload");
+    assert_eq!(snap.get(Stat::VerdictPass), 6);
+    drop(first);
+}
+
 /// The trace carries each decision with the frame *as sent* (after the MAC rewrite), obeys its
 /// filters and rate limit, and costs nothing visible when off.
 #[test]
