@@ -1509,6 +1509,30 @@ fn the_single_pass_counts_once_and_the_controller_shows_both_counters() {
     drop(first);
 }
 
+/// A UDP frame shorter than 54 bytes (a payload under 12 bytes: a veth does not pad frames to
+/// 60 as a wire does) takes the single pass like a padded one: forwarded with only its MACs
+/// changed, counted once in `LB_STATS_FAST` (the full path would count `LB_STATS`).
+#[test]
+#[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
+fn short_udp_frames_take_the_single_pass() {
+    use lb_common::stats::FastStat;
+    let mut f = Fixture::new(CONFIG);
+    let (short, key) = udp4(C1, 5353, VIP4, 53);
+    assert!(short.len() < 54, "a {}-byte frame", short.len());
+    let mut padded = short.clone();
+    padded.resize(60, 0);
+    f.expect_forward("a short IPv4 UDP frame to dns4", &short, &key, "dns4");
+    f.expect_forward("the same padded to 60 bytes", &padded, &key, "dns4");
+    assert_eq!(
+        f.dp.fast_stat(FastStat::StatelessTx).unwrap(),
+        2,
+        "both through the single pass"
+    );
+    let snap = f.snapshot();
+    assert_eq!(snap.get(Stat::FlowStateless), 2);
+    assert_eq!(snap.get(Stat::VerdictTx), 2);
+}
+
 /// The trace carries each decision with the frame *as sent* (after the MAC rewrite), obeys its
 /// filters and rate limit, and costs nothing visible when off.
 #[test]

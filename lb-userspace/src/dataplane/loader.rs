@@ -1500,6 +1500,19 @@ impl Dataplane {
         }))
     }
 
+    /// The single pass's two-in-one counter `stat` (`LB_STATS_FAST`), summed over CPUs, as the
+    /// map holds it (the snapshot adds it to both counters it stands for); 0 for an object
+    /// without the map.
+    pub fn fast_stat(&self, stat: FastStat) -> Result<u64> {
+        let Some(fast) = &self.maps.stats_fast else {
+            return Ok(0);
+        };
+        let v = fast
+            .get(&(stat as u32), 0)
+            .map_err(map_err(names::STATS_FAST))?;
+        Ok(v.iter().sum())
+    }
+
     /// Reads every counter, summed over CPUs.
     pub fn snapshot(&mut self, desired: &DesiredState) -> Result<Snapshot> {
         let (record_limited, record_deferred, record_ring_full) = self.record_counts()?;
