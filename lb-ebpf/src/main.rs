@@ -34,6 +34,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     udp::UdpHdr,
+    vlan::VlanHdr,
 };
 
 use crate::{
@@ -63,10 +64,10 @@ pub fn lb_xdp_notrace(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn run<const TRACE: bool>(ctx: XdpContext) -> u32 {
     // The common cases in one pass (not while a trace runs: a trace needs the full decision);
-    // it counts its verdicts itself. Short UDP frames apart: inside `single_pass`, their
-    // check costs the common frames' path a register (measured).
+    // it counts its verdicts itself. Short UDP and tagged frames apart: inside `single_pass`,
+    // their checks cost the common frames' path a register (measured).
     if !(TRACE && trace::running())
-        && let Some(action) = single_pass(&ctx).or_else(|| single_pass_short_udp(&ctx))
+        && let Some(action) = single_pass(&ctx).or_else(|| single_pass_rest(&ctx))
     {
         return action;
     }
@@ -124,21 +125,13 @@ struct Head {
     l4_rest: [u8; 16],
 }
 
-/// The first 42 bytes of an untagged IPv4 frame with a UDP header: all of a UDP frame shorter
-/// than [`Head`] (a payload under 12 bytes: a wire pads every frame to 60, a veth does not).
-#[repr(C)]
-struct HeadUdp {
-    v4: Head4,
-    /// The UDP header's length and checksum.
-    udp_rest: [u8; 4],
-}
-
 /// The two commonest cases, decided in one pass over the headers, with the flow key kept in
 /// registers: a packet to no VIP (passed, `pass_no_service`), and a packet of a maglev/sh
 /// service found in the service cache, through an unchanged table slot (`flow_stateless`, see
-/// `select::stateless`). For a frame of 54 bytes or more (every Ethernet frame on a wire has 60;
-/// [`single_pass_short_udp`] takes the shorter UDP frames a veth carries) to this host: an IPv4 header without options or an IPv6 header without extension headers,
-/// then a whole TCP or UDP header (no VLAN tag, no fragment). Exactly what [`process`] decides
+/// `select::stateless`). For an untagged frame of 54 bytes or more (every Ethernet frame on a
+/// wire has 60) to this host: an IPv4 header without options or an IPv6 header without
+/// extension headers, then a whole TCP or UDP header (no fragment). [`single_pass_rest`] takes
+/// shorter IPv4 UDP frames and IPv4 frames with an 802.1Q tag. Exactly what [`process`] decides
 /// and counts for these packets; other packets of a cached service continue with [`to_service`]
 /// (not parsed twice). `None`: the rest, before anything was counted or changed; [`process`]
 /// then takes the packet from the start. `Some`: the verdict is counted too (where it is known
@@ -188,36 +181,87 @@ fn single_pass(ctx: &XdpContext) -> Option<u32> {
     decide_vip(ctx, &key, tcp_flags, frame_len)
 }
 
-/// [`single_pass`] of a frame shorter than [`Head`]: an IPv4 UDP frame of 42 to 53 bytes to
-/// this host (on a veth), the same checks and decision; `None` for the rest.
+/// [`single_pass`]'s second chance, for the IPv4 frames it leaves to [`process`] only for their
+/// layout: an untagged UDP frame of 42 to 53 bytes (a veth does not pad frames to 60), and a
+/// frame with one 802.1Q tag (TCP or UDP, as [`single_pass`] takes them untagged). The same
+/// checks, decision and counting; `None` for the rest, before anything was counted or changed.
+/// (Apart from [`single_pass`]: inside it, these checks cost the common frames' path a
+/// register, measured in session 26.)
 #[inline(always)]
-fn single_pass_short_udp(ctx: &XdpContext) -> Option<u32> {
-    // Any frame of `Head`'s size was single_pass's to decide.
-    if ctx.data() + core::mem::size_of::<Head>() <= ctx.data_end() {
+fn single_pass_rest(ctx: &XdpContext) -> Option<u32> {
+    let e = bounds::ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`: all of `EthHdr` lies inside the packet.
+    let (mac8, ether_type) = unsafe { (*e.cast::<[u8; 8]>(), (*e).ether_type) };
+    if !for_host(mac8) {
         return None;
     }
-    let h = bounds::ptr_at::<HeadUdp>(ctx, 0)?;
-    // SAFETY: bounds-checked by `ptr_at`: all of `HeadUdp` lies inside the packet.
-    let h = unsafe { &(*h).v4 };
+    if ether_type == parse::ETH_P_IP {
+        // Every untagged frame of `Head`'s size was `single_pass`'s to decide.
+        if ctx.data() + core::mem::size_of::<Head>() <= ctx.data_end() {
+            return None;
+        }
+        return ipv4_at::<{ EthHdr::LEN }>(ctx, false);
+    }
+    if ether_type != parse::ETH_P_8021Q {
+        return None;
+    }
+    let tag = bounds::ptr_at::<VlanHdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    if unsafe { (*tag).ether_type } != parse::ETH_P_IP {
+        return None;
+    }
+    ipv4_at::<{ EthHdr::LEN + VlanHdr::LEN }>(ctx, true)
+}
+
+/// An IPv4 header without options and a UDP header, or the first 8 bytes of a TCP one.
+#[repr(C)]
+struct Ip4L4 {
+    vihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frags: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: [u8; 4],
+    l4_rest: [u8; 4],
+}
+
+/// [`single_pass_rest`]'s IPv4 packet at byte `L3` of the frame: IHL 5, a length the frame
+/// holds, not a fragment, UDP, or TCP (`tcp`) with its whole header in the frame.
+#[inline(always)]
+fn ipv4_at<const L3: usize>(ctx: &XdpContext, tcp: bool) -> Option<u32> {
+    let h = bounds::ptr_at::<Ip4L4>(ctx, L3)?;
+    // SAFETY: bounds-checked by `ptr_at`: all of `Ip4L4` lies inside the packet.
+    let h = unsafe { &*h };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let tot_len = u16::from_be_bytes(h.tot_len) as u64;
-    if !for_host(h.mac8)
-        || u16::from_ne_bytes(h.ether_type) != parse::ETH_P_IP
-        || h.vihl != 0x45
+    if h.vihl != 0x45
         || tot_len < Ipv4Hdr::LEN as u64
-        || EthHdr::LEN as u64 + tot_len > frame_len
+        || L3 as u64 + tot_len > frame_len
         || u16::from_be_bytes(h.frags) & 0x3fff != 0
-        || h.proto != PROTO_UDP
+        || (h.proto != PROTO_UDP && !(tcp && h.proto == PROTO_TCP))
     {
         return None;
     }
+    let tcp_flags = if h.proto == PROTO_TCP {
+        // A TCP header the frame does not hold whole is `process`'s (malformed).
+        let t = bounds::ptr_at::<TcpHdr>(ctx, L3 + Ipv4Hdr::LEN)?;
+        // SAFETY: bounds-checked by `ptr_at`: the flags are byte 13 of the 20.
+        unsafe { *t.cast::<u8>().add(13) }
+    } else {
+        0
+    };
     if !maybe_vip_slot(lb_common::hash::vip_slot_v4(u32::from_le_bytes(h.dst))) {
         count_fast(FastStat::NoServicePass);
         return Some(xdp_action::XDP_PASS);
     }
     let mut key = FlowKey::v4(h.src, h.dst, h.proto);
     key.set_ports(h.ports);
-    decide_vip(ctx, &key, 0, frame_len)
+    decide_vip(ctx, &key, tcp_flags, frame_len)
 }
 
 /// [`single_pass`] of an IPv6 frame: TCP or UDP right after the fixed header, a payload length

@@ -17,7 +17,7 @@ use crate::bounds::ptr_at;
 // EtherTypes as the u16 read from the wire on a little-endian machine.
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
-const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 
 // IPv6 extension headers.
 const IPV6_HOPOPTS: u8 = 0;

@@ -260,6 +260,22 @@ fn main() {
                 "IPv6 established {:.1} ns vs MAC swap {:.1} ({:.2}×, rounds {:.2}–{:.2}×)",
                 e6.a, e6.b, e6.ratio, e6.lo, e6.hi
             );
+            let ev = paired(
+                &mut f,
+                ("lb_xdp", XDP_TX, Stat::FlowStateless),
+                ("lb_baseline_swap", XDP_TX),
+                &tcp4_vlan_flags(C1, 40000, VIP4, 80, 100, "A"),
+            );
+            let pv = paired(
+                &mut f,
+                ("lb_xdp", XDP_PASS, Stat::PassNoService),
+                ("lb_baseline_pass", XDP_PASS),
+                &tcp4_vlan_flags(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22, 100, "A"),
+            );
+            println!(
+                "802.1Q-tagged established {:.1} ns vs MAC swap {:.1} ({:.2}×, means {:.2}×); non-VIP {:.1} vs {:.1} ({:.2}×, means {:.2}×)",
+                ev.a, ev.b, ev.ratio, ev.mean_ratio, pv.a, pv.b, pv.ratio, pv.mean_ratio
+            );
         }
         return;
     }
@@ -297,6 +313,21 @@ fn main() {
         &mut f,
         "lb_xdp",
         &non_vip,
+        XDP_PASS,
+        Some(Stat::PassNoService),
+    );
+    // The same two with an 802.1Q tag (not targets: the paths a VLAN trunk's traffic takes).
+    let stateless_vlan = repeated(
+        &mut f,
+        "lb_xdp",
+        &tcp4_vlan_flags(C1, 40000, VIP4, 80, 100, "A"),
+        XDP_TX,
+        Some(Stat::FlowStateless),
+    );
+    let pass_vlan = repeated(
+        &mut f,
+        "lb_xdp",
+        &tcp4_vlan_flags(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22, 100, "A"),
         XDP_PASS,
         Some(Stat::PassNoService),
     );
@@ -426,6 +457,20 @@ fn main() {
             "lb_xdp non-VIP packet (XDP_PASS)",
             "non_vip_pass",
             pass,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "established IPv4 TCP ACK, 802.1Q-tagged",
+            "established_v4_vlan_stateless",
+            stateless_vlan,
+            base,
+            REPEAT as usize,
+        ),
+        (
+            "non-VIP packet, 802.1Q-tagged (XDP_PASS)",
+            "non_vip_vlan_pass",
+            pass_vlan,
             base,
             REPEAT as usize,
         ),

@@ -1509,12 +1509,14 @@ fn the_single_pass_counts_once_and_the_controller_shows_both_counters() {
     drop(first);
 }
 
-/// A UDP frame shorter than 54 bytes (a payload under 12 bytes: a veth does not pad frames to
-/// 60 as a wire does) takes the single pass like a padded one: forwarded with only its MACs
-/// changed, counted once in `LB_STATS_FAST` (the full path would count `LB_STATS`).
+/// Frames `single_pass` leaves for their layout alone take `single_pass_rest`: a UDP frame
+/// shorter than 54 bytes (a payload under 12 bytes: a veth does not pad frames to 60 as a wire
+/// does), and TCP and UDP frames with an 802.1Q tag. Forwarded with only their MACs changed
+/// (the tag kept), counted once in `LB_STATS_FAST` as the single pass counts (the full path
+/// would count `LB_STATS`); a tagged TCP frame to no VIP is passed the same way.
 #[test]
 #[ignore = "needs root and the eBPF object: run by `cargo xtask test`"]
-fn short_udp_frames_take_the_single_pass() {
+fn short_udp_and_tagged_frames_take_the_single_pass() {
     use lb_common::stats::FastStat;
     let mut f = Fixture::new(CONFIG);
     let (short, key) = udp4(C1, 5353, VIP4, 53);
@@ -1523,14 +1525,23 @@ fn short_udp_frames_take_the_single_pass() {
     padded.resize(60, 0);
     f.expect_forward("a short IPv4 UDP frame to dns4", &short, &key, "dns4");
     f.expect_forward("the same padded to 60 bytes", &padded, &key, "dns4");
+    let (tagged, key) = udp4_vlan(C1, 5353, VIP4, 53, 100);
+    f.expect_forward("a tagged IPv4 UDP frame to dns4", &tagged, &key, "dns4");
+    let ack = tcp4_vlan_flags(C2, 40010, VIP4, 80, 100, "A");
+    let key = key4(C2, 40010, VIP4, 80, 6);
+    f.expect_forward("a tagged TCP ACK to web4", &ack, &key, "web4");
     assert_eq!(
         f.dp.fast_stat(FastStat::StatelessTx).unwrap(),
-        2,
-        "both through the single pass"
+        4,
+        "all four through the single pass"
     );
+    let other = tcp4_vlan_flags(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22, 100, "A");
+    f.expect_unchanged("a tagged TCP ACK to no VIP", &other, XDP_PASS);
+    assert_eq!(f.dp.fast_stat(FastStat::NoServicePass).unwrap(), 1);
     let snap = f.snapshot();
-    assert_eq!(snap.get(Stat::FlowStateless), 2);
-    assert_eq!(snap.get(Stat::VerdictTx), 2);
+    assert_eq!(snap.get(Stat::FlowStateless), 4);
+    assert_eq!(snap.get(Stat::VerdictTx), 4);
+    assert_eq!(snap.get(Stat::PassNoService), 1);
 }
 
 /// The trace carries each decision with the frame *as sent* (after the MAC rewrite), obeys its
@@ -1958,7 +1969,12 @@ fn the_single_pass_path_decides_as_the_full_path() {
         seeds.push(tcp4_flags(C2, 40004, VIP4, 80, flags));
         seeds.push(tcp6_flags(C6, 40006, VIP6, 80, flags));
     }
+    for flags in ["S", "A", "PA", "FA", "R", ""] {
+        seeds.push(tcp4_vlan_flags(C1, 40008, VIP4, 80, 100, flags));
+    }
     seeds.extend([
+        udp4_vlan(C2, 5355, VIP4, 53, 7).0,
+        tcp4_vlan_flags(C1, 40000, Ipv4Addr::new(10, 99, 0, 1), 22, 100, "A"),
         udp6(C6, 5353, VIP6, 53).0,
         tcp6(C6, 40000, "fd00:99::1".parse().unwrap(), 22).0,
         tcp6_with_ext(C6, 40000, VIP6, 80, 1).0,

@@ -586,6 +586,47 @@ pub fn tcp4_with_options(
     (out, key4(src, sport, dst, dport, 6))
 }
 
+/// The builder of a frame with one 802.1Q tag (VLAN `vid`) around IPv4.
+fn vlan4_builder(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    vid: u16,
+) -> PacketBuilderStep<etherparse::IpHeaders> {
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .vlan(etherparse::VlanHeader::Single(SingleVlanHeader {
+            pcp: Default::default(),
+            drop_eligible_indicator: false,
+            vlan_id: vid.try_into().unwrap(),
+            ether_type: EtherType::IPV4,
+        }))
+        .ipv4(src.octets(), dst.octets(), 64)
+}
+
+/// A TCP segment with the given flags (as [`tcp4_flags`]) in a frame tagged with VLAN `vid`.
+pub fn tcp4_vlan_flags(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    vid: u16,
+    flags: &str,
+) -> Vec<u8> {
+    let b = vlan4_builder(src, dst, vid).tcp(sport, dport, 1, 64240);
+    write(with_flags(b, flags), &[])
+}
+
+/// A UDP datagram (5 bytes of payload) in a frame tagged with VLAN `vid`.
+pub fn udp4_vlan(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    vid: u16,
+) -> (Vec<u8>, FlowKey) {
+    let b = vlan4_builder(src, dst, vid).udp(sport, dport);
+    (write(b, b"query"), key4(src, sport, dst, dport, 17))
+}
+
 /// A TCP segment with the given flags ("S", "SA", "A", "F", "FA", "R").
 pub fn tcp4_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
