@@ -95,14 +95,9 @@ fn count_verdict(action: u32) {
     });
 }
 
-/// The Ethernet and IPv4 headers of an untagged IPv4 frame (no options) and the 4 bytes after
-/// them (the ports), as [`single_pass`] reads them.
+/// An IPv4 header without options and the 4 bytes after it (the ports).
 #[repr(C)]
-struct Head4 {
-    /// The destination MAC and the first two bytes of the source.
-    mac8: [u8; 8],
-    mac_rest: [u8; 4],
-    ether_type: [u8; 2],
+struct Ip4 {
     vihl: u8,
     tos: u8,
     tot_len: [u8; 2],
@@ -114,6 +109,30 @@ struct Head4 {
     src: [u8; 4],
     dst: [u8; 4],
     ports: [u8; 4],
+}
+
+impl Ip4 {
+    /// IHL 5, a total length the frame holds from byte `l3` on, not a fragment (MF clear,
+    /// offset 0): the checks both single passes make before the protocol's.
+    #[inline(always)]
+    fn plain_within(&self, l3: u64, frame_len: u64) -> bool {
+        let tot_len = u16::from_be_bytes(self.tot_len) as u64;
+        self.vihl == 0x45
+            && tot_len >= Ipv4Hdr::LEN as u64
+            && l3 + tot_len <= frame_len
+            && u16::from_be_bytes(self.frags) & 0x3fff == 0
+    }
+}
+
+/// The Ethernet and IPv4 headers of an untagged IPv4 frame (no options) and the 4 bytes after
+/// them (the ports), as [`single_pass`] reads them.
+#[repr(C)]
+struct Head4 {
+    /// The destination MAC and the first two bytes of the source.
+    mac8: [u8; 8],
+    mac_rest: [u8; 4],
+    ether_type: [u8; 2],
+    ip: Ip4,
 }
 
 /// The first 54 bytes of an untagged IPv4 frame with a TCP header (a UDP header and 12 bytes
@@ -158,13 +177,10 @@ fn single_pass(ctx: &XdpContext) -> Option<u32> {
         }
         return None;
     }
-    // IPv4: IHL 5, a length the frame holds, not a fragment (MF clear, offset 0), TCP or UDP.
+    // IPv4 without options, not a fragment, TCP or UDP.
+    let h = &h.ip;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    let tot_len = u16::from_be_bytes(h.tot_len) as u64;
-    if h.vihl != 0x45
-        || tot_len < Ipv4Hdr::LEN as u64
-        || EthHdr::LEN as u64 + tot_len > frame_len
-        || u16::from_be_bytes(h.frags) & 0x3fff != 0
+    if !h.plain_within(EthHdr::LEN as u64, frame_len)
         || (h.proto != PROTO_TCP && h.proto != PROTO_UDP)
     {
         return None;
@@ -216,17 +232,7 @@ fn single_pass_rest(ctx: &XdpContext) -> Option<u32> {
 /// An IPv4 header without options and a UDP header, or the first 8 bytes of a TCP one.
 #[repr(C)]
 struct Ip4L4 {
-    vihl: u8,
-    tos: u8,
-    tot_len: [u8; 2],
-    id: [u8; 2],
-    frags: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: [u8; 4],
+    ip: Ip4,
     l4_rest: [u8; 4],
 }
 
@@ -236,13 +242,9 @@ struct Ip4L4 {
 fn ipv4_at<const L3: usize>(ctx: &XdpContext, tcp: bool) -> Option<u32> {
     let h = bounds::ptr_at::<Ip4L4>(ctx, L3)?;
     // SAFETY: bounds-checked by `ptr_at`: all of `Ip4L4` lies inside the packet.
-    let h = unsafe { &*h };
+    let h = unsafe { &(*h).ip };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    let tot_len = u16::from_be_bytes(h.tot_len) as u64;
-    if h.vihl != 0x45
-        || tot_len < Ipv4Hdr::LEN as u64
-        || L3 as u64 + tot_len > frame_len
-        || u16::from_be_bytes(h.frags) & 0x3fff != 0
+    if !h.plain_within(L3 as u64, frame_len)
         || (h.proto != PROTO_UDP && !(tcp && h.proto == PROTO_TCP))
     {
         return None;

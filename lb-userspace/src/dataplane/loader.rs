@@ -1531,16 +1531,11 @@ impl Dataplane {
             snap.global.push((*stat, v.iter().sum()));
         }
         // The single pass's two-in-one counters, added to both counters each stands for.
-        if let Some(fast) = &self.maps.stats_fast {
-            for f in FastStat::ALL {
-                let v = fast
-                    .get(&(f as u32), 0)
-                    .map_err(map_err(names::STATS_FAST))?;
-                let n: u64 = v.iter().sum();
-                for stat in f.stats() {
-                    if let Some((_, c)) = snap.global.iter_mut().find(|(s, _)| *s == stat) {
-                        *c += n;
-                    }
+        for f in FastStat::ALL {
+            let n = self.fast_stat(f)?;
+            for stat in f.stats() {
+                if let Some((_, c)) = snap.global.iter_mut().find(|(s, _)| *s == stat) {
+                    *c += n;
                 }
             }
         }

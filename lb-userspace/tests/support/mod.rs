@@ -545,14 +545,7 @@ pub fn tcp4_vlan(
     dport: u16,
     vid: u16,
 ) -> (Vec<u8>, FlowKey) {
-    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .vlan(etherparse::VlanHeader::Single(SingleVlanHeader {
-            pcp: Default::default(),
-            drop_eligible_indicator: false,
-            vlan_id: vid.try_into().unwrap(),
-            ether_type: EtherType::IPV4,
-        }))
-        .ipv4(src.octets(), dst.octets(), 64)
+    let b = vlan4_builder(src, dst, vid)
         .tcp(sport, dport, 1, 64240)
         .syn();
     (write(b, PAYLOAD), key4(src, sport, dst, dport, 6))
