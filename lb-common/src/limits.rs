@@ -39,7 +39,8 @@ pub const MAX_TX_PORTS: u32 = 64;
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// Fragmented datagrams tracked at once (`LB_FRAGS`, LRU: the oldest are forgotten).
 pub const FRAG_TABLE_SIZE: u32 = 16384;
-/// The VIP filter has 2^VIP_FILTER_BITS one-byte slots (an array map keeps each 8 bytes apart: 512 KiB).
+/// The VIP filter has 2^VIP_FILTER_BITS one-byte slots (an array map keeps each 8 bytes apart:
+/// 512 KiB).
 pub const VIP_FILTER_BITS: u32 = 16;
 /// Slots of the VIP filter (`LB_VIP_FILTER`).
 pub const VIP_FILTER_SLOTS: u32 = 1 << VIP_FILTER_BITS;
